@@ -1,0 +1,215 @@
+//! The audit trail: one [`AuditRecord`] for every message Portcullis judged —
+//! allowed, modified, denied or unreadable — written to every configured
+//! [`Sink`] before the message's effect is relayed. A record that cannot be
+//! written stops the message (fail-closed); it is never silently lost.
+
+mod sinks;
+
+pub use sinks::{FileSink, Sink, StderrSink};
+
+use crate::config::{AuditConfig, SinkConfig};
+use crate::engine::hex;
+use crate::guard::PolicyVerdict;
+use anyhow::{Result, anyhow};
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+/// One audited message.
+#[derive(Debug, Serialize)]
+pub struct AuditRecord {
+    /// When the decision was made (RFC 3339, UTC, µs).
+    pub time: String,
+    /// Unique, time-ordered decision id (UUIDv7); also sent to a refused
+    /// client in the error's `data.decision`.
+    pub id: String,
+    /// The agent's identity.
+    pub agent: String,
+    /// The agent's attributes.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_attributes: BTreeMap<String, String>,
+    /// The server's configured name.
+    pub server: String,
+    /// `client-to-server` or `server-to-client`.
+    pub direction: &'static str,
+    /// `request`, `notification`, `result`, `error`, or `invalid`.
+    pub kind: &'static str,
+    /// The method (for answers: of the request answered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// The tool, for `tools/call` and its answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// The JSON-RPC id, verbatim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jsonrpc_id: Option<Box<RawValue>>,
+    /// sha256 of the canonical JSON of the arguments (`tools/call`) or params.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments_sha256: Option<String>,
+    /// The arguments themselves, unless `audit.include_arguments = false`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<Value>,
+    /// sha256 of the canonical JSON of an answer's result or error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_sha256: Option<String>,
+    /// `allow`, `modify` or `deny`.
+    pub outcome: &'static str,
+    /// For a denial: the JSON-RPC error code sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// For a denial: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For a denial: the policy that decided it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// Tags attached by the policies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Every policy's own verdict, in chain order.
+    pub policies: Vec<PolicyVerdict>,
+    /// Time spent in the policy chain, in µs.
+    pub latency_us: u64,
+}
+
+impl AuditRecord {
+    /// A record with a fresh id and time and no decision yet (`allow`).
+    pub fn new(agent: &crate::bindings::Agent, server: &str, direction: &'static str) -> Self {
+        Self {
+            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            id: uuid::Uuid::now_v7().to_string(),
+            agent: agent.id.clone(),
+            agent_attributes: agent.attributes.iter().cloned().collect(),
+            server: server.to_string(),
+            direction,
+            kind: "invalid",
+            method: None,
+            tool: None,
+            jsonrpc_id: None,
+            arguments_sha256: None,
+            arguments: None,
+            result_sha256: None,
+            outcome: "allow",
+            code: None,
+            reason: None,
+            decided_by: None,
+            tags: Vec::new(),
+            policies: Vec::new(),
+            latency_us: 0,
+        }
+    }
+
+    /// Marks the record as a denial.
+    pub fn deny(&mut self, code: i32, reason: impl Into<String>, decided_by: Option<&str>) {
+        self.outcome = "deny";
+        self.code = Some(code);
+        self.reason = Some(reason.into());
+        self.decided_by = decided_by.map(str::to_string);
+    }
+}
+
+/// sha256 of the canonical form of a JSON text (object keys sorted, no
+/// insignificant whitespace), so equal values digest equally however they
+/// were written. `None` if the text is not JSON.
+pub fn canonical_digest(json: &RawValue) -> Option<(String, Value)> {
+    let value: Value = serde_json::from_str(json.get()).ok()?;
+    let canonical = serde_json::to_string(&value).ok()?;
+    Some((hex(&Sha256::digest(canonical.as_bytes())), value))
+}
+
+/// The configured sinks and what goes into records.
+pub struct Audit {
+    sinks: Vec<Box<dyn Sink>>,
+    include_arguments: bool,
+}
+
+impl Audit {
+    /// Opens every sink of `config`, plus a file sink at `extra_file`.
+    pub fn open(config: &AuditConfig, extra_file: Option<PathBuf>) -> Result<Self> {
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        let extra = extra_file.map(|path| SinkConfig::File { path });
+        for sink in config.sinks.iter().cloned().chain(extra) {
+            sinks.push(match sink {
+                SinkConfig::File { path } => Box::new(FileSink::open(&path)?),
+                SinkConfig::Stderr => Box::new(StderrSink),
+            });
+        }
+        Ok(Self {
+            sinks,
+            include_arguments: config.include_arguments,
+        })
+    }
+
+    /// An audit trail with the given sinks.
+    pub fn with_sinks(sinks: Vec<Box<dyn Sink>>, include_arguments: bool) -> Self {
+        Self {
+            sinks,
+            include_arguments,
+        }
+    }
+
+    /// Whether records carry the arguments themselves.
+    pub fn include_arguments(&self) -> bool {
+        self.include_arguments
+    }
+
+    /// The sinks, for reports.
+    pub fn sinks(&self) -> impl Iterator<Item = &dyn Sink> {
+        self.sinks.iter().map(|s| &**s)
+    }
+
+    /// Writes `record` to every sink; fails if any sink failed.
+    pub fn record(&self, record: &AuditRecord) -> Result<()> {
+        let mut line = serde_json::to_string(record)?;
+        line.push('\n');
+        let failures: Vec<String> = self
+            .sinks
+            .iter()
+            .filter_map(|s| s.write(&line).err().map(|e| format!("{}: {e:#}", s.describe())))
+            .collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!("audit sink failed: {}", failures.join("; ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_ignores_key_order_and_whitespace() {
+        let a: Box<RawValue> = serde_json::from_str(r#"{"b": 1, "a": [1, 2]}"#).unwrap();
+        let b: Box<RawValue> = serde_json::from_str(r#"{"a":[1,2],"b":1}"#).unwrap();
+        assert_eq!(canonical_digest(&a).unwrap().0, canonical_digest(&b).unwrap().0);
+        assert_eq!(canonical_digest(&a).unwrap().0.len(), 64);
+    }
+
+    #[test]
+    fn records_go_to_every_sink_as_one_json_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::with_sinks(vec![Box::new(FileSink::open(&path).unwrap())], true);
+        let agent = crate::bindings::Agent {
+            id: "bot".into(),
+            attributes: vec![("team".into(), "infra".into())],
+        };
+        let mut record = AuditRecord::new(&agent, "fs", "client-to-server");
+        record.deny(-32001, "no", Some("ro"));
+        audit.record(&record).unwrap();
+        audit.record(&record).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["agent"], "bot");
+        assert_eq!(lines[0]["agent_attributes"]["team"], "infra");
+        assert_eq!(lines[0]["outcome"], "deny");
+        assert_eq!(lines[0]["decided_by"], "ro");
+    }
+}

@@ -1,0 +1,238 @@
+//! `portcullis bench`: measures what Portcullis adds to a call, in one run —
+//! the policy chain on one `tools/call` with fresh and with reused instances,
+//! and the stdio relay's round trip against the same server spoken to
+//! directly — and prints medians, percentiles and ratios.
+
+use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
+use crate::config::{Config, InstanceMode};
+use crate::engine::PolicyEngine;
+use crate::guard::{Decided, Guard};
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Arguments of `portcullis bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Config whose policy chain is measured (and used for the relay).
+    #[arg(long)]
+    config: PathBuf,
+    /// Chain evaluations per instance mode.
+    #[arg(long, default_value_t = 20_000)]
+    iterations: usize,
+    /// Round trips per relay measurement.
+    #[arg(long, default_value_t = 2_000)]
+    calls: usize,
+    /// Tool named in the sample `tools/call`.
+    #[arg(long, default_value = "read_text_file")]
+    tool: String,
+    /// Arguments of the sample call, as JSON.
+    #[arg(long, default_value = "{}")]
+    arguments: String,
+    /// An MCP server command: when given, the relay is measured against it.
+    #[arg(last = true)]
+    server: Vec<String>,
+}
+
+/// Latency percentiles of one measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// Median.
+    pub p50: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+}
+
+impl Stats {
+    /// Percentiles of `samples` (sorted in place).
+    pub fn of(samples: &mut [Duration]) -> Stats {
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Stats {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+        }
+    }
+
+    fn line(&self, label: &str) -> String {
+        format!(
+            "  {label:<22} p50 {:>9}  p90 {:>9}  p99 {:>9}",
+            micros(self.p50),
+            micros(self.p90),
+            micros(self.p99)
+        )
+    }
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+/// Runs every measurement the arguments ask for and prints the results.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let arguments: serde_json::Value =
+        serde_json::from_str(&args.arguments).context("--arguments is not JSON")?;
+    let params = serde_json::json!({ "name": args.tool, "arguments": arguments }).to_string();
+    let config = Config::load(&args.config)?;
+    let names: Vec<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
+    println!(
+        "policy chain [{}] on tools/call '{}', {} evaluations per mode",
+        names.join(", "),
+        args.tool,
+        args.iterations
+    );
+    let fresh = chain(&args.config, InstanceMode::Fresh, &args.tool, &params, args.iterations)?;
+    let reused = chain(&args.config, InstanceMode::Reuse, &args.tool, &params, args.iterations)?;
+    println!("{}", fresh.line("fresh instances"));
+    println!("{}", reused.line("reused instances"));
+    println!(
+        "  reused / fresh p50     {:.2}×",
+        reused.p50.as_secs_f64() / fresh.p50.as_secs_f64()
+    );
+    if args.server.is_empty() {
+        return Ok(());
+    }
+    let call = format!(r#"{{"jsonrpc":"2.0","id":ID,"method":"tools/call","params":{params}}}"#);
+    println!(
+        "\nrelay round trip, {} calls of '{}' to `{}`",
+        args.calls,
+        args.tool,
+        args.server.join(" ")
+    );
+    let direct = Stats::of(&mut round_trips(&args.server, &call, args.calls)?);
+    let audit = std::env::temp_dir().join(format!("portcullis-bench-{}.jsonl", std::process::id()));
+    let mut proxied_cmd = vec![
+        std::env::current_exe()?.display().to_string(),
+        "stdio".into(),
+        "--config".into(),
+        args.config.display().to_string(),
+        "--audit-file".into(),
+        audit.display().to_string(),
+        "--".into(),
+    ];
+    proxied_cmd.extend(args.server.iter().cloned());
+    let proxied = Stats::of(&mut round_trips(&proxied_cmd, &call, args.calls)?);
+    let _ = std::fs::remove_file(&audit);
+    println!("{}", direct.line("direct"));
+    println!("{}", proxied.line("through portcullis"));
+    println!(
+        "  added p50              {}  ({:.2}× direct)",
+        micros(proxied.p50.saturating_sub(direct.p50)),
+        proxied.p50.as_secs_f64() / direct.p50.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Times `guard.decide` on a sample call with every policy in `mode`.
+fn chain(path: &std::path::Path, mode: InstanceMode, tool: &str, params: &str, iterations: usize) -> Result<Stats> {
+    let mut config = Config::load(path)?;
+    for policy in &mut config.policies {
+        policy.instances = mode;
+    }
+    let engine = PolicyEngine::new(&config.engine)?;
+    let guard = Guard::load(&engine, &config)?;
+    let sample = Exchange {
+        direction: Direction::ClientToServer,
+        kind: MessageKind::Request,
+        server: "bench".into(),
+        agent: Agent {
+            id: "bench-agent".into(),
+            attributes: vec![],
+        },
+        method: "tools/call".into(),
+        tool: Some(tool.into()),
+        annotations: Some(ToolAnnotations {
+            title: None,
+            read_only_hint: Some(true),
+            destructive_hint: Some(false),
+            idempotent_hint: None,
+            open_world_hint: None,
+        }),
+        params: Some(params.into()),
+        result: None,
+    };
+    let verdict = guard.decide(&mut sample.clone());
+    if let Decided::Deny(refusal) = &verdict.outcome {
+        bail!("the chain denies the sample call, so it measures nothing useful: {}", refusal.message());
+    }
+    let warmup = iterations / 10;
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..warmup + iterations {
+        let mut exchange = sample.clone();
+        let started = Instant::now();
+        let decision = guard.decide(&mut exchange);
+        let elapsed = started.elapsed();
+        std::hint::black_box(decision);
+        if i >= warmup {
+            samples.push(elapsed);
+        }
+    }
+    Ok(Stats::of(&mut samples))
+}
+
+/// Starts `command` as an MCP server, initializes it, and times `calls`
+/// sequential round trips of `call` (its `ID` replaced by the request id).
+fn round_trips(command: &[String], call: &str, calls: usize) -> Result<Vec<Duration>> {
+    let (program, args) = command.split_first().context("empty server command")?;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    let mut input = child.stdin.take().context("no stdin")?;
+    let mut output = BufReader::new(child.stdout.take().context("no stdout")?);
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"portcullis-bench","version":"0"}}}"#;
+    round_trip(&mut input, &mut output, 0, init)?;
+    writeln!(input, r#"{{"jsonrpc":"2.0","method":"notifications/initialized"}}"#)?;
+    let warmup = calls / 10;
+    let mut samples = Vec::with_capacity(calls);
+    for id in 1..=warmup + calls {
+        let line = call.replace("ID", &id.to_string());
+        let elapsed = round_trip(&mut input, &mut output, id, &line)?;
+        if id > warmup {
+            samples.push(elapsed);
+        }
+    }
+    drop(input);
+    child.wait()?;
+    Ok(samples)
+}
+
+/// Sends one request and waits for the answer with its id.
+fn round_trip(input: &mut impl Write, output: &mut impl BufRead, id: usize, line: &str) -> Result<Duration> {
+    let started = Instant::now();
+    writeln!(input, "{line}")?;
+    input.flush()?;
+    let want = format!(r#""id":{id}"#);
+    let mut answer = String::new();
+    loop {
+        answer.clear();
+        if output.read_line(&mut answer)? == 0 {
+            bail!("the server closed its output");
+        }
+        if answer.contains(&want) {
+            return Ok(started.elapsed());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_the_right_samples() {
+        let mut samples: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        let stats = Stats::of(&mut samples);
+        assert_eq!(stats.p50, Duration::from_micros(51));
+        assert_eq!(stats.p90, Duration::from_micros(90));
+        assert_eq!(stats.p99, Duration::from_micros(99));
+    }
+}

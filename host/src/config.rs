@@ -1,0 +1,442 @@
+//! The Portcullis config file: its TOML shape, defaults, resolution of
+//! relative paths against the file's directory, and validation whose errors
+//! name the file and the field. It never loads policies or starts processes.
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The whole config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The agent identity used in stdio mode.
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// MCP servers by name.
+    #[serde(default)]
+    pub servers: BTreeMap<String, ServerConfig>,
+    /// The ordered policy chain.
+    #[serde(default, rename = "policy")]
+    pub policies: Vec<PolicyConfig>,
+    /// Where audit records go.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// The WebAssembly engine's limits and cache.
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// Limits on the traffic itself.
+    #[serde(default)]
+    pub limits: Limits,
+    /// The file this config was read from (set by [`Config::load`]).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// Who the client is, in stdio mode (one local agent per process).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent's identifier, e.g. `claude-desktop`.
+    #[serde(default = "default_agent_id")]
+    pub id: String,
+    /// Attributes passed to every policy and audit record.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            id: default_agent_id(),
+            attributes: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_agent_id() -> String {
+    "local".into()
+}
+
+/// An MCP server Portcullis starts as a child process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The program to run.
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables for it.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// One policy in the chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Unique name, used in errors, logs and audit records.
+    pub name: String,
+    /// Path to the `.wasm` component (relative to the config file).
+    pub module: PathBuf,
+    /// Settings handed to the policy's `configure` as JSON.
+    #[serde(default = "empty_settings")]
+    pub settings: serde_json::Value,
+    /// Server names (globs) the policy applies to.
+    #[serde(default = "everything")]
+    pub servers: Vec<String>,
+    /// JSON-RPC methods (globs) the policy applies to.
+    #[serde(default = "everything")]
+    pub methods: Vec<String>,
+    /// Tool names (globs) the policy applies to; messages without a tool
+    /// match only when this contains `*`.
+    #[serde(default = "everything")]
+    pub tools: Vec<String>,
+    /// What a failure of the policy means.
+    #[serde(default)]
+    pub failure: FailureMode,
+    /// Whether the verdict is enforced or only recorded.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Instance lifecycle.
+    #[serde(default)]
+    pub instances: InstanceMode,
+    /// Wall-clock deadline per evaluation (default: `engine.timeout_ms`).
+    pub timeout_ms: Option<u64>,
+    /// Linear-memory cap per instance (default: `engine.memory_mb`).
+    pub memory_mb: Option<u64>,
+    /// WASI capabilities granted to the policy (none by default).
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+fn empty_settings() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+fn everything() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// What happens when a policy traps, times out, runs out of memory or
+/// returns malformed output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Deny the message (the default).
+    #[default]
+    Closed,
+    /// Let the message through; the failure is still recorded.
+    Open,
+}
+
+/// Whether a policy's verdict counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The verdict is enforced (the default).
+    #[default]
+    Enforce,
+    /// The verdict is recorded in the audit trail but never enforced.
+    Monitor,
+}
+
+/// How policy instances are used across evaluations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceMode {
+    /// A new instance for every evaluation: no state survives a call
+    /// (the default; cheap for Rust and C policies).
+    #[default]
+    Fresh,
+    /// Instances are kept and reused; state may survive between calls.
+    /// An instance is discarded after a failure.
+    Reuse,
+}
+
+/// A WASI capability a policy may be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// The real wall and monotonic clocks (otherwise they read zero).
+    Clock,
+    /// Real randomness (otherwise a fixed-seed generator, so verdicts are
+    /// reproducible).
+    Random,
+    /// The policy's stderr goes to Portcullis' stderr (otherwise discarded).
+    Stderr,
+}
+
+/// The audit trail's configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Record the arguments themselves, not only their digest.
+    #[serde(default = "yes")]
+    pub include_arguments: bool,
+    /// Where records go; `--audit-file` adds a file sink.
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            include_arguments: true,
+            sinks: Vec::new(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One audit sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON Lines appended to a file.
+    File {
+        /// The file (relative to the config file).
+        path: PathBuf,
+    },
+    /// JSON Lines on Portcullis' stderr.
+    Stderr,
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Default deadline per evaluation, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Default linear-memory cap per instance, in MiB.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// The largest memory cap any policy may be given, in MiB (sizes the
+    /// pooling allocator's slots).
+    #[serde(default = "default_max_memory_mb")]
+    pub max_memory_mb: u64,
+    /// How many policy instances may be alive at once.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+    /// Where compiled policies are cached (default: the user's cache
+    /// directory); relative to the config file.
+    pub cache_dir: Option<PathBuf>,
+    /// Set to false to compile every policy at every start.
+    #[serde(default = "yes")]
+    pub cache: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: default_timeout_ms(),
+            memory_mb: default_memory_mb(),
+            max_memory_mb: default_max_memory_mb(),
+            max_instances: default_max_instances(),
+            cache_dir: None,
+            cache: true,
+        }
+    }
+}
+
+fn default_timeout_ms() -> u64 {
+    50
+}
+fn default_memory_mb() -> u64 {
+    16
+}
+fn default_max_memory_mb() -> u64 {
+    256
+}
+fn default_max_instances() -> u32 {
+    256
+}
+
+/// Limits on traffic.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The largest JSON-RPC message accepted from either side, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: default_max_message_bytes(),
+        }
+    }
+}
+
+fn default_max_message_bytes() -> usize {
+    16 * 1024 * 1024
+}
+
+impl Config {
+    /// Reads, parses, resolves and validates a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config.path = path.to_path_buf();
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for policy in &mut self.policies {
+            policy.module = base.join(&policy.module);
+        }
+        for sink in &mut self.audit.sinks {
+            if let SinkConfig::File { path } = sink {
+                *path = base.join(&*path);
+            }
+        }
+        if let Some(dir) = &mut self.engine.cache_dir {
+            *dir = base.join(&*dir);
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let engine = &self.engine;
+        if engine.timeout_ms == 0 {
+            bail!("engine.timeout_ms: must be at least 1");
+        }
+        if engine.memory_mb > engine.max_memory_mb {
+            bail!(
+                "engine.memory_mb: {} exceeds engine.max_memory_mb ({})",
+                engine.memory_mb,
+                engine.max_memory_mb
+            );
+        }
+        if self.limits.max_message_bytes < 1024 {
+            bail!("limits.max_message_bytes: must be at least 1024");
+        }
+        if self.agent.id.trim().is_empty() {
+            bail!("agent.id: must not be empty");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, policy) in self.policies.iter().enumerate() {
+            let at = format!("policy[{i}]");
+            if policy.name.trim().is_empty() {
+                bail!("{at}.name: must not be empty");
+            }
+            if !names.insert(policy.name.as_str()) {
+                bail!("{at}.name: '{}' is used by another policy", policy.name);
+            }
+            let at = format!("{at} ('{}')", policy.name);
+            if !policy.settings.is_object() {
+                bail!("{at}.settings: must be a table");
+            }
+            if policy.timeout_ms == Some(0) {
+                bail!("{at}.timeout_ms: must be at least 1");
+            }
+            if let Some(mb) = policy.memory_mb
+                && mb > engine.max_memory_mb
+            {
+                bail!(
+                    "{at}.memory_mb: {mb} exceeds engine.max_memory_mb ({})",
+                    engine.max_memory_mb
+                );
+            }
+            for (field, globs) in [
+                ("servers", &policy.servers),
+                ("methods", &policy.methods),
+                ("tools", &policy.tools),
+            ] {
+                if globs.is_empty() {
+                    bail!("{at}.{field}: must name at least one pattern (use \"*\" for all)");
+                }
+            }
+        }
+        for (name, server) in &self.servers {
+            if server.command.trim().is_empty() {
+                bail!("servers.{name}.command: must not be empty");
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy's deadline per evaluation.
+    pub fn timeout_ms(&self, policy: &PolicyConfig) -> u64 {
+        policy.timeout_ms.unwrap_or(self.engine.timeout_ms)
+    }
+
+    /// The policy's memory cap in bytes.
+    pub fn memory_bytes(&self, policy: &PolicyConfig) -> u64 {
+        policy.memory_mb.unwrap_or(self.engine.memory_mb) << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("/etc/portcullis/gw.toml"))
+    }
+
+    #[test]
+    fn resolves_relative_paths_against_the_config_file() {
+        let config = parse(
+            r#"
+            [[policy]]
+            name = "ro"
+            module = "policies/ro.wasm"
+            [[audit.sinks]]
+            type = "file"
+            path = "/var/log/audit.jsonl"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.policies[0].module,
+            Path::new("/etc/portcullis/policies/ro.wasm")
+        );
+        assert!(matches!(&config.audit.sinks[0], SinkConfig::File { path } if path == Path::new("/var/log/audit.jsonl")));
+        assert_eq!(config.policies[0].failure, FailureMode::Closed);
+        assert_eq!(config.policies[0].mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_field() {
+        let err = parse("[[policy]]\nname = \"a\"\nmodule = \"a.wasm\"\nfailure = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/portcullis/gw.toml"), "{err}");
+        assert!(err.contains("failure"), "{err}");
+
+        let err = parse("[[policy]]\nname = \"a\"\nmodule = \"a.wasm\"\n[[policy]]\nname = \"a\"\nmodule = \"b.wasm\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy[1].name: 'a' is used by another policy"), "{err}");
+
+        let err = parse("[[policy]]\nname = \"a\"\nmodule = \"a.wasm\"\nmemory_mb = 4096\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy[0] ('a').memory_mb"), "{err}");
+    }
+
+    #[test]
+    fn rejects_unknown_fields() {
+        let err = parse("[engine]\ntimeout = 5\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `timeout`"), "{err}");
+    }
+}

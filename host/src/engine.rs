@@ -1,0 +1,310 @@
+//! The WebAssembly engine shared by every policy: one wasmtime `Engine`
+//! configured for the component model, the pooling allocator and epoch
+//! interruption; the ticker thread that advances epochs so deadlines fire; the
+//! `Linker` that grants policies their imports (log, and WASI with nothing
+//! granted unless the config says so); and the on-disk cache of compiled
+//! components. It never evaluates a message.
+
+use crate::bindings;
+use crate::config::{EngineConfig, Grant};
+use anyhow::{Context, Result, anyhow};
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter};
+use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// How often the engine's epoch advances: the resolution of deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Longest log line a policy may write; longer ones are truncated.
+const MAX_LOG_LINE: usize = 4096;
+
+/// Most table elements a policy instance may grow to.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// The engine, linker and compile cache shared by all policies.
+pub struct PolicyEngine {
+    engine: wasmtime::Engine,
+    linker: Linker<PolicyState>,
+    cache_dir: Option<PathBuf>,
+}
+
+/// A compiled policy component and the sha256 of the `.wasm` it came from.
+pub struct CompiledModule {
+    /// The compiled component.
+    pub component: Component,
+    /// Hex sha256 of the module file.
+    pub sha256: String,
+}
+
+impl PolicyEngine {
+    /// Builds the engine and starts its epoch ticker.
+    pub fn new(config: &EngineConfig) -> Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances.saturating_mul(4))
+            .total_memories(config.max_instances.saturating_mul(2))
+            .total_tables(config.max_instances.saturating_mul(4))
+            .total_stacks(config.max_instances)
+            .max_memory_size(usize::try_from(config.max_memory_mb << 20)?);
+        let mut wasm = wasmtime::Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = wasmtime::Engine::new(&wasm)
+            .map_err(anyhow::Error::from)
+            .context("cannot configure the wasm engine")?;
+        spawn_epoch_ticker(&engine);
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link WASI")?;
+        bindings::Policy::add_to_linker::<_, HasSelf<PolicyState>>(&mut linker, |state| state)
+            .map_err(anyhow::Error::from)
+            .context("cannot link the policy imports")?;
+
+        let cache_dir = config
+            .cache
+            .then(|| config.cache_dir.clone().or_else(default_cache_dir))
+            .flatten();
+        Ok(Self {
+            engine,
+            linker,
+            cache_dir,
+        })
+    }
+
+    /// The wasmtime engine.
+    pub fn wasmtime(&self) -> &wasmtime::Engine {
+        &self.engine
+    }
+
+    /// The linker holding every import a policy may use.
+    pub fn linker(&self) -> &Linker<PolicyState> {
+        &self.linker
+    }
+
+    /// Reads and compiles a policy module, using the on-disk cache.
+    pub fn compile(&self, path: &Path) -> Result<CompiledModule> {
+        let wasm = std::fs::read(path)
+            .with_context(|| format!("cannot read policy module {}", path.display()))?;
+        let sha256 = hex(&Sha256::digest(&wasm));
+        let component = match &self.cache_dir {
+            Some(dir) => self.compile_cached(&wasm, &sha256, dir),
+            None => Component::new(&self.engine, &wasm).map_err(anyhow::Error::from),
+        }
+        .map_err(|e| anyhow!("{} is not a valid policy component: {e:#}", path.display()))?;
+        Ok(CompiledModule { component, sha256 })
+    }
+
+    /// Returns the cached artifact for `sha256` if it is intact, else compiles
+    /// and stores one. A damaged cache entry is replaced, never trusted.
+    fn compile_cached(&self, wasm: &[u8], sha256: &str, dir: &Path) -> Result<Component> {
+        let artifact = dir.join(format!("{sha256}-{:016x}.cwasm", self.compatibility()));
+        let checksum = artifact.with_extension("cwasm.sha256");
+        if let Some(component) = self.load_artifact(&artifact, &checksum) {
+            return Ok(component);
+        }
+        let compiled = self.engine.precompile_component(wasm)?;
+        if let Err(e) = store_artifact(dir, &artifact, &checksum, &compiled) {
+            tracing::warn!(dir = %dir.display(), "cannot write the compile cache: {e:#}");
+        }
+        // SAFETY: the bytes were produced by this engine a moment ago.
+        Ok(unsafe { Component::deserialize(&self.engine, &compiled) }?)
+    }
+
+    fn load_artifact(&self, artifact: &Path, checksum: &Path) -> Option<Component> {
+        let bytes = std::fs::read(artifact).ok()?;
+        let expected = std::fs::read_to_string(checksum).ok()?;
+        if hex(&Sha256::digest(&bytes)) != expected.trim() {
+            tracing::warn!(artifact = %artifact.display(), "compile cache entry is damaged; recompiling");
+            return None;
+        }
+        // SAFETY: the artifact was written by an engine with the same
+        // compatibility hash (it is in the file name) and its checksum
+        // matches what was written with it. The cache directory must be
+        // writable only by the operator (see README).
+        unsafe { Component::deserialize(&self.engine, &bytes) }
+            .inspect_err(|e| tracing::warn!(artifact = %artifact.display(), "unusable compile cache entry: {e:#}"))
+            .ok()
+    }
+
+    fn compatibility(&self) -> u64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+fn store_artifact(dir: &Path, artifact: &Path, checksum: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = artifact.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, artifact)?;
+    std::fs::write(checksum, hex(&Sha256::digest(bytes)))?;
+    Ok(())
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("portcullis"))
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn spawn_epoch_ticker(engine: &wasmtime::Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("portcullis-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("cannot spawn the epoch ticker thread");
+}
+
+/// Lower-case hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The per-store state of one policy instance: its WASI context (nothing
+/// granted by default), its memory limit and what it logged.
+pub struct PolicyState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    policy: Arc<str>,
+    memory_limit: usize,
+    memory_exceeded: bool,
+    stderr: Option<MemoryOutputPipe>,
+}
+
+impl PolicyState {
+    /// A fresh state for `policy` with the given limit and grants.
+    pub fn new(policy: Arc<str>, memory_limit: usize, grants: &[Grant]) -> Self {
+        let mut wasi = WasiCtxBuilder::new();
+        if !grants.contains(&Grant::Clock) {
+            wasi.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
+        }
+        if !grants.contains(&Grant::Random) {
+            wasi.secure_random(rand::rngs::StdRng::seed_from_u64(0))
+                .insecure_random(rand::rngs::StdRng::seed_from_u64(0))
+                .insecure_random_seed(0);
+        }
+        let stderr = if grants.contains(&Grant::Stderr) {
+            wasi.inherit_stderr();
+            None
+        } else {
+            let pipe = MemoryOutputPipe::new(MAX_LOG_LINE);
+            wasi.stderr(pipe.clone());
+            Some(pipe)
+        };
+        Self {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            policy,
+            memory_limit,
+            memory_exceeded: false,
+            stderr,
+        }
+    }
+
+    /// The last line the policy wrote to its captured stderr, e.g. a Rust
+    /// panic message before the trap it causes.
+    pub fn last_stderr_line(&self) -> Option<String> {
+        let bytes = self.stderr.as_ref()?.contents();
+        let text = String::from_utf8_lossy(&bytes);
+        let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+        Some(line.trim().to_string())
+    }
+
+    /// True once the instance tried to grow past its memory limit.
+    pub fn memory_exceeded(&self) -> bool {
+        self.memory_exceeded
+    }
+}
+
+impl WasiView for PolicyState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl ResourceLimiter for PolicyState {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.memory_exceeded = true;
+            wasmtime::bail!("memory limit of {} MiB exceeded", self.memory_limit >> 20);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+impl bindings::portcullis::policy::types::Host for PolicyState {}
+
+impl bindings::portcullis::policy::log::Host for PolicyState {
+    fn log(&mut self, level: bindings::Level, message: String) {
+        let message = truncate(&message, MAX_LOG_LINE);
+        let policy = &*self.policy;
+        match level {
+            bindings::Level::Trace => tracing::trace!(policy, "{message}"),
+            bindings::Level::Debug => tracing::debug!(policy, "{message}"),
+            bindings::Level::Info => tracing::info!(policy, "{message}"),
+            bindings::Level::Warn => tracing::warn!(policy, "{message}"),
+            bindings::Level::Error => tracing::error!(policy, "{message}"),
+        }
+    }
+}
+
+/// The longest prefix of `text` of at most `max` bytes on a char boundary.
+pub fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let end = (0..=max).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    &text[..end]
+}
+
+/// A clock that always reads zero: what a policy sees without the clock grant.
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}

@@ -1,0 +1,194 @@
+//! JSON-RPC 2.0 message views for the relay: a borrowed view of one message
+//! that keeps its members as raw JSON text (so a message nobody changed is
+//! relayed byte for byte, whatever protocol revision it belongs to), the error
+//! responses Portcullis sends, and payload replacement for `modify` verdicts.
+
+use crate::bindings::MessageKind;
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+
+/// Invalid JSON.
+pub const PARSE_ERROR: i32 = -32700;
+/// Valid JSON, but not a JSON-RPC message (or too large).
+pub const INVALID_REQUEST: i32 = -32600;
+/// Something went wrong inside Portcullis or upstream.
+pub const INTERNAL_ERROR: i32 = -32603;
+/// A policy refused the message (the default code of a denial).
+pub const DENIED: i32 = -32001;
+/// A policy failed and is configured fail-closed.
+pub const POLICY_FAILED: i32 = -32002;
+/// The audit trail could not record the message, so it was not relayed.
+pub const AUDIT_FAILED: i32 = -32003;
+
+/// One JSON-RPC message, its members still raw JSON.
+#[derive(Debug, Deserialize)]
+pub struct Message<'a> {
+    /// The id; `None` when absent or `null`.
+    #[serde(borrow, default)]
+    pub id: Option<&'a RawValue>,
+    /// The method of a request or notification.
+    #[serde(borrow, default)]
+    pub method: Option<Cow<'a, str>>,
+    /// The params of a request or notification.
+    #[serde(borrow, default)]
+    pub params: Option<&'a RawValue>,
+    /// The result of a successful answer.
+    #[serde(borrow, default)]
+    pub result: Option<&'a RawValue>,
+    /// The error of a failed answer.
+    #[serde(borrow, default)]
+    pub error: Option<&'a RawValue>,
+}
+
+impl<'a> Message<'a> {
+    /// Parses one message (not a batch).
+    pub fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The JSON-RPC shape, or `None` if this is not a valid message.
+    pub fn kind(&self) -> Option<MessageKind> {
+        match (&self.method, self.id, self.result, self.error) {
+            (Some(_), Some(_), None, None) => Some(MessageKind::Request),
+            (Some(_), None, None, None) => Some(MessageKind::Notification),
+            (None, Some(_), Some(_), None) => Some(MessageKind::Result),
+            (None, _, None, Some(_)) => Some(MessageKind::Error),
+            _ => None,
+        }
+    }
+
+    /// The member a `modify` verdict replaces, and its current value.
+    pub fn payload(&self, kind: MessageKind) -> (&'static str, Option<&'a RawValue>) {
+        match kind {
+            MessageKind::Request | MessageKind::Notification => ("params", self.params),
+            MessageKind::Result => ("result", self.result),
+            MessageKind::Error => ("error", self.error),
+        }
+    }
+
+    /// For `tools/call`: the tool's name and its arguments.
+    pub fn tool_call(&self) -> Option<(String, Option<&'a RawValue>)> {
+        #[derive(Deserialize)]
+        struct CallParams<'a> {
+            name: String,
+            #[serde(borrow, default)]
+            arguments: Option<&'a RawValue>,
+        }
+        if self.method.as_deref() != Some("tools/call") {
+            return None;
+        }
+        let params: CallParams<'a> = serde_json::from_str(self.params?.get()).ok()?;
+        Some((params.name, params.arguments))
+    }
+}
+
+/// True if `text` is a JSON array (a batch) rather than a single message.
+pub fn is_batch(text: &str) -> bool {
+    text.trim_start().starts_with('[')
+}
+
+/// A JSON-RPC error response.
+pub fn error_response(id: Option<&RawValue>, code: i32, message: &str, data: Option<Value>) -> String {
+    let mut error = json!({ "code": code, "message": message });
+    if let Some(data) = data {
+        error["data"] = data;
+    }
+    let id = id.map_or(Cow::Borrowed("null"), |id| Cow::Borrowed(id.get()));
+    format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{error}}}"#)
+}
+
+/// `text` with its `member` replaced by the JSON text `payload`; every other
+/// member is kept.
+pub fn replace_member(text: &str, member: &str, payload: &str) -> Result<String, serde_json::Error> {
+    let mut message: Map<String, Value> = serde_json::from_str(text)?;
+    message.insert(member.to_string(), serde_json::from_str(payload)?);
+    serde_json::to_string(&message)
+}
+
+/// Finds the top-level `id` in the first bytes of a message too large to
+/// parse whole, so its sender can still be answered. Works when `id` comes
+/// before the bulk of the message, as it does in practice.
+pub fn leading_id(prefix: &[u8]) -> Option<Box<RawValue>> {
+    struct FindId<'a>(&'a mut Option<Box<RawValue>>);
+    impl<'de> DeserializeSeed<'de> for FindId<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for FindId<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON-RPC object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                if key == "id" {
+                    *self.0 = Some(map.next_value::<Box<RawValue>>()?);
+                    return Err(serde::de::Error::custom("found"));
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(())
+        }
+    }
+    let mut found = None;
+    let mut deserializer = serde_json::Deserializer::from_slice(prefix);
+    let _ = FindId(&mut found).deserialize(&mut deserializer);
+    found.filter(|id| id.get() != "null")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_messages() {
+        let kind = |t: &str| Message::parse(t).unwrap().kind();
+        assert_eq!(kind(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#), Some(MessageKind::Request));
+        assert_eq!(kind(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#), Some(MessageKind::Notification));
+        assert_eq!(kind(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#), Some(MessageKind::Result));
+        assert_eq!(kind(r#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}"#), Some(MessageKind::Error));
+        assert_eq!(kind(r#"{"jsonrpc":"2.0","result":{}}"#), None);
+        assert_eq!(kind(r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{}}"#), None);
+    }
+
+    #[test]
+    fn reads_tool_calls() {
+        let m = Message::parse(r#"{"id":1,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/a"}}}"#).unwrap();
+        let (name, args) = m.tool_call().unwrap();
+        assert_eq!(name, "read_file");
+        assert_eq!(args.unwrap().get(), r#"{"path":"/a"}"#);
+    }
+
+    #[test]
+    fn error_responses_keep_the_id_verbatim() {
+        let id: Box<RawValue> = serde_json::from_str(r#""req-7""#).unwrap();
+        let text = error_response(Some(&id), DENIED, "no", Some(json!({"policy": "p"})));
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["id"], "req-7");
+        assert_eq!(v["error"]["code"], DENIED);
+        assert_eq!(v["error"]["data"]["policy"], "p");
+        assert!(error_response(None, PARSE_ERROR, "bad", None).contains(r#""id":null"#));
+    }
+
+    #[test]
+    fn replaces_one_member_and_keeps_the_rest() {
+        let out = replace_member(r#"{"jsonrpc":"2.0","id":3,"result":{"a":1},"x":true}"#, "result", r#"{"b":2}"#).unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v, json!({"jsonrpc":"2.0","id":3,"result":{"b":2},"x":true}));
+    }
+
+    #[test]
+    fn finds_the_id_in_a_truncated_message() {
+        let id = leading_id(br#"{"jsonrpc":"2.0","id":42,"result":{"content":[{"text":"aaaa"#).unwrap();
+        assert_eq!(id.get(), "42");
+        let id = leading_id(br#"{"result":{"x":1},"id":"s","jsonrpc":"#).unwrap();
+        assert_eq!(id.get(), r#""s""#);
+        assert!(leading_id(br#"{"jsonrpc":"2.0","result":{"content":"aaaa"#).is_none());
+        assert!(leading_id(b"garbage").is_none());
+    }
+}

@@ -1,0 +1,21 @@
+//! Portcullis: a WebAssembly policy host for the Model Context Protocol.
+//!
+//! Every JSON-RPC message between an MCP client and server becomes an
+//! [`exchange`](session::Session) view, is judged by the [`guard`] chain of
+//! sandboxed policy components run by the [`engine`], and leaves one record in
+//! the [`audit`] trail. [`relay`] ties those together independently of the
+//! transport; [`stdio`] is the first transport.
+
+pub mod audit;
+pub mod bindings;
+pub mod bench;
+pub mod check;
+pub mod config;
+pub mod engine;
+pub mod framing;
+pub mod guard;
+pub mod jsonrpc;
+pub mod policy;
+pub mod relay;
+pub mod session;
+pub mod stdio;

@@ -1,0 +1,153 @@
+//! The `portcullis` command line: parses arguments and hands each
+//! subcommand to the library. No policy or protocol logic lives here.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use portcullis::audit::Audit;
+use portcullis::bindings::Agent;
+use portcullis::config::Config;
+use portcullis::engine::PolicyEngine;
+use portcullis::guard::Guard;
+use portcullis::relay::Relay;
+use portcullis::session::Session;
+use portcullis::stdio::{self, ServerCommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A WebAssembly policy host for the Model Context Protocol.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Wrap a stdio MCP server: every message both ways is judged by the
+    /// policy chain and audited. Put this in an MCP client's `command`.
+    Stdio {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Also append audit records to this JSON Lines file.
+        #[arg(long)]
+        audit_file: Option<PathBuf>,
+        /// Which configured server this is (default: the only one, or
+        /// `stdio` when the command is given after `--`).
+        #[arg(long)]
+        server: Option<String>,
+        /// The server command and its arguments (default: from the config).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Validate a config file and load every policy in it.
+    Check {
+        /// The config file.
+        config: PathBuf,
+    },
+    /// Measure the policy chain and the relay's added latency.
+    Bench(portcullis::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            2
+        }
+    };
+    // Exit without waiting for a blocked stdin reader thread.
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Commands::Stdio {
+            config,
+            audit_file,
+            server,
+            command,
+        } => run_stdio(config, audit_file, server, command),
+        Commands::Check { config } => Ok(portcullis::check::run(&config)),
+        Commands::Bench(args) => portcullis::bench::run(&args).map(|()| 0),
+    }
+}
+
+fn run_stdio(
+    config: PathBuf,
+    audit_file: Option<PathBuf>,
+    server: Option<String>,
+    command: Vec<String>,
+) -> Result<i32> {
+    let config = Config::load(&config)?;
+    let (name, server) = pick_server(&config, server, command)?;
+    let engine = PolicyEngine::new(&config.engine)?;
+    let guard = Guard::load(&engine, &config)?;
+    let audit = Audit::open(&config.audit, audit_file)?;
+    let agent = Agent {
+        id: config.agent.id.clone(),
+        attributes: config.agent.attributes.clone().into_iter().collect(),
+    };
+    tracing::info!(
+        server = %name,
+        agent = %agent.id,
+        policies = guard.policies().count(),
+        "portcullis relaying"
+    );
+    let relay = Arc::new(Relay::new(guard, audit, Session::new(name, agent)));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(stdio::run(relay, &server, config.limits.max_message_bytes))
+}
+
+/// The server to run: the command after `--` if given, else the configured
+/// server named by `--server`, or the only configured server.
+fn pick_server(
+    config: &Config,
+    name: Option<String>,
+    command: Vec<String>,
+) -> Result<(String, ServerCommand)> {
+    if let Some((program, args)) = command.split_first() {
+        let name = name
+            .or_else(|| (config.servers.len() == 1).then(|| config.servers.keys().next().cloned()).flatten())
+            .unwrap_or_else(|| "stdio".into());
+        let env = config.servers.get(&name).map(|s| s.env.clone()).unwrap_or_default();
+        let server = ServerCommand {
+            program: program.clone(),
+            args: args.to_vec(),
+            env,
+        };
+        return Ok((name, server));
+    }
+    let name = match name {
+        Some(name) => name,
+        None if config.servers.len() == 1 => config.servers.keys().next().cloned().unwrap_or_default(),
+        None => bail!(
+            "{}: name the server with --server, or give its command after --",
+            config.path.display()
+        ),
+    };
+    let server = config.servers.get(&name).with_context(|| {
+        format!("{}: no server named '{name}' in [servers]", config.path.display())
+    })?;
+    Ok((
+        name,
+        ServerCommand {
+            program: server.command.clone(),
+            args: server.args.clone(),
+            env: server.env.clone(),
+        },
+    ))
+}

@@ -1,0 +1,235 @@
+//! What Portcullis knows about one client↔server connection: the requests in
+//! flight in each direction, so an answer is judged knowing what it answers,
+//! and each tool's annotations from the server's latest `tools/list` result.
+//! It turns a parsed message into the [`Exchange`] a policy sees.
+
+use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
+use crate::jsonrpc::Message;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+
+/// Requests remembered per direction before the oldest are forgotten.
+const MAX_PENDING: usize = 65_536;
+
+/// A request forwarded and not yet answered.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Its method.
+    pub method: String,
+    /// For `tools/call`, the tool.
+    pub tool: Option<String>,
+    /// Its params as forwarded, as JSON text.
+    pub params: Option<String>,
+}
+
+/// Per-connection state.
+pub struct Session {
+    server: String,
+    agent: Agent,
+    pending: HashMap<(&'static str, String), Pending>,
+    tools: HashMap<String, ToolAnnotations>,
+}
+
+impl Session {
+    /// A session between `agent` and `server`.
+    pub fn new(server: String, agent: Agent) -> Self {
+        Self {
+            server,
+            agent,
+            pending: HashMap::new(),
+            tools: HashMap::new(),
+        }
+    }
+
+    /// The server's configured name.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The agent's identity.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// The exchange for a request or notification travelling `direction`.
+    pub fn exchange(&self, direction: Direction, kind: MessageKind, message: &Message) -> Exchange {
+        self.build(
+            direction,
+            kind,
+            message.method.as_deref().unwrap_or_default().to_string(),
+            message.tool_call().map(|(name, _)| name),
+            message.params.map(|p| p.get().to_string()),
+            None,
+        )
+    }
+
+    /// The exchange for an answer travelling `direction`, given the request
+    /// it answers (if Portcullis saw it).
+    pub fn answer_exchange(
+        &self,
+        direction: Direction,
+        kind: MessageKind,
+        answered: Option<&Pending>,
+        payload: Option<&RawValue>,
+    ) -> Exchange {
+        self.build(
+            direction,
+            kind,
+            answered.map(|p| p.method.clone()).unwrap_or_default(),
+            answered.and_then(|p| p.tool.clone()),
+            answered.and_then(|p| p.params.clone()),
+            payload.map(|r| r.get().to_string()),
+        )
+    }
+
+    fn build(
+        &self,
+        direction: Direction,
+        kind: MessageKind,
+        method: String,
+        tool: Option<String>,
+        params: Option<String>,
+        result: Option<String>,
+    ) -> Exchange {
+        let annotations = tool.as_ref().and_then(|t| self.tools.get(t).cloned());
+        Exchange {
+            direction,
+            kind,
+            server: self.server.clone(),
+            agent: self.agent.clone(),
+            method,
+            tool,
+            annotations,
+            params,
+            result,
+        }
+    }
+
+    /// Remembers a request forwarded in `direction`.
+    pub fn forwarded(&mut self, direction: Direction, id: &RawValue, exchange: &Exchange) {
+        if self.pending.len() >= MAX_PENDING {
+            tracing::warn!(
+                server = %self.server,
+                "over {MAX_PENDING} unanswered requests; forgetting them all"
+            );
+            self.pending.clear();
+        }
+        let pending = Pending {
+            method: exchange.method.clone(),
+            tool: exchange.tool.clone(),
+            params: exchange.params.clone(),
+        };
+        self.pending.insert((direction.as_str(), id.get().to_string()), pending);
+    }
+
+    /// Takes the request an answer travelling `direction` answers: it was
+    /// forwarded the other way.
+    pub fn answered(&mut self, direction: Direction, id: Option<&RawValue>) -> Option<Pending> {
+        let asked = match direction {
+            Direction::ClientToServer => Direction::ServerToClient,
+            Direction::ServerToClient => Direction::ClientToServer,
+        };
+        self.pending.remove(&(asked.as_str(), id?.get().to_string()))
+    }
+
+    /// Learns tool annotations from a server's `tools/list` result. A first
+    /// page (no cursor in the request) replaces what was known.
+    pub fn learn_tools(&mut self, request: &Pending, result: &RawValue) {
+        #[derive(Deserialize)]
+        struct ToolList {
+            #[serde(default)]
+            tools: Vec<Tool>,
+        }
+        #[derive(Deserialize)]
+        struct Tool {
+            name: String,
+            #[serde(default)]
+            annotations: Option<Annotations>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Annotations {
+            title: Option<String>,
+            read_only_hint: Option<bool>,
+            destructive_hint: Option<bool>,
+            idempotent_hint: Option<bool>,
+            open_world_hint: Option<bool>,
+        }
+        let Ok(list) = serde_json::from_str::<ToolList>(result.get()) else {
+            tracing::warn!(server = %self.server, "tools/list result is not a tool list");
+            return;
+        };
+        let first_page = request
+            .params
+            .as_deref()
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .is_none_or(|p| p.get("cursor").is_none());
+        if first_page {
+            self.tools.clear();
+        }
+        for tool in list.tools {
+            let a = tool.annotations;
+            let annotations = ToolAnnotations {
+                title: a.as_ref().and_then(|a| a.title.clone()),
+                read_only_hint: a.as_ref().and_then(|a| a.read_only_hint),
+                destructive_hint: a.as_ref().and_then(|a| a.destructive_hint),
+                idempotent_hint: a.as_ref().and_then(|a| a.idempotent_hint),
+                open_world_hint: a.as_ref().and_then(|a| a.open_world_hint),
+            };
+            self.tools.insert(tool.name, annotations);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> Session {
+        let agent = Agent {
+            id: "a".into(),
+            attributes: vec![],
+        };
+        Session::new("fs".into(), agent)
+    }
+
+    #[test]
+    fn answers_carry_the_method_tool_and_annotations_of_their_request() {
+        let mut s = session();
+        let list_req = Message::parse(r#"{"id":1,"method":"tools/list"}"#).unwrap();
+        let ex = s.exchange(Direction::ClientToServer, MessageKind::Request, &list_req);
+        s.forwarded(Direction::ClientToServer, list_req.id.unwrap(), &ex);
+
+        let list = Message::parse(r#"{"id":1,"result":{"tools":[{"name":"read_file","annotations":{"readOnlyHint":true}},{"name":"write_file"}]}}"#).unwrap();
+        let pending = s.answered(Direction::ServerToClient, list.id).unwrap();
+        assert_eq!(pending.method, "tools/list");
+        s.learn_tools(&pending, list.result.unwrap());
+
+        let call = Message::parse(r#"{"id":"c","method":"tools/call","params":{"name":"read_file","arguments":{}}}"#).unwrap();
+        let ex = s.exchange(Direction::ClientToServer, MessageKind::Request, &call);
+        assert_eq!(ex.tool.as_deref(), Some("read_file"));
+        assert_eq!(ex.annotations.as_ref().unwrap().read_only_hint, Some(true));
+        s.forwarded(Direction::ClientToServer, call.id.unwrap(), &ex);
+
+        let result = Message::parse(r#"{"id":"c","result":{"content":[]}}"#).unwrap();
+        let pending = s.answered(Direction::ServerToClient, result.id);
+        let ex = s.answer_exchange(Direction::ServerToClient, MessageKind::Result, pending.as_ref(), result.result);
+        assert_eq!(ex.method, "tools/call");
+        assert_eq!(ex.tool.as_deref(), Some("read_file"));
+        assert_eq!(ex.params.as_deref(), Some(r#"{"name":"read_file","arguments":{}}"#));
+        assert_eq!(ex.result.as_deref(), Some(r#"{"content":[]}"#));
+        assert!(s.answered(Direction::ServerToClient, result.id).is_none(), "answered once");
+    }
+
+    #[test]
+    fn ids_are_scoped_by_direction() {
+        let mut s = session();
+        let from_server = Message::parse(r#"{"id":1,"method":"roots/list"}"#).unwrap();
+        let ex = s.exchange(Direction::ServerToClient, MessageKind::Request, &from_server);
+        s.forwarded(Direction::ServerToClient, from_server.id.unwrap(), &ex);
+        let id = from_server.id;
+        assert!(s.answered(Direction::ServerToClient, id).is_none());
+        assert_eq!(s.answered(Direction::ClientToServer, id).unwrap().method, "roots/list");
+    }
+}

@@ -1,0 +1,50 @@
+//! A deliberately broken policy for Portcullis' own tests: on calls to the
+//! configured tool it loops forever, allocates without end, traps, or returns
+//! a malformed verdict. Never ship it.
+
+use portcullis_policy::{Exchange, Outcome, Policy, Verdict};
+use serde::Deserialize;
+use std::hint::black_box;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Loop,
+    Alloc,
+    Trap,
+    Garbage,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    mode: Mode,
+    tool: String,
+}
+
+struct Misbehave;
+
+impl Policy for Misbehave {
+    type Settings = Settings;
+
+    fn on_request(settings: &Settings, exchange: &Exchange) -> Verdict {
+        if !exchange.is_tool_call() || exchange.tool.as_deref() != Some(settings.tool.as_str()) {
+            return Verdict::allow();
+        }
+        match settings.mode {
+            Mode::Loop => loop {
+                black_box(());
+            },
+            Mode::Alloc => {
+                let mut hoard = Vec::new();
+                loop {
+                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                }
+            }
+            Mode::Trap => panic!("misbehave: deliberate trap"),
+            Mode::Garbage => Verdict::from(Outcome::Modify("{this is not json".into())),
+        }
+    }
+}
+
+portcullis_policy::export!(Misbehave);
