@@ -15,13 +15,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter};
+use wasmtime::{Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// How often the engine's epoch advances: the resolution of deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Bytes of each pooled memory and table kept resident between instances.
+const KEEP_RESIDENT: usize = 1 << 20;
 
 /// Longest log line a policy may write; longer ones are truncated.
 const MAX_LOG_LINE: usize = 4096;
@@ -53,7 +56,12 @@ impl PolicyEngine {
             .total_memories(config.max_instances.saturating_mul(2))
             .total_tables(config.max_instances.saturating_mul(4))
             .total_stacks(config.max_instances)
-            .max_memory_size(usize::try_from(config.max_memory_mb << 20)?);
+            .max_memory_size(usize::try_from(config.max_memory_mb << 20)?)
+            // Reset the low pages of a returned slot in place instead of
+            // unmapping them: fresh instances then start without page faults.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(Enabled::Auto);
         let mut wasm = wasmtime::Config::new();
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
@@ -225,13 +233,17 @@ impl PolicyState {
         }
     }
 
-    /// The last line the policy wrote to its captured stderr, e.g. a Rust
-    /// panic message before the trap it causes.
-    pub fn last_stderr_line(&self) -> Option<String> {
+    /// What the policy wrote to its captured stderr, on one line and without
+    /// runtime hints — e.g. a Rust panic message before the trap it causes.
+    pub fn stderr_text(&self) -> Option<String> {
         let bytes = self.stderr.as_ref()?.contents();
         let text = String::from_utf8_lossy(&bytes);
-        let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
-        Some(line.trim().to_string())
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect();
+        (!lines.is_empty()).then(|| lines.join(" "))
     }
 
     /// True once the instance tried to grow past its memory limit.

@@ -2,7 +2,7 @@
 //! longer than the cap is skipped — keeping only a short prefix, so its id can
 //! still be answered — instead of being buffered without bound.
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use std::io::BufRead;
 
 /// How much of an oversized line is kept.
 const PREFIX: usize = 1024;
@@ -27,7 +27,7 @@ pub struct FrameReader<R> {
     max: usize,
 }
 
-impl<R: AsyncBufRead + Unpin> FrameReader<R> {
+impl<R: BufRead> FrameReader<R> {
     /// Wraps a buffered reader.
     pub fn new(reader: R, max: usize) -> Self {
         Self { reader, max }
@@ -35,11 +35,11 @@ impl<R: AsyncBufRead + Unpin> FrameReader<R> {
 
     /// The next non-blank frame, or `None` at end of stream. A last line
     /// without a newline still counts.
-    pub async fn next(&mut self) -> std::io::Result<Option<Frame>> {
+    pub fn next(&mut self) -> std::io::Result<Option<Frame>> {
         let mut line = Vec::new();
         let mut len = 0usize;
         loop {
-            let chunk = self.reader.fill_buf().await?;
+            let chunk = self.reader.fill_buf()?;
             if chunk.is_empty() {
                 if len == 0 || is_blank(&line) && len <= self.max {
                     return Ok(None);
@@ -85,27 +85,27 @@ fn is_blank(line: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    async fn frames(input: &[u8], max: usize) -> Vec<Frame> {
+    fn frames(input: &[u8], max: usize) -> Vec<Frame> {
         let mut reader = FrameReader::new(input, max);
         let mut out = Vec::new();
-        while let Some(frame) = reader.next().await.unwrap() {
+        while let Some(frame) = reader.next().unwrap() {
             out.push(frame);
         }
         out
     }
 
-    #[tokio::test]
-    async fn splits_lines_and_skips_blank_ones() {
-        let got = frames(b"{\"a\":1}\r\n\n  \n{\"b\":2}", 100).await;
+    #[test]
+    fn splits_lines_and_skips_blank_ones() {
+        let got = frames(b"{\"a\":1}\r\n\n  \n{\"b\":2}", 100);
         assert_eq!(got, vec![Frame::Line(b"{\"a\":1}".to_vec()), Frame::Line(b"{\"b\":2}".to_vec())]);
     }
 
-    #[tokio::test]
-    async fn caps_long_lines_and_carries_on() {
+    #[test]
+    fn caps_long_lines_and_carries_on() {
         let long = vec![b'x'; 5000];
         let mut input = long.clone();
         input.extend_from_slice(b"\n{\"ok\":true}\n");
-        let got = frames(&input, 2048).await;
+        let got = frames(&input, 2048);
         assert_eq!(got.len(), 2);
         match &got[0] {
             Frame::Oversized { len, prefix } => {
@@ -117,9 +117,9 @@ mod tests {
         assert_eq!(got[1], Frame::Line(b"{\"ok\":true}".to_vec()));
     }
 
-    #[tokio::test]
-    async fn a_line_of_exactly_the_cap_is_accepted() {
-        let got = frames(&[b'y'; 1024], 1024).await;
+    #[test]
+    fn a_line_of_exactly_the_cap_is_accepted() {
+        let got = frames(&[b'y'; 1024], 1024);
         assert_eq!(got, vec![Frame::Line(vec![b'y'; 1024])]);
     }
 }

@@ -11,6 +11,7 @@ use portcullis::guard::Guard;
 use portcullis::relay::Relay;
 use portcullis::session::Session;
 use portcullis::stdio::{self, ServerCommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -54,6 +55,7 @@ fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
                 .unwrap_or_else(|_| "info".into()),
@@ -66,7 +68,7 @@ fn main() {
             2
         }
     };
-    // Exit without waiting for a blocked stdin reader thread.
+    // Exit without waiting for a stdin reader thread still blocked in read.
     std::process::exit(code);
 }
 
@@ -105,11 +107,7 @@ fn run_stdio(
         "portcullis relaying"
     );
     let relay = Arc::new(Relay::new(guard, audit, Session::new(name, agent)));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(stdio::run(relay, &server, config.limits.max_message_bytes))
+    stdio::run(relay, &server, config.limits.max_message_bytes)
 }
 
 /// The server to run: the command after `--` if given, else the configured

@@ -163,8 +163,8 @@ impl Policy {
             Some(trap) => format!("trapped: {trap}"),
             None => format!("failed: {}", error.root_cause()),
         };
-        match state.last_stderr_line() {
-            Some(line) => Failure(format!("{reason} ({})", truncate(&line, 512))),
+        match state.stderr_text() {
+            Some(text) => Failure(format!("{reason}: {}", truncate(&text, 512))),
             None => Failure(reason),
         }
     }

@@ -1,28 +1,26 @@
 //! The stdio transport: Portcullis runs the MCP server as a child process and
 //! stands in its place on stdin/stdout, so it drops into any MCP client's
-//! `command`. It moves newline-delimited frames between the two pipes through
-//! the [`Relay`] and owns the child's lifecycle: the server's stderr passes
-//! through, EOF on either side shuts down cleanly, the child's exit status
-//! becomes Portcullis' own, and the child is always reaped.
+//! `command`. One thread per direction reads newline-delimited frames and
+//! hands them to the [`Relay`]; stdio pipes block anyway, and policies thus
+//! never run inside an async runtime. It owns the child's lifecycle: the
+//! server's stderr passes through, EOF on either side shuts down cleanly (the
+//! server's stdin is closed, then it gets a grace period, then it is killed),
+//! the child's exit status becomes Portcullis' own, and the child is reaped.
 
 use crate::bindings::Direction;
 use crate::framing::FrameReader;
 use crate::relay::Relay;
 use anyhow::{Context, Result};
+use signal_hook::consts::{SIGINT, SIGTERM};
 use std::collections::BTreeMap;
-use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 /// How long the server may take to exit after its stdin closes before it is
-/// terminated.
+/// killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
-
-/// Frames queued towards one side before readers wait.
-const QUEUE: usize = 256;
 
 /// The MCP server to run.
 #[derive(Debug, Clone)]
@@ -35,85 +33,104 @@ pub struct ServerCommand {
     pub env: BTreeMap<String, String>,
 }
 
+/// What ends a proxy session.
+enum Ending {
+    ClientClosed,
+    ServerClosed,
+    Signal(i32),
+}
+
+/// One side's input stream, shared by the two directions' threads; `None`
+/// once closed.
+struct Outlet(Mutex<Option<Box<dyn Write + Send>>>);
+
+impl Outlet {
+    fn new(writer: impl Write + Send + 'static) -> Self {
+        Self(Mutex::new(Some(Box::new(writer))))
+    }
+
+    /// Writes one frame and a newline; false once the stream is gone.
+    fn send(&self, mut frame: Vec<u8>) -> bool {
+        frame.push(b'\n');
+        let mut guard = self.0.lock().expect("outlet lock poisoned");
+        let Some(writer) = guard.as_mut() else {
+            return false;
+        };
+        if writer.write_all(&frame).and_then(|()| writer.flush()).is_err() {
+            *guard = None;
+            return false;
+        }
+        true
+    }
+
+    /// Closes the stream, so the reader on the other end sees EOF.
+    fn close(&self) {
+        self.0.lock().expect("outlet lock poisoned").take();
+    }
+}
+
 /// Runs the proxy on this process' stdin/stdout until either side ends, and
 /// returns the exit code to leave with (the server's).
-pub async fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) -> Result<i32> {
+pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) -> Result<i32> {
     let mut child = Command::new(&server.program)
         .args(&server.args)
         .envs(&server.env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start MCP server '{}'", server.program))?;
-    let child_in = child.stdin.take().context("no stdin pipe to the server")?;
-    let child_out = child.stdout.take().context("no stdout pipe from the server")?;
+    let to_server = Arc::new(Outlet::new(child.stdin.take().context("no stdin pipe to the server")?));
+    let from_server = child.stdout.take().context("no stdout pipe from the server")?;
+    let to_client = Arc::new(Outlet::new(std::io::stdout()));
+    let (endings, ending) = mpsc::channel();
 
-    let (to_server, server_queue) = mpsc::channel(QUEUE);
-    let (to_client, client_queue) = mpsc::channel(QUEUE);
-    let close_server = to_server.clone();
-    let client_writer = tokio::spawn(write_frames(tokio::io::stdout(), client_queue));
-    let server_writer = tokio::spawn(write_frames(child_in, server_queue));
+    let pumps = [
+        (Direction::ClientToServer, Ending::ClientClosed),
+        (Direction::ServerToClient, Ending::ServerClosed),
+    ];
+    let mut from_server = Some(from_server);
+    for (direction, ended) in pumps {
+        let (relay, endings) = (relay.clone(), endings.clone());
+        let (onward, back) = match direction {
+            Direction::ClientToServer => (to_server.clone(), to_client.clone()),
+            Direction::ServerToClient => (to_client.clone(), to_server.clone()),
+        };
+        let input: Box<dyn BufRead + Send> = match direction {
+            Direction::ClientToServer => Box::new(BufReader::new(std::io::stdin())),
+            Direction::ServerToClient => Box::new(BufReader::new(from_server.take().expect("one server reader"))),
+        };
+        std::thread::Builder::new()
+            .name(format!("portcullis-{}", direction.as_str()))
+            .spawn(move || {
+                pump(&relay, direction, input, max_message_bytes, &onward, &back);
+                let _ = endings.send(ended);
+            })
+            .context("cannot start a relay thread")?;
+    }
+    watch_signals(endings)?;
 
-    let mut from_client = tokio::spawn(pump(
-        relay.clone(),
-        Direction::ClientToServer,
-        tokio::io::stdin(),
-        max_message_bytes,
-        to_server.clone(),
-        to_client.clone(),
-    ));
-    let mut from_server = tokio::spawn(pump(
-        relay,
-        Direction::ServerToClient,
-        child_out,
-        max_message_bytes,
-        to_client,
-        to_server,
-    ));
-
-    let status = tokio::select! {
-        // The client hung up: deliver what is queued, close the server's
-        // stdin, and let the server finish its answers and exit.
-        _ = &mut from_client => {
-            let _ = close_server.send(Vec::new()).await;
-            let _ = server_writer.await;
-            let status = shutdown(&mut child).await?;
-            let _ = from_server.await;
-            status
+    let status = match ending.recv().expect("relay threads report their end") {
+        Ending::ClientClosed => {
+            to_server.close();
+            wait_with_grace(&mut child)?
         }
-        // The server closed its stdout (usually: it exited).
-        _ = &mut from_server => {
-            from_client.abort();
-            shutdown(&mut child).await?
-        }
-        _ = terminated() => {
-            tracing::info!("signal received; stopping the server");
-            from_client.abort();
-            child.start_kill().ok();
-            let status = child.wait().await?;
-            let _ = from_server.await;
-            status
+        Ending::ServerClosed => wait_with_grace(&mut child)?,
+        Ending::Signal(signal) => {
+            tracing::info!(signal, "stopping the server");
+            to_server.close();
+            wait_with_grace(&mut child)?
         }
     };
-    let _ = client_writer.await;
     Ok(exit_code(status))
 }
 
-/// Reads frames from one side, judges them and queues the results. Returns
-/// at end of stream.
-async fn pump(
-    relay: Arc<Relay>,
-    direction: Direction,
-    input: impl AsyncRead + Unpin,
-    max: usize,
-    onward: mpsc::Sender<Vec<u8>>,
-    back: mpsc::Sender<Vec<u8>>,
-) {
-    let mut frames = FrameReader::new(BufReader::new(input), max);
+/// Reads frames from one side, judges them and sends the results on, until
+/// end of stream or until the onward side is gone.
+fn pump(relay: &Relay, direction: Direction, input: impl BufRead, max: usize, onward: &Outlet, back: &Outlet) {
+    let mut frames = FrameReader::new(input, max);
     loop {
-        let frame = match frames.next().await {
+        let frame = match frames.next() {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(e) => {
@@ -123,54 +140,44 @@ async fn pump(
         };
         let delivery = relay.handle(direction, frame);
         if let Some(reply) = delivery.reply {
-            let _ = back.send(reply).await;
+            back.send(reply);
         }
         if let Some(forward) = delivery.forward
-            && onward.send(forward).await.is_err()
+            && !onward.send(forward)
         {
+            tracing::warn!(direction = direction.as_str(), "the receiving side is gone");
             return;
         }
     }
 }
 
-/// Writes queued frames, one per line, until every sender is gone or an
-/// empty frame asks it to close the stream.
-async fn write_frames(mut output: impl AsyncWrite + Unpin, mut queue: mpsc::Receiver<Vec<u8>>) {
-    while let Some(mut frame) = queue.recv().await {
-        if frame.is_empty() {
-            break;
-        }
-        frame.push(b'\n');
-        if output.write_all(&frame).await.is_err() || output.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = output.shutdown().await;
+/// Reports SIGTERM and SIGINT as an ending.
+fn watch_signals(endings: mpsc::Sender<Ending>) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot watch signals")?;
+    std::thread::Builder::new()
+        .name("portcullis-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let _ = endings.send(Ending::Signal(signal));
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
-/// Waits for the server to exit after its stdin closed, terminating it if it
-/// does not within [`EXIT_GRACE`]. Always reaps it.
-async fn shutdown(child: &mut Child) -> Result<ExitStatus> {
-    match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
-        Ok(status) => Ok(status?),
-        Err(_) => {
-            tracing::warn!("the server did not exit within {EXIT_GRACE:?}; killing it");
-            child.start_kill().ok();
-            Ok(child.wait().await?)
+/// Waits for the server to exit, killing it if it has not within
+/// [`EXIT_GRACE`]. Always reaps it.
+fn wait_with_grace(child: &mut Child) -> Result<ExitStatus> {
+    let deadline = Instant::now() + EXIT_GRACE;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
         }
+        std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    tracing::warn!("the server did not exit within {EXIT_GRACE:?}; killing it");
+    let _ = child.kill();
+    Ok(child.wait()?)
 }
 
 /// The shell convention: the exit code, or 128 + the signal that killed it.

@@ -44,7 +44,7 @@ impl Policy for ReadOnly {
         } else {
             "is not declared read-only (readOnlyHint)"
         };
-        Verdict::deny(format!("read-only: tool '{tool}' {why}")).tag("write-refused")
+        Verdict::deny(format!("tool '{tool}' {why}")).tag("write-refused")
     }
 
     fn on_response(settings: &Settings, exchange: &Exchange) -> Verdict {

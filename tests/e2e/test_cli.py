@@ -1,0 +1,56 @@
+"""`portcullis check` and start-up errors: a bad config, a corrupt module and
+rejected settings each get a clear report naming what is wrong."""
+
+import subprocess
+from pathlib import Path
+
+from conftest import PORTCULLIS, policy, write_config
+
+
+def check(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PORTCULLIS), "check", str(config)], capture_output=True, text=True, timeout=120)
+
+
+def test_check_loads_every_policy_and_reports_it(tmp_path: Path):
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm"), policy("redact", "redact_secrets.wasm")])
+    result = check(config)
+    assert result.returncode == 0, result.stdout
+    assert "read-only" in result.stdout and "redact" in result.stdout
+    assert "result   ok: 2 policies loaded" in result.stdout
+
+
+def test_check_names_the_file_and_field_of_a_config_error(tmp_path: Path):
+    config = write_config(tmp_path, [policy("p", "read_only.wasm", failure="sometimes")])
+    result = check(config)
+    assert result.returncode == 1
+    assert str(config) in result.stdout and "failure" in result.stdout and "sometimes" in result.stdout
+
+
+def test_a_corrupt_module_and_rejected_settings_fail_clearly(tmp_path: Path):
+    corrupt = tmp_path / "corrupt.wasm"
+    corrupt.write_bytes(b"\0asm\x0d\0\x01\0garbage")
+    config = write_config(tmp_path, [
+        {"name": "corrupt", "module": str(corrupt)},
+        policy("bad-settings", "argument_guard.wasm", settings={"roots": ["relative/path"]}),
+        policy("good", "read_only.wasm"),
+    ])
+    result = check(config)
+    assert result.returncode == 1
+    assert "corrupt" in result.stdout and "not a valid policy component" in result.stdout
+    assert "rejected its settings: root 'relative/path' must be an absolute path" in result.stdout
+    assert "FAILED: 2 of 3 policies did not load" in result.stdout
+
+    proxy = subprocess.run([str(PORTCULLIS), "stdio", "--config", str(config), "--", "true"],
+                           capture_output=True, text=True, timeout=120)
+    assert proxy.returncode == 2
+    assert "policy 'corrupt'" in proxy.stderr
+
+
+def test_a_damaged_compile_cache_entry_is_replaced_not_trusted(tmp_path: Path):
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm")])
+    assert check(config).returncode == 0
+    artifacts = list((tmp_path / "cache").glob("*.cwasm"))
+    assert len(artifacts) == 1
+    artifacts[0].write_bytes(artifacts[0].read_bytes()[:-64] + b"\0" * 64)
+    again = check(config)
+    assert again.returncode == 0, again.stdout

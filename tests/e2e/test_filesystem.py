@@ -1,0 +1,227 @@
+"""The real @modelcontextprotocol/server-filesystem behind `portcullis stdio`,
+driven by the official Python MCP SDK client."""
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from conftest import POLICIES, policy, proxied_filesystem, read_audit, write_config
+
+READ_ONLY = policy("read-only", "read_only.wasm", methods=["tools/call", "tools/list"])
+REQUIRED_FIELDS = {"time", "id", "agent", "server", "direction", "kind", "outcome", "policies", "latency_us"}
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_reads_pass_writes_are_refused_and_never_reach_the_server(tmp_path: Path, sandbox: Path):
+    config = write_config(tmp_path, [READ_ONLY])
+    audit = tmp_path / "audit.jsonl"
+    target = sandbox / "created.txt"
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox) as session:
+            tools = {t.name for t in (await session.list_tools()).tools}
+            read = await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            with pytest.raises(MCPError) as refused:
+                await session.call_tool("write_file", {"path": str(target), "content": "pwned"})
+            return tools, read, refused.value
+
+    tools, read, refused = run(scenario())
+    assert "read_text_file" in tools
+    assert not {"write_file", "edit_file", "move_file", "create_directory"} & tools, "write tools are hidden"
+    assert read.content[0].text == "hello from the sandbox\n"
+    assert refused.code == -32001
+    assert "Denied by policy 'read-only'" in refused.message
+    assert "write_file" in refused.message
+    assert refused.data["policy"] == "read-only"
+    assert not target.exists(), "the denied write must not reach the server"
+
+    records = read_audit(audit)
+    denied = [r for r in records if r["outcome"] == "deny"]
+    assert len(denied) == 1
+    assert denied[0]["tool"] == "write_file"
+    assert denied[0]["decided_by"] == "read-only"
+    assert denied[0]["id"] == refused.data["decision"], "the client's error names the audit record"
+    assert denied[0]["arguments"] == {"path": str(target), "content": "pwned"}
+    assert len(denied[0]["arguments_sha256"]) == 64
+    module = (POLICIES / "read_only.wasm").read_bytes()
+    assert denied[0]["policies"][0]["sha256"] == hashlib.sha256(module).hexdigest()
+
+
+def test_audit_holds_exactly_one_record_per_message(tmp_path: Path, sandbox: Path):
+    config = write_config(tmp_path, [READ_ONLY])
+    audit = tmp_path / "audit.jsonl"
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox) as session:
+            await session.list_tools()
+            for _ in range(3):
+                await session.call_tool("list_allowed_directories", {})
+            with pytest.raises(MCPError):
+                await session.call_tool("create_directory", {"path": str(sandbox / "d")})
+
+    run(scenario())
+    records = read_audit(audit)
+    for record in records:
+        assert REQUIRED_FIELDS <= record.keys(), record
+        assert record["agent"] == "e2e-agent"
+        assert record["agent_attributes"] == {"team": "qa"}
+        assert record["server"] == "stdio"
+        for verdict in record["policies"]:
+            assert {"policy", "sha256", "verdict", "enforced", "latency_us"} <= verdict.keys()
+    requests = [r for r in records if r["direction"] == "client-to-server" and r["kind"] == "request"]
+    answers = [r for r in records if r["direction"] == "server-to-client" and r["kind"] in ("result", "error")]
+    request_ids = [r["jsonrpc_id"] for r in requests]
+    assert len(request_ids) == len(set(request_ids)), "one record per request"
+    # initialize, tools/list, 3 calls, 1 denied call
+    assert [r["method"] for r in requests] == ["initialize", "tools/list"] + ["tools/call"] * 4
+    # every forwarded request has exactly one answer record; the denied one has none
+    forwarded = [r["jsonrpc_id"] for r in requests if r["outcome"] == "allow"]
+    assert sorted(a["jsonrpc_id"] for a in answers) == sorted(forwarded)
+    calls = [r for r in requests if r["method"] == "tools/call"]
+    assert [c["outcome"] for c in calls] == ["allow"] * 3 + ["deny"]
+    assert all(c["policies"][0]["policy"] == "read-only" for c in calls)
+    notifications = [r for r in records if r["kind"] == "notification"]
+    assert "notifications/initialized" in [n["method"] for n in notifications]
+
+
+def test_tool_filter_hides_and_refuses_tools_by_glob(tmp_path: Path, sandbox: Path):
+    tool_filter = policy(
+        "tool-filter", "tool_filter.wasm", methods=["tools/call", "tools/list"],
+        settings={"rules": [{"allow": ["list_*", "read_text_file"], "deny": ["list_directory_with_sizes"]}]},
+    )
+    config = write_config(tmp_path, [tool_filter])
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "audit.jsonl", sandbox) as session:
+            tools = {t.name for t in (await session.list_tools()).tools}
+            with pytest.raises(MCPError) as refused:
+                await session.call_tool("search_files", {"path": str(sandbox), "pattern": "*"})
+            listed = await session.call_tool("list_directory", {"path": str(sandbox)})
+            return tools, refused.value, listed
+
+    tools, refused, listed = run(scenario())
+    assert tools == {"list_directory", "list_allowed_directories", "read_text_file"}
+    assert "tool 'search_files' is not allowed on server 'stdio'" in refused.message
+    assert "hello.txt" in listed.content[0].text
+
+
+def test_argument_guard_refuses_paths_outside_the_root_and_secrets(tmp_path: Path, sandbox: Path):
+    guard = policy("argument-guard", "argument_guard.wasm", methods=["tools/call"], settings={"roots": [str(sandbox)]})
+    config = write_config(tmp_path, [guard])
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "audit.jsonl", sandbox) as session:
+            with pytest.raises(MCPError) as escaped:
+                await session.call_tool("read_text_file", {"path": str(sandbox / ".." / "outside.txt")})
+            with pytest.raises(MCPError) as leaked:
+                await session.call_tool(
+                    "write_file", {"path": str(sandbox / "k.txt"), "content": "key AKIAIOSFODNN7EXAMPLE"})
+            inside = await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            return escaped.value, leaked.value, inside
+
+    escaped, leaked, inside = run(scenario())
+    assert "outside the allowed roots" in escaped.message
+    assert "aws-access-key-id" in leaked.message
+    assert not (sandbox / "k.txt").exists()
+    assert inside.content[0].text == "hello from the sandbox\n"
+
+
+def test_secrets_in_results_are_redacted(tmp_path: Path, sandbox: Path):
+    (sandbox / "creds.txt").write_text("aws = AKIAIOSFODNN7EXAMPLE\n")
+    redact = policy("redact-secrets", "redact_secrets.wasm", methods=["tools/call"])
+    config = write_config(tmp_path, [redact])
+    audit = tmp_path / "audit.jsonl"
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox) as session:
+            return await session.call_tool("read_text_file", {"path": str(sandbox / "creds.txt")})
+
+    result = run(scenario())
+    assert result.content[0].text == "aws = [REDACTED:aws-access-key-id]\n"
+    modified = [r for r in read_audit(audit) if r["outcome"] == "modify"]
+    assert len(modified) == 1 and modified[0]["tags"] == ["redacted"]
+
+
+def test_approval_gate_holds_destructive_calls_as_denials_for_now(tmp_path: Path, sandbox: Path):
+    gate = policy("approval-gate", "approval_gate.wasm", methods=["tools/call"])
+    config = write_config(tmp_path, [gate])
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "audit.jsonl", sandbox) as session:
+            await session.list_tools()
+            with pytest.raises(MCPError) as held:
+                await session.call_tool("write_file", {"path": str(sandbox / "w.txt"), "content": "x"})
+            read = await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            return held.value, read
+
+    held, read = run(scenario())
+    assert "approval required" in held.message
+    assert not (sandbox / "w.txt").exists()
+    assert not read.is_error
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("loop", "exceeded its deadline of 50 ms"),
+        ("alloc", "exceeded its memory limit of 16 MiB"),
+        ("trap", "trapped"),
+        ("garbage", "malformed output"),
+    ],
+)
+def test_a_misbehaving_policy_denies_and_the_proxy_keeps_serving(tmp_path: Path, sandbox: Path, mode, expected):
+    broken = policy("misbehave", "misbehave.wasm", methods=["tools/call"],
+                    settings={"mode": mode, "tool": "get_file_info"})
+    config = write_config(tmp_path, [broken])
+    audit = tmp_path / "audit.jsonl"
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox) as session:
+            failures = []
+            for _ in range(2):
+                with pytest.raises(MCPError) as failed:
+                    await session.call_tool("get_file_info", {"path": str(sandbox / "hello.txt")})
+                failures.append(failed.value)
+            later = await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            return failures, later
+
+    failures, later = run(scenario())
+    for failure in failures:
+        assert failure.code == -32002
+        assert "Denied by policy 'misbehave'" in failure.message
+        assert expected in failure.message
+        assert "fail-closed" in failure.message
+        assert "backtrace" not in failure.message and "0x" not in failure.message
+    assert later.content[0].text == "hello from the sandbox\n"
+    errors = [r for r in read_audit(audit) if r["outcome"] == "deny"]
+    assert len(errors) == 2
+    assert all(r["policies"][0]["verdict"] == "error" and expected in r["reason"] for r in errors)
+
+
+def test_fail_open_and_monitor_mode_let_calls_through_but_record_the_verdict(tmp_path: Path, sandbox: Path):
+    broken = policy("misbehave", "misbehave.wasm", methods=["tools/call"], failure="open",
+                    settings={"mode": "trap", "tool": "read_text_file"})
+    watcher = policy("read-only", "read_only.wasm", methods=["tools/call"], mode="monitor")
+    config = write_config(tmp_path, [broken, watcher])
+    audit = tmp_path / "audit.jsonl"
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox) as session:
+            await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            await session.call_tool("write_file", {"path": str(sandbox / "m.txt"), "content": "monitored"})
+
+    run(scenario())
+    assert (sandbox / "m.txt").read_text() == "monitored", "monitor mode never enforces"
+    calls = [r for r in read_audit(audit) if r.get("method") == "tools/call" and r["kind"] == "request"]
+    assert [c["outcome"] for c in calls] == ["allow", "allow"]
+    assert calls[0]["policies"][0]["verdict"] == "error" and calls[0]["policies"][0]["enforced"] is True
+    write_verdict = calls[1]["policies"][-1]
+    assert write_verdict == {**write_verdict, "policy": "read-only", "verdict": "deny", "enforced": False}
