@@ -10,7 +10,7 @@ use crate::guard::{Decided, Guard};
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Arguments of `portcullis bench`.
@@ -86,8 +86,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.tool,
         args.iterations
     );
-    let fresh = chain(&args.config, InstanceMode::Fresh, &args.tool, &params, args.iterations)?;
-    let reused = chain(&args.config, InstanceMode::Reuse, &args.tool, &params, args.iterations)?;
+    let fresh = chain(
+        &args.config,
+        InstanceMode::Fresh,
+        &args.tool,
+        &params,
+        args.iterations,
+    )?;
+    let reused = chain(
+        &args.config,
+        InstanceMode::Reuse,
+        &args.tool,
+        &params,
+        args.iterations,
+    )?;
     println!("{}", fresh.line("fresh instances"));
     println!("{}", reused.line("reused instances"));
     println!(
@@ -104,7 +116,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.tool,
         args.server.join(" ")
     );
-    let direct = Stats::of(&mut round_trips(&args.server, &call, args.calls)?);
     let audit = std::env::temp_dir().join(format!("portcullis-bench-{}.jsonl", std::process::id()));
     let mut proxied_cmd = vec![
         std::env::current_exe()?.display().to_string(),
@@ -116,8 +127,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "--".into(),
     ];
     proxied_cmd.extend(args.server.iter().cloned());
-    let proxied = Stats::of(&mut round_trips(&proxied_cmd, &call, args.calls)?);
+    let mut direct = McpClient::start(&args.server)?;
+    let mut proxied = McpClient::start(&proxied_cmd)?;
+    // Alternate the two so that drift in the machine's load hits both alike.
+    let (mut direct_samples, mut proxied_samples) = (Vec::new(), Vec::new());
+    let warmup = args.calls / 10;
+    for id in 1..=warmup + args.calls {
+        let line = call.replace("ID", &id.to_string());
+        let (d, p) = (direct.call(id, &line)?, proxied.call(id, &line)?);
+        if id > warmup {
+            direct_samples.push(d);
+            proxied_samples.push(p);
+        }
+    }
+    direct.stop()?;
+    proxied.stop()?;
     let _ = std::fs::remove_file(&audit);
+    let (direct, proxied) = (
+        Stats::of(&mut direct_samples),
+        Stats::of(&mut proxied_samples),
+    );
     println!("{}", direct.line("direct"));
     println!("{}", proxied.line("through portcullis"));
     println!(
@@ -129,7 +158,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// Times `guard.decide` on a sample call with every policy in `mode`.
-fn chain(path: &std::path::Path, mode: InstanceMode, tool: &str, params: &str, iterations: usize) -> Result<Stats> {
+fn chain(
+    path: &std::path::Path,
+    mode: InstanceMode,
+    tool: &str,
+    params: &str,
+    iterations: usize,
+) -> Result<Stats> {
     let mut config = Config::load(path)?;
     for policy in &mut config.policies {
         policy.instances = mode;
@@ -158,7 +193,10 @@ fn chain(path: &std::path::Path, mode: InstanceMode, tool: &str, params: &str, i
     };
     let verdict = guard.decide(&mut sample.clone());
     if let Decided::Deny(refusal) = &verdict.outcome {
-        bail!("the chain denies the sample call, so it measures nothing useful: {}", refusal.message());
+        bail!(
+            "the chain denies the sample call, so it measures nothing useful: {}",
+            refusal.message()
+        );
     }
     let warmup = iterations / 10;
     let mut samples = Vec::with_capacity(iterations);
@@ -175,51 +213,72 @@ fn chain(path: &std::path::Path, mode: InstanceMode, tool: &str, params: &str, i
     Ok(Stats::of(&mut samples))
 }
 
-/// Starts `command` as an MCP server, initializes it, and times `calls`
-/// sequential round trips of `call` (its `ID` replaced by the request id).
-fn round_trips(command: &[String], call: &str, calls: usize) -> Result<Vec<Duration>> {
-    let (program, args) = command.split_first().context("empty server command")?;
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {program}"))?;
-    let mut input = child.stdin.take().context("no stdin")?;
-    let mut output = BufReader::new(child.stdout.take().context("no stdout")?);
-    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"portcullis-bench","version":"0"}}}"#;
-    round_trip(&mut input, &mut output, 0, init)?;
-    writeln!(input, r#"{{"jsonrpc":"2.0","method":"notifications/initialized"}}"#)?;
-    let warmup = calls / 10;
-    let mut samples = Vec::with_capacity(calls);
-    for id in 1..=warmup + calls {
-        let line = call.replace("ID", &id.to_string());
-        let elapsed = round_trip(&mut input, &mut output, id, &line)?;
-        if id > warmup {
-            samples.push(elapsed);
-        }
-    }
-    drop(input);
-    child.wait()?;
-    Ok(samples)
+/// A minimal MCP client over a child's stdio, for timing round trips.
+struct McpClient {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
 }
 
-/// Sends one request and waits for the answer with its id.
-fn round_trip(input: &mut impl Write, output: &mut impl BufRead, id: usize, line: &str) -> Result<Duration> {
-    let started = Instant::now();
-    writeln!(input, "{line}")?;
-    input.flush()?;
-    let want = format!(r#""id":{id}"#);
-    let mut answer = String::new();
-    loop {
-        answer.clear();
-        if output.read_line(&mut answer)? == 0 {
-            bail!("the server closed its output");
-        }
-        if answer.contains(&want) {
+impl McpClient {
+    /// Starts `command` and initializes it; like a real client it lists the
+    /// tools (and so their annotations) before calling any.
+    fn start(command: &[String]) -> Result<Self> {
+        let (program, args) = command.split_first().context("empty server command")?;
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
+        let input = child.stdin.take().context("no stdin")?;
+        let output = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut client = Self {
+            child,
+            input,
+            output,
+        };
+        let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"portcullis-bench","version":"0"}}}"#;
+        client.call(0, init)?;
+        writeln!(
+            client.input,
+            r#"{{"jsonrpc":"2.0","method":"notifications/initialized"}}"#
+        )?;
+        client.call(0, r#"{"jsonrpc":"2.0","id":0,"method":"tools/list"}"#)?;
+        Ok(client)
+    }
+
+    /// Sends one request and waits for the answer with its id.
+    fn call(&mut self, id: usize, line: &str) -> Result<Duration> {
+        let started = Instant::now();
+        writeln!(self.input, "{line}")?;
+        self.input.flush()?;
+        let mut answer = String::new();
+        loop {
+            answer.clear();
+            if self.output.read_line(&mut answer)? == 0 {
+                bail!("the server closed its output");
+            }
+            let message: serde_json::Value = serde_json::from_str(&answer)?;
+            if message.get("id").and_then(serde_json::Value::as_u64) != Some(id as u64) {
+                continue;
+            }
+            if let Some(error) = message.get("error") {
+                bail!("request {id} was refused, so there is nothing to time: {error}");
+            }
             return Ok(started.elapsed());
         }
+    }
+
+    /// Closes the server's stdin and waits for it to exit.
+    fn stop(self) -> Result<()> {
+        let Self {
+            mut child, input, ..
+        } = self;
+        drop(input);
+        child.wait()?;
+        Ok(())
     }
 }
 

@@ -21,7 +21,11 @@ pub fn run(path: &Path) -> i32 {
     println!("config   {}  ok", path.display());
     println!("agent    {}", config.agent.id);
     for (name, server) in &config.servers {
-        println!("server   {name}: {} {}", server.command, server.args.join(" "));
+        println!(
+            "server   {name}: {} {}",
+            server.command,
+            server.args.join(" ")
+        );
     }
     let engine = match PolicyEngine::new(&config.engine) {
         Ok(engine) => engine,
@@ -77,7 +81,11 @@ fn report_policy(engine: &PolicyEngine, config: &Config, p: &PolicyConfig) -> bo
             true
         }
         Err(e) => {
-            println!("policy   {:<16} FAILED  {}\n  {e:#}", p.name, p.module.display());
+            println!(
+                "policy   {:<16} FAILED  {}\n  {e:#}",
+                p.name,
+                p.module.display()
+            );
             false
         }
     }

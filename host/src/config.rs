@@ -412,7 +412,9 @@ mod tests {
             config.policies[0].module,
             Path::new("/etc/portcullis/policies/ro.wasm")
         );
-        assert!(matches!(&config.audit.sinks[0], SinkConfig::File { path } if path == Path::new("/var/log/audit.jsonl")));
+        assert!(
+            matches!(&config.audit.sinks[0], SinkConfig::File { path } if path == Path::new("/var/log/audit.jsonl"))
+        );
         assert_eq!(config.policies[0].failure, FailureMode::Closed);
         assert_eq!(config.policies[0].mode, Mode::Enforce);
     }
@@ -428,7 +430,10 @@ mod tests {
         let err = parse("[[policy]]\nname = \"a\"\nmodule = \"a.wasm\"\n[[policy]]\nname = \"a\"\nmodule = \"b.wasm\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("policy[1].name: 'a' is used by another policy"), "{err}");
+        assert!(
+            err.contains("policy[1].name: 'a' is used by another policy"),
+            "{err}"
+        );
 
         let err = parse("[[policy]]\nname = \"a\"\nmodule = \"a.wasm\"\nmemory_mb = 4096\n")
             .unwrap_err()

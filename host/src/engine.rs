@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter};
@@ -37,6 +38,7 @@ pub struct PolicyEngine {
     engine: wasmtime::Engine,
     linker: Linker<PolicyState>,
     cache_dir: Option<PathBuf>,
+    ticker: Arc<EpochTicker>,
 }
 
 /// A compiled policy component and the sha256 of the `.wasm` it came from.
@@ -69,7 +71,7 @@ impl PolicyEngine {
         let engine = wasmtime::Engine::new(&wasm)
             .map_err(anyhow::Error::from)
             .context("cannot configure the wasm engine")?;
-        spawn_epoch_ticker(&engine);
+        let ticker = EpochTicker::start(&engine)?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -87,7 +89,14 @@ impl PolicyEngine {
             engine,
             linker,
             cache_dir,
+            ticker,
         })
+    }
+
+    /// The ticker that makes deadlines fire; hold [`EpochTicker::running`]
+    /// while wasm runs.
+    pub fn ticker(&self) -> Arc<EpochTicker> {
+        self.ticker.clone()
     }
 
     /// The wasmtime engine.
@@ -147,7 +156,9 @@ impl PolicyEngine {
 
     fn compatibility(&self) -> u64 {
         let mut hasher = std::hash::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         hasher.finish()
     }
 }
@@ -168,28 +179,72 @@ fn default_cache_dir() -> Option<PathBuf> {
     Some(base.join("portcullis"))
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
-fn spawn_epoch_ticker(engine: &wasmtime::Engine) {
-    let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("portcullis-epoch".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })
-        .expect("cannot spawn the epoch ticker thread");
+/// Advances the engine's epoch every [`EPOCH_TICK`] while any policy runs,
+/// and sleeps while none does, so an idle Portcullis costs no CPU. The epoch
+/// stands still while idle, which deadlines (counted from when an evaluation
+/// starts) do not notice.
+pub struct EpochTicker {
+    running: AtomicUsize,
+    thread: std::thread::Thread,
+}
+
+/// Proof that wasm is running; the ticker ticks until every one is dropped.
+pub struct Running<'a>(&'a EpochTicker);
+
+impl EpochTicker {
+    fn start(engine: &wasmtime::Engine) -> Result<Arc<Self>> {
+        let weak = engine.weak();
+        let (sender, receiver) = std::sync::mpsc::channel::<Arc<EpochTicker>>();
+        let thread = std::thread::Builder::new()
+            .name("portcullis-epoch".into())
+            .spawn(move || {
+                let Ok(ticker) = receiver.recv() else { return };
+                while let Some(engine) = weak.upgrade() {
+                    if ticker.running.load(Ordering::Acquire) == 0 {
+                        drop(engine);
+                        std::thread::park_timeout(Duration::from_secs(1));
+                        continue;
+                    }
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .context("cannot start the epoch ticker thread")?;
+        let ticker = Arc::new(Self {
+            running: AtomicUsize::new(0),
+            thread: thread.thread().clone(),
+        });
+        sender
+            .send(ticker.clone())
+            .context("the epoch ticker thread died")?;
+        Ok(ticker)
+    }
+
+    /// Marks wasm as running until the returned guard is dropped.
+    pub fn running(&self) -> Running<'_> {
+        if self.running.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.thread.unpark();
+        }
+        Running(self)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Lower-case hex of a byte string.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// The per-store state of one policy instance: its WASI context (nothing
@@ -262,7 +317,12 @@ impl WasiView for PolicyState {
 }
 
 impl ResourceLimiter for PolicyState {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_limit {
             self.memory_exceeded = true;
             wasmtime::bail!("memory limit of {} MiB exceeded", self.memory_limit >> 20);
@@ -270,7 +330,12 @@ impl ResourceLimiter for PolicyState {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -296,7 +361,10 @@ pub fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }
-    let end = (0..=max).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    let end = (0..=max)
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
     &text[..end]
 }
 

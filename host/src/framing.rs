@@ -35,7 +35,7 @@ impl<R: BufRead> FrameReader<R> {
 
     /// The next non-blank frame, or `None` at end of stream. A last line
     /// without a newline still counts.
-    pub fn next(&mut self) -> std::io::Result<Option<Frame>> {
+    pub fn read_frame(&mut self) -> std::io::Result<Option<Frame>> {
         let mut line = Vec::new();
         let mut len = 0usize;
         loop {
@@ -88,7 +88,7 @@ mod tests {
     fn frames(input: &[u8], max: usize) -> Vec<Frame> {
         let mut reader = FrameReader::new(input, max);
         let mut out = Vec::new();
-        while let Some(frame) = reader.next().unwrap() {
+        while let Some(frame) = reader.read_frame().unwrap() {
             out.push(frame);
         }
         out
@@ -97,7 +97,13 @@ mod tests {
     #[test]
     fn splits_lines_and_skips_blank_ones() {
         let got = frames(b"{\"a\":1}\r\n\n  \n{\"b\":2}", 100);
-        assert_eq!(got, vec![Frame::Line(b"{\"a\":1}".to_vec()), Frame::Line(b"{\"b\":2}".to_vec())]);
+        assert_eq!(
+            got,
+            vec![
+                Frame::Line(b"{\"a\":1}".to_vec()),
+                Frame::Line(b"{\"b\":2}".to_vec())
+            ]
+        );
     }
 
     #[test]

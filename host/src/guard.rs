@@ -203,7 +203,12 @@ impl Link {
 
     /// Evaluates the policy, records its verdict, and returns what the chain
     /// must enforce (`None` in monitor mode or when it allowed).
-    fn run(&self, hook: Hook, exchange: &Exchange, verdicts: &mut Vec<PolicyVerdict>) -> Option<Decided> {
+    fn run(
+        &self,
+        hook: Hook,
+        exchange: &Exchange,
+        verdicts: &mut Vec<PolicyVerdict>,
+    ) -> Option<Decided> {
         let started = Instant::now();
         let evaluated = self.policy.evaluate(hook, exchange);
         let latency_us = started.elapsed().as_micros() as u64;
@@ -224,18 +229,21 @@ impl Link {
                     record("deny", Some(d.reason.clone()), v.tags),
                     Decided::Deny(self.refusal(d.code, d.reason)),
                 ),
-                Outcome::RequireApproval(reason) => {
-                    (record("require-approval", Some(reason), v.tags), Decided::Allow)
+                Outcome::RequireApproval(reason) => (
+                    record("require-approval", Some(reason), v.tags),
+                    Decided::Allow,
+                ),
+                Outcome::Modify(payload) => {
+                    (record("modify", None, v.tags), Decided::Modify(payload))
                 }
-                Outcome::Modify(payload) => (record("modify", None, v.tags), Decided::Modify(payload)),
             },
             Err(failure) => {
                 let reason = format!("the policy {failure}");
                 tracing::warn!(policy = %self.policy.name, "{reason}");
                 let decided = match self.failure {
-                    FailureMode::Closed => {
-                        Decided::Deny(self.refusal(POLICY_FAILED, format!("{reason} (fail-closed)")))
-                    }
+                    FailureMode::Closed => Decided::Deny(
+                        self.refusal(POLICY_FAILED, format!("{reason} (fail-closed)")),
+                    ),
                     FailureMode::Open => Decided::Allow,
                 };
                 (record("error", Some(reason), Vec::new()), decided)

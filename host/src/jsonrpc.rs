@@ -91,7 +91,12 @@ pub fn is_batch(text: &str) -> bool {
 }
 
 /// A JSON-RPC error response.
-pub fn error_response(id: Option<&RawValue>, code: i32, message: &str, data: Option<Value>) -> String {
+pub fn error_response(
+    id: Option<&RawValue>,
+    code: i32,
+    message: &str,
+    data: Option<Value>,
+) -> String {
     let mut error = json!({ "code": code, "message": message });
     if let Some(data) = data {
         error["data"] = data;
@@ -102,7 +107,11 @@ pub fn error_response(id: Option<&RawValue>, code: i32, message: &str, data: Opt
 
 /// `text` with its `member` replaced by the JSON text `payload`; every other
 /// member is kept.
-pub fn replace_member(text: &str, member: &str, payload: &str) -> Result<String, serde_json::Error> {
+pub fn replace_member(
+    text: &str,
+    member: &str,
+    payload: &str,
+) -> Result<String, serde_json::Error> {
     let mut message: Map<String, Value> = serde_json::from_str(text)?;
     message.insert(member.to_string(), serde_json::from_str(payload)?);
     serde_json::to_string(&message)
@@ -148,12 +157,27 @@ mod tests {
     #[test]
     fn classifies_messages() {
         let kind = |t: &str| Message::parse(t).unwrap().kind();
-        assert_eq!(kind(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#), Some(MessageKind::Request));
-        assert_eq!(kind(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#), Some(MessageKind::Notification));
-        assert_eq!(kind(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#), Some(MessageKind::Result));
-        assert_eq!(kind(r#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}"#), Some(MessageKind::Error));
+        assert_eq!(
+            kind(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#),
+            Some(MessageKind::Request)
+        );
+        assert_eq!(
+            kind(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#),
+            Some(MessageKind::Notification)
+        );
+        assert_eq!(
+            kind(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#),
+            Some(MessageKind::Result)
+        );
+        assert_eq!(
+            kind(r#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}"#),
+            Some(MessageKind::Error)
+        );
         assert_eq!(kind(r#"{"jsonrpc":"2.0","result":{}}"#), None);
-        assert_eq!(kind(r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{}}"#), None);
+        assert_eq!(
+            kind(r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{}}"#),
+            None
+        );
     }
 
     #[test]
@@ -177,14 +201,20 @@ mod tests {
 
     #[test]
     fn replaces_one_member_and_keeps_the_rest() {
-        let out = replace_member(r#"{"jsonrpc":"2.0","id":3,"result":{"a":1},"x":true}"#, "result", r#"{"b":2}"#).unwrap();
+        let out = replace_member(
+            r#"{"jsonrpc":"2.0","id":3,"result":{"a":1},"x":true}"#,
+            "result",
+            r#"{"b":2}"#,
+        )
+        .unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v, json!({"jsonrpc":"2.0","id":3,"result":{"b":2},"x":true}));
     }
 
     #[test]
     fn finds_the_id_in_a_truncated_message() {
-        let id = leading_id(br#"{"jsonrpc":"2.0","id":42,"result":{"content":[{"text":"aaaa"#).unwrap();
+        let id =
+            leading_id(br#"{"jsonrpc":"2.0","id":42,"result":{"content":[{"text":"aaaa"#).unwrap();
         assert_eq!(id.get(), "42");
         let id = leading_id(br#"{"result":{"x":1},"id":"s","jsonrpc":"#).unwrap();
         assert_eq!(id.get(), r#""s""#);

@@ -7,8 +7,8 @@
 //! transport; [`stdio`] is the first transport.
 
 pub mod audit;
-pub mod bindings;
 pub mod bench;
+pub mod bindings;
 pub mod check;
 pub mod config;
 pub mod engine;

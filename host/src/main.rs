@@ -119,9 +119,17 @@ fn pick_server(
 ) -> Result<(String, ServerCommand)> {
     if let Some((program, args)) = command.split_first() {
         let name = name
-            .or_else(|| (config.servers.len() == 1).then(|| config.servers.keys().next().cloned()).flatten())
+            .or_else(|| {
+                (config.servers.len() == 1)
+                    .then(|| config.servers.keys().next().cloned())
+                    .flatten()
+            })
             .unwrap_or_else(|| "stdio".into());
-        let env = config.servers.get(&name).map(|s| s.env.clone()).unwrap_or_default();
+        let env = config
+            .servers
+            .get(&name)
+            .map(|s| s.env.clone())
+            .unwrap_or_default();
         let server = ServerCommand {
             program: program.clone(),
             args: args.to_vec(),
@@ -131,14 +139,19 @@ fn pick_server(
     }
     let name = match name {
         Some(name) => name,
-        None if config.servers.len() == 1 => config.servers.keys().next().cloned().unwrap_or_default(),
+        None if config.servers.len() == 1 => {
+            config.servers.keys().next().cloned().unwrap_or_default()
+        }
         None => bail!(
             "{}: name the server with --server, or give its command after --",
             config.path.display()
         ),
     };
     let server = config.servers.get(&name).with_context(|| {
-        format!("{}: no server named '{name}' in [servers]", config.path.display())
+        format!(
+            "{}: no server named '{name}' in [servers]",
+            config.path.display()
+        )
     })?;
     Ok((
         name,

@@ -6,7 +6,7 @@
 
 use crate::bindings::{self, Exchange, MessageKind, Outcome, Verdict};
 use crate::config::{Config, Grant, InstanceMode, PolicyConfig};
-use crate::engine::{EPOCH_TICK, PolicyEngine, PolicyState, truncate};
+use crate::engine::{EPOCH_TICK, EpochTicker, PolicyEngine, PolicyState, truncate};
 use anyhow::{Context, Result, anyhow};
 use std::sync::{Arc, Mutex};
 use wasmtime::{ResourceLimiter, Store, Trap};
@@ -40,6 +40,7 @@ pub struct Policy {
     /// Hex sha256 of the module file.
     pub sha256: Arc<str>,
     pre: bindings::PolicyPre<PolicyState>,
+    ticker: Arc<EpochTicker>,
     settings: String,
     timeout_ms: u64,
     memory_limit: usize,
@@ -71,6 +72,7 @@ impl Policy {
             name: policy.name.as_str().into(),
             sha256: module.sha256.into(),
             pre,
+            ticker: engine.ticker(),
             settings: policy.settings.to_string(),
             timeout_ms: config.timeout_ms(policy),
             memory_limit: usize::try_from(config.memory_bytes(policy))?,
@@ -88,6 +90,7 @@ impl Policy {
 
     /// Runs one hook on `exchange` and checks the verdict is well formed.
     pub fn evaluate(&self, hook: Hook, exchange: &Exchange) -> Result<Verdict, Failure> {
+        let _running = self.ticker.running();
         let mut instance = match self.take_idle() {
             Some(mut reused) => {
                 reused.store.set_epoch_deadline(self.deadline_ticks());
@@ -125,6 +128,7 @@ impl Policy {
     /// A new instance with `configure` already called. Its deadline covers
     /// start-up and the first evaluation together.
     fn instantiate(&self) -> Result<Instance, Failure> {
+        let _running = self.ticker.running();
         let state = PolicyState::new(self.name.clone(), self.memory_limit, &self.grants);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| state as &mut dyn ResourceLimiter);
@@ -175,8 +179,11 @@ fn check_verdict(verdict: &Verdict, kind: MessageKind) -> Result<(), Failure> {
     let Outcome::Modify(payload) = &verdict.outcome else {
         return Ok(());
     };
-    let value: serde_json::Value = serde_json::from_str(payload)
-        .map_err(|e| Failure(format!("returned malformed output: modify payload is not JSON ({e})")))?;
+    let value: serde_json::Value = serde_json::from_str(payload).map_err(|e| {
+        Failure(format!(
+            "returned malformed output: modify payload is not JSON ({e})"
+        ))
+    })?;
     let is_params = matches!(kind, MessageKind::Request | MessageKind::Notification);
     if is_params && !(value.is_object() || value.is_array()) {
         return Err(Failure(

@@ -81,7 +81,12 @@ impl Relay {
             Frame::Oversized { len, prefix } => return self.oversized(direction, len, &prefix),
         };
         let Ok(text) = std::str::from_utf8(&bytes) else {
-            return into_delivery(self.reject(direction, None, PARSE_ERROR, "Parse error: message is not UTF-8".into()));
+            return into_delivery(self.reject(
+                direction,
+                None,
+                PARSE_ERROR,
+                "Parse error: message is not UTF-8".into(),
+            ));
         };
         if jsonrpc::is_batch(text) {
             return self.batch(direction, text);
@@ -101,19 +106,36 @@ impl Relay {
     fn batch(&self, direction: Direction, text: &str) -> Delivery {
         let members: Vec<&RawValue> = match serde_json::from_str(text) {
             Ok(members) => members,
-            Err(e) => return into_delivery(self.reject(direction, None, PARSE_ERROR, format!("Parse error: {e}"))),
+            Err(e) => {
+                return into_delivery(self.reject(
+                    direction,
+                    None,
+                    PARSE_ERROR,
+                    format!("Parse error: {e}"),
+                ));
+            }
         };
         if members.is_empty() {
-            return into_delivery(self.reject(direction, None, INVALID_REQUEST, "Invalid Request: empty batch".into()));
+            return into_delivery(self.reject(
+                direction,
+                None,
+                INVALID_REQUEST,
+                "Invalid Request: empty batch".into(),
+            ));
         }
-        let steps: Vec<Step> = members.iter().map(|m| self.message(direction, m.get())).collect();
+        let steps: Vec<Step> = members
+            .iter()
+            .map(|m| self.message(direction, m.get()))
+            .collect();
         if steps.iter().all(Step::unchanged) {
             return Delivery {
                 forward: Some(text.as_bytes().to_vec()),
                 reply: None,
             };
         }
-        let join = |parts: Vec<String>| (!parts.is_empty()).then(|| format!("[{}]", parts.join(",")).into_bytes());
+        let join = |parts: Vec<String>| {
+            (!parts.is_empty()).then(|| format!("[{}]", parts.join(",")).into_bytes())
+        };
         let (mut forward, mut reply) = (Vec::new(), Vec::new());
         for step in steps {
             forward.extend(step.forward.map(Cow::into_owned));
@@ -129,7 +151,9 @@ impl Relay {
     fn message<'a>(&self, direction: Direction, text: &'a str) -> Step<'a> {
         let message = match Message::parse(text) {
             Ok(message) => message,
-            Err(e) => return self.reject(direction, None, PARSE_ERROR, format!("Parse error: {e}")),
+            Err(e) => {
+                return self.reject(direction, None, PARSE_ERROR, format!("Parse error: {e}"));
+            }
         };
         let Some(kind) = message.kind() else {
             let why = "Invalid Request: not a JSON-RPC 2.0 request, notification or response";
@@ -146,13 +170,29 @@ impl Relay {
         }
         match outcome {
             Decided::Allow => self.pass(direction, kind, &message, &exchange, Cow::Borrowed(text)),
-            Decided::Modify(payload) => match jsonrpc::replace_member(text, message.payload(kind).0, &payload) {
-                Ok(modified) => self.pass(direction, kind, &message, &exchange, Cow::Owned(modified)),
-                Err(e) => refuse(kind, message.id, INTERNAL_ERROR, &format!("cannot apply modification: {e}"), None),
-            },
+            Decided::Modify(payload) => {
+                match jsonrpc::replace_member(text, message.payload(kind).0, &payload) {
+                    Ok(modified) => {
+                        self.pass(direction, kind, &message, &exchange, Cow::Owned(modified))
+                    }
+                    Err(e) => refuse(
+                        kind,
+                        message.id,
+                        INTERNAL_ERROR,
+                        &format!("cannot apply modification: {e}"),
+                        None,
+                    ),
+                }
+            }
             Decided::Deny(refusal) => {
                 let data = json!({ "policy": &*refusal.policy, "reason": refusal.reason, "decision": record.id });
-                refuse(kind, message.id, refusal.code, &refusal.message(), Some(data))
+                refuse(
+                    kind,
+                    message.id,
+                    refusal.code,
+                    &refusal.message(),
+                    Some(data),
+                )
             }
         }
     }
@@ -162,7 +202,9 @@ impl Relay {
     fn exchange(&self, direction: Direction, kind: MessageKind, message: &Message) -> Exchange {
         let mut session = self.session.lock().expect("session lock poisoned");
         match kind {
-            MessageKind::Request | MessageKind::Notification => session.exchange(direction, kind, message),
+            MessageKind::Request | MessageKind::Notification => {
+                session.exchange(direction, kind, message)
+            }
             MessageKind::Result | MessageKind::Error => {
                 let pending = session.answered(direction, message.id);
                 if let (Some(request), Some(result)) = (&pending, message.result)
@@ -192,8 +234,18 @@ impl Relay {
         Step::forward(text)
     }
 
-    fn record(&self, kind: MessageKind, message: &Message, exchange: &Exchange, decision: Decision) -> AuditRecord {
-        let mut record = AuditRecord::new(&exchange.agent, &exchange.server, exchange.direction.as_str());
+    fn record(
+        &self,
+        kind: MessageKind,
+        message: &Message,
+        exchange: &Exchange,
+        decision: Decision,
+    ) -> AuditRecord {
+        let mut record = AuditRecord::new(
+            &exchange.agent,
+            &exchange.server,
+            exchange.direction.as_str(),
+        );
         record.kind = kind.as_str();
         record.method = Some(exchange.method.clone()).filter(|m| !m.is_empty());
         record.tool = exchange.tool.clone();
@@ -210,7 +262,11 @@ impl Relay {
                 }
             }
             MessageKind::Result | MessageKind::Error => {
-                record.result_sha256 = message.payload(kind).1.and_then(canonical_digest).map(|(d, _)| d);
+                record.result_sha256 = message
+                    .payload(kind)
+                    .1
+                    .and_then(canonical_digest)
+                    .map(|(d, _)| d);
             }
         }
         record.tags = decision.tags();
@@ -218,14 +274,22 @@ impl Relay {
         match decision.outcome {
             Decided::Allow => {}
             Decided::Modify(_) => record.outcome = "modify",
-            Decided::Deny(refusal) => record.deny(refusal.code, refusal.reason, Some(&refusal.policy)),
+            Decided::Deny(refusal) => {
+                record.deny(refusal.code, refusal.reason, Some(&refusal.policy))
+            }
         }
         record.policies = decision.verdicts;
         record
     }
 
     /// A message that could not be read: audited, and answered when possible.
-    fn reject<'a>(&self, direction: Direction, id: Option<&RawValue>, code: i32, why: String) -> Step<'a> {
+    fn reject<'a>(
+        &self,
+        direction: Direction,
+        id: Option<&RawValue>,
+        code: i32,
+        why: String,
+    ) -> Step<'a> {
         let (agent, server) = {
             let session = self.session.lock().expect("session lock poisoned");
             (session.agent().clone(), session.server().to_string())
@@ -240,11 +304,21 @@ impl Relay {
             Direction::ClientToServer => Step::reply(error_response(id, code, &why, None)),
             Direction::ServerToClient => {
                 tracing::warn!(server, "dropped a message from the server: {why}");
-                let pending = self.session.lock().expect("session lock poisoned").answered(direction, id);
+                let pending = self
+                    .session
+                    .lock()
+                    .expect("session lock poisoned")
+                    .answered(direction, id);
                 match pending {
                     Some(_) => {
-                        let message = format!("Portcullis: the server sent an unusable answer: {why}");
-                        Step::forward(Cow::Owned(error_response(id, INTERNAL_ERROR, &message, None)))
+                        let message =
+                            format!("Portcullis: the server sent an unusable answer: {why}");
+                        Step::forward(Cow::Owned(error_response(
+                            id,
+                            INTERNAL_ERROR,
+                            &message,
+                            None,
+                        )))
                     }
                     None => Step::default(),
                 }
@@ -256,14 +330,21 @@ impl Relay {
     /// requester (when a server answer is too large) gets an error.
     fn oversized(&self, direction: Direction, len: usize, prefix: &[u8]) -> Delivery {
         let id = jsonrpc::leading_id(prefix);
-        let why = format!("message of {len} bytes exceeds the size limit (limits.max_message_bytes)");
+        let why =
+            format!("message of {len} bytes exceeds the size limit (limits.max_message_bytes)");
         into_delivery(self.reject(direction, id.as_deref(), INVALID_REQUEST, why))
     }
 }
 
 /// The refusal of a message: a request is answered with an error, an answer
 /// is replaced by an error, a notification is dropped.
-fn refuse<'a>(kind: MessageKind, id: Option<&RawValue>, code: i32, message: &str, data: Option<serde_json::Value>) -> Step<'a> {
+fn refuse<'a>(
+    kind: MessageKind,
+    id: Option<&RawValue>,
+    code: i32,
+    message: &str,
+    data: Option<serde_json::Value>,
+) -> Step<'a> {
     let error = || error_response(id, code, message, data);
     match kind {
         MessageKind::Request => Step::reply(error()),

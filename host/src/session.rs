@@ -120,7 +120,8 @@ impl Session {
             tool: exchange.tool.clone(),
             params: exchange.params.clone(),
         };
-        self.pending.insert((direction.as_str(), id.get().to_string()), pending);
+        self.pending
+            .insert((direction.as_str(), id.get().to_string()), pending);
     }
 
     /// Takes the request an answer travelling `direction` answers: it was
@@ -130,7 +131,8 @@ impl Session {
             Direction::ClientToServer => Direction::ServerToClient,
             Direction::ServerToClient => Direction::ClientToServer,
         };
-        self.pending.remove(&(asked.as_str(), id?.get().to_string()))
+        self.pending
+            .remove(&(asked.as_str(), id?.get().to_string()))
     }
 
     /// Learns tool annotations from a server's `tools/list` result. A first
@@ -206,7 +208,10 @@ mod tests {
         assert_eq!(pending.method, "tools/list");
         s.learn_tools(&pending, list.result.unwrap());
 
-        let call = Message::parse(r#"{"id":"c","method":"tools/call","params":{"name":"read_file","arguments":{}}}"#).unwrap();
+        let call = Message::parse(
+            r#"{"id":"c","method":"tools/call","params":{"name":"read_file","arguments":{}}}"#,
+        )
+        .unwrap();
         let ex = s.exchange(Direction::ClientToServer, MessageKind::Request, &call);
         assert_eq!(ex.tool.as_deref(), Some("read_file"));
         assert_eq!(ex.annotations.as_ref().unwrap().read_only_hint, Some(true));
@@ -214,22 +219,40 @@ mod tests {
 
         let result = Message::parse(r#"{"id":"c","result":{"content":[]}}"#).unwrap();
         let pending = s.answered(Direction::ServerToClient, result.id);
-        let ex = s.answer_exchange(Direction::ServerToClient, MessageKind::Result, pending.as_ref(), result.result);
+        let ex = s.answer_exchange(
+            Direction::ServerToClient,
+            MessageKind::Result,
+            pending.as_ref(),
+            result.result,
+        );
         assert_eq!(ex.method, "tools/call");
         assert_eq!(ex.tool.as_deref(), Some("read_file"));
-        assert_eq!(ex.params.as_deref(), Some(r#"{"name":"read_file","arguments":{}}"#));
+        assert_eq!(
+            ex.params.as_deref(),
+            Some(r#"{"name":"read_file","arguments":{}}"#)
+        );
         assert_eq!(ex.result.as_deref(), Some(r#"{"content":[]}"#));
-        assert!(s.answered(Direction::ServerToClient, result.id).is_none(), "answered once");
+        assert!(
+            s.answered(Direction::ServerToClient, result.id).is_none(),
+            "answered once"
+        );
     }
 
     #[test]
     fn ids_are_scoped_by_direction() {
         let mut s = session();
         let from_server = Message::parse(r#"{"id":1,"method":"roots/list"}"#).unwrap();
-        let ex = s.exchange(Direction::ServerToClient, MessageKind::Request, &from_server);
+        let ex = s.exchange(
+            Direction::ServerToClient,
+            MessageKind::Request,
+            &from_server,
+        );
         s.forwarded(Direction::ServerToClient, from_server.id.unwrap(), &ex);
         let id = from_server.id;
         assert!(s.answered(Direction::ServerToClient, id).is_none());
-        assert_eq!(s.answered(Direction::ClientToServer, id).unwrap().method, "roots/list");
+        assert_eq!(
+            s.answered(Direction::ClientToServer, id).unwrap().method,
+            "roots/list"
+        );
     }
 }

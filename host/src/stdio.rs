@@ -56,7 +56,11 @@ impl Outlet {
         let Some(writer) = guard.as_mut() else {
             return false;
         };
-        if writer.write_all(&frame).and_then(|()| writer.flush()).is_err() {
+        if writer
+            .write_all(&frame)
+            .and_then(|()| writer.flush())
+            .is_err()
+        {
             *guard = None;
             return false;
         }
@@ -80,8 +84,13 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("cannot start MCP server '{}'", server.program))?;
-    let to_server = Arc::new(Outlet::new(child.stdin.take().context("no stdin pipe to the server")?));
-    let from_server = child.stdout.take().context("no stdout pipe from the server")?;
+    let to_server = Arc::new(Outlet::new(
+        child.stdin.take().context("no stdin pipe to the server")?,
+    ));
+    let from_server = child
+        .stdout
+        .take()
+        .context("no stdout pipe from the server")?;
     let to_client = Arc::new(Outlet::new(std::io::stdout()));
     let (endings, ending) = mpsc::channel();
 
@@ -98,7 +107,9 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
         };
         let input: Box<dyn BufRead + Send> = match direction {
             Direction::ClientToServer => Box::new(BufReader::new(std::io::stdin())),
-            Direction::ServerToClient => Box::new(BufReader::new(from_server.take().expect("one server reader"))),
+            Direction::ServerToClient => Box::new(BufReader::new(
+                from_server.take().expect("one server reader"),
+            )),
         };
         std::thread::Builder::new()
             .name(format!("portcullis-{}", direction.as_str()))
@@ -127,10 +138,17 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
 
 /// Reads frames from one side, judges them and sends the results on, until
 /// end of stream or until the onward side is gone.
-fn pump(relay: &Relay, direction: Direction, input: impl BufRead, max: usize, onward: &Outlet, back: &Outlet) {
+fn pump(
+    relay: &Relay,
+    direction: Direction,
+    input: impl BufRead,
+    max: usize,
+    onward: &Outlet,
+    back: &Outlet,
+) {
     let mut frames = FrameReader::new(input, max);
     loop {
-        let frame = match frames.next() {
+        let frame = match frames.read_frame() {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(e) => {
@@ -153,7 +171,8 @@ fn pump(relay: &Relay, direction: Direction, input: impl BufRead, max: usize, on
 
 /// Reports SIGTERM and SIGINT as an ending.
 fn watch_signals(endings: mpsc::Sender<Ending>) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot watch signals")?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot watch signals")?;
     std::thread::Builder::new()
         .name("portcullis-signals".into())
         .spawn(move || {

@@ -169,7 +169,11 @@ impl Audit {
         let failures: Vec<String> = self
             .sinks
             .iter()
-            .filter_map(|s| s.write(&line).err().map(|e| format!("{}: {e:#}", s.describe())))
+            .filter_map(|s| {
+                s.write(&line)
+                    .err()
+                    .map(|e| format!("{}: {e:#}", s.describe()))
+            })
             .collect();
         if failures.is_empty() {
             Ok(())
@@ -187,7 +191,10 @@ mod tests {
     fn digest_ignores_key_order_and_whitespace() {
         let a: Box<RawValue> = serde_json::from_str(r#"{"b": 1, "a": [1, 2]}"#).unwrap();
         let b: Box<RawValue> = serde_json::from_str(r#"{"a":[1,2],"b":1}"#).unwrap();
-        assert_eq!(canonical_digest(&a).unwrap().0, canonical_digest(&b).unwrap().0);
+        assert_eq!(
+            canonical_digest(&a).unwrap().0,
+            canonical_digest(&b).unwrap().0
+        );
         assert_eq!(canonical_digest(&a).unwrap().0.len(), 64);
     }
 
@@ -205,7 +212,10 @@ mod tests {
         audit.record(&record).unwrap();
         audit.record(&record).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["agent"], "bot");
         assert_eq!(lines[0]["agent_attributes"]["team"], "infra");

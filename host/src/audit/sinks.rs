@@ -43,7 +43,10 @@ impl FileSink {
 
 impl Sink for FileSink {
     fn write(&self, line: &str) -> Result<()> {
-        let mut file = self.file.lock().map_err(|_| anyhow::anyhow!("audit file lock poisoned"))?;
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| anyhow::anyhow!("audit file lock poisoned"))?;
         // One write of the whole line to an O_APPEND file: records never interleave.
         file.write_all(line.as_bytes())?;
         Ok(())

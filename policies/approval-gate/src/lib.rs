@@ -29,10 +29,14 @@ impl Policy for ApprovalGate {
         }
         let tool = exchange.tool.as_deref().unwrap_or("");
         let named = settings.tools.matches(tool);
-        if !named && !(settings.annotations && exchange.is_destructive()) {
+        if !(named || settings.annotations && exchange.is_destructive()) {
             return Verdict::allow();
         }
-        let why = if named { "is listed as high-impact" } else { "may be destructive" };
+        let why = if named {
+            "is listed as high-impact"
+        } else {
+            "may be destructive"
+        };
         Verdict::require_approval(format!("tool '{tool}' on '{}' {why}", exchange.server))
             .tag("risk:destructive")
     }

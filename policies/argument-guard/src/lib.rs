@@ -43,7 +43,9 @@ fn yes() -> bool {
 }
 
 fn path_arguments() -> Vec<String> {
-    ["path", "paths", "source", "destination"].map(String::from).to_vec()
+    ["path", "paths", "source", "destination"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// Resolves `.` and `..` in an absolute path; `None` for a relative path.
@@ -66,7 +68,11 @@ fn normalize(path: &str) -> Option<String> {
 
 fn inside(path: &str, root: &str) -> bool {
     let root = root.trim_end_matches('/');
-    path == root || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/')) || root.is_empty()
+    path == root
+        || path
+            .strip_prefix(root)
+            .is_some_and(|rest| rest.starts_with('/'))
+        || root.is_empty()
 }
 
 impl Settings {
@@ -80,17 +86,22 @@ impl Settings {
         if inside_a_root {
             Ok(())
         } else {
-            Err(format!("argument '{name}' path '{path}' is outside the allowed roots"))
+            Err(format!(
+                "argument '{name}' path '{path}' is outside the allowed roots"
+            ))
         }
     }
 
     fn check_value(&self, name: &str, value: &Value) -> Result<(), String> {
         match value {
             Value::String(text) => {
-                if self.secrets {
-                    if let Some(found) = secrets::find(text).first() {
-                        return Err(format!("argument '{name}' holds what looks like a {}", found.kind));
-                    }
+                if self.secrets
+                    && let Some(found) = secrets::find(text).first()
+                {
+                    return Err(format!(
+                        "argument '{name}' holds what looks like a {}",
+                        found.kind
+                    ));
                 }
                 match self.forbid.iter().find(|f| text.contains(&f.contains)) {
                     Some(f) => Err(format!("argument '{name}': {}", f.reason)),
@@ -116,7 +127,9 @@ impl Settings {
                     single => vec![single],
                 };
                 for path in paths {
-                    let text = path.as_str().ok_or_else(|| format!("argument '{name}' is not a path string"))?;
+                    let text = path
+                        .as_str()
+                        .ok_or_else(|| format!("argument '{name}' is not a path string"))?;
                     self.check_path(name, text)?;
                 }
             }

@@ -2,7 +2,9 @@
 //! `readOnlyHint: true`. `allow` names tools to permit anyway, `deny` tools to
 //! refuse anyway; with `hide`, refused tools vanish from `tools/list`.
 
-use portcullis_policy::{Exchange, Globs, Policy, Value, Verdict, declared_read_only, filter_tools};
+use portcullis_policy::{
+    Exchange, Globs, Policy, Value, Verdict, declared_read_only, filter_tools,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -18,8 +18,12 @@ fn redact(value: &mut Value) -> bool {
             }
             None => false,
         },
-        Value::Array(items) => items.iter_mut().fold(false, |changed, v| redact(v) | changed),
-        Value::Object(fields) => fields.values_mut().fold(false, |changed, v| redact(v) | changed),
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |changed, v| redact(v) | changed),
+        Value::Object(fields) => fields
+            .values_mut()
+            .fold(false, |changed, v| redact(v) | changed),
         _ => false,
     }
 }

@@ -157,26 +157,27 @@ fn token_end(bytes: &[u8], start: usize, prefix_len: usize, token: &Token) -> Op
 
 /// PEM private key blocks; an unterminated block runs to the end of the text.
 fn private_keys(text: &str) -> impl Iterator<Item = Finding> + '_ {
-    text.match_indices("-----BEGIN ").filter_map(move |(start, _)| {
-        let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
-        if !text[start..line_end].contains("PRIVATE KEY-----") {
-            return None;
-        }
-        let end = text[line_end..]
-            .find("-----END ")
-            .and_then(|i| {
-                let from = line_end + i;
-                text[from..]
-                    .find("KEY-----")
-                    .map(|j| from + j + "KEY-----".len())
+    text.match_indices("-----BEGIN ")
+        .filter_map(move |(start, _)| {
+            let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+            if !text[start..line_end].contains("PRIVATE KEY-----") {
+                return None;
+            }
+            let end = text[line_end..]
+                .find("-----END ")
+                .and_then(|i| {
+                    let from = line_end + i;
+                    text[from..]
+                        .find("KEY-----")
+                        .map(|j| from + j + "KEY-----".len())
+                })
+                .unwrap_or(text.len());
+            Some(Finding {
+                kind: "private-key",
+                start,
+                end,
             })
-            .unwrap_or(text.len());
-        Some(Finding {
-            kind: "private-key",
-            start,
-            end,
         })
-    })
 }
 
 /// JSON Web Tokens: three base64url segments, the first two starting `eyJ`.

@@ -34,7 +34,11 @@ fn everything() -> Globs {
 
 impl Settings {
     fn verdict(&self, server: &str, tool: &str) -> Result<(), String> {
-        let rules: Vec<&Rule> = self.rules.iter().filter(|r| r.server.matches(server)).collect();
+        let rules: Vec<&Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.server.matches(server))
+            .collect();
         if rules.iter().any(|r| r.deny.matches(tool)) {
             return Err(format!("tool '{tool}' is denied on server '{server}'"));
         }
