@@ -5,7 +5,9 @@ server where it can and a fault-injecting double (doubles/echo_server.py)
 where the test needs to see or provoke exact bytes."""
 
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
 from conftest import DOUBLES, FS_SERVER, RawProxy, initialize, policy, read_audit, write_config
@@ -115,3 +117,36 @@ def test_client_eof_shuts_the_server_down_cleanly(tmp_path: Path, sandbox: Path)
     code, stderr = proxy.close()
     assert code == 0
     assert "Secure MCP Filesystem Server running on stdio" in stderr, "the server's stderr passes through"
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_server_that_ignores_eof_is_killed_after_the_grace_period(tmp_path: Path, monkeypatch):
+    pid_file = tmp_path / "server.pid"
+    proxy = echo_proxy(tmp_path, [], monkeypatch, ECHO_IGNORE_EOF=1, ECHO_PID_FILE=pid_file)
+    assert proxy.request('{"jsonrpc":"2.0","id":1,"method":"ping"}')["id"] == 1
+    server = int(pid_file.read_text())
+    code, stderr = proxy.close()
+    assert code == 128 + signal.SIGKILL
+    assert "did not exit" in stderr
+    assert not alive(server), "the server was reaped"
+
+
+def test_sigterm_closes_the_servers_stdin_and_exits_with_its_status(tmp_path: Path, monkeypatch):
+    pid_file = tmp_path / "server.pid"
+    proxy = echo_proxy(tmp_path, [], monkeypatch, ECHO_EXIT_CODE=3, ECHO_PID_FILE=pid_file)
+    assert proxy.request('{"jsonrpc":"2.0","id":1,"method":"ping"}')["id"] == 1
+    server = int(pid_file.read_text())
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(timeout=30) == 3
+    deadline = time.monotonic() + 10
+    while alive(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(server)

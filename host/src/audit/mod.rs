@@ -81,7 +81,7 @@ impl AuditRecord {
     pub fn new(agent: &crate::bindings::Agent, server: &str, direction: &'static str) -> Self {
         Self {
             time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-            id: uuid::Uuid::now_v7().to_string(),
+            id: decision_id(),
             agent: agent.id.clone(),
             agent_attributes: agent.attributes.iter().cloned().collect(),
             server: server.to_string(),
@@ -110,6 +110,20 @@ impl AuditRecord {
         self.reason = Some(reason.into());
         self.decided_by = decided_by.map(str::to_string);
     }
+}
+
+/// A UUIDv7: milliseconds since the epoch, then random bits from a
+/// thread-local generator (no system call per record).
+fn decision_id() -> String {
+    use rand::Rng;
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut random = [0u8; 10];
+    rand::rng().fill_bytes(&mut random);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .to_string()
 }
 
 /// sha256 of the canonical form of a JSON text (object keys sorted, no
@@ -186,6 +200,17 @@ impl Audit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decision_ids_are_unique_time_ordered_uuids() {
+        let a = decision_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = decision_id();
+        let (ua, ub) = (uuid::Uuid::parse_str(&a).unwrap(), uuid::Uuid::parse_str(&b).unwrap());
+        assert_eq!(ua.get_version_num(), 7);
+        assert!(a < b, "{a} < {b}");
+        assert_ne!(decision_id(), decision_id());
+    }
 
     #[test]
     fn digest_ignores_key_order_and_whitespace() {

@@ -7,14 +7,19 @@ A batch is answered with a batch. Special methods make it misbehave on purpose:
                           and a `notifications/message`, then answers;
   test/huge            -> answers with a result of ECHO_HUGE bytes;
   test/exit            -> writes to stderr and exits with code ECHO_EXIT_CODE.
-On EOF it exits with code ECHO_EXIT_CODE (default 0).
+On EOF it exits with code ECHO_EXIT_CODE (default 0), or, with
+ECHO_IGNORE_EOF set, writes its pid to ECHO_PID_FILE and never exits.
 """
 
 import json
 import os
 import sys
+import time
 
 log = open(os.environ["ECHO_LOG"], "ab")
+if "ECHO_PID_FILE" in os.environ:
+    with open(os.environ["ECHO_PID_FILE"], "w") as pid_file:
+        pid_file.write(str(os.getpid()))
 exit_code = int(os.environ.get("ECHO_EXIT_CODE", "0"))
 
 
@@ -57,4 +62,7 @@ for raw in sys.stdin.buffer:
         sys.exit(exit_code)
     send(answer(message))
 
+if os.environ.get("ECHO_IGNORE_EOF"):
+    while True:
+        time.sleep(60)
 sys.exit(exit_code)
