@@ -10,10 +10,11 @@ use crate::config::{EngineConfig, Grant};
 use anyhow::{Context, Result, anyhow};
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter};
@@ -39,14 +40,16 @@ pub struct PolicyEngine {
     linker: Linker<PolicyState>,
     cache_dir: Option<PathBuf>,
     ticker: Arc<EpochTicker>,
+    prepared: Mutex<HashMap<Arc<str>, PreparedModule>>,
 }
 
-/// A compiled policy component and the sha256 of the `.wasm` it came from.
-pub struct CompiledModule {
-    /// The compiled component.
-    pub component: Component,
+/// A policy module compiled and linked, ready to instantiate.
+#[derive(Clone)]
+pub struct PreparedModule {
     /// Hex sha256 of the module file.
-    pub sha256: String,
+    pub sha256: Arc<str>,
+    /// The linked component.
+    pub pre: bindings::PolicyPre<PolicyState>,
 }
 
 impl PolicyEngine {
@@ -90,6 +93,7 @@ impl PolicyEngine {
             linker,
             cache_dir,
             ticker,
+            prepared: Mutex::new(HashMap::new()),
         })
     }
 
@@ -104,22 +108,40 @@ impl PolicyEngine {
         &self.engine
     }
 
-    /// The linker holding every import a policy may use.
-    pub fn linker(&self) -> &Linker<PolicyState> {
-        &self.linker
-    }
-
-    /// Reads and compiles a policy module, using the on-disk cache.
-    pub fn compile(&self, path: &Path) -> Result<CompiledModule> {
+    /// Reads a policy module and returns it compiled and linked. A module
+    /// (by digest) is compiled and linked once per engine, whichever policies
+    /// use it; compiling goes through the on-disk cache.
+    pub fn prepare(&self, path: &Path) -> Result<PreparedModule> {
         let wasm = std::fs::read(path)
             .with_context(|| format!("cannot read policy module {}", path.display()))?;
-        let sha256 = hex(&Sha256::digest(&wasm));
+        let sha256: Arc<str> = hex(&Sha256::digest(&wasm)).into();
+        if let Some(prepared) = self
+            .prepared
+            .lock()
+            .expect("module table poisoned")
+            .get(&sha256)
+        {
+            return Ok(prepared.clone());
+        }
         let component = match &self.cache_dir {
             Some(dir) => self.compile_cached(&wasm, &sha256, dir),
             None => Component::new(&self.engine, &wasm).map_err(anyhow::Error::from),
         }
         .map_err(|e| anyhow!("{} is not a valid policy component: {e:#}", path.display()))?;
-        Ok(CompiledModule { component, sha256 })
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .context("the module needs imports Portcullis does not provide")?;
+        let pre = bindings::PolicyPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .context("the module does not export portcullis:policy/hooks@0.1.0")?;
+        let prepared = PreparedModule { sha256, pre };
+        self.prepared
+            .lock()
+            .expect("module table poisoned")
+            .insert(prepared.sha256.clone(), prepared.clone());
+        Ok(prepared)
     }
 
     /// Returns the cached artifact for `sha256` if it is intact, else compiles

@@ -71,6 +71,18 @@ impl Refusal {
     }
 }
 
+/// What one enforced verdict asks of the chain.
+enum Step {
+    /// Carry on.
+    Pass,
+    /// Carry on with this payload.
+    Modify(String),
+    /// Carry on, but the message needs approval.
+    Hold(Refusal),
+    /// Stop: the message is refused.
+    Deny(Refusal),
+}
+
 /// One policy's verdict, as recorded in the audit trail.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyVerdict {
@@ -118,27 +130,27 @@ impl Guard {
         };
         let mut verdicts = Vec::new();
         let mut modified = false;
-        let mut approval = None;
+        let mut hold = None;
         for link in &self.chain {
             if !link.applies(exchange) {
                 continue;
             }
-            let step = link.run(hook, exchange, &mut verdicts);
-            match step {
-                Some(Decided::Deny(refusal)) => {
-                    return Decision::finish(Decided::Deny(refusal), verdicts, started);
-                }
-                Some(Decided::Modify(payload)) => {
+            match link.run(hook, exchange, &mut verdicts) {
+                Step::Pass => {}
+                Step::Modify(payload) => {
                     *payload_of(exchange) = Some(payload);
                     modified = true;
                 }
-                Some(Decided::Allow) | None => {}
-            }
-            if approval.is_none() {
-                approval = link.approval(verdicts.last());
+                Step::Hold(refusal) => {
+                    hold.get_or_insert(refusal);
+                }
+                Step::Deny(refusal) => {
+                    return Decision::finish(Decided::Deny(refusal), verdicts, started);
+                }
             }
         }
-        let outcome = match (approval, modified) {
+        // Until approvals exist, a held message is refused.
+        let outcome = match (hold, modified) {
             (Some(refusal), _) => Decided::Deny(refusal),
             (None, true) => Decided::Modify(payload_of(exchange).clone().unwrap_or_default()),
             (None, false) => Decided::Allow,
@@ -202,13 +214,8 @@ impl Link {
     }
 
     /// Evaluates the policy, records its verdict, and returns what the chain
-    /// must enforce (`None` in monitor mode or when it allowed).
-    fn run(
-        &self,
-        hook: Hook,
-        exchange: &Exchange,
-        verdicts: &mut Vec<PolicyVerdict>,
-    ) -> Option<Decided> {
+    /// must enforce (nothing in monitor mode).
+    fn run(&self, hook: Hook, exchange: &Exchange, verdicts: &mut Vec<PolicyVerdict>) -> Step {
         let started = Instant::now();
         let evaluated = self.policy.evaluate(hook, exchange);
         let latency_us = started.elapsed().as_micros() as u64;
@@ -222,42 +229,34 @@ impl Link {
             enforced,
             latency_us,
         };
-        let (recorded, decided) = match evaluated {
+        let (recorded, step) = match evaluated {
             Ok(v) => match v.outcome {
-                Outcome::Allow => (record("allow", None, v.tags), Decided::Allow),
+                Outcome::Allow => (record("allow", None, v.tags), Step::Pass),
                 Outcome::Deny(d) => (
                     record("deny", Some(d.reason.clone()), v.tags),
-                    Decided::Deny(self.refusal(d.code, d.reason)),
+                    Step::Deny(self.refusal(d.code, d.reason)),
                 ),
-                Outcome::RequireApproval(reason) => (
-                    record("require-approval", Some(reason), v.tags),
-                    Decided::Allow,
-                ),
-                Outcome::Modify(payload) => {
-                    (record("modify", None, v.tags), Decided::Modify(payload))
+                Outcome::RequireApproval(reason) => {
+                    let why = format!("approval required: {reason}");
+                    let hold = Step::Hold(self.refusal(DENIED, why));
+                    (record("require-approval", Some(reason), v.tags), hold)
                 }
+                Outcome::Modify(payload) => (record("modify", None, v.tags), Step::Modify(payload)),
             },
             Err(failure) => {
                 let reason = format!("the policy {failure}");
                 tracing::warn!(policy = %self.policy.name, "{reason}");
-                let decided = match self.failure {
-                    FailureMode::Closed => Decided::Deny(
-                        self.refusal(POLICY_FAILED, format!("{reason} (fail-closed)")),
-                    ),
-                    FailureMode::Open => Decided::Allow,
+                let step = match self.failure {
+                    FailureMode::Closed => {
+                        Step::Deny(self.refusal(POLICY_FAILED, format!("{reason} (fail-closed)")))
+                    }
+                    FailureMode::Open => Step::Pass,
                 };
-                (record("error", Some(reason), Vec::new()), decided)
+                (record("error", Some(reason), Vec::new()), step)
             }
         };
         verdicts.push(recorded);
-        enforced.then_some(decided)
-    }
-
-    /// The hold this link's latest verdict asks for, if any.
-    fn approval(&self, verdict: Option<&PolicyVerdict>) -> Option<Refusal> {
-        let v = verdict.filter(|v| v.enforced && v.verdict == "require-approval")?;
-        let reason = v.reason.clone().unwrap_or_default();
-        Some(self.refusal(DENIED, format!("approval required: {reason}")))
+        if enforced { step } else { Step::Pass }
     }
 
     fn refusal(&self, code: i32, reason: String) -> Refusal {

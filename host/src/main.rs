@@ -117,14 +117,13 @@ fn pick_server(
     name: Option<String>,
     command: Vec<String>,
 ) -> Result<(String, ServerCommand)> {
+    let only = || {
+        (config.servers.len() == 1)
+            .then(|| config.servers.keys().next().cloned())
+            .flatten()
+    };
     if let Some((program, args)) = command.split_first() {
-        let name = name
-            .or_else(|| {
-                (config.servers.len() == 1)
-                    .then(|| config.servers.keys().next().cloned())
-                    .flatten()
-            })
-            .unwrap_or_else(|| "stdio".into());
+        let name = name.or_else(only).unwrap_or_else(|| "stdio".into());
         let env = config
             .servers
             .get(&name)
@@ -137,15 +136,11 @@ fn pick_server(
         };
         return Ok((name, server));
     }
-    let name = match name {
-        Some(name) => name,
-        None if config.servers.len() == 1 => {
-            config.servers.keys().next().cloned().unwrap_or_default()
-        }
-        None => bail!(
+    let Some(name) = name.or_else(only) else {
+        bail!(
             "{}: name the server with --server, or give its command after --",
             config.path.display()
-        ),
+        );
     };
     let server = config.servers.get(&name).with_context(|| {
         format!(

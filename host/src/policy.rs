@@ -59,19 +59,11 @@ impl Policy {
     /// Compiles the module, links it, and instantiates and configures it once
     /// so that bad modules and bad settings fail here, not on traffic.
     pub fn load(engine: &PolicyEngine, config: &Config, policy: &PolicyConfig) -> Result<Self> {
-        let module = engine.compile(&policy.module)?;
-        let pre = engine
-            .linker()
-            .instantiate_pre(&module.component)
-            .map_err(anyhow::Error::from)
-            .context("the module needs imports Portcullis does not provide")?;
-        let pre = bindings::PolicyPre::new(pre)
-            .map_err(anyhow::Error::from)
-            .context("the module does not export portcullis:policy/hooks@0.1.0")?;
+        let module = engine.prepare(&policy.module)?;
         let loaded = Self {
             name: policy.name.as_str().into(),
-            sha256: module.sha256.into(),
-            pre,
+            sha256: module.sha256,
+            pre: module.pre,
             ticker: engine.ticker(),
             settings: policy.settings.to_string(),
             timeout_ms: config.timeout_ms(policy),

@@ -206,8 +206,9 @@ mod tests {
         let a = decision_id();
         std::thread::sleep(std::time::Duration::from_millis(2));
         let b = decision_id();
-        let (ua, ub) = (uuid::Uuid::parse_str(&a).unwrap(), uuid::Uuid::parse_str(&b).unwrap());
-        assert_eq!(ua.get_version_num(), 7);
+        for id in [&a, &b] {
+            assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7);
+        }
         assert!(a < b, "{a} < {b}");
         assert_ne!(decision_id(), decision_id());
     }
