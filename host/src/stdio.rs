@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 /// killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
+/// How long the server's last output may take to be relayed after it exited
+/// (longer only if something else holds its stdout open).
+const DRAIN: Duration = Duration::from_secs(2);
+
 /// The MCP server to run.
 #[derive(Debug, Clone)]
 pub struct ServerCommand {
@@ -122,18 +126,34 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
     watch_signals(endings)?;
 
     let status = match ending.recv().expect("relay threads report their end") {
+        Ending::ServerClosed => wait_with_grace(&mut child)?,
         Ending::ClientClosed => {
             to_server.close();
-            wait_with_grace(&mut child)?
+            let status = wait_with_grace(&mut child)?;
+            drain(&ending);
+            status
         }
-        Ending::ServerClosed => wait_with_grace(&mut child)?,
         Ending::Signal(signal) => {
             tracing::info!(signal, "stopping the server");
             to_server.close();
-            wait_with_grace(&mut child)?
+            let status = wait_with_grace(&mut child)?;
+            drain(&ending);
+            status
         }
     };
     Ok(exit_code(status))
+}
+
+/// Waits (for at most [`DRAIN`]) until the server → client thread has relayed
+/// everything the server wrote before it exited.
+fn drain(ending: &mpsc::Receiver<Ending>) {
+    let deadline = Instant::now() + DRAIN;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match ending.recv_timeout(left) {
+            Ok(Ending::ServerClosed) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Reads frames from one side, judges them and sends the results on, until

@@ -150,3 +150,19 @@ def test_sigterm_closes_the_servers_stdin_and_exits_with_its_status(tmp_path: Pa
     while alive(server) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(server)
+
+
+def test_answers_sent_before_the_server_exits_still_reach_the_client(tmp_path: Path, monkeypatch):
+    # Each answer spends 30 ms in a (fail-open) policy on its way back, so the
+    # server has long exited while its answers are still being relayed.
+    slow = policy("slow", "misbehave.wasm", methods=["tools/call"], timeout_ms=30, failure="open",
+                  settings={"mode": "loop", "tool": "slow"})
+    proxy = echo_proxy(tmp_path, [slow], monkeypatch)
+    for i in range(5):
+        proxy.send(f'{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"slow"}}}}')
+    proxy.process.stdin.close()  # hang up at once; the server answers, then exits on EOF
+    assert proxy.process.wait(timeout=30) == 0
+    answers = []
+    while (line := proxy.lines.get(timeout=30)) != b"":
+        answers.append(json.loads(line)["id"])
+    assert answers == [0, 1, 2, 3, 4]

@@ -1,6 +1,6 @@
 //! A deliberately broken policy for Portcullis' own tests: on calls to the
-//! configured tool it loops forever, allocates without end, traps, or returns
-//! a malformed verdict. Never ship it.
+//! configured tool, and on their answers, it loops forever, allocates without
+//! end, traps, or returns a malformed verdict. Never ship it.
 
 use portcullis_policy::{Exchange, Outcome, Policy, Verdict};
 use serde::Deserialize;
@@ -28,22 +28,30 @@ impl Policy for Misbehave {
     type Settings = Settings;
 
     fn on_request(settings: &Settings, exchange: &Exchange) -> Verdict {
-        if !exchange.is_tool_call() || exchange.tool.as_deref() != Some(settings.tool.as_str()) {
-            return Verdict::allow();
-        }
-        match settings.mode {
-            Mode::Loop => loop {
-                black_box(());
-            },
-            Mode::Alloc => {
-                let mut hoard = Vec::new();
-                loop {
-                    hoard.push(black_box(vec![1u8; 1 << 20]));
-                }
+        misbehave(settings, exchange)
+    }
+
+    fn on_response(settings: &Settings, exchange: &Exchange) -> Verdict {
+        misbehave(settings, exchange)
+    }
+}
+
+fn misbehave(settings: &Settings, exchange: &Exchange) -> Verdict {
+    if exchange.method != "tools/call" || exchange.tool.as_deref() != Some(settings.tool.as_str()) {
+        return Verdict::allow();
+    }
+    match settings.mode {
+        Mode::Loop => loop {
+            black_box(());
+        },
+        Mode::Alloc => {
+            let mut hoard = Vec::new();
+            loop {
+                hoard.push(black_box(vec![1u8; 1 << 20]));
             }
-            Mode::Trap => panic!("misbehave: deliberate trap"),
-            Mode::Garbage => Verdict::from(Outcome::Modify("{this is not json".into())),
         }
+        Mode::Trap => panic!("misbehave: deliberate trap"),
+        Mode::Garbage => Verdict::from(Outcome::Modify("{this is not json".into())),
     }
 }
 
