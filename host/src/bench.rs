@@ -6,19 +6,33 @@
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
 use crate::config::{Config, InstanceMode};
 use crate::engine::PolicyEngine;
+use crate::framing::Frame;
 use crate::guard::{Decided, Guard};
+use crate::relay::Relay;
+use crate::reload::{Generation, Reloader};
+use crate::session::Session;
+use crate::status::Status;
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Arguments of `portcullis bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Config whose policy chain is measured (and used for the relay).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "reload")]
+    config: Option<PathBuf>,
+    /// Two policy modules, given twice: one that allows the sample call and
+    /// one that refuses it. Measures the time from writing a module to the
+    /// first verdict by the new version, alternating between the two.
+    #[arg(long, num_args = 1, value_name = "MODULE")]
+    reload: Vec<PathBuf>,
+    /// How many reloads to time.
+    #[arg(long, default_value_t = 40)]
+    reloads: usize,
     /// Chain evaluations per instance mode.
     #[arg(long, default_value_t = 20_000)]
     iterations: usize,
@@ -78,7 +92,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let arguments: serde_json::Value =
         serde_json::from_str(&args.arguments).context("--arguments is not JSON")?;
     let params = serde_json::json!({ "name": args.tool, "arguments": arguments }).to_string();
-    let config = Config::load(&args.config)?;
+    if !args.reload.is_empty() {
+        let [allows, refuses] = args.reload.as_slice() else {
+            bail!("--reload takes two modules: one allowing the sample call, one refusing it");
+        };
+        reload_latency(allows, refuses, &params, args.reloads)?;
+    }
+    let Some(config_path) = &args.config else {
+        return Ok(());
+    };
+    let config = Config::load(config_path)?;
     let names: Vec<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
     println!(
         "policy chain [{}] on tools/call '{}', {} evaluations per mode",
@@ -87,14 +110,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.iterations
     );
     let fresh = chain(
-        &args.config,
+        config_path,
         InstanceMode::Fresh,
         &args.tool,
         &params,
         args.iterations,
     )?;
     let reused = chain(
-        &args.config,
+        config_path,
         InstanceMode::Reuse,
         &args.tool,
         &params,
@@ -121,7 +144,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         std::env::current_exe()?.display().to_string(),
         "stdio".into(),
         "--config".into(),
-        args.config.display().to_string(),
+        config_path.display().to_string(),
         "--audit-file".into(),
         audit.display().to_string(),
         "--".into(),
@@ -154,6 +177,83 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         micros(proxied.p50.saturating_sub(direct.p50)),
         proxied.p50.as_secs_f64() / direct.p50.as_secs_f64()
     );
+    Ok(())
+}
+
+/// Times hot reloads in process: a watched module is rewritten, alternately
+/// with `allows` and `refuses`, and a sample call is judged in a loop until
+/// the new version answers. Also compares the latency of those calls (made
+/// while a reload is under way) with calls made while nothing reloads.
+fn reload_latency(allows: &Path, refuses: &Path, params: &str, rounds: usize) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("portcullis-reload-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let module = dir.join("policy.wasm");
+    std::fs::copy(allows, &module)?;
+    let config = dir.join("bench.toml");
+    let text = "[engine]\ncache_dir = \"cache\"\n[[policy]]\nname = \"policy\"\nmodule = \"policy.wasm\"\n";
+    std::fs::write(&config, text)?;
+    let engine = Arc::new(PolicyEngine::new(&Config::load(&config)?.engine)?);
+    let generation = Generation::load(&engine, &config, None, 1)?;
+    let agent = Agent {
+        id: "bench-agent".into(),
+        attributes: vec![],
+    };
+    let relay = Arc::new(Relay::new(generation, Session::new("bench".into(), agent)));
+    Arc::new(Reloader::new(engine, relay.clone(), config, None, "bench")).start()?;
+    let call = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{params}}}"#);
+    let allowed = || {
+        let started = Instant::now();
+        let delivery = relay.handle(
+            Direction::ClientToServer,
+            Frame::Line(call.clone().into_bytes()),
+        );
+        (delivery.forward.is_some(), started.elapsed())
+    };
+    // Calls are paced alike while idle and while reloading, so caches and
+    // scheduling treat both the same.
+    let pause = Duration::from_micros(100);
+    let mut idle = Vec::new();
+    for _ in 0..2_000 {
+        idle.push(allowed().1);
+        std::thread::sleep(pause);
+    }
+    let (mut latencies, mut during) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (source, want) = if round % 2 == 0 {
+            (refuses, false)
+        } else {
+            (allows, true)
+        };
+        let written = Instant::now();
+        std::fs::write(&module, std::fs::read(source)?)?;
+        loop {
+            let (verdict, took) = allowed();
+            during.push(took);
+            if verdict == want {
+                break;
+            }
+            if written.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "no new verdict 10 s after writing {}: do the two modules judge the sample call differently?",
+                    source.display()
+                );
+            }
+            std::thread::sleep(pause);
+        }
+        latencies.push(written.elapsed());
+    }
+    Status::withdraw(std::process::id());
+    let _ = std::fs::remove_dir_all(&dir);
+    let max = latencies.iter().copied().max().unwrap_or_default();
+    let reload = Stats::of(&mut latencies);
+    println!("hot reload: write to first verdict by the new version, {rounds} reloads");
+    println!(
+        "{}  max {:>9}",
+        reload.line("write → new verdict"),
+        micros(max)
+    );
+    println!("{}", Stats::of(&mut idle).line("calls, no reload"));
+    println!("{}\n", Stats::of(&mut during).line("calls during reloads"));
     Ok(())
 }
 

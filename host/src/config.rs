@@ -110,6 +110,10 @@ pub struct PolicyConfig {
     /// WASI capabilities granted to the policy (none by default).
     #[serde(default)]
     pub grants: Vec<Grant>,
+    /// Fixture files the policy must pass before it serves (at start and at
+    /// every reload); relative to the config file.
+    #[serde(default)]
+    pub fixtures: Vec<PathBuf>,
 }
 
 fn empty_settings() -> serde_json::Value {
@@ -305,6 +309,9 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         for policy in &mut self.policies {
             policy.module = base.join(&policy.module);
+            for fixture in &mut policy.fixtures {
+                *fixture = base.join(&*fixture);
+            }
         }
         for sink in &mut self.audit.sinks {
             if let SinkConfig::File { path } = sink {

@@ -3,13 +3,13 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use portcullis::audit::Audit;
 use portcullis::bindings::Agent;
 use portcullis::config::Config;
 use portcullis::engine::PolicyEngine;
-use portcullis::guard::Guard;
 use portcullis::relay::Relay;
+use portcullis::reload::{Generation, Reloader};
 use portcullis::session::Session;
+use portcullis::status::{self, Status};
 use portcullis::stdio::{self, ServerCommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -28,7 +28,7 @@ enum Commands {
     /// Wrap a stdio MCP server: every message both ways is judged by the
     /// policy chain and audited. Put this in an MCP client's `command`.
     Stdio {
-        /// The config file.
+        /// The config file (watched: changes are applied without a restart).
         #[arg(long)]
         config: PathBuf,
         /// Also append audit records to this JSON Lines file.
@@ -46,6 +46,13 @@ enum Commands {
     Check {
         /// The config file.
         config: PathBuf,
+    },
+    /// Show every running Portcullis process: its policies with their
+    /// digests and load times, and its last reload.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure the policy chain and the relay's added latency.
     Bench(portcullis::bench::BenchArgs),
@@ -81,21 +88,21 @@ fn run(cli: Cli) -> Result<i32> {
             command,
         } => run_stdio(config, audit_file, server, command),
         Commands::Check { config } => Ok(portcullis::check::run(&config)),
+        Commands::Status { json } => status::print(json).map(|()| 0),
         Commands::Bench(args) => portcullis::bench::run(&args).map(|()| 0),
     }
 }
 
 fn run_stdio(
-    config: PathBuf,
+    config_path: PathBuf,
     audit_file: Option<PathBuf>,
     server: Option<String>,
     command: Vec<String>,
 ) -> Result<i32> {
-    let config = Config::load(&config)?;
+    let config = Config::load(&config_path)?;
     let (name, server) = pick_server(&config, server, command)?;
-    let engine = PolicyEngine::new(&config.engine)?;
-    let guard = Guard::load(&engine, &config)?;
-    let audit = Audit::open(&config.audit, audit_file)?;
+    let engine = Arc::new(PolicyEngine::new(&config.engine)?);
+    let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1)?;
     let agent = Agent {
         id: config.agent.id.clone(),
         attributes: config.agent.attributes.clone().into_iter().collect(),
@@ -103,11 +110,15 @@ fn run_stdio(
     tracing::info!(
         server = %name,
         agent = %agent.id,
-        policies = guard.policies().count(),
+        policies = generation.guard.policies().count(),
         "portcullis relaying"
     );
-    let relay = Arc::new(Relay::new(guard, audit, Session::new(name, agent)));
-    stdio::run(relay, &server, config.limits.max_message_bytes)
+    let relay = Arc::new(Relay::new(generation, Session::new(name.clone(), agent)));
+    let reloader = Reloader::new(engine, relay.clone(), config_path, audit_file, &name);
+    Arc::new(reloader).start()?;
+    let code = stdio::run(relay, &server, config.limits.max_message_bytes);
+    Status::withdraw(std::process::id());
+    code
 }
 
 /// The server to run: the command after `--` if given, else the configured

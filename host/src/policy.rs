@@ -77,6 +77,9 @@ impl Policy {
             .map_err(|f| anyhow!("{f}"))
             .context("the policy did not start")?;
         loaded.release(first);
+        for fixture in &policy.fixtures {
+            crate::fixtures::check(&loaded, fixture)?;
+        }
         Ok(loaded)
     }
 

@@ -3,18 +3,19 @@
 //! record, and says what to send where. Transports (stdio today) only move
 //! bytes; every decision is made here, so all transports decide alike.
 
-use crate::audit::{Audit, AuditRecord, canonical_digest};
+use crate::audit::{AuditRecord, canonical_digest};
 use crate::bindings::{Direction, Exchange, MessageKind};
 use crate::framing::Frame;
-use crate::guard::{Decided, Decision, Guard};
+use crate::guard::{Decided, Decision};
 use crate::jsonrpc::{
     self, AUDIT_FAILED, INTERNAL_ERROR, INVALID_REQUEST, Message, PARSE_ERROR, error_response,
 };
+use crate::reload::Generation;
 use crate::session::Session;
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 /// What to send after judging one frame. Frames carry no newline.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -54,34 +55,46 @@ impl<'a> Step<'a> {
 
 /// The decision path shared by every transport.
 pub struct Relay {
-    guard: Guard,
-    audit: Audit,
+    current: RwLock<Arc<Generation>>,
     session: Mutex<Session>,
 }
 
 impl Relay {
-    /// A relay for one connection.
-    pub fn new(guard: Guard, audit: Audit, session: Session) -> Self {
+    /// A relay for one connection, judging with `generation`.
+    pub fn new(generation: Generation, session: Session) -> Self {
         Self {
-            guard,
-            audit,
+            current: RwLock::new(Arc::new(generation)),
             session: Mutex::new(session),
         }
     }
 
-    /// The policy chain.
-    pub fn guard(&self) -> &Guard {
-        &self.guard
+    /// The generation judging messages now.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .expect("generation lock poisoned")
+            .clone()
     }
 
-    /// Judges one frame travelling `direction`.
+    /// Puts `next` in charge, in one step: messages already being judged
+    /// finish with the generation they started with. Returns the previous one.
+    pub fn swap(&self, next: Generation) -> Arc<Generation> {
+        let mut current = self.current.write().expect("generation lock poisoned");
+        std::mem::replace(&mut *current, Arc::new(next))
+    }
+
+    /// Judges one frame travelling `direction`, with the current generation
+    /// from start to end.
     pub fn handle(&self, direction: Direction, frame: Frame) -> Delivery {
+        let generation = self.current();
+        let g = &*generation;
         let bytes = match frame {
             Frame::Line(bytes) => bytes,
-            Frame::Oversized { len, prefix } => return self.oversized(direction, len, &prefix),
+            Frame::Oversized { len, prefix } => return self.oversized(g, direction, len, &prefix),
         };
         let Ok(text) = std::str::from_utf8(&bytes) else {
             return into_delivery(self.reject(
+                g,
                 direction,
                 None,
                 PARSE_ERROR,
@@ -89,9 +102,9 @@ impl Relay {
             ));
         };
         if jsonrpc::is_batch(text) {
-            return self.batch(direction, text);
+            return self.batch(g, direction, text);
         }
-        let step = self.message(direction, text);
+        let step = self.message(g, direction, text);
         if step.unchanged() {
             return Delivery {
                 forward: Some(bytes),
@@ -103,11 +116,12 @@ impl Relay {
 
     /// A JSON-RPC batch: each member is judged alone; if none changed, the
     /// batch is relayed verbatim.
-    fn batch(&self, direction: Direction, text: &str) -> Delivery {
+    fn batch(&self, g: &Generation, direction: Direction, text: &str) -> Delivery {
         let members: Vec<&RawValue> = match serde_json::from_str(text) {
             Ok(members) => members,
             Err(e) => {
                 return into_delivery(self.reject(
+                    g,
                     direction,
                     None,
                     PARSE_ERROR,
@@ -117,6 +131,7 @@ impl Relay {
         };
         if members.is_empty() {
             return into_delivery(self.reject(
+                g,
                 direction,
                 None,
                 INVALID_REQUEST,
@@ -125,7 +140,7 @@ impl Relay {
         }
         let steps: Vec<Step> = members
             .iter()
-            .map(|m| self.message(direction, m.get()))
+            .map(|m| self.message(g, direction, m.get()))
             .collect();
         if steps.iter().all(Step::unchanged) {
             return Delivery {
@@ -148,22 +163,22 @@ impl Relay {
     }
 
     /// Judges one message and applies the decision.
-    fn message<'a>(&self, direction: Direction, text: &'a str) -> Step<'a> {
+    fn message<'a>(&self, g: &Generation, direction: Direction, text: &'a str) -> Step<'a> {
         let message = match Message::parse(text) {
             Ok(message) => message,
             Err(e) => {
-                return self.reject(direction, None, PARSE_ERROR, format!("Parse error: {e}"));
+                return self.reject(g, direction, None, PARSE_ERROR, format!("Parse error: {e}"));
             }
         };
         let Some(kind) = message.kind() else {
             let why = "Invalid Request: not a JSON-RPC 2.0 request, notification or response";
-            return self.reject(direction, message.id, INVALID_REQUEST, why.into());
+            return self.reject(g, direction, message.id, INVALID_REQUEST, why.into());
         };
         let mut exchange = self.exchange(direction, kind, &message);
-        let decision = self.guard.decide(&mut exchange);
+        let decision = g.guard.decide(&mut exchange);
         let outcome = decision.outcome.clone();
-        let record = self.record(kind, &message, &exchange, decision);
-        if let Err(e) = self.audit.record(&record) {
+        let record = self.record(g, kind, &message, &exchange, decision);
+        if let Err(e) = g.audit.write(&record) {
             tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
             let why = "Portcullis could not write the audit record, so the message was not relayed";
             return refuse(kind, message.id, AUDIT_FAILED, why, None);
@@ -236,6 +251,7 @@ impl Relay {
 
     fn record(
         &self,
+        g: &Generation,
         kind: MessageKind,
         message: &Message,
         exchange: &Exchange,
@@ -258,7 +274,7 @@ impl Relay {
                 };
                 if let Some((digest, value)) = arguments.and_then(canonical_digest) {
                     record.arguments_sha256 = Some(digest);
-                    record.arguments = self.audit.include_arguments().then_some(value);
+                    record.arguments = g.audit.include_arguments().then_some(value);
                 }
             }
             MessageKind::Result | MessageKind::Error => {
@@ -285,6 +301,7 @@ impl Relay {
     /// A message that could not be read: audited, and answered when possible.
     fn reject<'a>(
         &self,
+        g: &Generation,
         direction: Direction,
         id: Option<&RawValue>,
         code: i32,
@@ -297,7 +314,7 @@ impl Relay {
         let mut record = AuditRecord::new(&agent, &server, direction.as_str());
         record.jsonrpc_id = id.map(ToOwned::to_owned);
         record.deny(code, why.clone(), None);
-        if let Err(e) = self.audit.record(&record) {
+        if let Err(e) = g.audit.write(&record) {
             tracing::error!("{e:#}");
         }
         match direction {
@@ -328,11 +345,17 @@ impl Relay {
 
     /// A frame over the size limit: its sender (client) or its waiting
     /// requester (when a server answer is too large) gets an error.
-    fn oversized(&self, direction: Direction, len: usize, prefix: &[u8]) -> Delivery {
+    fn oversized(
+        &self,
+        g: &Generation,
+        direction: Direction,
+        len: usize,
+        prefix: &[u8],
+    ) -> Delivery {
         let id = jsonrpc::leading_id(prefix);
         let why =
             format!("message of {len} bytes exceeds the size limit (limits.max_message_bytes)");
-        into_delivery(self.reject(direction, id.as_deref(), INVALID_REQUEST, why))
+        into_delivery(self.reject(g, direction, id.as_deref(), INVALID_REQUEST, why))
     }
 }
 

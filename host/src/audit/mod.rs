@@ -112,6 +112,62 @@ impl AuditRecord {
     }
 }
 
+/// The audit event of a reload attempt.
+#[derive(Debug, Serialize)]
+pub struct ReloadRecord {
+    /// When (RFC 3339, UTC, µs).
+    pub time: String,
+    /// Unique id (UUIDv7).
+    pub id: String,
+    /// Always `reload`.
+    pub event: &'static str,
+    /// `file` or `signal`.
+    pub trigger: &'static str,
+    /// `ok` or `failed`.
+    pub result: &'static str,
+    /// The generation now serving.
+    pub generation: u64,
+    /// Why the reload failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The policies now serving, with the digests they replaced.
+    pub policies: Vec<ReloadedPolicy>,
+}
+
+/// One policy in a reload event.
+#[derive(Debug, Serialize)]
+pub struct ReloadedPolicy {
+    /// Policy name.
+    pub name: String,
+    /// sha256 of its module now.
+    pub sha256: String,
+    /// sha256 of its module before, if it served before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_sha256: Option<String>,
+}
+
+impl ReloadRecord {
+    /// A reload event with a fresh id and time.
+    pub fn new(
+        trigger: &'static str,
+        result: &'static str,
+        generation: u64,
+        error: Option<String>,
+        policies: Vec<ReloadedPolicy>,
+    ) -> Self {
+        Self {
+            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            id: decision_id(),
+            event: "reload",
+            trigger,
+            result,
+            generation,
+            error,
+            policies,
+        }
+    }
+}
+
 /// A UUIDv7: milliseconds since the epoch, then random bits from a
 /// thread-local generator (no system call per record).
 fn decision_id() -> String {
@@ -176,8 +232,9 @@ impl Audit {
         self.sinks.iter().map(|s| &**s)
     }
 
-    /// Writes `record` to every sink; fails if any sink failed.
-    pub fn record(&self, record: &AuditRecord) -> Result<()> {
+    /// Writes `record` (one JSON object) to every sink; fails if any sink
+    /// failed.
+    pub fn write(&self, record: &impl Serialize) -> Result<()> {
         let mut line = serde_json::to_string(record)?;
         line.push('\n');
         let failures: Vec<String> = self
@@ -235,8 +292,8 @@ mod tests {
         };
         let mut record = AuditRecord::new(&agent, "fs", "client-to-server");
         record.deny(-32001, "no", Some("ro"));
-        audit.record(&record).unwrap();
-        audit.record(&record).unwrap();
+        audit.write(&record).unwrap();
+        audit.write(&record).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Value> = text
             .lines()

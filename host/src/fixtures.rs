@@ -1,0 +1,191 @@
+//! Policy fixtures: example messages with the verdict a policy must give them,
+//! in JSON files a policy ships with. Portcullis runs them before a policy
+//! serves — at start and before every reload swaps it in — so a policy that
+//! no longer behaves as its authors promised never replaces a working one.
+//!
+//! A fixture file is a JSON array of cases:
+//!
+//! ```json
+//! [{ "name": "writes are refused",
+//!    "exchange": { "method": "tools/call", "tool": "write_file",
+//!                  "annotations": { "readOnlyHint": false },
+//!                  "params": { "name": "write_file", "arguments": { "path": "/x" } } },
+//!    "expect": "deny" }]
+//! ```
+//!
+//! `exchange` fields default to a client-to-server request from agent
+//! `fixture` to server `fixture`; `params` and `result` are JSON values.
+//! `expect` is `allow`, `deny`, `require-approval` or `modify`; with `modify`,
+//! `modified` may give the payload expected.
+
+use crate::bindings::{Agent, Direction, Exchange, MessageKind, Outcome, ToolAnnotations};
+use crate::policy::{Hook, Policy};
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One case of a fixture file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fixture {
+    /// What the case shows.
+    pub name: String,
+    /// The message.
+    pub exchange: FixtureExchange,
+    /// The verdict expected.
+    pub expect: Expected,
+    /// For `modify`: the payload expected.
+    pub modified: Option<Value>,
+}
+
+/// The outcome a fixture expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Expected {
+    /// `allow`.
+    Allow,
+    /// `deny`.
+    Deny,
+    /// `require-approval`.
+    RequireApproval,
+    /// `modify`.
+    Modify,
+}
+
+/// An exchange as written in a fixture file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureExchange {
+    #[serde(default = "client_to_server")]
+    direction: String,
+    #[serde(default = "request")]
+    kind: String,
+    #[serde(default = "fixture")]
+    server: String,
+    #[serde(default)]
+    agent: Option<FixtureAgent>,
+    method: String,
+    tool: Option<String>,
+    annotations: Option<FixtureAnnotations>,
+    params: Option<Value>,
+    result: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureAgent {
+    id: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FixtureAnnotations {
+    title: Option<String>,
+    read_only_hint: Option<bool>,
+    destructive_hint: Option<bool>,
+    idempotent_hint: Option<bool>,
+    open_world_hint: Option<bool>,
+}
+
+fn client_to_server() -> String {
+    "client-to-server".into()
+}
+fn request() -> String {
+    "request".into()
+}
+fn fixture() -> String {
+    "fixture".into()
+}
+
+impl FixtureExchange {
+    fn to_exchange(&self) -> Result<Exchange> {
+        let direction = match self.direction.as_str() {
+            "client-to-server" => Direction::ClientToServer,
+            "server-to-client" => Direction::ServerToClient,
+            other => bail!("unknown direction '{other}'"),
+        };
+        let kind = match self.kind.as_str() {
+            "request" => MessageKind::Request,
+            "notification" => MessageKind::Notification,
+            "result" => MessageKind::Result,
+            "error" => MessageKind::Error,
+            other => bail!("unknown kind '{other}'"),
+        };
+        let agent = match &self.agent {
+            Some(a) => Agent {
+                id: a.id.clone(),
+                attributes: a.attributes.clone().into_iter().collect(),
+            },
+            None => Agent {
+                id: "fixture".into(),
+                attributes: Vec::new(),
+            },
+        };
+        Ok(Exchange {
+            direction,
+            kind,
+            server: self.server.clone(),
+            agent,
+            method: self.method.clone(),
+            tool: self.tool.clone(),
+            annotations: self.annotations.as_ref().map(|a| ToolAnnotations {
+                title: a.title.clone(),
+                read_only_hint: a.read_only_hint,
+                destructive_hint: a.destructive_hint,
+                idempotent_hint: a.idempotent_hint,
+                open_world_hint: a.open_world_hint,
+            }),
+            params: self.params.as_ref().map(Value::to_string),
+            result: self.result.as_ref().map(Value::to_string),
+        })
+    }
+}
+
+/// Reads a fixture file.
+pub fn read(path: &Path) -> Result<Vec<Fixture>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read fixtures {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("fixtures {} are not valid", path.display()))
+}
+
+/// Runs every case of the fixture file at `path` against `policy`; the first
+/// case that fails is the error.
+pub fn check(policy: &Policy, path: &Path) -> Result<()> {
+    for case in read(path)? {
+        run(policy, &case)
+            .with_context(|| format!("fixture '{}' ({})", case.name, path.display()))?;
+    }
+    Ok(())
+}
+
+fn run(policy: &Policy, case: &Fixture) -> Result<()> {
+    let exchange = case.exchange.to_exchange()?;
+    let hook = match exchange.direction {
+        Direction::ClientToServer => Hook::Request,
+        Direction::ServerToClient => Hook::Response,
+    };
+    let verdict = policy
+        .evaluate(hook, &exchange)
+        .map_err(|f| anyhow::anyhow!("the policy {f}"))?;
+    let (got, payload) = match &verdict.outcome {
+        Outcome::Allow => (Expected::Allow, None),
+        Outcome::Deny(_) => (Expected::Deny, None),
+        Outcome::RequireApproval(_) => (Expected::RequireApproval, None),
+        Outcome::Modify(payload) => (Expected::Modify, Some(payload)),
+    };
+    if got != case.expect {
+        bail!("expected {:?}, got {:?}", case.expect, verdict.outcome);
+    }
+    if let (Some(want), Some(payload)) = (&case.modified, payload) {
+        let payload: Value = serde_json::from_str(payload)?;
+        if &payload != want {
+            bail!("expected the payload {want}, got {payload}");
+        }
+    }
+    Ok(())
+}
