@@ -231,7 +231,9 @@ impl Reloader {
     /// Publishes the status report, then watches the files and SIGHUP from a
     /// background thread for as long as the process runs.
     pub fn start(self: Arc<Self>) -> Result<()> {
-        self.status().publish()?;
+        if let Err(e) = self.status().publish() {
+            tracing::warn!("cannot publish the status report: {e:#}");
+        }
         let (triggers, next) = mpsc::channel();
         let watched = Arc::new(Mutex::new(HashSet::new()));
         let mut watcher = {
