@@ -176,14 +176,13 @@ impl Relay {
         };
         let mut exchange = self.exchange(direction, kind, &message);
         let decision = g.guard.decide(&mut exchange);
-        let outcome = decision.outcome.clone();
-        let record = self.record(g, kind, &message, &exchange, decision);
+        let record = self.record(g, kind, &message, &exchange, &decision);
         if let Err(e) = g.audit.write(&record) {
             tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
             let why = "Portcullis could not write the audit record, so the message was not relayed";
             return refuse(kind, message.id, AUDIT_FAILED, why, None);
         }
-        match outcome {
+        match decision.outcome {
             Decided::Allow => self.pass(direction, kind, &message, &exchange, Cow::Borrowed(text)),
             Decided::Modify(payload) => {
                 match jsonrpc::replace_member(text, message.payload(kind).0, &payload) {
@@ -255,7 +254,7 @@ impl Relay {
         kind: MessageKind,
         message: &Message,
         exchange: &Exchange,
-        decision: Decision,
+        decision: &Decision,
     ) -> AuditRecord {
         let mut record = AuditRecord::new(
             &exchange.agent,
@@ -287,14 +286,14 @@ impl Relay {
         }
         record.tags = decision.tags();
         record.latency_us = decision.latency_us;
-        match decision.outcome {
+        match &decision.outcome {
             Decided::Allow => {}
             Decided::Modify(_) => record.outcome = "modify",
             Decided::Deny(refusal) => {
-                record.deny(refusal.code, refusal.reason, Some(&refusal.policy))
+                record.deny(refusal.code, refusal.reason.as_str(), Some(&refusal.policy))
             }
         }
-        record.policies = decision.verdicts;
+        record.policies = decision.verdicts.clone();
         record
     }
 
