@@ -157,7 +157,8 @@ def test_config_changes_reorder_and_add_policies_and_sighup_reloads(tmp_path: Pa
         async with proxied_filesystem(config, audit, sandbox, env={"PORTCULLIS_STATUS_DIR": str(status_dir)}) as s:
             assert await outcome(s, sandbox) == "allowed"
             added = config.read_text() + (f'[[policy]]\nname = "guard"\nmodule = "{POLICIES / "argument_guard.wasm"}"\n'
-                                          f'[policy.settings]\nroots = ["{tmp_path / "elsewhere"}"]\n')
+                                          f'[policy.settings]\nroots = ["{tmp_path / "elsewhere"}"]\n'
+                                          f'[[audit.sinks]]\ntype = "file"\npath = "{tmp_path / "second.jsonl"}"\n')
             temporary = tmp_path / "new.toml"
             temporary.write_text(added)
             os.replace(temporary, config)  # save-by-rename of the config
@@ -173,6 +174,9 @@ def test_config_changes_reorder_and_add_policies_and_sighup_reloads(tmp_path: Pa
 
             [report] = status(status_dir)
             assert [p["name"] for p in report["policies"]] == ["gate", "guard"]
+            second = read_audit(tmp_path / "second.jsonl")
+            assert second[0]["event"] == "reload" and second[0]["result"] == "ok", "the new sink records the reload"
+            assert any(r.get("decided_by") == "guard" for r in second), "and the decisions after it"
             pid = report["pid"]
             os.kill(pid, signal.SIGHUP)
             deadline = loop.time() + 20
