@@ -31,6 +31,11 @@ def save_by_rename(target: Path, source: Path) -> None:
     os.replace(temporary, target)
 
 
+def delete_and_recreate(target: Path, source: Path) -> None:
+    target.unlink()
+    shutil.copyfile(source, target)
+
+
 def gate_config(directory: Path, module: Path, extra: str = "") -> Path:
     config = directory / "portcullis.toml"
     config.write_text(f'[engine]\ncache_dir = "{directory / "cache"}"\n[[policy]]\nname = "gate"\nmodule = "{module}"\n'
@@ -83,7 +88,7 @@ def test_a_policy_swapped_fifty_times_under_load_answers_every_call(tmp_path: Pa
             background = asyncio.create_task(hammer())
             for swap in range(50):
                 version, wanted = (DENIES, "denied") if swap % 2 == 0 else (ALLOWS, "allowed")
-                (save_by_rename if swap % 4 < 2 else write_in_place)(module, version)
+                [write_in_place, save_by_rename, delete_and_recreate][swap % 3](module, version)
                 await until(session, sandbox, wanted)
             done.set()
             await background
