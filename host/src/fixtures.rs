@@ -1,7 +1,8 @@
 //! Policy fixtures: example messages with the verdict a policy must give them,
 //! in JSON files a policy ships with. Portcullis runs them before a policy
 //! serves — at start and before every reload swaps it in — so a policy that
-//! no longer behaves as its authors promised never replaces a working one.
+//! no longer behaves as its authors promised never replaces a working one;
+//! `portcullis test` runs them on their own and prints a report.
 //!
 //! A fixture file is a JSON array of cases:
 //!
@@ -19,12 +20,14 @@
 //! `modified` may give the payload expected.
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, Outcome, ToolAnnotations};
+use crate::config::{Config, FailureMode, InstanceMode, Mode, PolicyConfig};
+use crate::engine::PolicyEngine;
 use crate::policy::{Hook, Policy};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One case of a fixture file.
 #[derive(Debug, Deserialize)]
@@ -157,21 +160,78 @@ pub fn read(path: &Path) -> Result<Vec<Fixture>> {
 /// case that fails is the error.
 pub fn check(policy: &Policy, path: &Path) -> Result<()> {
     for case in read(path)? {
-        run(policy, &case)
-            .with_context(|| format!("fixture '{}' ({})", case.name, path.display()))?;
+        if let Err(why) = run(policy, &case) {
+            bail!("fixture '{}' ({}): {why}", case.name, path.display());
+        }
     }
     Ok(())
 }
 
-fn run(policy: &Policy, case: &Fixture) -> Result<()> {
-    let exchange = case.exchange.to_exchange()?;
+/// `portcullis test`: loads the module at `module` with `settings` and runs
+/// every case of every file, printing one line per case and, for a failure,
+/// what differed. Returns the exit code: 0 when every case passed.
+pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
+    let config = Config::parse("", Path::new("portcullis-test.toml"))?;
+    let policy_config = PolicyConfig {
+        name: module
+            .file_stem()
+            .map_or("policy".into(), |s| s.to_string_lossy().into_owned()),
+        module: module.to_path_buf(),
+        settings,
+        servers: vec!["*".into()],
+        methods: vec!["*".into()],
+        tools: vec!["*".into()],
+        failure: FailureMode::Closed,
+        mode: Mode::Enforce,
+        instances: InstanceMode::Fresh,
+        timeout_ms: None,
+        memory_mb: None,
+        grants: Vec::new(),
+        fixtures: Vec::new(),
+    };
+    let engine = PolicyEngine::new(&config.engine)?;
+    let policy = Policy::load(&engine, &config, &policy_config)
+        .with_context(|| format!("policy {}", module.display()))?;
+    println!(
+        "policy {}  sha256 {}",
+        module.display(),
+        &policy.sha256[..12]
+    );
+    let (mut passed, mut failed) = (0, 0);
+    for file in files {
+        for case in read(file)? {
+            match run(&policy, &case) {
+                Ok(()) => {
+                    passed += 1;
+                    println!("  PASS  {}  ({})", case.name, file.display());
+                }
+                Err(why) => {
+                    failed += 1;
+                    println!("  FAIL  {}  ({})", case.name, file.display());
+                    for line in why.lines() {
+                        println!("        {line}");
+                    }
+                }
+            }
+        }
+    }
+    println!("fixtures: {passed} passed, {failed} failed");
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// Runs one case; the error says how the verdict differed.
+fn run(policy: &Policy, case: &Fixture) -> Result<(), String> {
+    let exchange = case
+        .exchange
+        .to_exchange()
+        .map_err(|e| format!("invalid exchange: {e:#}"))?;
     let hook = match exchange.direction {
         Direction::ClientToServer => Hook::Request,
         Direction::ServerToClient => Hook::Response,
     };
     let verdict = policy
         .evaluate(hook, &exchange)
-        .map_err(|f| anyhow::anyhow!("the policy {f}"))?;
+        .map_err(|f| format!("the policy {f}"))?;
     let (got, payload) = match &verdict.outcome {
         Outcome::Allow => (Expected::Allow, None),
         Outcome::Deny(_) => (Expected::Deny, None),
@@ -179,12 +239,20 @@ fn run(policy: &Policy, case: &Fixture) -> Result<()> {
         Outcome::Modify(payload) => (Expected::Modify, Some(payload)),
     };
     if got != case.expect {
-        bail!("expected {:?}, got {:?}", case.expect, verdict.outcome);
+        return Err(format!(
+            "expected {:?}, got {:?}",
+            case.expect, verdict.outcome
+        ));
     }
     if let (Some(want), Some(payload)) = (&case.modified, payload) {
-        let payload: Value = serde_json::from_str(payload)?;
+        let payload: Value = serde_json::from_str(payload).map_err(|e| e.to_string())?;
         if &payload != want {
-            bail!("expected the payload {want}, got {payload}");
+            let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+            return Err(format!(
+                "the modified payload differs\nexpected:\n{}\ngot:\n{}",
+                pretty(want),
+                pretty(&payload)
+            ));
         }
     }
     Ok(())

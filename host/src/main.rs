@@ -47,6 +47,18 @@ enum Commands {
         /// The config file.
         config: PathBuf,
     },
+    /// Run fixture files against a policy module and report each case;
+    /// exits non-zero if any case fails.
+    Test {
+        /// The policy module (.wasm component).
+        module: PathBuf,
+        /// Fixture files (JSON arrays of cases).
+        #[arg(required = true)]
+        fixtures: Vec<PathBuf>,
+        /// The policy's settings, as JSON.
+        #[arg(long, default_value = "{}")]
+        settings: String,
+    },
     /// Show every running Portcullis process: its policies with their
     /// digests and load times, and its last reload.
     Status {
@@ -89,6 +101,14 @@ fn run(cli: Cli) -> Result<i32> {
         } => run_stdio(config, audit_file, server, command),
         Commands::Check { config } => Ok(portcullis::check::run(&config)),
         Commands::Status { json } => status::print(json).map(|()| 0),
+        Commands::Test {
+            module,
+            fixtures,
+            settings,
+        } => {
+            let settings = serde_json::from_str(&settings).context("--settings is not JSON")?;
+            portcullis::fixtures::test(&module, settings, &fixtures)
+        }
         Commands::Bench(args) => portcullis::bench::run(&args).map(|()| 0),
     }
 }

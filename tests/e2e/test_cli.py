@@ -1,10 +1,11 @@
 """`portcullis check` and start-up errors: a bad config, a corrupt module and
 rejected settings each get a clear report naming what is wrong."""
 
+import json
 import subprocess
 from pathlib import Path
 
-from conftest import PORTCULLIS, policy, write_config
+from conftest import POLICIES, PORTCULLIS, policy, write_config
 
 
 def check(config: Path) -> subprocess.CompletedProcess:
@@ -54,3 +55,31 @@ def test_a_damaged_compile_cache_entry_is_replaced_not_trusted(tmp_path: Path):
     artifacts[0].write_bytes(artifacts[0].read_bytes()[:-64] + b"\0" * 64)
     again = check(config)
     assert again.returncode == 0, again.stdout
+
+
+def test_portcullis_test_reports_each_fixture_and_fails_on_a_mismatch(tmp_path: Path):
+    fixtures = tmp_path / "redact.fixtures.json"
+    fixtures.write_text(json.dumps([
+        {"name": "keys are masked",
+         "exchange": {"direction": "server-to-client", "kind": "result", "method": "tools/call",
+                      "result": {"content": [{"type": "text", "text": "AKIAIOSFODNN7EXAMPLE"}]}},
+         "expect": "modify",
+         "modified": {"content": [{"type": "text", "text": "[REDACTED:aws-access-key-id]"}]}},
+        {"name": "plain text passes", "expect": "allow",
+         "exchange": {"direction": "server-to-client", "kind": "result", "method": "tools/call",
+                      "result": {"content": [{"type": "text", "text": "hello"}]}}},
+    ]))
+    module = str(POLICIES / "redact_secrets.wasm")
+    ok = subprocess.run([str(PORTCULLIS), "test", module, str(fixtures)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout
+    assert "PASS  keys are masked" in ok.stdout and "fixtures: 2 passed, 0 failed" in ok.stdout
+
+    wrong = tmp_path / "wrong.fixtures.json"
+    wrong.write_text(json.dumps([{"name": "expects the key kept", "expect": "allow",
+                                  "exchange": {"direction": "server-to-client", "kind": "result",
+                                               "method": "tools/call", "result": {"k": "AKIAIOSFODNN7EXAMPLE"}}}]))
+    bad = subprocess.run([str(PORTCULLIS), "test", module, str(fixtures), str(wrong)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert "FAIL  expects the key kept" in bad.stdout and "expected Allow, got Modify" in bad.stdout
+    assert "fixtures: 2 passed, 1 failed" in bad.stdout
