@@ -57,6 +57,27 @@ pub enum Expected {
     Modify,
 }
 
+impl Expected {
+    fn as_str(self) -> &'static str {
+        match self {
+            Expected::Allow => "allow",
+            Expected::Deny => "deny",
+            Expected::RequireApproval => "require-approval",
+            Expected::Modify => "modify",
+        }
+    }
+}
+
+/// A verdict's outcome as a person reads it.
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Allow => "allow".into(),
+        Outcome::Deny(denial) => format!("deny ({}): {}", denial.code, denial.reason),
+        Outcome::RequireApproval(reason) => format!("require-approval: {reason}"),
+        Outcome::Modify(payload) => format!("modify: {payload}"),
+    }
+}
+
 /// An exchange as written in a fixture file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,9 +260,10 @@ fn run(policy: &Policy, case: &Fixture) -> Result<(), String> {
         Outcome::Modify(payload) => (Expected::Modify, Some(payload)),
     };
     if got != case.expect {
+        let expected = case.expect.as_str();
         return Err(format!(
-            "expected {:?}, got {:?}",
-            case.expect, verdict.outcome
+            "expected {expected}, got {}",
+            describe(&verdict.outcome)
         ));
     }
     if let (Some(want), Some(payload)) = (&case.modified, payload) {

@@ -81,5 +81,5 @@ def test_portcullis_test_reports_each_fixture_and_fails_on_a_mismatch(tmp_path: 
     bad = subprocess.run([str(PORTCULLIS), "test", module, str(fixtures), str(wrong)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
-    assert "FAIL  expects the key kept" in bad.stdout and "expected Allow, got Modify" in bad.stdout
+    assert "FAIL  expects the key kept" in bad.stdout and "expected allow, got modify: {\"k\":\"[REDACTED:aws-access-key-id]\"}" in bad.stdout
     assert "fixtures: 2 passed, 1 failed" in bad.stdout

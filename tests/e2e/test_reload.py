@@ -209,4 +209,4 @@ def test_fixtures_must_pass_before_a_policy_serves(tmp_path: Path, sandbox: Path
         assert result.returncode == 0, result.stdout
     else:
         assert result.returncode == 1
-        assert "fixture 'create_directory is refused'" in result.stdout and "expected Allow" in result.stdout
+        assert "fixture 'create_directory is refused'" in result.stdout and "expected allow, got deny (-32001): tool 'create_directory' is not declared read-only" in result.stdout
