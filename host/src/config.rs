@@ -182,6 +182,9 @@ pub struct AuditConfig {
     /// Record the arguments themselves, not only their digest.
     #[serde(default = "yes")]
     pub include_arguments: bool,
+    /// Record what each policy logged while judging the message.
+    #[serde(default)]
+    pub include_policy_logs: bool,
     /// Where records go; `--audit-file` adds a file sink.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
@@ -191,6 +194,7 @@ impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             include_arguments: true,
+            include_policy_logs: false,
             sinks: Vec::new(),
         }
     }

@@ -31,6 +31,9 @@ const KEEP_RESIDENT: usize = 1 << 20;
 /// Longest log line a policy may write; longer ones are truncated.
 const MAX_LOG_LINE: usize = 4096;
 
+/// Most log lines kept per evaluation (all still go to the host's log).
+const MAX_LOG_LINES: usize = 32;
+
 /// Most table elements a policy instance may grow to.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
@@ -278,6 +281,16 @@ pub struct PolicyState {
     memory_limit: usize,
     memory_exceeded: bool,
     stderr: Option<MemoryOutputPipe>,
+    logs: Vec<LogLine>,
+}
+
+/// A line a policy logged through the `log` import.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogLine {
+    /// `trace`, `debug`, `info`, `warn` or `error`.
+    pub level: &'static str,
+    /// The message, truncated to a bounded length.
+    pub message: String,
 }
 
 impl PolicyState {
@@ -307,6 +320,7 @@ impl PolicyState {
             memory_limit,
             memory_exceeded: false,
             stderr,
+            logs: Vec::new(),
         }
     }
 
@@ -321,6 +335,11 @@ impl PolicyState {
             .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
             .collect();
         (!lines.is_empty()).then(|| lines.join(" "))
+    }
+
+    /// The lines logged since the last call, leaving none.
+    pub fn take_logs(&mut self) -> Vec<LogLine> {
+        std::mem::take(&mut self.logs)
     }
 
     /// True once the instance tried to grow past its memory limit.
@@ -368,12 +387,33 @@ impl bindings::portcullis::policy::log::Host for PolicyState {
     fn log(&mut self, level: bindings::Level, message: String) {
         let message = truncate(&message, MAX_LOG_LINE);
         let policy = &*self.policy;
-        match level {
-            bindings::Level::Trace => tracing::trace!(policy, "{message}"),
-            bindings::Level::Debug => tracing::debug!(policy, "{message}"),
-            bindings::Level::Info => tracing::info!(policy, "{message}"),
-            bindings::Level::Warn => tracing::warn!(policy, "{message}"),
-            bindings::Level::Error => tracing::error!(policy, "{message}"),
+        let name = match level {
+            bindings::Level::Trace => {
+                tracing::trace!(policy, "{message}");
+                "trace"
+            }
+            bindings::Level::Debug => {
+                tracing::debug!(policy, "{message}");
+                "debug"
+            }
+            bindings::Level::Info => {
+                tracing::info!(policy, "{message}");
+                "info"
+            }
+            bindings::Level::Warn => {
+                tracing::warn!(policy, "{message}");
+                "warn"
+            }
+            bindings::Level::Error => {
+                tracing::error!(policy, "{message}");
+                "error"
+            }
+        };
+        if self.logs.len() < MAX_LOG_LINES {
+            self.logs.push(LogLine {
+                level: name,
+                message: message.to_string(),
+            });
         }
     }
 }

@@ -2,7 +2,8 @@
 //! in JSON files a policy ships with. Portcullis runs them before a policy
 //! serves — at start and before every reload swaps it in — so a policy that
 //! no longer behaves as its authors promised never replaces a working one;
-//! `portcullis test` runs them on their own and prints a report.
+//! `portcullis test` runs them on their own and prints a report, and
+//! `portcullis eval` shows how a policy judges one message.
 //!
 //! A fixture file is a JSON array of cases:
 //!
@@ -20,7 +21,7 @@
 //! `modified` may give the payload expected.
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, Outcome, ToolAnnotations};
-use crate::config::{Config, FailureMode, InstanceMode, Mode, PolicyConfig};
+use crate::config::{Config, EngineConfig, FailureMode, InstanceMode, Mode, PolicyConfig};
 use crate::engine::PolicyEngine;
 use crate::policy::{Hook, Policy};
 use anyhow::{Context, Result, bail};
@@ -28,6 +29,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// One case of a fixture file.
 #[derive(Debug, Deserialize)]
@@ -188,31 +190,42 @@ pub fn check(policy: &Policy, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `portcullis test`: loads the module at `module` with `settings` and runs
-/// every case of every file, printing one line per case and, for a failure,
-/// what differed. Returns the exit code: 0 when every case passed.
-pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
-    let config = Config::parse("", Path::new("portcullis-test.toml"))?;
+/// Loads a policy module on its own, as `portcullis test` and `eval` do:
+/// default engine limits, every scope, fail-closed.
+fn standalone(
+    engine: &PolicyEngine,
+    module: &Path,
+    settings: &Value,
+    instances: InstanceMode,
+) -> Result<Policy> {
+    let config = Config::parse("", Path::new("standalone.toml"))?;
     let policy_config = PolicyConfig {
         name: module
             .file_stem()
             .map_or("policy".into(), |s| s.to_string_lossy().into_owned()),
         module: module.to_path_buf(),
-        settings,
+        settings: settings.clone(),
         servers: vec!["*".into()],
         methods: vec!["*".into()],
         tools: vec!["*".into()],
         failure: FailureMode::Closed,
         mode: Mode::Enforce,
-        instances: InstanceMode::Fresh,
+        instances,
         timeout_ms: None,
         memory_mb: None,
         grants: Vec::new(),
         fixtures: Vec::new(),
     };
-    let engine = PolicyEngine::new(&config.engine)?;
-    let policy = Policy::load(&engine, &config, &policy_config)
-        .with_context(|| format!("policy {}", module.display()))?;
+    Policy::load(engine, &config, &policy_config)
+        .with_context(|| format!("policy {}", module.display()))
+}
+
+/// `portcullis test`: loads the module at `module` with `settings` and runs
+/// every case of every file, printing one line per case and, for a failure,
+/// what differed. Returns the exit code: 0 when every case passed.
+pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
+    let engine = PolicyEngine::new(&EngineConfig::default())?;
+    let policy = standalone(&engine, module, &settings, InstanceMode::Fresh)?;
     println!(
         "policy {}  sha256 {}",
         module.display(),
@@ -240,6 +253,58 @@ pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
     Ok(if failed == 0 { 0 } else { 1 })
 }
 
+/// `portcullis eval`: judges the exchange in the file at `message` (written
+/// as in a fixture) and prints the verdict, its tags, what the policy logged,
+/// and how long it took on a fresh instance and on a reused one.
+pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
+    let text = std::fs::read_to_string(message)
+        .with_context(|| format!("cannot read {}", message.display()))?;
+    let exchange: FixtureExchange = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an exchange", message.display()))?;
+    let exchange = exchange.to_exchange()?;
+    let hook = match exchange.direction {
+        Direction::ClientToServer => Hook::Request,
+        Direction::ServerToClient => Hook::Response,
+    };
+    let engine = PolicyEngine::new(&EngineConfig::default())?;
+    let fresh = standalone(&engine, module, &settings, InstanceMode::Fresh)?;
+    println!(
+        "policy   {}  sha256 {}",
+        module.display(),
+        &fresh.sha256[..12]
+    );
+    let started = Instant::now();
+    let evaluation = fresh.evaluate(hook, &exchange);
+    let first = started.elapsed();
+    match &evaluation.result {
+        Ok(verdict) => {
+            println!("verdict  {}", describe(&verdict.outcome));
+            if !verdict.tags.is_empty() {
+                println!("tags     {}", verdict.tags.join(", "));
+            }
+        }
+        Err(failure) => println!("failure  the policy {failure}"),
+    }
+    for line in &evaluation.logs {
+        println!("log      {:<5} {}", line.level, line.message);
+    }
+    let reused = standalone(&engine, module, &settings, InstanceMode::Reuse)?;
+    let mut samples: Vec<Duration> = (0..200)
+        .map(|_| {
+            let started = Instant::now();
+            let _ = reused.evaluate(hook, &exchange);
+            started.elapsed()
+        })
+        .collect();
+    samples.sort_unstable();
+    println!(
+        "time     {:.1} µs on a fresh instance; {:.1} µs median on a reused one",
+        first.as_secs_f64() * 1e6,
+        samples[samples.len() / 2].as_secs_f64() * 1e6
+    );
+    Ok(if evaluation.result.is_ok() { 0 } else { 1 })
+}
+
 /// Runs one case; the error says how the verdict differed.
 fn run(policy: &Policy, case: &Fixture) -> Result<(), String> {
     let exchange = case
@@ -252,6 +317,7 @@ fn run(policy: &Policy, case: &Fixture) -> Result<(), String> {
     };
     let verdict = policy
         .evaluate(hook, &exchange)
+        .result
         .map_err(|f| format!("the policy {f}"))?;
     let (got, payload) = match &verdict.outcome {
         Outcome::Allow => (Expected::Allow, None),

@@ -7,7 +7,7 @@
 
 use crate::bindings::{Direction, Exchange, MessageKind, Outcome};
 use crate::config::{Config, FailureMode, Mode, PolicyConfig};
-use crate::engine::PolicyEngine;
+use crate::engine::{LogLine, PolicyEngine};
 use crate::jsonrpc::{DENIED, POLICY_FAILED};
 use crate::policy::{Hook, Policy};
 use anyhow::{Context, Result};
@@ -102,6 +102,10 @@ pub struct PolicyVerdict {
     pub enforced: bool,
     /// Evaluation time in µs.
     pub latency_us: u64,
+    /// Lines the policy logged (kept in audit records only with
+    /// `audit.include_policy_logs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogLine>,
 }
 
 impl Guard {
@@ -219,6 +223,7 @@ impl Link {
         let started = Instant::now();
         let evaluated = self.policy.evaluate(hook, exchange);
         let latency_us = started.elapsed().as_micros() as u64;
+        let logs = evaluated.logs;
         let enforced = self.mode == Mode::Enforce;
         let record = |verdict, reason, tags| PolicyVerdict {
             policy: self.policy.name.clone(),
@@ -228,8 +233,9 @@ impl Link {
             tags,
             enforced,
             latency_us,
+            logs: logs.clone(),
         };
-        let (recorded, step) = match evaluated {
+        let (recorded, step) = match evaluated.result {
             Ok(v) => match v.outcome {
                 Outcome::Allow => (record("allow", None, v.tags), Step::Pass),
                 Outcome::Deny(d) => (

@@ -59,6 +59,18 @@ enum Commands {
         #[arg(long, default_value = "{}")]
         settings: String,
     },
+    /// Judge one message with a policy module and print the verdict, the
+    /// policy's log lines and the time it took.
+    Eval {
+        /// The policy module (.wasm component).
+        module: PathBuf,
+        /// The message: an exchange written as in a fixture file.
+        #[arg(long)]
+        message: PathBuf,
+        /// The policy's settings, as JSON.
+        #[arg(long, default_value = "{}")]
+        settings: String,
+    },
     /// Show every running Portcullis process: its policies with their
     /// digests and load times, and its last reload.
     Status {
@@ -108,6 +120,14 @@ fn run(cli: Cli) -> Result<i32> {
         } => {
             let settings = serde_json::from_str(&settings).context("--settings is not JSON")?;
             portcullis::fixtures::test(&module, settings, &fixtures)
+        }
+        Commands::Eval {
+            module,
+            message,
+            settings,
+        } => {
+            let settings = serde_json::from_str(&settings).context("--settings is not JSON")?;
+            portcullis::fixtures::eval(&module, settings, &message)
         }
         Commands::Bench(args) => portcullis::bench::run(&args).map(|()| 0),
     }

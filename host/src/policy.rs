@@ -6,7 +6,7 @@
 
 use crate::bindings::{self, Exchange, MessageKind, Outcome, Verdict};
 use crate::config::{Config, Grant, InstanceMode, PolicyConfig};
-use crate::engine::{EPOCH_TICK, EpochTicker, PolicyEngine, PolicyState, truncate};
+use crate::engine::{EPOCH_TICK, EpochTicker, LogLine, PolicyEngine, PolicyState, truncate};
 use anyhow::{Context, Result, anyhow};
 use std::sync::{Arc, Mutex};
 use wasmtime::{ResourceLimiter, Store, Trap};
@@ -30,6 +30,24 @@ pub struct Failure(pub String);
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The outcome of one evaluation and what the policy logged during it.
+#[derive(Debug)]
+pub struct Evaluation {
+    /// The verdict, or why there is none.
+    pub result: Result<Verdict, Failure>,
+    /// Lines the policy logged.
+    pub logs: Vec<LogLine>,
+}
+
+impl Evaluation {
+    fn failed(failure: Failure) -> Self {
+        Self {
+            result: Err(failure),
+            logs: Vec::new(),
+        }
     }
 }
 
@@ -84,24 +102,32 @@ impl Policy {
     }
 
     /// Runs one hook on `exchange` and checks the verdict is well formed.
-    pub fn evaluate(&self, hook: Hook, exchange: &Exchange) -> Result<Verdict, Failure> {
+    pub fn evaluate(&self, hook: Hook, exchange: &Exchange) -> Evaluation {
         let _running = self.ticker.running();
         let mut instance = match self.take_idle() {
             Some(mut reused) => {
                 reused.store.set_epoch_deadline(self.deadline_ticks());
                 reused
             }
-            None => self.instantiate()?,
+            None => match self.instantiate() {
+                Ok(fresh) => fresh,
+                Err(failure) => return Evaluation::failed(failure),
+            },
         };
         let hooks = instance.hooks.portcullis_policy_hooks();
         let called = match hook {
             Hook::Request => hooks.call_on_request(&mut instance.store, exchange),
             Hook::Response => hooks.call_on_response(&mut instance.store, exchange),
         };
-        let verdict = called.map_err(|e| self.failure(&instance.store, e))?;
-        self.release(instance);
-        check_verdict(&verdict, exchange.kind)?;
-        Ok(verdict)
+        let logs = instance.store.data_mut().take_logs();
+        let result = match called {
+            Ok(verdict) => {
+                self.release(instance);
+                check_verdict(&verdict, exchange.kind).map(|()| verdict)
+            }
+            Err(e) => Err(self.failure(&instance.store, e)),
+        };
+        Evaluation { result, logs }
     }
 
     fn take_idle(&self) -> Option<Instance> {

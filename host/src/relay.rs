@@ -294,6 +294,9 @@ impl Relay {
             }
         }
         record.policies = decision.verdicts.clone();
+        if !g.audit.include_policy_logs() {
+            record.policies.iter_mut().for_each(|v| v.logs.clear());
+        }
         record
     }
 

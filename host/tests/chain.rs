@@ -299,3 +299,25 @@ fn instances_are_reused_or_fresh_as_configured() {
         }
     }
 }
+
+#[test]
+fn what_a_policy_logs_is_kept_with_its_verdict() {
+    let guard = guard(
+        r#"
+        [[policy]]
+        name = "chatty"
+        module = "misbehave.wasm"
+        settings = { mode = "log", tool = "x" }
+        "#,
+    );
+    for _ in 0..2 {
+        let decision = guard.decide(&mut call("x", "{}", true));
+        let logs = &decision.verdicts[0].logs;
+        assert_eq!(logs.len(), 1, "one line per evaluation, none carried over");
+        assert_eq!(
+            (logs[0].level, logs[0].message.as_str()),
+            ("info", "misbehave: hello from the policy")
+        );
+        assert_eq!(decision.tags(), vec!["logged".to_string()]);
+    }
+}

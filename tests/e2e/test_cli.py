@@ -83,3 +83,19 @@ def test_portcullis_test_reports_each_fixture_and_fails_on_a_mismatch(tmp_path: 
     assert bad.returncode == 1
     assert "FAIL  expects the key kept" in bad.stdout and "expected allow, got modify: {\"k\":\"[REDACTED:aws-access-key-id]\"}" in bad.stdout
     assert "fixtures: 2 passed, 1 failed" in bad.stdout
+
+
+def test_portcullis_eval_prints_the_verdict_the_logs_and_the_time(tmp_path: Path):
+    message = tmp_path / "call.json"
+    message.write_text(json.dumps({"method": "tools/call", "tool": "x", "params": {"name": "x", "arguments": {}}}))
+    out = subprocess.run([str(PORTCULLIS), "eval", str(POLICIES / "misbehave.wasm"), "--message", str(message),
+                          "--settings", '{"mode": "log", "tool": "x"}'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "verdict  allow" in out.stdout and "tags     logged" in out.stdout
+    assert "log      info  misbehave: hello from the policy" in out.stdout
+    assert "µs on a fresh instance" in out.stdout and "median on a reused one" in out.stdout
+
+    trap = subprocess.run([str(PORTCULLIS), "eval", str(POLICIES / "misbehave.wasm"), "--message", str(message),
+                           "--settings", '{"mode": "trap", "tool": "x"}'], capture_output=True, text=True, timeout=120)
+    assert trap.returncode == 1
+    assert "failure  the policy trapped" in trap.stdout and "misbehave: deliberate trap" in trap.stdout

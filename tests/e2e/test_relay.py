@@ -166,3 +166,19 @@ def test_answers_sent_before_the_server_exits_still_reach_the_client(tmp_path: P
     while (line := proxy.lines.get(timeout=30)) != b"":
         answers.append(json.loads(line)["id"])
     assert answers == [0, 1, 2, 3, 4]
+
+
+def test_policy_logs_go_into_audit_records_when_asked(tmp_path: Path, monkeypatch):
+    chatty = policy("chatty", "misbehave.wasm", methods=["tools/call"], settings={"mode": "log", "tool": "x"})
+    proxy = echo_proxy(tmp_path, [chatty], monkeypatch, "\n[audit]\ninclude_policy_logs = true\n")
+    assert proxy.request('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}')["id"] == 1
+    proxy.close()
+    call = [r for r in read_audit(tmp_path / "audit.jsonl") if r["kind"] == "request"][0]
+    assert call["policies"][0]["logs"] == [{"level": "info", "message": "misbehave: hello from the policy"}]
+
+    (tmp_path / "audit.jsonl").unlink()
+    quiet = echo_proxy(tmp_path, [chatty], monkeypatch)
+    assert quiet.request('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}')["id"] == 1
+    quiet.close()
+    call = [r for r in read_audit(tmp_path / "audit.jsonl") if r["kind"] == "request"][0]
+    assert "logs" not in call["policies"][0], "policy logs stay out of the trail by default"

@@ -195,6 +195,7 @@ pub fn canonical_digest(json: &RawValue) -> Option<(String, Value)> {
 pub struct Audit {
     sinks: Vec<Box<dyn Sink>>,
     include_arguments: bool,
+    include_policy_logs: bool,
 }
 
 impl Audit {
@@ -211,14 +212,17 @@ impl Audit {
         Ok(Self {
             sinks,
             include_arguments: config.include_arguments,
+            include_policy_logs: config.include_policy_logs,
         })
     }
 
-    /// An audit trail with the given sinks.
-    pub fn with_sinks(sinks: Vec<Box<dyn Sink>>, include_arguments: bool) -> Self {
+    /// An audit trail with the given sinks, recording arguments but not
+    /// policy logs.
+    pub fn with_sinks(sinks: Vec<Box<dyn Sink>>) -> Self {
         Self {
             sinks,
-            include_arguments,
+            include_arguments: true,
+            include_policy_logs: false,
         }
     }
 
@@ -227,9 +231,9 @@ impl Audit {
         self.include_arguments
     }
 
-    /// The sinks, for reports.
-    pub fn sinks(&self) -> impl Iterator<Item = &dyn Sink> {
-        self.sinks.iter().map(|s| &**s)
+    /// Whether records carry what policies logged.
+    pub fn include_policy_logs(&self) -> bool {
+        self.include_policy_logs
     }
 
     /// Writes `record` (one JSON object) to every sink; fails if any sink
@@ -285,7 +289,7 @@ mod tests {
     fn records_go_to_every_sink_as_one_json_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let audit = Audit::with_sinks(vec![Box::new(FileSink::open(&path).unwrap())], true);
+        let audit = Audit::with_sinks(vec![Box::new(FileSink::open(&path).unwrap())]);
         let agent = crate::bindings::Agent {
             id: "bot".into(),
             attributes: vec![("team".into(), "infra".into())],

@@ -1,8 +1,9 @@
 //! A deliberately broken policy for Portcullis' own tests: on calls to the
 //! configured tool, and on their answers, it loops forever, allocates without
-//! end, traps, or returns a malformed verdict. Never ship it.
+//! end, traps, or returns a malformed verdict — or just logs a line and
+//! allows. Never ship it.
 
-use portcullis_policy::{Exchange, Outcome, Policy, Verdict};
+use portcullis_policy::{Exchange, Level, Outcome, Policy, Verdict, log};
 use serde::Deserialize;
 use std::hint::black_box;
 
@@ -13,6 +14,7 @@ enum Mode {
     Alloc,
     Trap,
     Garbage,
+    Log,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +54,10 @@ fn misbehave(settings: &Settings, exchange: &Exchange) -> Verdict {
         }
         Mode::Trap => panic!("misbehave: deliberate trap"),
         Mode::Garbage => Verdict::from(Outcome::Modify("{this is not json".into())),
+        Mode::Log => {
+            log(Level::Info, "misbehave: hello from the policy");
+            Verdict::allow().tag("logged")
+        }
     }
 }
 
