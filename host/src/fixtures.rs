@@ -18,7 +18,8 @@
 //! `exchange` fields default to a client-to-server request from agent
 //! `fixture` to server `fixture`; `params` and `result` are JSON values.
 //! `expect` is `allow`, `deny`, `require-approval` or `modify`; with `modify`,
-//! `modified` may give the payload expected.
+//! `modified` may give the payload expected; `tags` may give the audit tags
+//! expected.
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, Outcome, ToolAnnotations};
 use crate::config::{Config, EngineConfig, FailureMode, InstanceMode, Mode, PolicyConfig};
@@ -43,6 +44,8 @@ pub struct Fixture {
     pub expect: Expected,
     /// For `modify`: the payload expected.
     pub modified: Option<Value>,
+    /// The audit tags expected, in order.
+    pub tags: Option<Vec<String>>,
 }
 
 /// The outcome a fixture expects.
@@ -330,6 +333,12 @@ fn run(policy: &Policy, case: &Fixture) -> Result<(), String> {
         return Err(format!(
             "expected {expected}, got {}",
             describe(&verdict.outcome)
+        ));
+    }
+    if let Some(tags) = case.tags.as_ref().filter(|tags| **tags != verdict.tags) {
+        return Err(format!(
+            "expected the tags {tags:?}, got {:?}",
+            verdict.tags
         ));
     }
     if let (Some(want), Some(payload)) = (&case.modified, payload) {

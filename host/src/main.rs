@@ -84,12 +84,17 @@ enum Commands {
 
 fn main() {
     let cli = Cli::parse();
+    // The proxy reports what it does; the tools print their own results.
+    let default_level = match cli.command {
+        Commands::Stdio { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .init();
     let code = match run(cli) {
