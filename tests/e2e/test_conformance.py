@@ -12,7 +12,7 @@ from mcp.shared.exceptions import MCPError
 from conftest import PORTCULLIS, ROOT, proxied_filesystem, toml_value
 
 REFERENCE = ROOT / "examples" / "policies"
-LANGUAGES = ["rust", "js"]
+LANGUAGES = ["rust", "js", "python"]
 SETTINGS = '{"allow": ["list_allowed_directories"], "roots": ["/srv/data"]}'
 
 
