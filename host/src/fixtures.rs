@@ -265,10 +265,7 @@ pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
     let exchange: FixtureExchange = serde_json::from_str(&text)
         .with_context(|| format!("{} is not an exchange", message.display()))?;
     let exchange = exchange.to_exchange()?;
-    let hook = match exchange.direction {
-        Direction::ClientToServer => Hook::Request,
-        Direction::ServerToClient => Hook::Response,
-    };
+    let hook = Hook::for_direction(exchange.direction);
     let engine = PolicyEngine::new(&EngineConfig::default())?;
     let fresh = standalone(&engine, module, &settings, InstanceMode::Fresh)?;
     println!(
@@ -314,10 +311,7 @@ fn run(policy: &Policy, case: &Fixture) -> Result<(), String> {
         .exchange
         .to_exchange()
         .map_err(|e| format!("invalid exchange: {e:#}"))?;
-    let hook = match exchange.direction {
-        Direction::ClientToServer => Hook::Request,
-        Direction::ServerToClient => Hook::Response,
-    };
+    let hook = Hook::for_direction(exchange.direction);
     let verdict = policy
         .evaluate(hook, &exchange)
         .result

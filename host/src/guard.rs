@@ -5,7 +5,7 @@
 //! exist it is enforced as a deny); monitor-mode verdicts are recorded, never
 //! enforced; a failing policy denies unless it is configured fail-open.
 
-use crate::bindings::{Direction, Exchange, MessageKind, Outcome};
+use crate::bindings::{Exchange, MessageKind, Outcome};
 use crate::config::{Config, FailureMode, Mode, PolicyConfig};
 use crate::engine::{LogLine, PolicyEngine};
 use crate::jsonrpc::{DENIED, POLICY_FAILED};
@@ -128,10 +128,7 @@ impl Guard {
     /// `exchange` as they happen, so each policy sees its predecessors' work.
     pub fn decide(&self, exchange: &mut Exchange) -> Decision {
         let started = Instant::now();
-        let hook = match exchange.direction {
-            Direction::ClientToServer => Hook::Request,
-            Direction::ServerToClient => Hook::Response,
-        };
+        let hook = Hook::for_direction(exchange.direction);
         let mut verdicts = Vec::new();
         let mut modified = false;
         let mut hold = None;

@@ -4,7 +4,7 @@
 //! malformed output — comes back as a [`Failure`] with a readable reason,
 //! never as a panic or a raw backtrace.
 
-use crate::bindings::{self, Exchange, MessageKind, Outcome, Verdict};
+use crate::bindings::{self, Direction, Exchange, MessageKind, Outcome, Verdict};
 use crate::config::{Config, Grant, InstanceMode, PolicyConfig};
 use crate::engine::{EPOCH_TICK, EpochTicker, LogLine, PolicyEngine, PolicyState, truncate};
 use anyhow::{Context, Result, anyhow};
@@ -21,6 +21,16 @@ pub enum Hook {
     Request,
     /// `on-response`: server → client.
     Response,
+}
+
+impl Hook {
+    /// The hook that judges messages travelling `direction`.
+    pub fn for_direction(direction: Direction) -> Self {
+        match direction {
+            Direction::ClientToServer => Hook::Request,
+            Direction::ServerToClient => Hook::Response,
+        }
+    }
 }
 
 /// Why an evaluation produced no usable verdict.
