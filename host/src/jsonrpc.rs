@@ -150,6 +150,42 @@ pub fn leading_id(prefix: &[u8]) -> Option<Box<RawValue>> {
     found.filter(|id| id.get() != "null")
 }
 
+/// Finds a top-level `id` written last in a message too large to parse
+/// whole (as the TypeScript MCP SDK writes answers), from its last bytes.
+pub fn trailing_id(suffix: &[u8]) -> Option<Box<RawValue>> {
+    let text = String::from_utf8_lossy(suffix);
+    // The message's own closing brace, then the value just before it.
+    let body = text.trim_end().strip_suffix('}')?.trim_end();
+    let start = if let Some(inner) = body.strip_suffix('"') {
+        let mut end = inner.len();
+        loop {
+            let quote = inner[..end].rfind('"')?;
+            let backslashes = inner[..quote]
+                .chars()
+                .rev()
+                .take_while(|c| *c == '\\')
+                .count();
+            if backslashes % 2 == 0 {
+                break quote;
+            }
+            end = quote;
+        }
+    } else {
+        body.rfind(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c)))? + 1
+    };
+    let key = body[..start]
+        .trim_end()
+        .strip_suffix(':')?
+        .trim_end()
+        .strip_suffix("\"id\"")?;
+    if !key.trim_end().ends_with([',', '{']) {
+        return None;
+    }
+    serde_json::from_str::<Box<RawValue>>(&body[start..])
+        .ok()
+        .filter(|id| id.get() != "null")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +245,27 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v, json!({"jsonrpc":"2.0","id":3,"result":{"b":2},"x":true}));
+    }
+
+    #[test]
+    fn finds_an_id_written_last() {
+        let tail = |t: &str| trailing_id(t.as_bytes()).map(|id| id.get().to_string());
+        assert_eq!(
+            tail(r#"aaaa"}]},"jsonrpc":"2.0","id":12}"#).as_deref(),
+            Some("12")
+        );
+        assert_eq!(
+            tail("aa\"}, \"id\" : \"req-\\\"9\" }\n").as_deref(),
+            Some(r#""req-\"9""#)
+        );
+        assert_eq!(
+            tail(r#"xx","id":"inner"}}"#),
+            None,
+            "a nested id is not the message's"
+        );
+        assert_eq!(tail(r#"xx","id":null}"#), None);
+        assert_eq!(tail(r#"xx","valid":3}"#), None);
+        assert_eq!(tail("garbage"), None);
     }
 
     #[test]

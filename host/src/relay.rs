@@ -90,7 +90,11 @@ impl Relay {
         let g = &*generation;
         let bytes = match frame {
             Frame::Line(bytes) => bytes,
-            Frame::Oversized { len, prefix } => return self.oversized(g, direction, len, &prefix),
+            Frame::Oversized {
+                len,
+                prefix,
+                suffix,
+            } => return self.oversized(g, direction, len, &prefix, &suffix),
         };
         let Ok(text) = std::str::from_utf8(&bytes) else {
             return into_delivery(self.reject(
@@ -353,8 +357,9 @@ impl Relay {
         direction: Direction,
         len: usize,
         prefix: &[u8],
+        suffix: &[u8],
     ) -> Delivery {
-        let id = jsonrpc::leading_id(prefix);
+        let id = jsonrpc::leading_id(prefix).or_else(|| jsonrpc::trailing_id(suffix));
         let why =
             format!("message of {len} bytes exceeds the size limit (limits.max_message_bytes)");
         into_delivery(self.reject(g, direction, id.as_deref(), INVALID_REQUEST, why))

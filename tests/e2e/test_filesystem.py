@@ -225,3 +225,19 @@ def test_fail_open_and_monitor_mode_let_calls_through_but_record_the_verdict(tmp
     assert calls[0]["policies"][0]["verdict"] == "error" and calls[0]["policies"][0]["enforced"] is True
     write_verdict = calls[1]["policies"][-1]
     assert write_verdict == {**write_verdict, "policy": "read-only", "verdict": "deny", "enforced": False}
+
+
+def test_an_oversized_answer_from_the_real_server_becomes_an_error_not_a_hang(tmp_path: Path, sandbox: Path):
+    # The TypeScript SDK writes the id last; with a 4 KiB limit its tools/list answer is too large.
+    config = write_config(tmp_path, [], "\n[limits]\nmax_message_bytes = 4096\n")
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "audit.jsonl", sandbox) as session:
+            with pytest.raises(MCPError) as too_big:
+                await asyncio.wait_for(session.list_tools(), timeout=30)
+            # (call_tool would list the tools again, so show the session lives on with a ping)
+            await session.send_ping()
+            return too_big.value
+
+    too_big = run(scenario())
+    assert too_big.code == -32603 and "exceeds the size limit" in too_big.message

@@ -44,6 +44,8 @@ def test_oversized_messages_are_refused_both_ways_and_serving_continues(tmp_path
     assert "exceeds the size limit" in refused["error"]["message"]
     too_big_answer = proxy.request('{"jsonrpc":"2.0","id":2,"method":"test/huge"}')
     assert too_big_answer["id"] == 2 and too_big_answer["error"]["code"] == -32603
+    id_last = proxy.request('{"jsonrpc":"2.0","id":"last","method":"test/huge-id-last"}')
+    assert id_last["id"] == "last" and id_last["error"]["code"] == -32603
     assert proxy.request('{"jsonrpc":"2.0","id":3,"method":"ping"}')["result"]["method"] == "ping"
     proxy.close()
     received = (tmp_path / "received.log").read_text()

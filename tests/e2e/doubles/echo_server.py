@@ -5,7 +5,8 @@ ECHO_LOG, and answers each request with `{"method": <method>, "params": ...}`.
 A batch is answered with a batch. Special methods make it misbehave on purpose:
   test/server-request  -> sends the client a `sampling/createMessage` request
                           and a `notifications/message`, then answers;
-  test/huge            -> answers with a result of ECHO_HUGE bytes;
+  test/huge            -> answers with a result of ECHO_HUGE bytes, id first;
+  test/huge-id-last    -> the same with the id last (and an inner "id");
   test/exit            -> writes to stderr and exits with code ECHO_EXIT_CODE.
 On EOF it exits with code ECHO_EXIT_CODE (default 0), or, with
 ECHO_IGNORE_EOF set, writes its pid to ECHO_PID_FILE and never exits.
@@ -53,8 +54,11 @@ for raw in sys.stdin.buffer:
     if method == "test/server-request":
         send({"jsonrpc": "2.0", "id": "srv-1", "method": "sampling/createMessage", "params": {"messages": []}})
         send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "hi"}})
-    if method == "test/huge":
+    if method == "test/huge":  # id first, as Python writes it
         send({"jsonrpc": "2.0", "id": rid, "result": {"blob": "x" * int(os.environ["ECHO_HUGE"])}})
+        continue
+    if method == "test/huge-id-last":  # id last, as the TypeScript SDK writes it
+        send({"result": {"blob": "x" * int(os.environ["ECHO_HUGE"]), "id": "inner"}, "jsonrpc": "2.0", "id": rid})
         continue
     if method == "test/exit":
         sys.stderr.write("echo server: exiting on request\n")
