@@ -4,10 +4,12 @@
 //! directly — and prints medians, percentiles and ratios.
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
-use crate::config::{Config, InstanceMode};
+use crate::config::{Config, EngineConfig, InstanceMode};
 use crate::engine::PolicyEngine;
+use crate::fixtures;
 use crate::framing::Frame;
 use crate::guard::{Decided, Guard};
+use crate::policy::Hook;
 use crate::relay::Relay;
 use crate::reload::{Generation, Reloader};
 use crate::session::Session;
@@ -22,8 +24,17 @@ use std::time::{Duration, Instant};
 /// Arguments of `portcullis bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    /// A policy module to measure on its own, per call, on fresh and on
+    /// reused instances (with `--message`).
+    policy: Option<PathBuf>,
+    /// For a policy module: the message, an exchange written as in a fixture.
+    #[arg(long, requires = "policy")]
+    message: Option<PathBuf>,
+    /// For a policy module: its settings, as JSON.
+    #[arg(long, default_value = "{}")]
+    settings: String,
     /// Config whose policy chain is measured (and used for the relay).
-    #[arg(long, required_unless_present = "reload")]
+    #[arg(long, required_unless_present_any = ["reload", "policy"])]
     config: Option<PathBuf>,
     /// Two policy modules, given twice: one that allows the sample call and
     /// one that refuses it. Measures the time from writing a module to the
@@ -92,6 +103,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let arguments: serde_json::Value =
         serde_json::from_str(&args.arguments).context("--arguments is not JSON")?;
     let params = serde_json::json!({ "name": args.tool, "arguments": arguments }).to_string();
+    if let Some(module) = &args.policy {
+        let message = args
+            .message
+            .as_deref()
+            .context("--message names the message to judge")?;
+        let settings = serde_json::from_str(&args.settings).context("--settings is not JSON")?;
+        policy_cost(module, message, &settings, args.iterations)?;
+    }
     if !args.reload.is_empty() {
         let [allows, refuses] = args.reload.as_slice() else {
             bail!("--reload takes two modules: one allowing the sample call, one refusing it");
@@ -177,6 +196,44 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         micros(proxied.p50.saturating_sub(direct.p50)),
         proxied.p50.as_secs_f64() / direct.p50.as_secs_f64()
     );
+    Ok(())
+}
+
+/// Times one policy module judging `message`, per call, on a fresh instance
+/// each time and on a reused one.
+fn policy_cost(
+    module: &Path,
+    message: &Path,
+    settings: &serde_json::Value,
+    iterations: usize,
+) -> Result<()> {
+    let exchange = fixtures::read_exchange(message)?;
+    let hook = Hook::for_direction(exchange.direction);
+    let engine = PolicyEngine::new(&EngineConfig::default())?;
+    println!(
+        "policy {} on {}, {iterations} calls per mode",
+        module.display(),
+        message.display()
+    );
+    for (label, mode) in [
+        ("fresh instances", InstanceMode::Fresh),
+        ("reused instances", InstanceMode::Reuse),
+    ] {
+        let policy = fixtures::standalone(&engine, module, settings, mode)?;
+        if let Err(failure) = policy.evaluate(hook, &exchange).result {
+            bail!("the policy {failure}");
+        }
+        let mut samples: Vec<Duration> = (0..iterations / 10 + iterations)
+            .map(|_| {
+                let started = Instant::now();
+                std::hint::black_box(policy.evaluate(hook, &exchange));
+                started.elapsed()
+            })
+            .skip(iterations / 10)
+            .collect();
+        println!("{}", Stats::of(&mut samples).line(label));
+    }
+    println!();
     Ok(())
 }
 

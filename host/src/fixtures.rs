@@ -193,9 +193,19 @@ pub fn check(policy: &Policy, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads a policy module on its own, as `portcullis test` and `eval` do:
+/// Reads an exchange written as in a fixture (the `exchange` of a case).
+pub fn read_exchange(path: &Path) -> Result<Exchange> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let exchange: FixtureExchange = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an exchange", path.display()))?;
+    exchange.to_exchange()
+}
+
+/// Loads a policy module on its own, as `portcullis test`, `eval` and
+/// `bench` do:
 /// default engine limits, every scope, fail-closed.
-fn standalone(
+pub fn standalone(
     engine: &PolicyEngine,
     module: &Path,
     settings: &Value,
@@ -260,11 +270,7 @@ pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
 /// as in a fixture) and prints the verdict, its tags, what the policy logged,
 /// and how long it took on a fresh instance and on a reused one.
 pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
-    let text = std::fs::read_to_string(message)
-        .with_context(|| format!("cannot read {}", message.display()))?;
-    let exchange: FixtureExchange = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not an exchange", message.display()))?;
-    let exchange = exchange.to_exchange()?;
+    let exchange = read_exchange(message)?;
     let hook = Hook::for_direction(exchange.direction);
     let engine = PolicyEngine::new(&EngineConfig::default())?;
     let fresh = standalone(&engine, module, &settings, InstanceMode::Fresh)?;

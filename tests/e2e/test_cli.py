@@ -99,3 +99,19 @@ def test_portcullis_eval_prints_the_verdict_the_logs_and_the_time(tmp_path: Path
                            "--settings", '{"mode": "trap", "tool": "x"}'], capture_output=True, text=True, timeout=120)
     assert trap.returncode == 1
     assert "failure  the policy trapped" in trap.stdout and "misbehave: deliberate trap" in trap.stdout
+
+
+def test_portcullis_bench_measures_one_policy_fresh_and_reused(tmp_path: Path):
+    message = tmp_path / "call.json"
+    message.write_text(json.dumps({"method": "tools/call", "tool": "read_file", "annotations": {"readOnlyHint": True},
+                                   "params": {"name": "read_file", "arguments": {"path": "/srv/x"}}}))
+    out = subprocess.run([str(PORTCULLIS), "bench", str(POLICIES / "read_only.wasm"), "--message", str(message),
+                          "--iterations", "50"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for label in ("fresh instances", "reused instances"):
+        line = next(line for line in out.stdout.splitlines() if label in line)
+        assert "p50" in line and "p99" in line
+    refused = subprocess.run([str(PORTCULLIS), "bench", str(POLICIES / "misbehave.wasm"), "--message", str(message),
+                              "--settings", '{"mode": "trap", "tool": "read_file"}', "--iterations", "5"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "trapped" in refused.stderr, "a failing policy is not timed"
