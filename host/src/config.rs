@@ -103,6 +103,10 @@ pub struct PolicyConfig {
     /// Instance lifecycle.
     #[serde(default)]
     pub instances: InstanceMode,
+    /// With `instances = "reuse"`: an instance is replaced after this many
+    /// evaluations, bounding what state can build up in it.
+    #[serde(default = "default_recycle_after")]
+    pub recycle_after: u64,
     /// Wall-clock deadline per evaluation (default: `engine.timeout_ms`).
     pub timeout_ms: Option<u64>,
     /// Linear-memory cap per instance (default: `engine.memory_mb`).
@@ -114,6 +118,10 @@ pub struct PolicyConfig {
     /// every reload); relative to the config file.
     #[serde(default)]
     pub fixtures: Vec<PathBuf>,
+}
+
+fn default_recycle_after() -> u64 {
+    10_000
 }
 
 fn empty_settings() -> serde_json::Value {
@@ -357,6 +365,9 @@ impl Config {
             let at = format!("{at} ('{}')", policy.name);
             if !policy.settings.is_object() {
                 bail!("{at}.settings: must be a table");
+            }
+            if policy.recycle_after == 0 {
+                bail!("{at}.recycle_after: must be at least 1");
             }
             if policy.timeout_ms == Some(0) {
                 bail!("{at}.timeout_ms: must be at least 1");

@@ -224,6 +224,7 @@ pub fn standalone(
         failure: FailureMode::Closed,
         mode: Mode::Enforce,
         instances,
+        recycle_after: 10_000,
         timeout_ms: None,
         memory_mb: None,
         grants: Vec::new(),

@@ -74,6 +74,7 @@ pub struct Policy {
     memory_limit: usize,
     grants: Vec<Grant>,
     instances: InstanceMode,
+    recycle_after: u64,
     idle: Mutex<Vec<Instance>>,
 }
 
@@ -81,6 +82,8 @@ pub struct Policy {
 struct Instance {
     store: Store<PolicyState>,
     hooks: bindings::Policy,
+    /// Evaluations it has served.
+    calls: u64,
 }
 
 impl Policy {
@@ -98,6 +101,7 @@ impl Policy {
             memory_limit: usize::try_from(config.memory_bytes(policy))?,
             grants: policy.grants.clone(),
             instances: policy.instances,
+            recycle_after: policy.recycle_after,
             idle: Mutex::new(Vec::new()),
         };
         let first = loaded
@@ -129,6 +133,7 @@ impl Policy {
             Hook::Request => hooks.call_on_request(&mut instance.store, exchange),
             Hook::Response => hooks.call_on_response(&mut instance.store, exchange),
         };
+        instance.calls += 1;
         let logs = instance.store.data_mut().take_logs();
         let result = match called {
             Ok(verdict) => {
@@ -147,8 +152,10 @@ impl Policy {
         }
     }
 
+    /// Keeps a healthy instance for reuse, unless it has served its share.
     fn release(&self, instance: Instance) {
         if self.instances == InstanceMode::Reuse
+            && instance.calls < self.recycle_after
             && let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE_INSTANCES
         {
@@ -173,7 +180,11 @@ impl Policy {
             .portcullis_policy_hooks()
             .call_configure(&mut store, &self.settings)
         {
-            Ok(Ok(())) => Ok(Instance { store, hooks }),
+            Ok(Ok(())) => Ok(Instance {
+                store,
+                hooks,
+                calls: 0,
+            }),
             Ok(Err(reason)) => Err(Failure(format!("rejected its settings: {reason}"))),
             Err(e) => Err(self.failure(&store, e)),
         }

@@ -321,3 +321,24 @@ fn what_a_policy_logs_is_kept_with_its_verdict() {
         assert_eq!(decision.tags(), vec!["logged".to_string()]);
     }
 }
+
+#[test]
+fn reused_instances_keep_state_until_recycled_and_fresh_ones_never_do() {
+    let tags = |instances: &str| {
+        let guard = guard(&format!(
+            "[[policy]]\nname = \"counter\"\nmodule = \"misbehave.wasm\"\n{instances}\nsettings = {{ mode = \"count\", tool = \"x\" }}\n"
+        ));
+        (0..5)
+            .map(|_| guard.decide(&mut call("x", "{}", true)).tags()[0].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tags("instances = \"fresh\""), ["call-1"; 5]);
+    assert_eq!(
+        tags("instances = \"reuse\""),
+        ["call-1", "call-2", "call-3", "call-4", "call-5"]
+    );
+    assert_eq!(
+        tags("instances = \"reuse\"\nrecycle_after = 2"),
+        ["call-1", "call-2", "call-1", "call-2", "call-1"]
+    );
+}

@@ -1,11 +1,12 @@
 //! A deliberately broken policy for Portcullis' own tests: on calls to the
 //! configured tool, and on their answers, it loops forever, allocates without
-//! end, traps, or returns a malformed verdict — or just logs a line and
-//! allows. Never ship it.
+//! end, traps, or returns a malformed verdict — or just logs a line, or
+//! counts its calls, and allows. Never ship it.
 
 use portcullis_policy::{Exchange, Level, Outcome, Policy, Verdict, log};
 use serde::Deserialize;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -15,6 +16,7 @@ enum Mode {
     Trap,
     Garbage,
     Log,
+    Count,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +56,12 @@ fn misbehave(settings: &Settings, exchange: &Exchange) -> Verdict {
         }
         Mode::Trap => panic!("misbehave: deliberate trap"),
         Mode::Garbage => Verdict::from(Outcome::Modify("{this is not json".into())),
+        Mode::Count => {
+            // State that survives between calls exactly as long as the instance does.
+            static CALLS: AtomicU32 = AtomicU32::new(0);
+            let call = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+            Verdict::allow().tag(format!("call-{call}"))
+        }
         Mode::Log => {
             log(Level::Info, "misbehave: hello from the policy");
             Verdict::allow().tag("logged")
