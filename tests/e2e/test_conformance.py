@@ -47,3 +47,13 @@ def test_the_reference_policy_guards_the_filesystem_server(tmp_path: Path, sandb
     assert read.content[0].text == "hello from the sandbox\n"
     assert "not declared read-only" in write.message and not (sandbox / "w.txt").exists()
     assert "outside the allowed roots" in outside.message
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_every_language_rejects_bad_settings_with_its_own_message(language: str):
+    module = REFERENCE / language / "dist" / "policy.wasm"
+    result = subprocess.run([str(PORTCULLIS), "test", str(module), str(REFERENCE / "conformance.json"),
+                             "--settings", '{"allow": 5}'], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "rejected its settings" in result.stderr and ("allow must be a list" in result.stderr
+                                                         or "expected a sequence" in result.stderr)
