@@ -2,7 +2,7 @@
 //! one by one so that one broken policy does not hide another, and prints a
 //! report a person can act on. It starts no server and writes no audit record.
 
-use crate::config::{Config, PolicyConfig, SinkConfig};
+use crate::config::{Config, FailureMode, InstanceMode, Mode, PolicyConfig, SinkConfig};
 use crate::engine::PolicyEngine;
 use crate::policy::Policy;
 use std::path::Path;
@@ -58,18 +58,26 @@ pub fn run(path: &Path) -> i32 {
 /// Loads one policy and prints its line; true if it loaded.
 fn report_policy(engine: &PolicyEngine, config: &Config, p: &PolicyConfig) -> bool {
     let started = Instant::now();
+    let mode = match p.mode {
+        Mode::Enforce => "enforce",
+        Mode::Monitor => "monitor",
+    };
+    let failure = match p.failure {
+        FailureMode::Closed => "fail-closed",
+        FailureMode::Open => "fail-open",
+    };
+    let instances = match p.instances {
+        InstanceMode::Fresh => "fresh instances".to_string(),
+        InstanceMode::Reuse => format!("reused instances (recycled after {})", p.recycle_after),
+    };
     let scope = format!(
-        "methods={} tools={} servers={} · {:?} · fail-{:?} · {:?} · {} ms · {} MiB",
+        "methods={} tools={} servers={} · {mode} · {failure} · {instances} · {} ms · {} MiB",
         p.methods.join(","),
         p.tools.join(","),
         p.servers.join(","),
-        p.mode,
-        p.failure,
-        p.instances,
         config.timeout_ms(p),
         config.memory_bytes(p) >> 20,
-    )
-    .to_lowercase();
+    );
     match Policy::load(engine, config, p) {
         Ok(policy) => {
             let ms = started.elapsed().as_secs_f64() * 1e3;

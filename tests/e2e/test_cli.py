@@ -13,10 +13,12 @@ def check(config: Path) -> subprocess.CompletedProcess:
 
 
 def test_check_loads_every_policy_and_reports_it(tmp_path: Path):
-    config = write_config(tmp_path, [policy("read-only", "read_only.wasm"), policy("redact", "redact_secrets.wasm")])
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm", tools=["Write_*"], mode="monitor"),
+                                     policy("redact", "redact_secrets.wasm", failure="open", instances="fresh")])
     result = check(config)
     assert result.returncode == 0, result.stdout
-    assert "read-only" in result.stdout and "redact" in result.stdout
+    assert "tools=Write_* servers=* · monitor · fail-closed · reused instances (recycled after 10000)" in result.stdout
+    assert "· enforce · fail-open · fresh instances · 50 ms · 16 MiB" in result.stdout
     assert "result   ok: 2 policies loaded" in result.stdout
 
 
