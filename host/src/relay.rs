@@ -178,9 +178,14 @@ impl Relay {
             let why = "Invalid Request: not a JSON-RPC 2.0 request, notification or response";
             return self.reject(g, direction, message.id, INVALID_REQUEST, why.into());
         };
-        let mut exchange = self.exchange(direction, kind, &message);
+        // A tool call's params are read once: the name for the exchange, the
+        // arguments for the audit record.
+        let call = message.tool_call();
+        let tool = call.as_ref().map(|(name, _)| name.clone());
+        let arguments = call.map_or(message.params, |(_, arguments)| arguments);
+        let mut exchange = self.exchange(direction, kind, &message, tool);
         let decision = g.guard.decide(&mut exchange);
-        let record = self.record(g, kind, &message, &exchange, &decision);
+        let record = self.record(g, kind, &message, arguments, &exchange, &decision);
         if let Err(e) = g.audit.write(&record) {
             tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
             let why = "Portcullis could not write the audit record, so the message was not relayed";
@@ -217,11 +222,17 @@ impl Relay {
 
     /// The exchange for a message; an answer is matched to its request, and a
     /// `tools/list` result teaches the session the tools' annotations.
-    fn exchange(&self, direction: Direction, kind: MessageKind, message: &Message) -> Exchange {
+    fn exchange(
+        &self,
+        direction: Direction,
+        kind: MessageKind,
+        message: &Message,
+        tool: Option<String>,
+    ) -> Exchange {
         let mut session = self.session.lock().expect("session lock poisoned");
         match kind {
             MessageKind::Request | MessageKind::Notification => {
-                session.exchange(direction, kind, message)
+                session.exchange(direction, kind, message, tool)
             }
             MessageKind::Result | MessageKind::Error => {
                 let pending = session.answered(direction, message.id);
@@ -257,6 +268,7 @@ impl Relay {
         g: &Generation,
         kind: MessageKind,
         message: &Message,
+        arguments: Option<&RawValue>,
         exchange: &Exchange,
         decision: &Decision,
     ) -> AuditRecord {
@@ -271,10 +283,6 @@ impl Relay {
         record.jsonrpc_id = message.id.map(ToOwned::to_owned);
         match kind {
             MessageKind::Request | MessageKind::Notification => {
-                let arguments = match message.tool_call() {
-                    Some((_, arguments)) => arguments,
-                    None => message.params,
-                };
                 if let Some((digest, value)) = arguments.and_then(canonical_digest) {
                     record.arguments_sha256 = Some(digest);
                     record.arguments = g.audit.include_arguments().then_some(value);

@@ -52,13 +52,20 @@ impl Session {
         &self.agent
     }
 
-    /// The exchange for a request or notification travelling `direction`.
-    pub fn exchange(&self, direction: Direction, kind: MessageKind, message: &Message) -> Exchange {
+    /// The exchange for a request or notification travelling `direction`;
+    /// `tool` is the tool of a `tools/call` ([`Message::tool_call`]).
+    pub fn exchange(
+        &self,
+        direction: Direction,
+        kind: MessageKind,
+        message: &Message,
+        tool: Option<String>,
+    ) -> Exchange {
         self.build(
             direction,
             kind,
             message.method.as_deref().unwrap_or_default().to_string(),
-            message.tool_call().map(|(name, _)| name),
+            tool,
             message.params.map(|p| p.get().to_string()),
             None,
         )
@@ -200,7 +207,12 @@ mod tests {
     fn answers_carry_the_method_tool_and_annotations_of_their_request() {
         let mut s = session();
         let list_req = Message::parse(r#"{"id":1,"method":"tools/list"}"#).unwrap();
-        let ex = s.exchange(Direction::ClientToServer, MessageKind::Request, &list_req);
+        let ex = s.exchange(
+            Direction::ClientToServer,
+            MessageKind::Request,
+            &list_req,
+            list_req.tool_call().map(|(name, _)| name),
+        );
         s.forwarded(Direction::ClientToServer, list_req.id.unwrap(), &ex);
 
         let list = Message::parse(r#"{"id":1,"result":{"tools":[{"name":"read_file","annotations":{"readOnlyHint":true}},{"name":"write_file"}]}}"#).unwrap();
@@ -212,7 +224,12 @@ mod tests {
             r#"{"id":"c","method":"tools/call","params":{"name":"read_file","arguments":{}}}"#,
         )
         .unwrap();
-        let ex = s.exchange(Direction::ClientToServer, MessageKind::Request, &call);
+        let ex = s.exchange(
+            Direction::ClientToServer,
+            MessageKind::Request,
+            &call,
+            call.tool_call().map(|(name, _)| name),
+        );
         assert_eq!(ex.tool.as_deref(), Some("read_file"));
         assert_eq!(ex.annotations.as_ref().unwrap().read_only_hint, Some(true));
         s.forwarded(Direction::ClientToServer, call.id.unwrap(), &ex);
@@ -246,6 +263,7 @@ mod tests {
             Direction::ServerToClient,
             MessageKind::Request,
             &from_server,
+            from_server.tool_call().map(|(name, _)| name),
         );
         s.forwarded(Direction::ServerToClient, from_server.id.unwrap(), &ex);
         let id = from_server.id;
