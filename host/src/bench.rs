@@ -9,7 +9,7 @@ use crate::engine::PolicyEngine;
 use crate::fixtures;
 use crate::framing::Frame;
 use crate::guard::{Decided, Guard};
-use crate::policy::Hook;
+use crate::policy::{Hook, Policy};
 use crate::relay::Relay;
 use crate::reload::{Generation, Reloader};
 use crate::session::Session;
@@ -223,18 +223,29 @@ fn policy_cost(
         if let Err(failure) = policy.evaluate(hook, &exchange).result {
             bail!("the policy {failure}");
         }
-        let mut samples: Vec<Duration> = (0..iterations / 10 + iterations)
-            .map(|_| {
-                let started = Instant::now();
-                std::hint::black_box(policy.evaluate(hook, &exchange));
-                started.elapsed()
-            })
-            .skip(iterations / 10)
-            .collect();
+        let mut samples = time_calls(&policy, hook, &exchange, iterations);
         println!("{}", Stats::of(&mut samples).line(label));
     }
     println!();
     Ok(())
+}
+
+/// Times `iterations` evaluations of `exchange` by `policy`, after a tenth
+/// as many warm-up evaluations.
+pub fn time_calls(
+    policy: &Policy,
+    hook: Hook,
+    exchange: &Exchange,
+    iterations: usize,
+) -> Vec<Duration> {
+    (0..iterations / 10 + iterations)
+        .map(|_| {
+            let started = Instant::now();
+            std::hint::black_box(policy.evaluate(hook, exchange));
+            started.elapsed()
+        })
+        .skip(iterations / 10)
+        .collect()
 }
 
 /// Times hot reloads in process: a watched module is rewritten, alternately

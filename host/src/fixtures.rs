@@ -21,6 +21,7 @@
 //! `modified` may give the payload expected; `tags` may give the audit tags
 //! expected.
 
+use crate::bench::{Stats, time_calls};
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, Outcome, ToolAnnotations};
 use crate::config::{Config, EngineConfig, FailureMode, InstanceMode, Mode, PolicyConfig};
 use crate::engine::PolicyEngine;
@@ -30,7 +31,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// One case of a fixture file.
 #[derive(Debug, Deserialize)]
@@ -296,18 +297,11 @@ pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
         println!("log      {:<5} {}", line.level, line.message);
     }
     let reused = standalone(&engine, module, &settings, InstanceMode::Reuse)?;
-    let mut samples: Vec<Duration> = (0..200)
-        .map(|_| {
-            let started = Instant::now();
-            let _ = reused.evaluate(hook, &exchange);
-            started.elapsed()
-        })
-        .collect();
-    samples.sort_unstable();
+    let reused_p50 = Stats::of(&mut time_calls(&reused, hook, &exchange, 200)).p50;
     println!(
         "time     {:.1} µs on a fresh instance; {:.1} µs median on a reused one",
         first.as_secs_f64() * 1e6,
-        samples[samples.len() / 2].as_secs_f64() * 1e6
+        reused_p50.as_secs_f64() * 1e6
     );
     Ok(if evaluation.result.is_ok() { 0 } else { 1 })
 }
