@@ -19,6 +19,7 @@ pub mod jsonrpc;
 pub mod policy;
 pub mod relay;
 pub mod reload;
+pub mod scaffold;
 pub mod session;
 pub mod status;
 pub mod stdio;

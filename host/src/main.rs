@@ -71,6 +71,18 @@ enum Commands {
         #[arg(long, default_value = "{}")]
         settings: String,
     },
+    /// Scaffold a policy project that builds and passes its own sample
+    /// fixtures out of the box.
+    New {
+        /// The policy's name (lowercase letters, digits and '-').
+        name: String,
+        /// The language to write it in.
+        #[arg(long, value_enum)]
+        lang: portcullis::scaffold::Language,
+        /// Where to write it (default: a directory named after the policy).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Show every running Portcullis process: its policies with their
     /// digests and load times, and its last reload.
     Status {
@@ -133,6 +145,9 @@ fn run(cli: Cli) -> Result<i32> {
         } => {
             let settings = serde_json::from_str(&settings).context("--settings is not JSON")?;
             portcullis::fixtures::eval(&module, settings, &message)
+        }
+        Commands::New { name, lang, dir } => {
+            portcullis::scaffold::run(&name, lang, dir.as_deref()).map(|()| 0)
         }
         Commands::Bench(args) => portcullis::bench::run(&args).map(|()| 0),
     }

@@ -12,7 +12,7 @@ from mcp.shared.exceptions import MCPError
 from conftest import PORTCULLIS, ROOT, proxied_filesystem, toml_value
 
 REFERENCE = ROOT / "examples" / "policies"
-LANGUAGES = ["rust", "js", "python"]
+LANGUAGES = ["rust", "js", "python", "c"]
 SETTINGS = '{"allow": ["list_allowed_directories"], "roots": ["/srv/data"]}'
 
 

@@ -1,0 +1,1 @@
+../../../../policies/sdk-c/portcullis_json.h
