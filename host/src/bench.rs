@@ -11,7 +11,7 @@ use crate::framing::Frame;
 use crate::guard::{Decided, Guard};
 use crate::policy::{Hook, Policy};
 use crate::relay::Relay;
-use crate::reload::{Generation, Reloader};
+use crate::reload::{Current, Generation, Reloader};
 use crate::session::Session;
 use crate::status::Status;
 use anyhow::{Context, Result, bail};
@@ -266,8 +266,9 @@ fn reload_latency(allows: &Path, refuses: &Path, params: &str, rounds: usize) ->
         id: "bench-agent".into(),
         attributes: vec![],
     };
-    let relay = Arc::new(Relay::new(generation, Session::new("bench".into(), agent)));
-    Arc::new(Reloader::new(engine, relay.clone(), config, None, "bench")).start()?;
+    let current = Arc::new(Current::new(generation));
+    let relay = Relay::new(current.clone(), Session::new("bench".into(), agent));
+    Arc::new(Reloader::new(engine, current, config, None, "bench")).start()?;
     let call = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{params}}}"#);
     let allowed = || {
         let started = Instant::now();

@@ -14,9 +14,15 @@ pub struct Config {
     /// The agent identity used in stdio mode.
     #[serde(default)]
     pub agent: AgentConfig,
-    /// MCP servers by name.
+    /// MCP servers by name: in `serve` mode, the only servers agents can reach.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerConfig>,
+    /// The agents allowed to connect in `serve` mode, by id.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentEntry>,
+    /// The HTTP listener of `portcullis serve`.
+    #[serde(default)]
+    pub serve: ServeConfig,
     /// The ordered policy chain.
     #[serde(default, rename = "policy")]
     pub policies: Vec<PolicyConfig>,
@@ -68,9 +74,107 @@ pub struct ServerConfig {
     /// Its arguments.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Extra environment variables for it.
+    /// Extra environment variables for it (its credentials among them: the
+    /// agent's own token never reaches a server).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// In `serve` mode, what its tools and prompts are prefixed with on the
+    /// aggregated endpoint (default: the server's name).
+    pub prefix: Option<String>,
+}
+
+impl ServerConfig {
+    /// The environment for the server, with each `${env:NAME}` and
+    /// `${file:PATH}` value read from Portcullis' environment or that file
+    /// (its content, without the trailing newline). This is how servers get
+    /// their credentials without writing them into the config.
+    pub fn resolved_env(&self, base: &Path) -> Result<BTreeMap<String, String>> {
+        self.env
+            .iter()
+            .map(|(key, value)| {
+                Ok((
+                    key.clone(),
+                    resolve_secret(value, base).with_context(|| format!("env {key}"))?,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// `value`, or what its `${env:NAME}` / `${file:PATH}` reference names.
+fn resolve_secret(value: &str, base: &Path) -> Result<String> {
+    let Some(reference) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else {
+        return Ok(value.to_string());
+    };
+    if let Some(name) = reference.strip_prefix("env:") {
+        return std::env::var(name)
+            .with_context(|| format!("environment variable {name} is not set"));
+    }
+    if let Some(path) = reference.strip_prefix("file:") {
+        let path = base.join(path);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return Ok(text.trim_end_matches(['\n', '\r']).to_string());
+    }
+    bail!("unknown reference '{value}' (use ${{env:NAME}} or ${{file:PATH}})")
+}
+
+/// An agent allowed to connect to `portcullis serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    /// sha256 (hex) of the agent's API key, which it sends as
+    /// `Authorization: Bearer KEY`. The key itself is never stored.
+    pub api_key_sha256: String,
+    /// The servers (globs) the agent may see and call.
+    #[serde(default = "everything")]
+    pub servers: Vec<String>,
+    /// Attributes passed to every policy and audit record.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// The HTTP listener of `portcullis serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address and port to listen on (default: localhost only).
+    #[serde(default = "default_listen")]
+    pub listen: std::net::SocketAddr,
+    /// Browser origins allowed to call the endpoint; a request carrying any
+    /// other `Origin` is refused (requests without one are not browsers').
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Joins a server's prefix and a tool or prompt name on the aggregated
+    /// endpoint.
+    #[serde(default = "default_separator")]
+    pub separator: String,
+    /// How long a request to a server may take, in seconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            allowed_origins: Vec::new(),
+            separator: default_separator(),
+            request_timeout_secs: default_request_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> std::net::SocketAddr {
+    ([127, 0, 0, 1], 8808).into()
+}
+
+fn default_separator() -> String {
+    "__".into()
+}
+
+fn default_request_timeout() -> u64 {
+    120
 }
 
 /// One policy in the chain.
@@ -84,6 +188,9 @@ pub struct PolicyConfig {
     /// Settings handed to the policy's `configure` as JSON.
     #[serde(default = "empty_settings")]
     pub settings: serde_json::Value,
+    /// Agent ids (globs) the policy applies to.
+    #[serde(default = "everything")]
+    pub agents: Vec<String>,
     /// Server names (globs) the policy applies to.
     #[serde(default = "everything")]
     pub servers: Vec<String>,
@@ -353,6 +460,15 @@ impl Config {
         if self.agent.id.trim().is_empty() {
             bail!("agent.id: must not be empty");
         }
+        for (id, agent) in &self.agents {
+            let hash = &agent.api_key_sha256;
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("agents.{id}.api_key_sha256: must be 64 hex digits (the key's sha256)");
+            }
+        }
+        if self.serve.separator.is_empty() {
+            bail!("serve.separator: must not be empty");
+        }
         let mut names = std::collections::HashSet::new();
         for (i, policy) in self.policies.iter().enumerate() {
             let at = format!("policy[{i}]");
@@ -467,5 +583,45 @@ mod tests {
     fn rejects_unknown_fields() {
         let err = parse("[engine]\ntimeout = 5\n").unwrap_err().to_string();
         assert!(err.contains("unknown field `timeout`"), "{err}");
+    }
+
+    #[test]
+    fn server_credentials_come_from_the_environment_or_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "from-file\n").unwrap();
+        // SAFETY: the variable is unique to this test; nothing else reads it.
+        unsafe { std::env::set_var("PORTCULLIS_TEST_TOKEN", "from-env") };
+        let server = |value: &str| ServerConfig {
+            command: "server".into(),
+            args: vec![],
+            env: BTreeMap::from([("TOKEN".into(), value.into())]),
+            prefix: None,
+        };
+        let token = |value: &str| {
+            server(value)
+                .resolved_env(dir.path())
+                .map(|env| env["TOKEN"].clone())
+        };
+        assert_eq!(token("plain").unwrap(), "plain");
+        assert_eq!(token("${env:PORTCULLIS_TEST_TOKEN}").unwrap(), "from-env");
+        assert_eq!(token("${file:token}").unwrap(), "from-file");
+        let missing = token("${env:PORTCULLIS_TEST_UNSET}").unwrap_err();
+        assert!(format!("{missing:#}").contains("PORTCULLIS_TEST_UNSET is not set"));
+        assert!(format!("{:#}", token("${vault:x}").unwrap_err()).contains("unknown reference"));
+    }
+
+    #[test]
+    fn agent_keys_must_be_sha256_digests() {
+        let err = parse("[agents.bot]\napi_key_sha256 = \"secret\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agents.bot.api_key_sha256: must be 64 hex digits"),
+            "{err}"
+        );
+        let hash = "a".repeat(64);
+        let config = parse(&format!("[agents.bot]\napi_key_sha256 = \"{hash}\"\n")).unwrap();
+        assert_eq!(config.agents["bot"].servers, vec!["*"]);
+        assert_eq!(config.serve.listen.to_string(), "127.0.0.1:8808");
     }
 }

@@ -219,6 +219,7 @@ pub fn standalone(
             .map_or("policy".into(), |s| s.to_string_lossy().into_owned()),
         module: module.to_path_buf(),
         settings: settings.clone(),
+        agents: vec!["*".into()],
         servers: vec!["*".into()],
         methods: vec!["*".into()],
         tools: vec!["*".into()],

@@ -24,6 +24,7 @@ pub struct Guard {
 /// One policy and where and how it applies.
 struct Link {
     policy: Policy,
+    agents: Vec<WildMatch>,
     servers: Vec<WildMatch>,
     methods: Vec<WildMatch>,
     tools: Vec<WildMatch>,
@@ -197,6 +198,7 @@ impl Link {
         let globs = |patterns: &[String]| patterns.iter().map(|g| WildMatch::new(g)).collect();
         Ok(Self {
             policy,
+            agents: globs(&p.agents),
             servers: globs(&p.servers),
             methods: globs(&p.methods),
             tools: globs(&p.tools),
@@ -209,7 +211,8 @@ impl Link {
     /// the pattern matches the empty name (as `*` does).
     fn applies(&self, exchange: &Exchange) -> bool {
         let any = |globs: &[WildMatch], name: &str| globs.iter().any(|g| g.matches(name));
-        any(&self.servers, &exchange.server)
+        any(&self.agents, &exchange.agent.id)
+            && any(&self.servers, &exchange.server)
             && any(&self.methods, &exchange.method)
             && any(&self.tools, exchange.tool.as_deref().unwrap_or(""))
     }

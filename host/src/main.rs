@@ -6,8 +6,10 @@ use clap::{Parser, Subcommand};
 use portcullis::bindings::Agent;
 use portcullis::config::Config;
 use portcullis::engine::PolicyEngine;
+use portcullis::gateway::{self, Gateway};
+use portcullis::http::{self, Listener};
 use portcullis::relay::Relay;
-use portcullis::reload::{Generation, Reloader};
+use portcullis::reload::{Current, Generation, Reloader};
 use portcullis::session::Session;
 use portcullis::status::{self, Status};
 use portcullis::stdio::{self, ServerCommand};
@@ -41,6 +43,17 @@ enum Commands {
         /// The server command and its arguments (default: from the config).
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Serve MCP over Streamable HTTP in front of the configured servers:
+    /// agents authenticate with their own keys and reach only the servers
+    /// they were granted, every message judged and audited.
+    Serve {
+        /// The config file (watched: changes are applied without a restart).
+        #[arg(long)]
+        config: PathBuf,
+        /// Also append audit records to this JSON Lines file.
+        #[arg(long)]
+        audit_file: Option<PathBuf>,
     },
     /// Validate a config file and load every policy in it.
     Check {
@@ -98,7 +111,7 @@ fn main() {
     let cli = Cli::parse();
     // The proxy reports what it does; the tools print their own results.
     let default_level = match cli.command {
-        Commands::Stdio { .. } => "info",
+        Commands::Stdio { .. } | Commands::Serve { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -128,6 +141,7 @@ fn run(cli: Cli) -> Result<i32> {
             server,
             command,
         } => run_stdio(config, audit_file, server, command),
+        Commands::Serve { config, audit_file } => run_serve(config, audit_file),
         Commands::Check { config } => Ok(portcullis::check::run(&config)),
         Commands::Status { json } => status::print(json).map(|()| 0),
         Commands::Test {
@@ -173,12 +187,63 @@ fn run_stdio(
         policies = generation.guard.policies().count(),
         "portcullis relaying"
     );
-    let relay = Arc::new(Relay::new(generation, Session::new(name.clone(), agent)));
-    let reloader = Reloader::new(engine, relay.clone(), config_path, audit_file, &name);
+    let current = Arc::new(Current::new(generation));
+    let relay = Arc::new(Relay::new(
+        current.clone(),
+        Session::new(name.clone(), agent),
+    ));
+    let reloader = Reloader::new(engine, current, config_path, audit_file, &name);
     Arc::new(reloader).start()?;
     let code = stdio::run(relay, &server, config.limits.max_message_bytes);
     Status::withdraw(std::process::id());
     code
+}
+
+fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
+    let config = Config::load(&config_path)?;
+    if config.agents.is_empty() {
+        bail!(
+            "{}: no [agents.NAME] configured, so no agent could connect",
+            config_path.display()
+        );
+    }
+    let engine = Arc::new(PolicyEngine::new(&config.engine)?);
+    let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1)?;
+    let current = Arc::new(Current::new(generation));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let upstreams = gateway::start_upstreams(&config, runtime.handle())?;
+    let gateway = Arc::new(Gateway::new(&config, current.clone(), upstreams));
+    let reloader = Reloader::new(engine, current.clone(), config_path, audit_file, "serve");
+    Arc::new(reloader).start()?;
+    let listener = Arc::new(Listener {
+        gateway: gateway.clone(),
+        current,
+    });
+    let served = runtime.block_on(http::run(listener, config.serve.listen, shutdown_signal()));
+    for upstream in gateway.upstreams().values() {
+        upstream.stop();
+    }
+    Status::withdraw(std::process::id());
+    served.map(|()| 0)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
 }
 
 /// The server to run: the command after `--` if given, else the configured
@@ -195,11 +260,10 @@ fn pick_server(
     };
     if let Some((program, args)) = command.split_first() {
         let name = name.or_else(only).unwrap_or_else(|| "stdio".into());
-        let env = config
-            .servers
-            .get(&name)
-            .map(|s| s.env.clone())
-            .unwrap_or_default();
+        let env = match config.servers.get(&name) {
+            Some(server) => server.resolved_env(base(config))?,
+            None => Default::default(),
+        };
         let server = ServerCommand {
             program: program.clone(),
             args: args.to_vec(),
@@ -224,7 +288,12 @@ fn pick_server(
         ServerCommand {
             program: server.command.clone(),
             args: server.args.clone(),
-            env: server.env.clone(),
+            env: server.resolved_env(base(config))?,
         },
     ))
+}
+
+/// The directory config-relative paths start from.
+fn base(config: &Config) -> &std::path::Path {
+    config.path.parent().unwrap_or(std::path::Path::new("."))
 }

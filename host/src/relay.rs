@@ -10,12 +10,12 @@ use crate::guard::{Decided, Decision};
 use crate::jsonrpc::{
     self, AUDIT_FAILED, INTERNAL_ERROR, INVALID_REQUEST, Message, PARSE_ERROR, error_response,
 };
-use crate::reload::Generation;
+use crate::reload::{Current, Generation};
 use crate::session::Session;
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 /// What to send after judging one frame. Frames carry no newline.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -55,32 +55,22 @@ impl<'a> Step<'a> {
 
 /// The decision path shared by every transport.
 pub struct Relay {
-    current: RwLock<Arc<Generation>>,
+    current: Arc<Current>,
     session: Mutex<Session>,
 }
 
 impl Relay {
-    /// A relay for one connection, judging with `generation`.
-    pub fn new(generation: Generation, session: Session) -> Self {
+    /// A relay for one connection, judging with the generation in charge.
+    pub fn new(current: Arc<Current>, session: Session) -> Self {
         Self {
-            current: RwLock::new(Arc::new(generation)),
+            current,
             session: Mutex::new(session),
         }
     }
 
     /// The generation judging messages now.
     pub fn current(&self) -> Arc<Generation> {
-        self.current
-            .read()
-            .expect("generation lock poisoned")
-            .clone()
-    }
-
-    /// Puts `next` in charge, in one step: messages already being judged
-    /// finish with the generation they started with. Returns the previous one.
-    pub fn swap(&self, next: Generation) -> Arc<Generation> {
-        let mut current = self.current.write().expect("generation lock poisoned");
-        std::mem::replace(&mut *current, Arc::new(next))
+        self.current.get()
     }
 
     /// Judges one frame travelling `direction`, with the current generation

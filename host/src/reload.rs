@@ -4,7 +4,7 @@
 //! save-by-rename, delete-and-recreate and bursts of events, and reloads on
 //! SIGHUP too. A new generation is built and validated completely off the
 //! request path (compiled through the cache, instantiated, settings and
-//! fixtures checked) and only then swapped into the relay in one step. A
+//! fixtures checked) and only then swapped in, in one step, for every relay. A
 //! version that fails any step never replaces the running one: the failure is
 //! logged, audited as a reload event and shown in the status report.
 
@@ -12,14 +12,13 @@ use crate::audit::{Audit, ReloadRecord, ReloadedPolicy};
 use crate::config::Config;
 use crate::engine::{PolicyEngine, hex};
 use crate::guard::Guard;
-use crate::relay::Relay;
 use crate::status::{PolicyStatus, ReloadStatus, Status};
 use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 /// A burst of file events ends after this much quiet...
@@ -110,37 +109,59 @@ impl Trigger {
     }
 }
 
-/// Rebuilds and swaps generations for one relay, and reports on it.
+/// The generation in charge, shared by every relay of the process.
+pub struct Current(RwLock<Arc<Generation>>);
+
+impl Current {
+    /// `generation` in charge.
+    pub fn new(generation: Generation) -> Self {
+        Self(RwLock::new(Arc::new(generation)))
+    }
+
+    /// The generation judging messages now.
+    pub fn get(&self) -> Arc<Generation> {
+        self.0.read().expect("generation lock poisoned").clone()
+    }
+
+    /// Puts `next` in charge, in one step: messages already being judged
+    /// finish with the generation they started with. Returns the previous one.
+    pub fn swap(&self, next: Generation) -> Arc<Generation> {
+        let mut current = self.0.write().expect("generation lock poisoned");
+        std::mem::replace(&mut *current, Arc::new(next))
+    }
+}
+
+/// Rebuilds and swaps the process' generations, and reports on it.
 pub struct Reloader {
     engine: Arc<PolicyEngine>,
-    relay: Arc<Relay>,
+    current: Arc<Current>,
     config: PathBuf,
     extra_audit: Option<PathBuf>,
     status: Mutex<Status>,
 }
 
 impl Reloader {
-    /// A reloader for `relay`, whose current generation came from `config`.
+    /// A reloader for `current`, whose generation came from `config`.
     pub fn new(
         engine: Arc<PolicyEngine>,
-        relay: Arc<Relay>,
+        current: Arc<Current>,
         config: PathBuf,
         extra_audit: Option<PathBuf>,
         server: &str,
     ) -> Self {
-        let current = relay.current();
+        let generation = current.get();
         let status = Status {
             pid: std::process::id(),
             config: std::path::absolute(&config).unwrap_or_else(|_| config.clone()),
             server: server.to_string(),
             started: now(),
-            generation: current.number,
-            policies: policy_statuses(&current, None),
+            generation: generation.number,
+            policies: policy_statuses(&generation, None),
             last_reload: None,
         };
         Self {
             engine,
-            relay,
+            current,
             config,
             extra_audit,
             status: Mutex::new(status),
@@ -155,7 +176,7 @@ impl Reloader {
     /// Builds the next generation and swaps it in, or leaves the current one
     /// serving and reports why not.
     pub fn reload(&self, trigger: Trigger) -> ReloadStatus {
-        let current = self.relay.current();
+        let current = self.current.get();
         let started = Instant::now();
         let next = Generation::load(
             &self.engine,
@@ -174,7 +195,7 @@ impl Reloader {
                     Ok(()) => {
                         let policies = policy_statuses(&next, Some(&self.status()));
                         let number = next.number;
-                        self.relay.swap(next);
+                        self.current.swap(next);
                         tracing::info!(
                             generation = number,
                             ms = started.elapsed().as_millis() as u64,
@@ -283,7 +304,7 @@ impl Reloader {
         watched: &Mutex<HashSet<PathBuf>>,
         dirs: &mut HashSet<PathBuf>,
     ) {
-        let mut files = self.relay.current().watched_files();
+        let mut files = self.current.get().watched_files();
         files.extend(std::path::absolute(&self.config));
         for dir in files.iter().filter_map(|f| f.parent()) {
             if dirs.insert(dir.to_path_buf())

@@ -1,0 +1,472 @@
+//! The MCP server side of `portcullis serve`: client sessions, and the
+//! routing of each client message to the upstream server that serves it.
+//! A session either targets one server (its own path) or sees every server
+//! its agent may use, merged: tools and prompts get collision-free names
+//! (`prefix` + `separator` + name), resources keep their URIs and are routed
+//! by which server listed them. Every message to or from a server passes
+//! through the session's [`Relay`] for that server, so it is judged (with the
+//! real server and tool names) and audited exactly as in stdio mode.
+
+use crate::bindings::Direction;
+use crate::config::Config;
+use crate::framing::Frame;
+use crate::identity::Identity;
+use crate::jsonrpc::{self, INTERNAL_ERROR, INVALID_REQUEST, Message, error_response};
+use crate::relay::Relay;
+use crate::reload::Current;
+use crate::session::Session;
+use crate::upstream::Upstream;
+use anyhow::{Context, Result};
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Protocol revisions a client may choose; the first is the default.
+pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
+/// JSON-RPC: the method does not exist (here).
+const METHOD_NOT_FOUND: i32 = -32601;
+/// JSON-RPC: invalid params (e.g. an unknown tool name).
+const INVALID_PARAMS: i32 = -32602;
+
+/// Which servers a session reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every server the agent may use, merged.
+    All,
+    /// One server, names untouched.
+    Server(String),
+}
+
+/// One client session.
+pub struct ClientSession {
+    /// Its `Mcp-Session-Id`.
+    pub id: String,
+    /// Who opened it.
+    pub identity: Identity,
+    /// What it reaches.
+    pub scope: Scope,
+    /// The protocol revision agreed at `initialize`.
+    pub protocol: String,
+    relays: BTreeMap<String, Arc<Relay>>,
+    resources: Mutex<HashMap<String, String>>,
+}
+
+/// The servers, the sessions, and the naming of merged lists.
+pub struct Gateway {
+    current: Arc<Current>,
+    upstreams: BTreeMap<String, Arc<Upstream>>,
+    prefixes: BTreeMap<String, String>,
+    separator: String,
+    timeout: Duration,
+    sessions: Mutex<HashMap<String, Arc<ClientSession>>>,
+}
+
+/// One list the aggregated endpoint merges.
+struct Listing {
+    /// The server capability that offers it.
+    capability: &'static str,
+    /// The member of the result holding the items.
+    member: &'static str,
+    /// Whether item names are prefixed.
+    renamed: bool,
+}
+
+const LISTINGS: &[(&str, Listing)] = &[
+    (
+        "tools/list",
+        Listing {
+            capability: "tools",
+            member: "tools",
+            renamed: true,
+        },
+    ),
+    (
+        "prompts/list",
+        Listing {
+            capability: "prompts",
+            member: "prompts",
+            renamed: true,
+        },
+    ),
+    (
+        "resources/list",
+        Listing {
+            capability: "resources",
+            member: "resources",
+            renamed: false,
+        },
+    ),
+    (
+        "resources/templates/list",
+        Listing {
+            capability: "resources",
+            member: "resourceTemplates",
+            renamed: false,
+        },
+    ),
+];
+
+impl Gateway {
+    /// A gateway over `upstreams`, configured by `config`.
+    pub fn new(
+        config: &Config,
+        current: Arc<Current>,
+        upstreams: BTreeMap<String, Arc<Upstream>>,
+    ) -> Self {
+        let prefixes = config
+            .servers
+            .iter()
+            .map(|(name, server)| (name.clone(), server.prefix.clone().unwrap_or(name.clone())))
+            .collect();
+        Self {
+            current,
+            upstreams,
+            prefixes,
+            separator: config.serve.separator.clone(),
+            timeout: Duration::from_secs(config.serve.request_timeout_secs),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The upstream servers, by name.
+    pub fn upstreams(&self) -> &BTreeMap<String, Arc<Upstream>> {
+        &self.upstreams
+    }
+
+    /// Whether `server` is configured.
+    pub fn has_server(&self, server: &str) -> bool {
+        self.upstreams.contains_key(server)
+    }
+
+    /// The session `id`, if it exists and belongs to `identity`'s agent.
+    pub fn session(&self, id: &str, identity: &Identity) -> Option<Arc<ClientSession>> {
+        let sessions = self.sessions.lock().expect("sessions lock poisoned");
+        sessions
+            .get(id)
+            .filter(|s| s.identity.agent.id == identity.agent.id)
+            .cloned()
+    }
+
+    /// Ends session `id` (the client's DELETE); false if it was not there.
+    pub fn end(&self, id: &str, identity: &Identity) -> bool {
+        let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
+        let owned = sessions
+            .get(id)
+            .is_some_and(|s| s.identity.agent.id == identity.agent.id);
+        owned && sessions.remove(id).is_some()
+    }
+
+    /// Answers an `initialize` request: opens a session for `identity` on
+    /// `scope` and returns it with the answer.
+    pub async fn initialize(
+        &self,
+        identity: Identity,
+        scope: Scope,
+        message: &Message<'_>,
+    ) -> (Option<Arc<ClientSession>>, String) {
+        let requested = message
+            .params
+            .and_then(|p| serde_json::from_str::<Value>(p.get()).ok())
+            .and_then(|p| p["protocolVersion"].as_str().map(str::to_string));
+        let protocol = requested
+            .filter(|v| PROTOCOL_VERSIONS.contains(&v.as_str()))
+            .unwrap_or_else(|| PROTOCOL_VERSIONS[0].to_string());
+        let result = match &scope {
+            Scope::Server(server) => match self.upstreams[server].initialized(self.timeout).await {
+                Ok(upstream) => {
+                    let mut result = (*upstream).clone();
+                    result["protocolVersion"] = json!(protocol);
+                    result
+                }
+                Err(e) => {
+                    let why = format!("Portcullis: {e:#}");
+                    return (None, error_response(message.id, INTERNAL_ERROR, &why, None));
+                }
+            },
+            Scope::All => {
+                let mut capabilities = Map::new();
+                for server in self.reachable(&identity) {
+                    if let Ok(upstream) = self.upstreams[&server].initialized(self.timeout).await
+                        && let Some(offered) = upstream["capabilities"].as_object()
+                    {
+                        for (_, listing) in LISTINGS {
+                            if offered.contains_key(listing.capability) {
+                                capabilities.insert(listing.capability.into(), json!({}));
+                            }
+                        }
+                    }
+                }
+                json!({
+                    "protocolVersion": protocol,
+                    "capabilities": capabilities,
+                    "serverInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") },
+                    "instructions": "Tools and prompts of several MCP servers, named SERVER__NAME, behind Portcullis."
+                        .replace("__", &self.separator),
+                })
+            }
+        };
+        let servers = match &scope {
+            Scope::All => self.reachable(&identity),
+            Scope::Server(server) => vec![server.clone()],
+        };
+        let relays = servers
+            .into_iter()
+            .map(|server| {
+                let session = Session::new(server.clone(), identity.agent.clone());
+                (server, Arc::new(Relay::new(self.current.clone(), session)))
+            })
+            .collect();
+        let session = Arc::new(ClientSession {
+            id: uuid_like(),
+            identity,
+            scope,
+            protocol,
+            relays,
+            resources: Mutex::new(HashMap::new()),
+        });
+        self.sessions
+            .lock()
+            .expect("sessions lock poisoned")
+            .insert(session.id.clone(), session.clone());
+        let id = message.id.map_or("null", |id| id.get());
+        let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
+        (Some(session), answer)
+    }
+
+    /// The servers `identity` may use, in name order.
+    fn reachable(&self, identity: &Identity) -> Vec<String> {
+        self.upstreams
+            .keys()
+            .filter(|server| identity.may_use(server))
+            .cloned()
+            .collect()
+    }
+
+    /// Handles one message of `session` (not `initialize`); returns the
+    /// answer to send back, if the message was a request.
+    pub async fn handle(&self, session: &ClientSession, text: &str) -> Option<String> {
+        let message = match Message::parse(text) {
+            Ok(message) => message,
+            Err(e) => {
+                let why = format!("Parse error: {e}");
+                return Some(error_response(None, jsonrpc::PARSE_ERROR, &why, None));
+            }
+        };
+        let method = message.method.as_deref().unwrap_or_default();
+        match (&session.scope, message.id) {
+            // Answers to server requests: the gateway never relays those.
+            (_, _) if message.method.is_none() => None,
+            (_, Some(id)) if method == "ping" => Some(format!(
+                r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
+                id.get()
+            )),
+            (_, None) if method == "notifications/initialized" => None,
+            (Scope::Server(server), _) => self.forward(session, server, text).await,
+            (Scope::All, None) => None,
+            (Scope::All, Some(_)) => Some(self.aggregate(session, &message, text).await),
+        }
+    }
+
+    /// A request on the aggregated endpoint.
+    async fn aggregate(
+        &self,
+        session: &ClientSession,
+        message: &Message<'_>,
+        text: &str,
+    ) -> String {
+        let method = message.method.as_deref().unwrap_or_default();
+        if let Some((_, listing)) = LISTINGS.iter().find(|(m, _)| *m == method) {
+            return self.merge(session, message, listing).await;
+        }
+        let params: Value = message
+            .params
+            .and_then(|p| serde_json::from_str(p.get()).ok())
+            .unwrap_or(Value::Null);
+        let target = match method {
+            "tools/call" | "prompts/get" => params["name"]
+                .as_str()
+                .and_then(|name| self.split(session, name))
+                .map(|(server, name)| {
+                    let mut params = params.clone();
+                    params["name"] = json!(name);
+                    (server, Some(params))
+                }),
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => params["uri"]
+                .as_str()
+                .and_then(|uri| {
+                    let resources = session.resources.lock().expect("resources lock poisoned");
+                    resources.get(uri).cloned()
+                })
+                .map(|server| (server, None)),
+            _ => {
+                let why = format!("Method not found: {method}");
+                return error_response(message.id, METHOD_NOT_FOUND, &why, None);
+            }
+        };
+        let Some((server, params)) = target else {
+            let what = params["name"]
+                .as_str()
+                .or(params["uri"].as_str())
+                .unwrap_or("");
+            let why = format!("Unknown name or resource: '{what}'");
+            return error_response(message.id, INVALID_PARAMS, &why, None);
+        };
+        let text = match params {
+            Some(params) => match jsonrpc::replace_member(text, "params", &params.to_string()) {
+                Ok(text) => text,
+                Err(e) => return error_response(message.id, INVALID_REQUEST, &e.to_string(), None),
+            },
+            None => text.to_string(),
+        };
+        self.forward(session, &server, &text)
+            .await
+            .unwrap_or_else(|| error_response(message.id, INTERNAL_ERROR, "no answer", None))
+    }
+
+    /// The server and real name behind a merged tool or prompt name.
+    fn split(&self, session: &ClientSession, merged: &str) -> Option<(String, String)> {
+        session.relays.keys().find_map(|server| {
+            let prefix = format!("{}{}", self.prefixes[server], self.separator);
+            merged
+                .strip_prefix(&prefix)
+                .map(|name| (server.clone(), name.to_string()))
+        })
+    }
+
+    /// A list request sent to every server of the session that offers it; the
+    /// answers are merged. A server that fails is left out and logged.
+    async fn merge(
+        &self,
+        session: &ClientSession,
+        message: &Message<'_>,
+        listing: &Listing,
+    ) -> String {
+        let id = message.id.map_or("null", |id| id.get());
+        let request = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"{}"}}"#,
+            message.method.as_deref().unwrap_or_default()
+        );
+        let mut items = Vec::new();
+        for server in session.relays.keys() {
+            let offers = match self.upstreams[server].initialized(self.timeout).await {
+                Ok(init) => init["capabilities"].get(listing.capability).is_some(),
+                Err(e) => {
+                    tracing::warn!(server, "left out of a merged list: {e:#}");
+                    false
+                }
+            };
+            if !offers {
+                continue;
+            }
+            let Some(answer) = self.forward(session, server, &request).await else {
+                continue;
+            };
+            let mut answer: Value = serde_json::from_str(&answer).unwrap_or_default();
+            let Some(list) = answer["result"][listing.member].as_array_mut() else {
+                tracing::warn!(server, "left out of a merged list: {}", answer["error"]);
+                continue;
+            };
+            for mut item in list.drain(..) {
+                if listing.renamed
+                    && let Some(name) = item["name"].as_str()
+                {
+                    item["name"] =
+                        json!(format!("{}{}{name}", self.prefixes[server], self.separator));
+                }
+                if let Some(uri) = item["uri"].as_str() {
+                    let mut resources = session.resources.lock().expect("resources lock poisoned");
+                    resources.insert(uri.to_string(), server.clone());
+                }
+                items.push(item);
+            }
+        }
+        let result = json!({ listing.member: items });
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
+    }
+
+    /// Judges `text` on its way to `server`, sends it, and judges the answer
+    /// on its way back. Returns what the client gets, if anything.
+    async fn forward(&self, session: &ClientSession, server: &str, text: &str) -> Option<String> {
+        let relay = session.relays.get(server)?.clone();
+        let outbound = judge(relay.clone(), Direction::ClientToServer, text.to_string()).await;
+        if let Some(reply) = outbound.reply {
+            return Some(reply);
+        }
+        let forward = outbound.forward?;
+        let upstream = &self.upstreams[server];
+        let message = Message::parse(&forward).ok()?;
+        if message.id.is_none() {
+            if let Err(e) = upstream.notify(&forward) {
+                tracing::warn!(server, "notification not delivered: {e:#}");
+            }
+            return None;
+        }
+        let answer = match upstream.request(&forward, self.timeout).await {
+            Ok(answer) => answer,
+            Err(e) => error_response(
+                message.id,
+                INTERNAL_ERROR,
+                &format!("Portcullis: {e:#}"),
+                None,
+            ),
+        };
+        judge(relay, Direction::ServerToClient, answer)
+            .await
+            .forward
+    }
+}
+
+/// What the relay decided about one message, as text.
+struct Judged {
+    forward: Option<String>,
+    reply: Option<String>,
+}
+
+/// Runs the relay (policies are WebAssembly and may take milliseconds) on a
+/// blocking thread, off the async workers.
+async fn judge(relay: Arc<Relay>, direction: Direction, text: String) -> Judged {
+    let delivery = tokio::task::spawn_blocking(move || {
+        relay.handle(direction, Frame::Line(text.into_bytes()))
+    })
+    .await
+    .unwrap_or_default();
+    let text = |bytes: Option<Vec<u8>>| bytes.and_then(|b| String::from_utf8(b).ok());
+    Judged {
+        forward: text(delivery.forward),
+        reply: text(delivery.reply),
+    }
+}
+
+/// A random session id (128 bits, hex).
+fn uuid_like() -> String {
+    let bytes: [u8; 16] = rand::random();
+    crate::engine::hex(&bytes)
+}
+
+/// Builds the upstreams of `config`'s servers, started on `runtime`.
+pub fn start_upstreams(
+    config: &Config,
+    runtime: &tokio::runtime::Handle,
+) -> Result<BTreeMap<String, Arc<Upstream>>> {
+    if config.servers.is_empty() {
+        anyhow::bail!("{}: no [servers] configured", config.path.display());
+    }
+    let base = config.path.parent().unwrap_or(std::path::Path::new("."));
+    config
+        .servers
+        .iter()
+        .map(|(name, server)| {
+            let command = crate::stdio::ServerCommand {
+                program: server.command.clone(),
+                args: server.args.clone(),
+                env: server
+                    .resolved_env(base)
+                    .with_context(|| format!("servers.{name}"))?,
+            };
+            let max = config.limits.max_message_bytes;
+            let upstream = Upstream::start(name, command, max, runtime.clone());
+            Ok((name.clone(), upstream))
+        })
+        .collect()
+}

@@ -1,0 +1,284 @@
+//! The Streamable HTTP transport of `portcullis serve`: one endpoint for
+//! every server the agent may use (`/mcp`) and one per server
+//! (`/servers/NAME/mcp`). It checks `Origin`, authenticates the agent,
+//! limits body size, keeps sessions (`Mcp-Session-Id`) and protocol versions
+//! (`MCP-Protocol-Version`), and answers each POSTed request with JSON (or a
+//! one-event SSE stream for a client that accepts only that). `/healthz`
+//! reports the upstream servers. Deciding is left to the [`Gateway`].
+
+use crate::gateway::{Gateway, PROTOCOL_VERSIONS, Scope};
+use crate::identity::{self, Identity};
+use crate::jsonrpc::{self, Message};
+use crate::reload::Current;
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+
+/// What the listener needs besides the gateway.
+pub struct Listener {
+    /// The gateway deciding and routing.
+    pub gateway: Arc<Gateway>,
+    /// The generation in charge: agents, origins and limits are read from it
+    /// per request, so a reload rotates keys without a restart.
+    pub current: Arc<Current>,
+}
+
+/// Serves on `addr` until `shutdown` completes.
+pub async fn run(
+    listener: Arc<Listener>,
+    addr: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let socket = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, "portcullis serving MCP over Streamable HTTP");
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = socket.accept() => accepted.context("accepting a connection")?,
+            () = &mut shutdown => return Ok(()),
+        };
+        let listener = listener.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let listener = listener.clone();
+                async move { Ok::<_, std::convert::Infallible>(listener.respond(request).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!("connection closed: {e}");
+            }
+        });
+    }
+}
+
+impl Listener {
+    /// Answers one HTTP request.
+    pub async fn respond(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_string();
+        if path == "/healthz" && request.method() == Method::GET {
+            return self.health();
+        }
+        let scope = match path.as_str() {
+            "/mcp" => Scope::All,
+            _ => match path
+                .strip_prefix("/servers/")
+                .and_then(|rest| rest.strip_suffix("/mcp"))
+            {
+                Some(server) if self.gateway.has_server(server) => {
+                    Scope::Server(server.to_string())
+                }
+                _ => return plain(StatusCode::NOT_FOUND, "no MCP endpoint here"),
+            },
+        };
+        let generation = self.current.get();
+        let config = &generation.config;
+        if let Some(origin) = request.headers().get(header::ORIGIN)
+            && !config
+                .serve
+                .allowed_origins
+                .iter()
+                .any(|allowed| allowed.as_bytes() == origin.as_bytes())
+        {
+            return plain(StatusCode::FORBIDDEN, "origin not allowed");
+        }
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let identity = match identity::authenticate(&config.agents, authorization) {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                let mut response = plain(StatusCode::UNAUTHORIZED, "an agent API key is required");
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(refusal.challenge()),
+                );
+                return response;
+            }
+        };
+        if let Scope::Server(server) = &scope
+            && !identity.may_use(server)
+        {
+            // A server the agent may not use does not exist for it.
+            return plain(StatusCode::NOT_FOUND, "no MCP endpoint here");
+        }
+        let max_body = config.limits.max_message_bytes;
+        drop(generation);
+        match *request.method() {
+            Method::POST => self.post(request, identity, scope, max_body).await,
+            Method::DELETE => match session_id(request.headers()) {
+                Some(id) if self.gateway.end(id, &identity) => {
+                    plain(StatusCode::OK, "session ended")
+                }
+                Some(_) => plain(StatusCode::NOT_FOUND, "unknown session"),
+                None => plain(StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required"),
+            },
+            // No server-initiated stream: servers' own requests are not
+            // relayed to agents.
+            _ => {
+                let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use POST or DELETE");
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+                response
+            }
+        }
+    }
+
+    async fn post(
+        &self,
+        request: Request<Incoming>,
+        identity: Identity,
+        scope: Scope,
+        max_body: usize,
+    ) -> Response<Full<Bytes>> {
+        let headers = request.headers().clone();
+        let body = match Limited::new(request.into_body(), max_body).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => {
+                let why = format!(
+                    "message exceeds the size limit of {max_body} bytes (limits.max_message_bytes)"
+                );
+                return rpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    jsonrpc::INVALID_REQUEST,
+                    &why,
+                );
+            }
+        };
+        let Ok(text) = std::str::from_utf8(&body) else {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                jsonrpc::PARSE_ERROR,
+                "Parse error: body is not UTF-8",
+            );
+        };
+        if jsonrpc::is_batch(text) {
+            let why = "Invalid Request: batches are not supported by this protocol revision";
+            return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::INVALID_REQUEST, why);
+        }
+        let message = match Message::parse(text) {
+            Ok(message) => message,
+            Err(e) => {
+                let why = format!("Parse error: {e}");
+                return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, &why);
+            }
+        };
+        if message.method.as_deref() == Some("initialize") && message.id.is_some() {
+            let (session, answer) = self.gateway.initialize(identity, scope, &message).await;
+            let mut response = answer_response(&headers, answer);
+            if let Some(session) = session
+                && let Ok(value) = HeaderValue::from_str(&session.id)
+            {
+                response.headers_mut().insert(SESSION_HEADER, value);
+            }
+            return response;
+        }
+        let Some(id) = session_id(&headers) else {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "Mcp-Session-Id header is required (initialize first)",
+            );
+        };
+        let Some(session) = self
+            .gateway
+            .session(id, &identity)
+            .filter(|s| s.scope == scope)
+        else {
+            return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
+        };
+        if let Some(version) = headers.get(VERSION_HEADER)
+            && !PROTOCOL_VERSIONS
+                .iter()
+                .any(|v| v.as_bytes() == version.as_bytes())
+        {
+            return plain(StatusCode::BAD_REQUEST, "unsupported MCP-Protocol-Version");
+        }
+        match self.gateway.handle(&session, text).await {
+            Some(answer) => answer_response(&headers, answer),
+            None => empty(StatusCode::ACCEPTED),
+        }
+    }
+
+    fn health(&self) -> Response<Full<Bytes>> {
+        let servers: serde_json::Map<_, _> = self
+            .gateway
+            .upstreams()
+            .iter()
+            .map(|(name, upstream)| (name.clone(), json!(upstream.health())))
+            .collect();
+        let body = json!({ "servers": servers }).to_string();
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+fn session_id(headers: &HeaderMap) -> Option<&str> {
+    headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
+}
+
+/// A JSON-RPC answer, as JSON, or as one SSE event for a client that
+/// accepts only an event stream.
+fn answer_response(headers: &HeaderMap, answer: String) -> Response<Full<Bytes>> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let sse = accept.contains("text/event-stream") && !accept.contains("application/json");
+    let (body, kind) = if sse {
+        (
+            format!("event: message\ndata: {answer}\n\n"),
+            "text/event-stream",
+        )
+    } else {
+        (answer, "application/json")
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    response
+}
+
+fn rpc_error(status: StatusCode, code: i32, why: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(jsonrpc::error_response(
+        None, code, why, None,
+    ))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+fn empty(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}

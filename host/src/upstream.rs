@@ -1,0 +1,363 @@
+//! An MCP server that `portcullis serve` reaches on behalf of every agent: a
+//! stdio server it spawns, initializes once as an MCP client, and supervises
+//! — restarted with backoff when it exits, its health reported. Requests from
+//! many client sessions share the one connection: each is sent with an id
+//! unique on it, and its answer is routed back by that id with the client's
+//! id restored. Reading and writing the child's pipes happen on plain
+//! threads; callers await answers from async code.
+
+use crate::framing::{Frame, FrameReader};
+use crate::jsonrpc::{self, Message};
+use crate::stdio::ServerCommand;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+/// The protocol revision Portcullis asks its upstreams for.
+const UPSTREAM_PROTOCOL: &str = "2025-06-18";
+/// First restart delay; it doubles per failed start up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A server that stayed up this long restarts without delay the next time.
+const STABLE: Duration = Duration::from_secs(30);
+/// How long a server may take to answer `initialize`.
+const INITIALIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How an upstream is doing, for `status` and the health endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    /// `starting`, `ready` or `restarting`.
+    pub state: &'static str,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// The child's process id while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Why it last stopped or failed to start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// One supervised stdio MCP server.
+pub struct Upstream {
+    name: String,
+    command: ServerCommand,
+    max_message_bytes: usize,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<String>>>,
+    link: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    health: Mutex<Health>,
+    /// The server's `initialize` result while it is ready.
+    ready: watch::Sender<Option<Arc<Value>>>,
+    stopping: AtomicBool,
+}
+
+impl Upstream {
+    /// Starts supervising `command` as server `name`; answers are routed on
+    /// `runtime`'s timers.
+    pub fn start(
+        name: &str,
+        command: ServerCommand,
+        max_message_bytes: usize,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        let upstream = Arc::new(Self {
+            name: name.to_string(),
+            command,
+            max_message_bytes,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            link: Mutex::new(None),
+            health: Mutex::new(Health {
+                state: "starting",
+                restarts: 0,
+                pid: None,
+                last_error: None,
+            }),
+            ready: watch::channel(None).0,
+            stopping: AtomicBool::new(false),
+        });
+        let supervised = upstream.clone();
+        std::thread::Builder::new()
+            .name(format!("upstream-{name}"))
+            .spawn(move || supervised.supervise(&runtime))
+            .expect("cannot start an upstream supervisor thread");
+        upstream
+    }
+
+    /// The server's configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How it is doing now.
+    pub fn health(&self) -> Health {
+        self.health.lock().expect("health lock poisoned").clone()
+    }
+
+    /// The server's `initialize` result, waiting up to `wait` for it to be ready.
+    pub async fn initialized(&self, wait: Duration) -> Result<Arc<Value>> {
+        let mut ready = self.ready.subscribe();
+        let outcome = tokio::time::timeout(wait, ready.wait_for(Option::is_some)).await;
+        match outcome {
+            Ok(Ok(result)) => Ok(result.clone().expect("waited for Some")),
+            _ => {
+                let health = self.health();
+                bail!(
+                    "server '{}' is not available ({}{})",
+                    self.name,
+                    health.state,
+                    health
+                        .last_error
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                )
+            }
+        }
+    }
+
+    /// Sends the request `text` and returns the server's answer, with the
+    /// request's own id put back in place of the one used on this connection.
+    pub async fn request(&self, text: &str, wait: Duration) -> Result<String> {
+        self.initialized(wait).await?;
+        let original = Message::parse(text)?
+            .id
+            .map(|id| id.get().to_string())
+            .context("a request needs an id")?;
+        let (id, answer) = self.register();
+        let frame = jsonrpc::replace_member(text, "id", &id.to_string())?;
+        self.send(frame.into_bytes())?;
+        let answer = tokio::time::timeout(wait, answer).await;
+        self.pending
+            .lock()
+            .expect("pending lock poisoned")
+            .remove(&id);
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => bail!("server '{}' stopped before answering", self.name),
+            Err(_) => bail!("server '{}' did not answer within {wait:?}", self.name),
+        };
+        Ok(jsonrpc::replace_member(&answer, "id", &original)?)
+    }
+
+    /// Sends a notification.
+    pub fn notify(&self, text: &str) -> Result<()> {
+        self.send(text.as_bytes().to_vec())
+    }
+
+    /// Stops the server (its stdin is closed) and does not restart it.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.link.lock().expect("link lock poisoned").take();
+    }
+
+    fn register(&self) -> (u64, oneshot::Receiver<String>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("pending lock poisoned")
+            .insert(id, tx);
+        (id, rx)
+    }
+
+    fn send(&self, frame: Vec<u8>) -> Result<()> {
+        let link = self.link.lock().expect("link lock poisoned");
+        let sent = link.as_ref().map(|link| link.send(frame));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(anyhow!("server '{}' is not running", self.name)),
+        }
+    }
+
+    fn set_health(&self, state: &'static str, pid: Option<u32>, error: Option<String>) {
+        let mut health = self.health.lock().expect("health lock poisoned");
+        health.state = state;
+        health.pid = pid;
+        if error.is_some() {
+            health.last_error = error;
+        }
+    }
+
+    /// Runs the server, restarting it whenever it stops, until [`stop`](Self::stop).
+    fn supervise(self: Arc<Self>, runtime: &tokio::runtime::Handle) {
+        let mut backoff = FIRST_BACKOFF;
+        while !self.stopping.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let why = match self.run_once(runtime) {
+                Ok(why) => why,
+                Err(e) => format!("{e:#}"),
+            };
+            self.ready.send_replace(None);
+            self.link.lock().expect("link lock poisoned").take();
+            // Requests in flight are answered with an error by their callers.
+            self.pending.lock().expect("pending lock poisoned").clear();
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            if started.elapsed() >= STABLE {
+                backoff = FIRST_BACKOFF;
+            }
+            tracing::warn!(server = %self.name, restart_in = ?backoff, "upstream stopped: {why}");
+            self.set_health("restarting", None, Some(why));
+            self.health.lock().expect("health lock poisoned").restarts += 1;
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Starts the server, initializes it, and serves until it exits; returns why.
+    fn run_once(self: &Arc<Self>, runtime: &tokio::runtime::Handle) -> Result<String> {
+        self.set_health("starting", None, None);
+        let mut child = Command::new(&self.command.program)
+            .args(&self.command.args)
+            .envs(&self.command.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", self.command.program))?;
+        let pid = child.id();
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (link, frames) = mpsc::channel::<Vec<u8>>();
+        *self.link.lock().expect("link lock poisoned") = Some(link);
+        std::thread::spawn(move || {
+            for mut frame in frames {
+                frame.push(b'\n');
+                if stdin
+                    .write_all(&frame)
+                    .and_then(|()| stdin.flush())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let reader = self.clone();
+        std::thread::spawn(move || reader.read(stdout));
+        match runtime.block_on(self.initialize()) {
+            Ok(result) => {
+                tracing::info!(server = %self.name, pid, "upstream ready");
+                self.set_health("ready", Some(pid), None);
+                self.ready.send_replace(Some(Arc::new(result)));
+            }
+            Err(e) => {
+                stop_child(&mut child);
+                return Err(e);
+            }
+        }
+        let status = child.wait().context("waiting for the server")?;
+        Ok(format!("exited with {status}"))
+    }
+
+    /// The MCP handshake, as Portcullis' own client.
+    async fn initialize(&self) -> Result<Value> {
+        let (id, answer) = self.register();
+        let request = serde_json::json!({
+            "jsonrpc": "2.0", "id": id, "method": "initialize",
+            "params": {
+                "protocolVersion": UPSTREAM_PROTOCOL,
+                "capabilities": {},
+                "clientInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }
+            }
+        });
+        self.send(request.to_string().into_bytes())?;
+        let answer = tokio::time::timeout(INITIALIZE_TIMEOUT, answer)
+            .await
+            .context("no answer to initialize")?
+            .context("the server stopped during initialize")?;
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            result: Option<Value>,
+            error: Option<Value>,
+        }
+        let answer: Answer = serde_json::from_str(&answer)?;
+        let result = answer
+            .result
+            .with_context(|| format!("initialize failed: {}", answer.error.unwrap_or_default()))?;
+        self.notify(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)?;
+        Ok(result)
+    }
+
+    /// Reads the server's output until it closes, routing each answer to its caller.
+    fn read(&self, stdout: std::process::ChildStdout) {
+        let mut frames = FrameReader::new(BufReader::new(stdout), self.max_message_bytes);
+        while let Ok(Some(frame)) = frames.read_frame() {
+            match frame {
+                Frame::Line(bytes) => match String::from_utf8(bytes) {
+                    Ok(text) => self.dispatch(text),
+                    Err(_) => tracing::warn!(server = %self.name, "dropped a non-UTF-8 message"),
+                },
+                Frame::Oversized { len, prefix, .. } => {
+                    tracing::warn!(server = %self.name, len, "dropped a message over the size limit");
+                    let id = jsonrpc::leading_id(&prefix);
+                    if let Some(waiting) = id.as_deref().and_then(|id| self.take_pending(id)) {
+                        let why = format!(
+                            "Portcullis: the server's answer of {len} bytes exceeds the size limit (limits.max_message_bytes)"
+                        );
+                        let _ = waiting.send(jsonrpc::error_response(
+                            id.as_deref(),
+                            jsonrpc::INVALID_REQUEST,
+                            &why,
+                            None,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_pending(&self, id: &RawValue) -> Option<oneshot::Sender<String>> {
+        let id: u64 = id.get().parse().ok()?;
+        self.pending
+            .lock()
+            .expect("pending lock poisoned")
+            .remove(&id)
+    }
+
+    /// One message from the server: an answer goes to whoever waits for it;
+    /// the server's own requests are answered here (the gateway does not
+    /// relay them to agents); notifications are logged.
+    fn dispatch(&self, text: String) {
+        let Ok(message) = Message::parse(&text) else {
+            tracing::warn!(server = %self.name, "dropped a message that is not JSON");
+            return;
+        };
+        match (message.method.as_deref(), message.id) {
+            (None, Some(id)) => {
+                if let Some(waiting) = self.take_pending(id) {
+                    let _ = waiting.send(text);
+                }
+            }
+            (Some("ping"), Some(id)) => {
+                let pong = format!(r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#, id.get());
+                let _ = self.send(pong.into_bytes());
+            }
+            (Some(method), Some(id)) => {
+                let why = format!("Portcullis does not relay '{method}' requests from servers");
+                let refusal = jsonrpc::error_response(Some(id), -32601, &why, None);
+                let _ = self.send(refusal.into_bytes());
+            }
+            (Some(method), None) => {
+                tracing::debug!(server = %self.name, method, "notification from the server")
+            }
+            (None, None) => {
+                tracing::warn!(server = %self.name, "dropped a message without id or method")
+            }
+        }
+    }
+}
+
+fn stop_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,259 @@
+"""`portcullis serve`: one Streamable HTTP door in front of several real MCP
+servers (filesystem and everything from npm, plus the fault-injecting echo
+double), driven by the official Python SDK client. Two agents with their own
+keys see and may do different things; every call is audited under the
+agent's name; the upstream servers get their own credentials, never the
+agent's; a crashing upstream is restarted and reported."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
+from email.message import Message
+from pathlib import Path
+
+import httpx2
+import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from conftest import DOUBLES, FS_SERVER, PORTCULLIS, POLICIES, ROOT, read_audit
+
+EVERYTHING = ROOT / "tests" / "node_modules" / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
+KEYS = {"reader": "reader-key-3f9a", "admin": "admin-key-77c1"}
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """A running `portcullis serve` and what it was given."""
+
+    def __init__(self, tmp_path: Path, sandbox: Path, extra: str = ""):
+        self.port = free_port()
+        self.audit = tmp_path / "audit.jsonl"
+        self.echo_log = tmp_path / "echo.log"
+        (tmp_path / "everything-token").write_text("token-from-a-file\n")
+        config = tmp_path / "gateway.toml"
+        config.write_text(f"""
+[serve]
+listen = "127.0.0.1:{self.port}"
+allowed_origins = ["http://localhost:6274"]
+
+[agents.reader]
+api_key_sha256 = "{sha256(KEYS['reader'])}"
+servers = ["files"]
+attributes = {{ team = "analytics" }}
+
+[agents.admin]
+api_key_sha256 = "{sha256(KEYS['admin'])}"
+
+[servers.files]
+command = "node"
+args = ["{FS_SERVER}", "{sandbox}"]
+
+[servers.everything]
+command = "node"
+args = ["{EVERYTHING}"]
+prefix = "ev"
+env = {{ UPSTREAM_TOKEN = "${{file:everything-token}}" }}
+
+[servers.echo]
+command = "{sys.executable}"
+args = ["{DOUBLES / 'echo_server.py'}"]
+env = {{ ECHO_LOG = "{self.echo_log}", ECHO_EXIT_CODE = "3" }}
+
+[engine]
+cache_dir = "{tmp_path / 'cache'}"
+
+[[policy]]
+name = "read-only"
+module = "{POLICIES / 'read_only.wasm'}"
+agents = ["reader"]
+servers = ["files"]
+{extra}""")
+        self.stderr = open(tmp_path / "serve.log", "w")
+        self.process = subprocess.Popen([str(PORTCULLIS), "serve", "--config", str(config), "--audit-file",
+                                         str(self.audit)], stderr=self.stderr)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                health = self.health()
+                if all(s["state"] == "ready" for s in health["servers"].values()):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"gateway not ready: {(tmp_path / 'serve.log').read_text()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as response:
+            return json.load(response)
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Message, bytes]:
+        request = urllib.request.Request(f"{self.url}{path}", data=body, method="POST", headers={
+            "Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.stderr.close()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, sandbox: Path):
+    running = Gateway(tmp_path, sandbox)
+    yield running
+    running.stop()
+
+
+@asynccontextmanager
+async def connect(gateway: Gateway, agent: str, path: str = "/mcp"):
+    headers = {"Authorization": f"Bearer {KEYS[agent]}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+        async with streamable_http_client(f"{gateway.url}{path}", http_client=http) as (read, write, *_):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
+
+
+def names(listing) -> list[str]:
+    return [tool.name for tool in listing.tools]
+
+
+def test_each_agent_sees_and_may_do_only_what_it_was_granted(gateway: Gateway, sandbox: Path):
+    async def scenario():
+        async with connect(gateway, "reader") as reader:
+            reader_tools = names(await reader.list_tools())
+            read = await reader.call_tool("files__read_text_file", {"path": str(sandbox / "hello.txt")})
+            with pytest.raises(MCPError) as write:
+                await reader.call_tool("files__write_file", {"path": str(sandbox / "r.txt"), "content": "x"})
+            with pytest.raises(MCPError) as hidden:
+                await reader.call_tool("ev__echo", {"message": "hi"})
+        async with connect(gateway, "admin") as admin:
+            admin_tools = names(await admin.list_tools())
+            echoed = await admin.call_tool("ev__echo", {"message": "hi"})
+            wrote = await admin.call_tool("files__write_file", {"path": str(sandbox / "a.txt"), "content": "x"})
+        return reader_tools, read, write.value, hidden.value, admin_tools, echoed, wrote
+
+    reader_tools, read, write, hidden, admin_tools, echoed, wrote = asyncio.run(scenario())
+    assert reader_tools and all(name.startswith("files__") for name in reader_tools)
+    # The read-only policy applies to the reader only: it hides write tools from it.
+    assert "files__read_text_file" in reader_tools and "files__write_file" not in reader_tools
+    assert read.content[0].text == "hello from the sandbox\n"
+    assert "not declared read-only" in write.message and not (sandbox / "r.txt").exists()
+    assert "Unknown name" in hidden.message
+    assert {"ev__echo", "files__write_file", "files__read_text_file"} <= set(admin_tools)
+    assert echoed.content[0].text == "Echo: hi"
+    assert not wrote.is_error and (sandbox / "a.txt").read_text() == "x"
+
+    calls = [r for r in read_audit(gateway.audit) if r["kind"] == "request" and r.get("method") == "tools/call"]
+    summary = [(r["agent"], r["server"], r["tool"], r["outcome"]) for r in calls]
+    # Policies and the trail see real server and tool names, under each agent's own name.
+    assert summary == [("reader", "files", "read_text_file", "allow"), ("reader", "files", "write_file", "deny"),
+                       ("admin", "everything", "echo", "allow"), ("admin", "files", "write_file", "allow")]
+    assert calls[0]["agent_attributes"] == {"team": "analytics"}
+
+
+def test_merged_names_are_stable_and_each_server_has_its_own_path(gateway: Gateway):
+    async def scenario():
+        async with connect(gateway, "admin") as first:
+            once = names(await first.list_tools())
+            twice = names(await first.list_tools())
+        async with connect(gateway, "admin") as second:
+            again = names(await second.list_tools())
+        async with connect(gateway, "admin", "/servers/everything/mcp") as direct:
+            plain = names(await direct.list_tools())
+            echoed = await direct.call_tool("echo", {"message": "direct"})
+        return once, twice, again, plain, echoed
+
+    once, twice, again, plain, echoed = asyncio.run(scenario())
+    assert once == twice == again
+    assert [n for n in once if n.startswith("ev__")] == [f"ev__{n}" for n in plain]
+    assert echoed.content[0].text == "Echo: direct"
+
+
+def test_servers_get_their_own_credentials_never_the_agents(gateway: Gateway):
+    async def scenario():
+        async with connect(gateway, "admin") as admin:
+            env = await admin.call_tool("ev__get-env", {})
+            return json.loads(env.content[0].text)
+
+    env = asyncio.run(scenario())
+    assert env["UPSTREAM_TOKEN"] == "token-from-a-file"
+    assert not any(KEYS["admin"] in value for value in env.values())
+    for record in read_audit(gateway.audit):
+        assert KEYS["admin"] not in json.dumps(record) and "token-from-a-file" not in json.dumps(record)
+
+
+def test_bad_credentials_origins_and_sessions_are_refused(gateway: Gateway):
+    initialize = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}).encode()
+    status, headers, _ = gateway.post("/mcp", initialize, {})
+    assert status == 401 and headers["WWW-Authenticate"] == 'Bearer realm="portcullis"'
+    status, headers, _ = gateway.post("/mcp", initialize, {"Authorization": "Bearer not-a-key"})
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    status, _, _ = gateway.post("/mcp", initialize, {**admin, "Origin": "http://evil.example"})
+    assert status == 403
+    status, headers, body = gateway.post("/mcp", initialize, {**admin, "Origin": "http://localhost:6274"})
+    assert status == 200 and json.loads(body)["result"]["protocolVersion"] == "2025-06-18"
+    session = headers["mcp-session-id"]
+    listing = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).encode()
+    assert gateway.post("/mcp", listing, admin)[0] == 400  # no session
+    assert gateway.post("/mcp", listing, {**admin, "Mcp-Session-Id": "f" * 32})[0] == 404
+    reader = {"Authorization": f"Bearer {KEYS['reader']}"}
+    assert gateway.post("/mcp", listing, {**reader, "Mcp-Session-Id": session})[0] == 404  # not its session
+    assert gateway.post("/servers/everything/mcp", initialize, reader)[0] == 404  # not its server
+    status, _, body = gateway.post("/mcp", listing, {**admin, "Mcp-Session-Id": session})
+    assert status == 200 and json.loads(body)["result"]["tools"]
+    status, _, body = gateway.post("/mcp", b"{not json", {**admin, "Mcp-Session-Id": session})
+    assert status == 400 and json.loads(body)["error"]["code"] == -32700
+    huge = json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"x": "y" * 17_000_000}})
+    assert gateway.post("/mcp", huge.encode(), {**admin, "Mcp-Session-Id": session})[0] == 413
+    status, _, _ = gateway.post("/mcp", listing, {**admin, "Mcp-Session-Id": session})
+    assert status == 200  # the gateway kept serving
+
+
+def test_a_crashing_upstream_is_restarted_and_reported(gateway: Gateway):
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    initialize = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}).encode()
+    _, headers, _ = gateway.post("/servers/echo/mcp", initialize, admin)
+    session = {**admin, "Mcp-Session-Id": headers["mcp-session-id"]}
+    crash = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "test/exit"}).encode()
+    status, _, body = gateway.post("/servers/echo/mcp", crash, session)
+    assert status == 200 and "stopped before answering" in json.loads(body)["error"]["message"]
+    ping = json.dumps({"jsonrpc": "2.0", "id": 3, "method": "test/after-restart"}).encode()
+    status, _, body = gateway.post("/servers/echo/mcp", ping, session)
+    assert status == 200 and json.loads(body)["result"]["method"] == "test/after-restart"
+    echo = gateway.health()["servers"]["echo"]
+    assert echo["state"] == "ready" and echo["restarts"] >= 1 and "exit status: 3" in echo["last_error"]
+    # The echo server saw Portcullis' own handshake twice, and never an agent key.
+    log = gateway.echo_log.read_text()
+    assert log.count('"method":"initialize"') == 2 and KEYS["admin"] not in log
