@@ -21,10 +21,15 @@ pub fn run(path: &Path) -> i32 {
     println!("config   {}  ok", path.display());
     println!("agent    {}", config.agent.id);
     for (name, server) in &config.servers {
+        match (&server.command, &server.url) {
+            (Some(command), _) => println!("server   {name}: {command} {}", server.args.join(" ")),
+            (None, url) => println!("server   {name}: {}", url.as_deref().unwrap_or_default()),
+        }
+    }
+    for (id, agent) in &config.agents {
         println!(
-            "server   {name}: {} {}",
-            server.command,
-            server.args.join(" ")
+            "agent    {id} (serve): servers {}",
+            agent.servers.join(", ")
         );
     }
     let engine = match PolicyEngine::new(&config.engine) {

@@ -65,12 +65,19 @@ fn default_agent_id() -> String {
     "local".into()
 }
 
-/// An MCP server Portcullis starts as a child process.
+/// An MCP server: a stdio server Portcullis starts as a child process
+/// (`command`), or, in `serve` mode, a remote Streamable HTTP server (`url`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// The program to run.
-    pub command: String,
+    pub command: Option<String>,
+    /// The endpoint of a remote Streamable HTTP server.
+    pub url: Option<String>,
+    /// Headers sent to a remote server with every request: its credentials
+    /// (values may contain `${env:NAME}` or `${file:PATH}` references).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
     /// Its arguments.
     #[serde(default)]
     pub args: Vec<String>,
@@ -85,27 +92,51 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// The environment for the server, with each `${env:NAME}` and
-    /// `${file:PATH}` value read from Portcullis' environment or that file
-    /// (its content, without the trailing newline). This is how servers get
+    /// `${file:PATH}` reference in a value replaced from Portcullis'
+    /// environment or that file (its content, without the trailing newline). This is how servers get
     /// their credentials without writing them into the config.
     pub fn resolved_env(&self, base: &Path) -> Result<BTreeMap<String, String>> {
-        self.env
-            .iter()
-            .map(|(key, value)| {
-                Ok((
-                    key.clone(),
-                    resolve_secret(value, base).with_context(|| format!("env {key}"))?,
-                ))
-            })
-            .collect()
+        resolve_all(&self.env, base, "env")
+    }
+
+    /// The headers for a remote server, references resolved as for `env`.
+    pub fn resolved_headers(&self, base: &Path) -> Result<BTreeMap<String, String>> {
+        resolve_all(&self.headers, base, "header")
     }
 }
 
-/// `value`, or what its `${env:NAME}` / `${file:PATH}` reference names.
+fn resolve_all(
+    values: &BTreeMap<String, String>,
+    base: &Path,
+    what: &str,
+) -> Result<BTreeMap<String, String>> {
+    values
+        .iter()
+        .map(|(key, value)| {
+            let resolved = resolve_secret(value, base).with_context(|| format!("{what} {key}"))?;
+            Ok((key.clone(), resolved))
+        })
+        .collect()
+}
+
+/// `value` with each `${env:NAME}` / `${file:PATH}` reference in it replaced
+/// by what it names.
 fn resolve_secret(value: &str, base: &Path) -> Result<String> {
-    let Some(reference) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else {
-        return Ok(value.to_string());
-    };
+    let mut resolved = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        resolved.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .with_context(|| format!("unclosed reference in '{value}'"))?;
+        resolved.push_str(&resolve_reference(&rest[start + 2..start + end], base)?);
+        rest = &rest[start + end + 1..];
+    }
+    resolved.push_str(rest);
+    Ok(resolved)
+}
+
+fn resolve_reference(reference: &str, base: &Path) -> Result<String> {
     if let Some(name) = reference.strip_prefix("env:") {
         return std::env::var(name)
             .with_context(|| format!("environment variable {name} is not set"));
@@ -116,7 +147,7 @@ fn resolve_secret(value: &str, base: &Path) -> Result<String> {
             .with_context(|| format!("cannot read {}", path.display()))?;
         return Ok(text.trim_end_matches(['\n', '\r']).to_string());
     }
-    bail!("unknown reference '{value}' (use ${{env:NAME}} or ${{file:PATH}})")
+    bail!("unknown reference '${{{reference}}}' (use ${{env:NAME}} or ${{file:PATH}})")
 }
 
 /// An agent allowed to connect to `portcullis serve`.
@@ -466,6 +497,13 @@ impl Config {
                 bail!("agents.{id}.api_key_sha256: must be 64 hex digits (the key's sha256)");
             }
         }
+        for (name, server) in &self.servers {
+            if server.command.is_some() == server.url.is_some() {
+                bail!(
+                    "servers.{name}: give either command (a stdio server) or url (a Streamable HTTP server)"
+                );
+            }
+        }
         if self.serve.separator.is_empty() {
             bail!("serve.separator: must not be empty");
         }
@@ -507,7 +545,11 @@ impl Config {
             }
         }
         for (name, server) in &self.servers {
-            if server.command.trim().is_empty() {
+            if server
+                .command
+                .as_deref()
+                .is_some_and(|c| c.trim().is_empty())
+            {
                 bail!("servers.{name}.command: must not be empty");
             }
         }
@@ -592,7 +634,9 @@ mod tests {
         // SAFETY: the variable is unique to this test; nothing else reads it.
         unsafe { std::env::set_var("PORTCULLIS_TEST_TOKEN", "from-env") };
         let server = |value: &str| ServerConfig {
-            command: "server".into(),
+            command: Some("server".into()),
+            url: None,
+            headers: BTreeMap::new(),
             args: vec![],
             env: BTreeMap::from([("TOKEN".into(), value.into())]),
             prefix: None,
@@ -605,6 +649,11 @@ mod tests {
         assert_eq!(token("plain").unwrap(), "plain");
         assert_eq!(token("${env:PORTCULLIS_TEST_TOKEN}").unwrap(), "from-env");
         assert_eq!(token("${file:token}").unwrap(), "from-file");
+        assert_eq!(
+            token("Bearer ${env:PORTCULLIS_TEST_TOKEN}/${file:token}").unwrap(),
+            "Bearer from-env/from-file"
+        );
+        assert!(format!("{:#}", token("${env:X").unwrap_err()).contains("unclosed"));
         let missing = token("${env:PORTCULLIS_TEST_UNSET}").unwrap_err();
         assert!(format!("{missing:#}").contains("PORTCULLIS_TEST_UNSET is not set"));
         assert!(format!("{:#}", token("${vault:x}").unwrap_err()).contains("unknown reference"));

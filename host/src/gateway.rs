@@ -16,7 +16,6 @@ use crate::relay::Relay;
 use crate::reload::Current;
 use crate::session::Session;
 use crate::upstream::Upstream;
-use anyhow::{Context, Result};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -397,7 +396,7 @@ impl Gateway {
         let upstream = &self.upstreams[server];
         let message = Message::parse(&forward).ok()?;
         if message.id.is_none() {
-            if let Err(e) = upstream.notify(&forward) {
+            if let Err(e) = upstream.notify(&forward).await {
                 tracing::warn!(server, "notification not delivered: {e:#}");
             }
             return None;
@@ -442,31 +441,4 @@ async fn judge(relay: Arc<Relay>, direction: Direction, text: String) -> Judged 
 fn uuid_like() -> String {
     let bytes: [u8; 16] = rand::random();
     crate::engine::hex(&bytes)
-}
-
-/// Builds the upstreams of `config`'s servers, started on `runtime`.
-pub fn start_upstreams(
-    config: &Config,
-    runtime: &tokio::runtime::Handle,
-) -> Result<BTreeMap<String, Arc<Upstream>>> {
-    if config.servers.is_empty() {
-        anyhow::bail!("{}: no [servers] configured", config.path.display());
-    }
-    let base = config.path.parent().unwrap_or(std::path::Path::new("."));
-    config
-        .servers
-        .iter()
-        .map(|(name, server)| {
-            let command = crate::stdio::ServerCommand {
-                program: server.command.clone(),
-                args: server.args.clone(),
-                env: server
-                    .resolved_env(base)
-                    .with_context(|| format!("servers.{name}"))?,
-            };
-            let max = config.limits.max_message_bytes;
-            let upstream = Upstream::start(name, command, max, runtime.clone());
-            Ok((name.clone(), upstream))
-        })
-        .collect()
 }

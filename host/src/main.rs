@@ -6,13 +6,14 @@ use clap::{Parser, Subcommand};
 use portcullis::bindings::Agent;
 use portcullis::config::Config;
 use portcullis::engine::PolicyEngine;
-use portcullis::gateway::{self, Gateway};
+use portcullis::gateway::Gateway;
 use portcullis::http::{self, Listener};
 use portcullis::relay::Relay;
 use portcullis::reload::{Current, Generation, Reloader};
 use portcullis::session::Session;
 use portcullis::status::{self, Status};
 use portcullis::stdio::{self, ServerCommand};
+use portcullis::upstream;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -214,7 +215,7 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let upstreams = gateway::start_upstreams(&config, runtime.handle())?;
+    let upstreams = upstream::start_all(&config, runtime.handle())?;
     let gateway = Arc::new(Gateway::new(&config, current.clone(), upstreams));
     let reloader = Reloader::new(engine, current.clone(), config_path, audit_file, "serve");
     Arc::new(reloader).start()?;
@@ -283,10 +284,16 @@ fn pick_server(
             config.path.display()
         )
     })?;
+    let Some(program) = &server.command else {
+        bail!(
+            "{}: servers.{name} is a remote server; stdio mode needs a command",
+            config.path.display()
+        );
+    };
     Ok((
         name,
         ServerCommand {
-            program: server.command.clone(),
+            program: program.clone(),
             args: server.args.clone(),
             env: server.resolved_env(base(config))?,
         },

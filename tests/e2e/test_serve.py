@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def free_port() -> int:
 class Gateway:
     """A running `portcullis serve` and what it was given."""
 
-    def __init__(self, tmp_path: Path, sandbox: Path, extra: str = ""):
+    def __init__(self, tmp_path: Path, sandbox: Path, extra: str = "", env: dict[str, str] | None = None):
         self.port = free_port()
         self.audit = tmp_path / "audit.jsonl"
         self.echo_log = tmp_path / "echo.log"
@@ -90,7 +91,7 @@ servers = ["files"]
 {extra}""")
         self.stderr = open(tmp_path / "serve.log", "w")
         self.process = subprocess.Popen([str(PORTCULLIS), "serve", "--config", str(config), "--audit-file",
-                                         str(self.audit)], stderr=self.stderr)
+                                         str(self.audit)], stderr=self.stderr, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -257,3 +258,56 @@ def test_a_crashing_upstream_is_restarted_and_reported(gateway: Gateway):
     # The echo server saw Portcullis' own handshake twice, and never an agent key.
     log = gateway.echo_log.read_text()
     assert log.count('"method":"initialize"') == 2 and KEYS["admin"] not in log
+
+
+@pytest.fixture
+def remote_server(tmp_path: Path):
+    """The official SDK's Streamable HTTP server, recording the headers it gets."""
+    port, headers = free_port(), tmp_path / "remote-headers.jsonl"
+    process = subprocess.Popen([sys.executable, str(DOUBLES / "http_server.py"), str(port)],
+                               env={**os.environ, "HEADERS_LOG": str(headers)}, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}/mcp", headers
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_a_remote_http_server_is_reached_with_its_own_credentials(tmp_path: Path, sandbox: Path, remote_server):
+    url, headers_log = remote_server
+    extra = f"""
+[servers.remote]
+url = "{url}"
+headers = {{ Authorization = "Bearer ${{env:REMOTE_TOKEN}}", X-Tenant = "portcullis-tests" }}
+"""
+    gateway = Gateway(tmp_path, sandbox, extra,
+                      env={"REMOTE_TOKEN": "remote-secret"})
+    try:
+        async def scenario():
+            async with connect(gateway, "admin") as admin:
+                tools = names(await admin.list_tools())
+                added = await admin.call_tool("remote__add", {"a": 2, "b": 3})
+            async with connect(gateway, "reader") as reader:
+                with pytest.raises(MCPError) as hidden:
+                    await reader.call_tool("remote__add", {"a": 1, "b": 1})
+            return tools, added, hidden.value
+
+        tools, added, hidden = asyncio.run(scenario())
+    finally:
+        gateway.stop()
+    assert {"remote__add", "remote__reset"} <= set(tools)
+    assert added.content[0].text == "5"
+    assert "Unknown name" in hidden.message
+    seen = [json.loads(line) for line in headers_log.read_text().splitlines()]
+    assert seen and all(h["authorization"] == "Bearer remote-secret" for h in seen)
+    assert all(h["x-tenant"] == "portcullis-tests" for h in seen)
+    assert not any(KEYS["admin"] in json.dumps(h) for h in seen)
+    # One handshake, then every request in the server's session.
+    assert all(h.get("mcp-session-id") for h in seen[1:])
+    calls = [r for r in read_audit(gateway.audit) if r.get("tool") == "add" and r["kind"] == "request"]
+    assert [(r["agent"], r["server"], r["outcome"]) for r in calls] == [("admin", "remote", "allow")]

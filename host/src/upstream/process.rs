@@ -1,16 +1,16 @@
-//! An MCP server that `portcullis serve` reaches on behalf of every agent: a
-//! stdio server it spawns, initializes once as an MCP client, and supervises
-//! — restarted with backoff when it exits, its health reported. Requests from
-//! many client sessions share the one connection: each is sent with an id
-//! unique on it, and its answer is routed back by that id with the client's
-//! id restored. Reading and writing the child's pipes happen on plain
-//! threads; callers await answers from async code.
+//! A stdio MCP server that `portcullis serve` spawns, initializes once as
+//! an MCP client, and supervises — restarted with backoff when it exits, its
+//! health reported. Requests from many client sessions share the one
+//! connection: each is sent with an id unique on it, and its answer is routed
+//! back by that id with the client's id restored. Reading and writing the
+//! child's pipes happen on plain threads; callers await answers from async
+//! code.
 
+use super::{Health, initialize_request, not_available};
 use crate::framing::{Frame, FrameReader};
 use crate::jsonrpc::{self, Message};
 use crate::stdio::ServerCommand;
 use anyhow::{Context, Result, anyhow, bail};
-use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -21,8 +21,6 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
-/// The protocol revision Portcullis asks its upstreams for.
-const UPSTREAM_PROTOCOL: &str = "2025-06-18";
 /// First restart delay; it doubles per failed start up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -31,23 +29,8 @@ const STABLE: Duration = Duration::from_secs(30);
 /// How long a server may take to answer `initialize`.
 const INITIALIZE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How an upstream is doing, for `status` and the health endpoint.
-#[derive(Debug, Clone, Serialize)]
-pub struct Health {
-    /// `starting`, `ready` or `restarting`.
-    pub state: &'static str,
-    /// Restarts so far.
-    pub restarts: u64,
-    /// The child's process id while it runs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    /// Why it last stopped or failed to start.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
-
 /// One supervised stdio MCP server.
-pub struct Upstream {
+pub struct Process {
     name: String,
     command: ServerCommand,
     max_message_bytes: usize,
@@ -60,7 +43,7 @@ pub struct Upstream {
     stopping: AtomicBool,
 }
 
-impl Upstream {
+impl Process {
     /// Starts supervising `command` as server `name`; answers are routed on
     /// `runtime`'s timers.
     pub fn start(
@@ -76,12 +59,7 @@ impl Upstream {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             link: Mutex::new(None),
-            health: Mutex::new(Health {
-                state: "starting",
-                restarts: 0,
-                pid: None,
-                last_error: None,
-            }),
+            health: Mutex::new(Health::starting()),
             ready: watch::channel(None).0,
             stopping: AtomicBool::new(false),
         });
@@ -109,18 +87,7 @@ impl Upstream {
         let outcome = tokio::time::timeout(wait, ready.wait_for(Option::is_some)).await;
         match outcome {
             Ok(Ok(result)) => Ok(result.clone().expect("waited for Some")),
-            _ => {
-                let health = self.health();
-                bail!(
-                    "server '{}' is not available ({}{})",
-                    self.name,
-                    health.state,
-                    health
-                        .last_error
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                )
-            }
+            _ => Err(not_available(&self.name, &self.health())),
         }
     }
 
@@ -262,29 +229,13 @@ impl Upstream {
     /// The MCP handshake, as Portcullis' own client.
     async fn initialize(&self) -> Result<Value> {
         let (id, answer) = self.register();
-        let request = serde_json::json!({
-            "jsonrpc": "2.0", "id": id, "method": "initialize",
-            "params": {
-                "protocolVersion": UPSTREAM_PROTOCOL,
-                "capabilities": {},
-                "clientInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }
-            }
-        });
-        self.send(request.to_string().into_bytes())?;
+        self.send(initialize_request(id).into_bytes())?;
         let answer = tokio::time::timeout(INITIALIZE_TIMEOUT, answer)
             .await
             .context("no answer to initialize")?
             .context("the server stopped during initialize")?;
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            result: Option<Value>,
-            error: Option<Value>,
-        }
-        let answer: Answer = serde_json::from_str(&answer)?;
-        let result = answer
-            .result
-            .with_context(|| format!("initialize failed: {}", answer.error.unwrap_or_default()))?;
-        self.notify(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)?;
+        let result = super::initialize_result(&answer)?;
+        self.notify(super::INITIALIZED)?;
         Ok(result)
     }
 

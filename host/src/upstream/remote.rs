@@ -1,0 +1,301 @@
+//! A remote Streamable HTTP MCP server, reached by Portcullis as its MCP
+//! client: it initializes once (keeping the server's `Mcp-Session-Id`),
+//! sends each request as a POST with the server's own credential headers from
+//! the config (never an agent's), and reads the answer from a JSON body or an
+//! SSE stream. A lost session or connection is re-established on the next
+//! request. Plain `http://` only for now.
+
+use super::{Health, INITIALIZED, UPSTREAM_PROTOCOL, initialize_request, not_available};
+use crate::jsonrpc::Message;
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Mutex as AsyncMutex;
+
+/// What the handshake established.
+struct Connection {
+    session: Option<HeaderValue>,
+    initialized: Arc<Value>,
+}
+
+/// One remote server.
+pub struct Remote {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    url: Uri,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    max_message_bytes: usize,
+    client: Client<HttpConnector, Full<Bytes>>,
+    connection: AsyncMutex<Option<Connection>>,
+    health: Mutex<Health>,
+}
+
+impl Remote {
+    /// A server at `url`, sent `headers` (its credentials) with every request.
+    pub fn new(
+        name: &str,
+        url: &str,
+        headers: BTreeMap<String, String>,
+        max_message_bytes: usize,
+    ) -> Result<Self> {
+        let url: Uri = url.parse().with_context(|| format!("url '{url}'"))?;
+        if url.scheme_str() != Some("http") {
+            bail!("url '{url}': only http:// servers are supported so far");
+        }
+        let headers = headers
+            .into_iter()
+            .map(|(name, value)| {
+                let name = HeaderName::try_from(name.as_str())
+                    .with_context(|| format!("header name '{name}'"))?;
+                let mut value = HeaderValue::try_from(value)
+                    .with_context(|| format!("header '{name}' value"))?;
+                value.set_sensitive(true);
+                Ok((name, value))
+            })
+            .collect::<Result<_>>()?;
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                url,
+                headers,
+                max_message_bytes,
+                client,
+                connection: AsyncMutex::new(None),
+                health: Mutex::new(Health::starting()),
+            }),
+        })
+    }
+
+    /// Starts the handshake now, so health is known before the first agent.
+    pub fn connect_in_background(&self, runtime: &tokio::runtime::Handle) {
+        let inner = self.inner.clone();
+        runtime.spawn(async move {
+            if let Err(e) = inner.connection(Duration::from_secs(30)).await {
+                tracing::warn!(server = %inner.name, "not reachable yet: {e:#}");
+            }
+        });
+    }
+
+    /// How it is doing.
+    pub fn health(&self) -> Health {
+        self.inner
+            .health
+            .lock()
+            .expect("health lock poisoned")
+            .clone()
+    }
+
+    /// The server's `initialize` result (connecting first if needed).
+    pub async fn initialized(&self, wait: Duration) -> Result<Arc<Value>> {
+        self.inner.connection(wait).await.map(|c| c.1)
+    }
+
+    /// Sends a request and returns its answer; a session the server forgot
+    /// is re-established once.
+    pub async fn request(&self, text: &str, wait: Duration) -> Result<String> {
+        for attempt in 0..2 {
+            let (session, _) = self.inner.connection(wait).await?;
+            match self.inner.post(text, session.as_ref(), wait).await {
+                Ok(Some(answer)) => return Ok(answer),
+                Ok(None) => bail!("server '{}' sent no answer", self.inner.name),
+                Err(e) if attempt == 0 && e.downcast_ref::<SessionLost>().is_some() => {
+                    self.inner.forget(&format!("{e:#}")).await;
+                }
+                Err(e) => {
+                    self.inner.forget(&format!("{e:#}")).await;
+                    return Err(e);
+                }
+            }
+        }
+        bail!("server '{}' keeps losing the session", self.inner.name)
+    }
+
+    /// Sends a notification.
+    pub async fn notify(&self, text: &str) -> Result<()> {
+        let wait = Duration::from_secs(30);
+        let (session, _) = self.inner.connection(wait).await?;
+        self.inner
+            .post(text, session.as_ref(), wait)
+            .await
+            .map(drop)
+    }
+}
+
+/// The server answered 404 to a request in a session: it no longer knows it.
+#[derive(Debug)]
+struct SessionLost;
+
+impl std::fmt::Display for SessionLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server no longer knows the session")
+    }
+}
+
+impl std::error::Error for SessionLost {}
+
+impl Inner {
+    /// The session, connecting (the MCP handshake) if there is none.
+    async fn connection(&self, wait: Duration) -> Result<(Option<HeaderValue>, Arc<Value>)> {
+        let mut connection = self.connection.lock().await;
+        if let Some(c) = connection.as_ref() {
+            return Ok((c.session.clone(), c.initialized.clone()));
+        }
+        let handshake = async {
+            let (session, answer) = self.exchange(&initialize_request(0), None, wait).await?;
+            let answer = answer.context("no answer to initialize")?;
+            let initialized = Arc::new(super::initialize_result(&answer)?);
+            self.exchange(INITIALIZED, session.as_ref(), wait).await?;
+            Ok::<_, anyhow::Error>(Connection {
+                session,
+                initialized,
+            })
+        };
+        match handshake.await {
+            Ok(established) => {
+                tracing::info!(server = %self.name, url = %self.url, "upstream ready");
+                self.set_health("ready", None);
+                let result = (established.session.clone(), established.initialized.clone());
+                *connection = Some(established);
+                Ok(result)
+            }
+            Err(e) => {
+                self.set_health("unreachable", Some(format!("{e:#}")));
+                Err(not_available(
+                    &self.name,
+                    &self.health.lock().expect("health lock poisoned"),
+                ))
+            }
+        }
+    }
+
+    async fn forget(&self, why: &str) {
+        tracing::warn!(server = %self.name, "reconnecting: {why}");
+        *self.connection.lock().await = None;
+        let mut health = self.health.lock().expect("health lock poisoned");
+        health.restarts += 1;
+        health.last_error = Some(why.to_string());
+    }
+
+    fn set_health(&self, state: &'static str, error: Option<String>) {
+        let mut health = self.health.lock().expect("health lock poisoned");
+        health.state = state;
+        if error.is_some() {
+            health.last_error = error;
+        }
+    }
+
+    /// POSTs one message in `session`; returns the answer to a request.
+    async fn post(
+        &self,
+        text: &str,
+        session: Option<&HeaderValue>,
+        wait: Duration,
+    ) -> Result<Option<String>> {
+        self.exchange(text, session, wait)
+            .await
+            .map(|(_, answer)| answer)
+    }
+
+    /// POSTs one message; returns the session header the server set and,
+    /// for a request, its answer.
+    async fn exchange(
+        &self,
+        text: &str,
+        session: Option<&HeaderValue>,
+        wait: Duration,
+    ) -> Result<(Option<HeaderValue>, Option<String>)> {
+        let id = Message::parse(text)?.id.map(|id| id.get().to_string());
+        let mut request = Request::post(self.url.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream")
+            .header("mcp-protocol-version", UPSTREAM_PROTOCOL);
+        if let Some(session) = session {
+            request = request.header("mcp-session-id", session);
+        }
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        let request = request.body(Full::new(Bytes::from(text.to_string())))?;
+        let response = tokio::time::timeout(wait, self.client.request(request))
+            .await
+            .with_context(|| format!("no answer within {wait:?}"))?
+            .with_context(|| format!("POST {}", self.url))?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND && session.is_some() {
+            return Err(SessionLost.into());
+        }
+        if !status.is_success() {
+            bail!("POST {} answered HTTP {status}", self.url);
+        }
+        let new_session = response.headers().get("mcp-session-id").cloned();
+        let sse = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let body = Limited::new(response.into_body(), self.max_message_bytes)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+            .to_bytes();
+        let body = String::from_utf8(body.to_vec()).context("the answer is not UTF-8")?;
+        let Some(id) = id else {
+            return Ok((new_session, None));
+        };
+        let answer = if sse {
+            answer_in_events(&body, &id)
+        } else {
+            Some(body).filter(|b| !b.trim().is_empty())
+        };
+        Ok((new_session, answer))
+    }
+}
+
+/// The answer to request `id` among the messages of an SSE stream.
+fn answer_in_events(stream: &str, id: &str) -> Option<String> {
+    stream
+        .split("\n\n")
+        .map(|event| {
+            event
+                .lines()
+                .filter_map(|line| line.strip_prefix("data:"))
+                .map(|data| data.strip_prefix(' ').unwrap_or(data))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .find(|data| {
+            Message::parse(data).is_ok_and(|m| {
+                m.method.is_none() && m.id.is_some_and(|answered| answered.get() == id)
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_is_found_among_other_events() {
+        let stream = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n\
+                      id: 7\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"a\",\"result\":{}}\n\n\
+                      event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{\"ok\":true}}\n\n";
+        let answer = answer_in_events(stream, "3").unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&answer).unwrap()["result"]["ok"],
+            true
+        );
+        assert!(answer_in_events(stream, "4").is_none());
+    }
+}

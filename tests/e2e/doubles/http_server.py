@@ -1,0 +1,42 @@
+"""A remote Streamable HTTP MCP server for the gateway tests, written with
+the official Python SDK (`MCPServer`, served by uvicorn). It appends the
+headers of every HTTP request it receives to HEADERS_LOG, one JSON object per
+line, so a test can see exactly what Portcullis sent it.
+
+Usage: http_server.py PORT   (JSON_RESPONSE=1 answers with JSON instead of SSE)
+"""
+
+import json
+import os
+import sys
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+from mcp_types import ToolAnnotations
+
+server = MCPServer("remote-calculator")
+
+
+@server.tool(annotations=ToolAnnotations(readOnlyHint=True))
+def add(a: int, b: int) -> int:
+    """Adds two numbers."""
+    return a + b
+
+
+@server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=True))
+def reset() -> str:
+    """Forgets everything."""
+    return "reset"
+
+
+app = server.streamable_http_app(json_response=os.environ.get("JSON_RESPONSE") == "1")
+
+
+async def recording(scope, receive, send):
+    if scope["type"] == "http":
+        with open(os.environ["HEADERS_LOG"], "a") as log:
+            log.write(json.dumps({k.decode(): v.decode() for k, v in scope["headers"]}) + "\n")
+    await app(scope, receive, send)
+
+
+uvicorn.run(recording, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
