@@ -311,3 +311,29 @@ headers = {{ Authorization = "Bearer ${{env:REMOTE_TOKEN}}", X-Tenant = "portcul
     assert all(h.get("mcp-session-id") for h in seen[1:])
     calls = [r for r in read_audit(gateway.audit) if r.get("tool") == "add" and r["kind"] == "request"]
     assert [(r["agent"], r["server"], r["outcome"]) for r in calls] == [("admin", "remote", "allow")]
+
+
+def test_a_policy_that_traps_is_reported_and_the_gateway_keeps_serving(tmp_path: Path, sandbox: Path):
+    # The trap's panic message goes to the guest's stderr (WASI), which must
+    # work on the gateway's evaluation threads too.
+    extra = f"""
+[[policy]]
+name = "misbehave"
+module = "{POLICIES / 'misbehave.wasm'}"
+servers = ["everything"]
+settings = {{ mode = "trap", tool = "echo" }}
+"""
+    gateway = Gateway(tmp_path, sandbox, extra)
+    try:
+        async def scenario():
+            async with connect(gateway, "admin") as admin:
+                with pytest.raises(MCPError) as trapped:
+                    await admin.call_tool("ev__echo", {"message": "hi"})
+                added = await admin.call_tool("ev__get-sum", {"a": 1, "b": 2})
+                return trapped.value, added
+
+        trapped, added = asyncio.run(scenario())
+    finally:
+        gateway.stop()
+    assert trapped.code == -32002 and "misbehave" in trapped.message and "deliberate trap" in trapped.message
+    assert "3" in added.content[0].text
