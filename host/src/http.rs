@@ -33,15 +33,20 @@ pub struct Listener {
     pub current: Arc<Current>,
 }
 
-/// Serves on `addr` until `shutdown` completes.
+/// Binds the listening socket.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Serves on `socket` until `shutdown` completes.
 pub async fn run(
     listener: Arc<Listener>,
-    addr: SocketAddr,
+    socket: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let socket = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let addr = socket.local_addr()?;
     tracing::info!(%addr, "portcullis serving MCP over Streamable HTTP");
     tokio::pin!(shutdown);
     loop {

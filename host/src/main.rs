@@ -223,7 +223,10 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
         gateway: gateway.clone(),
         current,
     });
-    let served = runtime.block_on(http::run(listener, config.serve.listen, shutdown_signal()));
+    let served = runtime.block_on(async {
+        let socket = http::bind(config.serve.listen).await?;
+        http::run(listener, socket, shutdown_signal()).await
+    });
     for upstream in gateway.upstreams().values() {
         upstream.stop();
     }

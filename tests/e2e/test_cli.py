@@ -5,7 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from conftest import POLICIES, PORTCULLIS, policy, write_config
+from conftest import POLICIES, PORTCULLIS, ROOT, policy, write_config
 
 
 def check(config: Path) -> subprocess.CompletedProcess:
@@ -117,3 +117,13 @@ def test_portcullis_bench_measures_one_policy_fresh_and_reused(tmp_path: Path):
                               "--settings", '{"mode": "trap", "tool": "read_file"}', "--iterations", "5"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "trapped" in refused.stderr, "a failing policy is not timed"
+
+
+def test_portcullis_bench_measures_the_gateway_against_the_server_directly():
+    out = subprocess.run([str(PORTCULLIS), "bench", "--config", str(ROOT / "examples" / "bench.toml"), "--gateway",
+                          "--arguments", '{"path": "/tmp/x"}', "--calls", "50", "--clients", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for label in ("direct", "through the gateway", "added p50"):
+        assert any(line.strip().startswith(label) for line in out.stdout.splitlines()), out.stdout
+    assert "calls/s" in out.stdout

@@ -1,7 +1,10 @@
 //! `portcullis bench`: measures what Portcullis adds to a call, in one run —
 //! the policy chain on one `tools/call` with fresh and with reused instances,
 //! and the stdio relay's round trip against the same server spoken to
-//! directly — and prints medians, percentiles and ratios.
+//! directly, or ([`gateway`]) `portcullis serve` against the same HTTP server
+//! — and prints medians, percentiles and ratios.
+
+mod gateway;
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
 use crate::config::{Config, EngineConfig, InstanceMode};
@@ -56,6 +59,13 @@ pub struct BenchArgs {
     /// Arguments of the sample call, as JSON.
     #[arg(long, default_value = "{}")]
     arguments: String,
+    /// Measure `portcullis serve` with the config's chain in front of an
+    /// in-process HTTP MCP server, against that server called directly.
+    #[arg(long, requires = "config")]
+    gateway: bool,
+    /// With `--gateway`: concurrent sessions for the throughput run.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
     /// An MCP server command: when given, the relay is measured against it.
     #[arg(last = true)]
     server: Vec<String>,
@@ -84,7 +94,7 @@ impl Stats {
         }
     }
 
-    fn line(&self, label: &str) -> String {
+    pub(crate) fn line(&self, label: &str) -> String {
         format!(
             "  {label:<22} p50 {:>9}  p90 {:>9}  p99 {:>9}",
             micros(self.p50),
@@ -94,7 +104,7 @@ impl Stats {
     }
 }
 
-fn micros(d: Duration) -> String {
+pub(crate) fn micros(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
@@ -120,6 +130,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let Some(config_path) = &args.config else {
         return Ok(());
     };
+    if args.gateway {
+        return gateway::run(
+            config_path,
+            &args.tool,
+            &arguments,
+            args.calls,
+            args.clients,
+        );
+    }
     let config = Config::load(config_path)?;
     let names: Vec<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
     println!(
