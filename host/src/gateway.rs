@@ -23,6 +23,10 @@ use std::time::Duration;
 
 /// Protocol revisions a client may choose; the first is the default.
 pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
+/// How long a merged answer waits for a server that is not ready (starting
+/// or restarting) before leaving it out, so one server down does not hold up
+/// the agent's view of the others.
+const MERGE_WAIT: Duration = Duration::from_secs(5);
 /// JSON-RPC: the method does not exist (here).
 const METHOD_NOT_FOUND: i32 = -32601;
 /// JSON-RPC: invalid params (e.g. an unknown tool name).
@@ -186,7 +190,7 @@ impl Gateway {
             Scope::All => {
                 let mut capabilities = Map::new();
                 for server in self.reachable(&identity) {
-                    if let Ok(upstream) = self.upstreams[&server].initialized(self.timeout).await
+                    if let Ok(upstream) = self.upstreams[&server].initialized(MERGE_WAIT).await
                         && let Some(offered) = upstream["capabilities"].as_object()
                     {
                         for (_, listing) in LISTINGS {
@@ -348,7 +352,7 @@ impl Gateway {
         );
         let mut items = Vec::new();
         for server in session.relays.keys() {
-            let offers = match self.upstreams[server].initialized(self.timeout).await {
+            let offers = match self.upstreams[server].initialized(MERGE_WAIT).await {
                 Ok(init) => init["capabilities"].get(listing.capability).is_some(),
                 Err(e) => {
                     tracing::warn!(server, "left out of a merged list: {e:#}");

@@ -96,7 +96,8 @@ servers = ["files"]
         while time.monotonic() < deadline:
             try:
                 health = self.health()
-                if all(s["state"] == "ready" for s in health["servers"].values()):
+                # A server named broken* is expected never to come up.
+                if all(s["state"] == "ready" for n, s in health["servers"].items() if not n.startswith("broken")):
                     return
             except OSError:
                 pass
@@ -337,3 +338,19 @@ settings = {{ mode = "trap", tool = "echo" }}
         gateway.stop()
     assert trapped.code == -32002 and "misbehave" in trapped.message and "deliberate trap" in trapped.message
     assert "3" in added.content[0].text
+
+
+def test_a_server_that_cannot_start_is_left_out_of_the_merged_view(tmp_path: Path, sandbox: Path):
+    gateway = Gateway(tmp_path, sandbox, '\n[servers.broken]\ncommand = "/nonexistent/mcp-server"\n')
+    try:
+        async def scenario():
+            async with connect(gateway, "admin") as admin:
+                return names(await admin.list_tools())
+
+        tools = asyncio.run(scenario())
+        broken = gateway.health()["servers"]["broken"]
+    finally:
+        gateway.stop()
+    assert "ev__echo" in tools and "files__read_text_file" in tools
+    assert not any(name.startswith("broken__") for name in tools)
+    assert broken["state"] in ("starting", "restarting") and "cannot start" in broken["last_error"]
