@@ -49,8 +49,6 @@ pub struct ClientSession {
     pub identity: Identity,
     /// What it reaches.
     pub scope: Scope,
-    /// The protocol revision agreed at `initialize`.
-    pub protocol: String,
     relays: BTreeMap<String, Arc<Relay>>,
     resources: Mutex<HashMap<String, String>>,
 }
@@ -224,7 +222,6 @@ impl Gateway {
             id: uuid_like(),
             identity,
             scope,
-            protocol,
             relays,
             resources: Mutex::new(HashMap::new()),
         });

@@ -71,11 +71,6 @@ impl Process {
         upstream
     }
 
-    /// The server's configured name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// How it is doing now.
     pub fn health(&self) -> Health {
         self.health.lock().expect("health lock poisoned").clone()
