@@ -20,6 +20,9 @@ pub struct Config {
     /// The agents allowed to connect in `serve` mode, by id.
     #[serde(default)]
     pub agents: BTreeMap<String, AgentEntry>,
+    /// JWT bearer tokens as agent credentials, next to API keys.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
     /// The HTTP listener of `portcullis serve`.
     #[serde(default)]
     pub serve: ServeConfig,
@@ -155,14 +158,79 @@ fn resolve_reference(reference: &str, base: &Path) -> Result<String> {
 #[serde(deny_unknown_fields)]
 pub struct AgentEntry {
     /// sha256 (hex) of the agent's API key, which it sends as
-    /// `Authorization: Bearer KEY`. The key itself is never stored.
-    pub api_key_sha256: String,
+    /// `Authorization: Bearer KEY`. The key itself is never stored. Without
+    /// one, the agent can only come with a JWT naming it.
+    #[serde(default)]
+    pub api_key_sha256: Option<String>,
     /// The servers (globs) the agent may see and call.
     #[serde(default = "everything")]
     pub servers: Vec<String>,
     /// Attributes passed to every policy and audit record.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+}
+
+/// How JWT bearer tokens are checked. The token's `agent_claim` names the
+/// agent: `[agents.ID]` gives it servers and attributes, and `groups` grants
+/// servers to the groups it is in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The required `iss` claim.
+    pub issuer: String,
+    /// The `aud` claim must be or contain this.
+    pub audience: String,
+    /// A JWKS file with the issuer's public keys (RS256, ES256).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL, fetched when needed and refreshed every `jwks_refresh_secs`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// An HS256 shared secret (at least 32 bytes), usually `${env:NAME}` or
+    /// `${file:PATH}`.
+    #[serde(default)]
+    pub hs256_secret: Option<String>,
+    /// How often a JWKS URL is fetched again.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+    /// The claim that names the agent.
+    #[serde(default = "default_agent_claim")]
+    pub agent_claim: String,
+    /// The claim listing the agent's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Clock skew allowed for `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Servers (globs) granted to each group.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+}
+
+impl JwtConfig {
+    /// The HS256 secret, its reference resolved.
+    pub fn resolved_secret(&self, base: &Path) -> Result<Option<String>> {
+        self.hs256_secret
+            .as_deref()
+            .map(|secret| resolve_secret(secret, base).context("jwt.hs256_secret"))
+            .transpose()
+    }
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+
+fn default_agent_claim() -> String {
+    "sub".into()
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_leeway() -> u64 {
+    60
 }
 
 /// The HTTP listener of `portcullis serve`.
@@ -468,6 +536,9 @@ impl Config {
                 *path = base.join(&*path);
             }
         }
+        if let Some(file) = self.jwt.as_mut().and_then(|jwt| jwt.jwks_file.as_mut()) {
+            *file = base.join(&*file);
+        }
         if let Some(dir) = &mut self.engine.cache_dir {
             *dir = base.join(&*dir);
         }
@@ -492,9 +563,23 @@ impl Config {
             bail!("agent.id: must not be empty");
         }
         for (id, agent) in &self.agents {
-            let hash = &agent.api_key_sha256;
-            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if let Some(hash) = &agent.api_key_sha256
+                && (hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
                 bail!("agents.{id}.api_key_sha256: must be 64 hex digits (the key's sha256)");
+            }
+        }
+        if let Some(jwt) = &self.jwt {
+            if jwt.issuer.trim().is_empty() || jwt.audience.trim().is_empty() {
+                bail!("jwt: issuer and audience must not be empty");
+            }
+            let sources = [
+                jwt.jwks_file.is_some(),
+                jwt.jwks_url.is_some(),
+                jwt.hs256_secret.is_some(),
+            ];
+            if sources.iter().filter(|given| **given).count() != 1 {
+                bail!("jwt: give exactly one of jwks_file, jwks_url and hs256_secret");
             }
         }
         for (name, server) in &self.servers {
@@ -597,6 +682,28 @@ mod tests {
         );
         assert_eq!(config.policies[0].failure, FailureMode::Closed);
         assert_eq!(config.policies[0].mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn jwt_needs_exactly_one_key_source() {
+        let jwt = |keys: &str| {
+            parse(&format!(
+                "[jwt]\nissuer = \"https://idp\"\naudience = \"p\"\n{keys}"
+            ))
+        };
+        let none = jwt("").unwrap_err().to_string();
+        assert!(
+            none.contains("exactly one of jwks_file, jwks_url and hs256_secret"),
+            "{none}"
+        );
+        assert!(jwt("jwks_file = \"a.json\"\njwks_url = \"https://idp/jwks\"\n").is_err());
+        let config = jwt("jwks_file = \"keys/jwks.json\"\n").unwrap();
+        let jwt = config.jwt.unwrap();
+        assert_eq!(
+            jwt.jwks_file.unwrap(),
+            Path::new("/etc/portcullis/keys/jwks.json")
+        );
+        assert_eq!((jwt.agent_claim.as_str(), jwt.leeway_secs), ("sub", 60));
     }
 
     #[test]

@@ -105,10 +105,17 @@ impl Listener {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let identity = match identity::authenticate(&config.agents, authorization) {
+        let identity = match identity::authenticate(
+            config,
+            generation.jwt.as_ref(),
+            authorization,
+            unix_now(),
+        )
+        .await
+        {
             Ok(identity) => identity,
             Err(refusal) => {
-                let mut response = plain(StatusCode::UNAUTHORIZED, "an agent API key is required");
+                let mut response = plain(StatusCode::UNAUTHORIZED, refusal.explanation());
                 response.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static(refusal.challenge()),
@@ -235,6 +242,12 @@ impl Listener {
         );
         response
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 fn session_id(headers: &HeaderMap) -> Option<&str> {

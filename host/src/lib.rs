@@ -19,6 +19,8 @@ pub mod guard;
 pub mod http;
 pub mod identity;
 pub mod jsonrpc;
+pub mod jwt;
+pub mod outbound;
 pub mod policy;
 pub mod relay;
 pub mod reload;

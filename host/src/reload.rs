@@ -12,6 +12,7 @@ use crate::audit::{Audit, ReloadRecord, ReloadedPolicy};
 use crate::config::Config;
 use crate::engine::{PolicyEngine, hex};
 use crate::guard::Guard;
+use crate::jwt::Verifier;
 use crate::status::{PolicyStatus, ReloadStatus, Status};
 use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
@@ -36,6 +37,8 @@ pub struct Generation {
     pub guard: Guard,
     /// The audit sinks.
     pub audit: Audit,
+    /// The checker of agents' JWTs, when `[jwt]` is configured.
+    pub jwt: Option<Verifier>,
     /// When it was built (RFC 3339).
     pub loaded_at: String,
     fingerprint: String,
@@ -55,9 +58,19 @@ impl Generation {
             .with_context(|| format!("cannot read config {}", path.display()))?;
         let config = Config::parse(&text, path)?;
         let guard = Guard::load(engine, &config)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|jwt| Verifier::new(jwt, base))
+            .transpose()
+            .with_context(|| format!("{}", path.display()))?;
         let audit = Audit::open(&config.audit, extra_audit.map(Path::to_path_buf))?;
         let mut fingerprint = Sha256::new();
         fingerprint.update(text.as_bytes());
+        if let Some(file) = config.jwt.as_ref().and_then(|j| j.jwks_file.as_ref()) {
+            fingerprint.update(std::fs::read(file).unwrap_or_default());
+        }
         for policy in guard.policies() {
             fingerprint.update(policy.sha256.as_bytes());
         }
@@ -66,6 +79,7 @@ impl Generation {
             config,
             guard,
             audit,
+            jwt,
             loaded_at: now(),
             fingerprint: hex(&fingerprint.finalize()),
         })
@@ -77,6 +91,7 @@ impl Generation {
         std::iter::once(&self.config.path)
             .chain(policies.clone().map(|p| &p.module))
             .chain(policies.flat_map(|p| &p.fixtures))
+            .chain(self.config.jwt.iter().filter_map(|j| j.jwks_file.as_ref()))
             .filter_map(|p| std::path::absolute(p).ok())
             .collect()
     }

@@ -17,8 +17,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import asynccontextmanager
+import ssl
+import threading
+from contextlib import asynccontextmanager, contextmanager
 from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx2
@@ -27,6 +30,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from pki import Issuer, tls_files
 from conftest import DOUBLES, FS_SERVER, PORTCULLIS, POLICIES, ROOT, read_audit
 
 EVERYTHING = ROOT / "tests" / "node_modules" / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
@@ -135,8 +139,9 @@ def gateway(tmp_path: Path, sandbox: Path):
 
 
 @asynccontextmanager
-async def connect(gateway: Gateway, agent: str, path: str = "/mcp"):
-    headers = {"Authorization": f"Bearer {KEYS[agent]}"}
+async def connect(gateway: Gateway, agent: str, path: str = "/mcp", token: str | None = None):
+    """An SDK client session as `agent` (its API key), or with a bearer `token`."""
+    headers = {"Authorization": f"Bearer {token or KEYS[agent]}"}
     async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
         async with streamable_http_client(f"{gateway.url}{path}", http_client=http) as (read, write, *_):
             async with ClientSession(read, write) as session:
@@ -261,12 +266,16 @@ def test_a_crashing_upstream_is_restarted_and_reported(gateway: Gateway):
     assert log.count('"method":"initialize"') == 2 and KEYS["admin"] not in log
 
 
-@pytest.fixture
-def remote_server(tmp_path: Path):
-    """The official SDK's Streamable HTTP server, recording the headers it gets."""
+@contextmanager
+def remote_mcp_server(tmp_path: Path, tls: tuple[Path, Path] | None = None):
+    """The official SDK's Streamable HTTP server (HTTPS with `tls`, a
+    certificate and its key), recording the headers it gets."""
     port, headers = free_port(), tmp_path / "remote-headers.jsonl"
+    env = {**os.environ, "HEADERS_LOG": str(headers)}
+    if tls:
+        env.update(TLS_CERT=str(tls[0]), TLS_KEY=str(tls[1]))
     process = subprocess.Popen([sys.executable, str(DOUBLES / "http_server.py"), str(port)],
-                               env={**os.environ, "HEADERS_LOG": str(headers)}, stderr=subprocess.DEVNULL)
+                               env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -274,9 +283,17 @@ def remote_server(tmp_path: Path):
             break
         except OSError:
             time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/mcp", headers
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/mcp", headers
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def remote_server(tmp_path: Path):
+    with remote_mcp_server(tmp_path) as server:
+        yield server
 
 
 def test_a_remote_http_server_is_reached_with_its_own_credentials(tmp_path: Path, sandbox: Path, remote_server):
@@ -312,6 +329,102 @@ headers = {{ Authorization = "Bearer ${{env:REMOTE_TOKEN}}", X-Tenant = "portcul
     assert all(h.get("mcp-session-id") for h in seen[1:])
     calls = [r for r in read_audit(gateway.audit) if r.get("tool") == "add" and r["kind"] == "request"]
     assert [(r["agent"], r["server"], r["outcome"]) for r in calls] == [("admin", "remote", "allow")]
+
+
+@contextmanager
+def jwks_server(document: str, cert: Path, key: Path):
+    """An identity provider's JWKS over HTTPS; yields its URL and a list of
+    the fetches it answered."""
+    fetches: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            fetches.append(self.path)
+            body = document.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json", fetches
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_agents_with_jwts_from_a_jwks_url_reach_an_https_server(tmp_path: Path, sandbox: Path):
+    ca, cert, key = tls_files(tmp_path)
+    idp = Issuer("https://idp.example", "portcullis-tests")
+    with jwks_server(idp.jwks(), cert, key) as (jwks_url, fetches), \
+            remote_mcp_server(tmp_path, tls=(cert, key)) as (remote_url, headers_log):
+        extra = f"""
+[jwt]
+issuer = "https://idp.example"
+audience = "portcullis-tests"
+jwks_url = "{jwks_url}"
+
+[jwt.groups]
+analysts = ["remote"]
+
+[servers.remote]
+url = "{remote_url}"
+headers = {{ Authorization = "Bearer remote-secret" }}
+"""
+        # The private CA is trusted the way operators trust theirs.
+        gateway = Gateway(tmp_path, sandbox, extra, env={"SSL_CERT_FILE": str(ca)})
+        service = idp.token(sub="svc-reporting", groups=["analysts"])
+        try:
+            async def scenario():
+                async with connect(gateway, "", token=service) as svc:
+                    svc_tools = names(await svc.list_tools())
+                    added = await svc.call_tool("remote__add", {"a": 2, "b": 3})
+                # An ES256 token for a configured agent gets that agent's rights and policies.
+                async with connect(gateway, "", token=idp.token("ec-1", sub="reader")) as reader:
+                    reader_tools = names(await reader.list_tools())
+                return svc_tools, added, reader_tools
+
+            svc_tools, added, reader_tools = asyncio.run(scenario())
+            initialize = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "1"}}}).encode()
+            stranger = Issuer("https://idp.example", "portcullis-tests")
+            refused = {
+                "expired": idp.token(sub="svc-reporting", lifetime=-600),
+                "audience": idp.token(sub="svc-reporting", aud="someone-else"),
+                "issuer": Issuer("https://evil.example", "portcullis-tests").token(sub="svc-reporting"),
+                "foreign key": stranger.token(sub="svc-reporting"),
+                "tampered": service[:-4] + ("AAAA" if not service.endswith("AAAA") else "BBBB"),
+            }
+            statuses = {why: gateway.post("/mcp", initialize, {"Authorization": f"Bearer {token}"})
+                        for why, token in refused.items()}
+        finally:
+            gateway.stop()
+    assert svc_tools and all(name.startswith("remote__") for name in svc_tools)
+    assert added.content[0].text == "5"
+    assert reader_tools and all(name.startswith("files__") for name in reader_tools)
+    assert "files__write_file" not in reader_tools  # the reader's read-only policy
+    for why, (status, headers, _) in statuses.items():
+        assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"], why
+    # Fetched at the first token and kept: a bad signature under a known key id fetches nothing.
+    assert fetches == ["/.well-known/jwks.json"]
+    seen = [json.loads(line) for line in headers_log.read_text().splitlines()]
+    assert seen and all(h["authorization"] == "Bearer remote-secret" for h in seen)
+    calls = [r for r in read_audit(gateway.audit) if r.get("tool") == "add" and r["kind"] == "request"]
+    assert [(r["agent"], r["server"], r["outcome"]) for r in calls] == [("svc-reporting", "remote", "allow")]
+    attributes = calls[0]["agent_attributes"]
+    assert attributes["jwt.groups"] == "analysts" and attributes["jwt.iss"] == "https://idp.example"
+    log = (tmp_path / "serve.log").read_text() + gateway.audit.read_text()
+    assert service not in log and "remote-secret" not in log
 
 
 def test_a_policy_that_traps_is_reported_and_the_gateway_keeps_serving(tmp_path: Path, sandbox: Path):

@@ -71,7 +71,7 @@ async fn measure(
         prefix: None,
     };
     let agent = AgentEntry {
-        api_key_sha256: key_hash(KEY),
+        api_key_sha256: Some(key_hash(KEY)),
         servers: vec!["*".into()],
         attributes: BTreeMap::new(),
     };

@@ -3,18 +3,16 @@
 //! sends each request as a POST with the server's own credential headers from
 //! the config (never an agent's), and reads the answer from a JSON body or an
 //! SSE stream. A lost session or connection is re-established on the next
-//! request. Plain `http://` only for now.
+//! request. `https://` uses the platform's root certificates.
 
 use super::{Health, INITIALIZED, UPSTREAM_PROTOCOL, initialize_request, not_available};
 use crate::jsonrpc::Message;
+use crate::outbound::{self, HttpClient};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -37,7 +35,7 @@ struct Inner {
     url: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     max_message_bytes: usize,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpClient,
     connection: AsyncMutex<Option<Connection>>,
     health: Mutex<Health>,
 }
@@ -51,8 +49,8 @@ impl Remote {
         max_message_bytes: usize,
     ) -> Result<Self> {
         let url: Uri = url.parse().with_context(|| format!("url '{url}'"))?;
-        if url.scheme_str() != Some("http") {
-            bail!("url '{url}': only http:// servers are supported so far");
+        if !outbound::supports(url.scheme_str()) {
+            bail!("url '{url}': use an http:// or https:// URL");
         }
         let headers = headers
             .into_iter()
@@ -65,7 +63,7 @@ impl Remote {
                 Ok((name, value))
             })
             .collect::<Result<_>>()?;
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        let client = outbound::client()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 name: name.to_string(),

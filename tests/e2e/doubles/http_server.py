@@ -3,7 +3,8 @@ the official Python SDK (`MCPServer`, served by uvicorn). It appends the
 headers of every HTTP request it receives to HEADERS_LOG, one JSON object per
 line, so a test can see exactly what Portcullis sent it.
 
-Usage: http_server.py PORT   (JSON_RESPONSE=1 answers with JSON instead of SSE)
+Usage: http_server.py PORT   (JSON_RESPONSE=1 answers with JSON instead of SSE;
+TLS_CERT and TLS_KEY, PEM files, serve HTTPS)
 """
 
 import json
@@ -39,4 +40,5 @@ async def recording(scope, receive, send):
     await app(scope, receive, send)
 
 
-uvicorn.run(recording, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+uvicorn.run(recording, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+            ssl_certfile=os.environ.get("TLS_CERT"), ssl_keyfile=os.environ.get("TLS_KEY"))
