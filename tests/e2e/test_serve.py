@@ -1,7 +1,7 @@
 """`portcullis serve`: one Streamable HTTP door in front of several real MCP
 servers (filesystem and everything from npm, plus the fault-injecting echo
-double), driven by the official Python SDK client. Two agents with their own
-keys see and may do different things; every call is audited under the
+double), driven by the official Python and TypeScript SDK clients. Agents
+with their own keys or JWTs see and may do different things; every call is audited under the
 agent's name; the upstream servers get their own credentials, never the
 agent's; a crashing upstream is restarted and reported."""
 
@@ -185,6 +185,36 @@ def test_each_agent_sees_and_may_do_only_what_it_was_granted(gateway: Gateway, s
     assert summary == [("reader", "files", "read_text_file", "allow"), ("reader", "files", "write_file", "deny"),
                        ("admin", "everything", "echo", "allow"), ("admin", "files", "write_file", "allow")]
     assert calls[0]["agent_attributes"] == {"team": "analytics"}
+
+
+def ts_agent(gateway: Gateway, agent: str, calls: list[dict], path: str = "/mcp") -> dict:
+    """What an agent written with the official TypeScript SDK saw."""
+    script = Path(__file__).parent / "clients" / "ts_client.mjs"
+    done = subprocess.run(["node", str(script), f"{gateway.url}{path}", KEYS[agent], json.dumps(calls)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_typescript_sdk_agents_get_their_own_grants(gateway: Gateway, sandbox: Path):
+    write = {"name": "files__write_file", "arguments": {"path": str(sandbox / "ts.txt"), "content": "ts"}}
+    reader = ts_agent(gateway, "reader", [
+        {"name": "files__read_text_file", "arguments": {"path": str(sandbox / "hello.txt")}}, write])
+    admin = ts_agent(gateway, "admin", [{"name": "ev__echo", "arguments": {"message": "from ts"}}])
+    direct = ts_agent(gateway, "admin", [{"name": "echo", "arguments": {"message": "direct"}}],
+                      "/servers/everything/mcp")
+    assert reader["server"]["name"] == "portcullis" and reader["protocolVersion"] == "2025-11-25"
+    assert reader["tools"] and all(name.startswith("files__") for name in reader["tools"])
+    read, denied = reader["calls"]
+    assert read["result"]["content"][0]["text"] == "hello from the sandbox\n"
+    assert "not declared read-only" in denied["error"]["message"] and not (sandbox / "ts.txt").exists()
+    assert "ev__echo" in admin["tools"]
+    assert admin["calls"][0]["result"]["content"][0]["text"] == "Echo: from ts"
+    assert direct["calls"][0]["result"]["content"][0]["text"] == "Echo: direct"
+    calls = [(r["agent"], r["server"], r["tool"], r["outcome"]) for r in read_audit(gateway.audit)
+             if r["kind"] == "request" and r.get("method") == "tools/call"]
+    assert calls == [("reader", "files", "read_text_file", "allow"), ("reader", "files", "write_file", "deny"),
+                     ("admin", "everything", "echo", "allow"), ("admin", "everything", "echo", "allow")]
 
 
 def test_merged_names_are_stable_and_each_server_has_its_own_path(gateway: Gateway):
