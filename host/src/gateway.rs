@@ -15,6 +15,7 @@ use crate::jsonrpc::{self, INTERNAL_ERROR, INVALID_REQUEST, Message, error_respo
 use crate::relay::Relay;
 use crate::reload::Current;
 use crate::session::Session;
+use crate::stateless;
 use crate::upstream::Upstream;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -33,7 +34,7 @@ const METHOD_NOT_FOUND: i32 = -32601;
 const INVALID_PARAMS: i32 = -32602;
 
 /// Which servers a session reaches.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// Every server the agent may use, merged.
     All,
@@ -61,6 +62,9 @@ pub struct Gateway {
     separator: String,
     timeout: Duration,
     sessions: Mutex<HashMap<String, Arc<ClientSession>>>,
+    /// The session each agent's stateless (2026-07-28) requests share per
+    /// scope, so what its servers listed is known when it calls.
+    standing: Mutex<HashMap<(String, Scope), Arc<ClientSession>>>,
 }
 
 /// One list the aggregated endpoint merges.
@@ -127,6 +131,7 @@ impl Gateway {
             separator: config.serve.separator.clone(),
             timeout: Duration::from_secs(config.serve.request_timeout_secs),
             sessions: Mutex::new(HashMap::new()),
+            standing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -185,28 +190,25 @@ impl Gateway {
                     return (None, error_response(message.id, INTERNAL_ERROR, &why, None));
                 }
             },
-            Scope::All => {
-                let mut capabilities = Map::new();
-                for server in self.reachable(&identity) {
-                    if let Ok(upstream) = self.upstreams[&server].initialized(MERGE_WAIT).await
-                        && let Some(offered) = upstream["capabilities"].as_object()
-                    {
-                        for (_, listing) in LISTINGS {
-                            if offered.contains_key(listing.capability) {
-                                capabilities.insert(listing.capability.into(), json!({}));
-                            }
-                        }
-                    }
-                }
-                json!({
-                    "protocolVersion": protocol,
-                    "capabilities": capabilities,
-                    "serverInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") },
-                    "instructions": "Tools and prompts of several MCP servers, named SERVER__NAME, behind Portcullis."
-                        .replace("__", &self.separator),
-                })
-            }
+            Scope::All => json!({
+                "protocolVersion": protocol,
+                "capabilities": self.merged_capabilities(&identity).await,
+                "serverInfo": portcullis_info(),
+                "instructions": self.merged_instructions(),
+            }),
         };
+        let session = self.open(identity, scope);
+        self.sessions
+            .lock()
+            .expect("sessions lock poisoned")
+            .insert(session.id.clone(), session.clone());
+        let id = message.id.map_or("null", |id| id.get());
+        let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
+        (Some(session), answer)
+    }
+
+    /// A new session of `identity` on `scope`, with a relay per server.
+    fn open(&self, identity: Identity, scope: Scope) -> Arc<ClientSession> {
         let servers = match &scope {
             Scope::All => self.reachable(&identity),
             Scope::Server(server) => vec![server.clone()],
@@ -218,20 +220,80 @@ impl Gateway {
                 (server, Arc::new(Relay::new(self.current.clone(), session)))
             })
             .collect();
-        let session = Arc::new(ClientSession {
+        Arc::new(ClientSession {
             id: uuid_like(),
             identity,
             scope,
             relays,
             resources: Mutex::new(HashMap::new()),
-        });
-        self.sessions
-            .lock()
-            .expect("sessions lock poisoned")
-            .insert(session.id.clone(), session.clone());
-        let id = message.id.map_or("null", |id| id.get());
-        let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
-        (Some(session), answer)
+        })
+    }
+
+    /// The session `identity`'s stateless requests on `scope` share; a new
+    /// one when the agent comes with other rights or attributes (another
+    /// token, a reloaded config).
+    pub fn standing(&self, identity: &Identity, scope: &Scope) -> Arc<ClientSession> {
+        let key = (identity.agent.id.clone(), scope.clone());
+        let mut standing = self.standing.lock().expect("standing lock poisoned");
+        match standing.get(&key) {
+            Some(session) if session.identity.same_as(identity) => session.clone(),
+            _ => {
+                let session = self.open(identity.clone(), scope.clone());
+                standing.insert(key, session.clone());
+                session
+            }
+        }
+    }
+
+    /// The result of `server/discover` (2026-07-28) for `session`, and who
+    /// answers for it.
+    pub async fn discover(&self, session: &ClientSession) -> Result<(Value, Value), String> {
+        match &session.scope {
+            Scope::Server(server) => {
+                let upstream = self.upstreams[server]
+                    .initialized(self.timeout)
+                    .await
+                    .map_err(|e| format!("Portcullis: {e:#}"))?;
+                let capabilities = listed_capabilities(&upstream["capabilities"]);
+                let result = stateless::discovery(capabilities, upstream["instructions"].as_str());
+                Ok((result, upstream["serverInfo"].clone()))
+            }
+            Scope::All => {
+                let capabilities = self.merged_capabilities(&session.identity).await;
+                let instructions = self.merged_instructions();
+                let result = stateless::discovery(capabilities, Some(&instructions));
+                Ok((result, portcullis_info()))
+            }
+        }
+    }
+
+    /// Who answers for `scope`: Portcullis for the merged endpoint, else the
+    /// server as it introduced itself.
+    pub async fn server_info(&self, scope: &Scope) -> Value {
+        match scope {
+            Scope::All => portcullis_info(),
+            Scope::Server(server) => match self.upstreams[server].initialized(MERGE_WAIT).await {
+                Ok(upstream) => upstream["serverInfo"].clone(),
+                Err(_) => json!({ "name": server, "version": "unknown" }),
+            },
+        }
+    }
+
+    /// The capabilities of the merged endpoint: the lists that at least one
+    /// of `identity`'s servers offers.
+    async fn merged_capabilities(&self, identity: &Identity) -> Map<String, Value> {
+        let mut capabilities = Map::new();
+        for server in self.reachable(identity) {
+            if let Ok(upstream) = self.upstreams[&server].initialized(MERGE_WAIT).await {
+                capabilities.extend(listed_capabilities(&upstream["capabilities"]));
+            }
+        }
+        capabilities
+    }
+
+    fn merged_instructions(&self) -> String {
+        "Tools and prompts of several MCP servers, named SERVER__NAME, behind Portcullis."
+            .replace("__", &self.separator)
     }
 
     /// The servers `identity` may use, in name order.
@@ -415,6 +477,21 @@ impl Gateway {
             .await
             .forward
     }
+}
+
+/// Portcullis as the server answering on the merged endpoint.
+fn portcullis_info() -> Value {
+    json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
+}
+
+/// Of a server's capabilities, the lists Portcullis relays (plainly: change
+/// notifications and subscriptions are not relayed).
+fn listed_capabilities(offered: &Value) -> Map<String, Value> {
+    LISTINGS
+        .iter()
+        .filter(|(_, listing)| offered.get(listing.capability).is_some())
+        .map(|(_, listing)| (listing.capability.to_string(), json!({})))
+        .collect()
 }
 
 /// What the relay decided about one message, as text.

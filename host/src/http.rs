@@ -3,20 +3,23 @@
 //! (`/servers/NAME/mcp`). It checks `Origin`, authenticates the agent,
 //! limits body size, keeps sessions (`Mcp-Session-Id`) and protocol versions
 //! (`MCP-Protocol-Version`), and answers each POSTed request with JSON (or a
-//! one-event SSE stream for a client that accepts only that). `/healthz`
+//! one-event SSE stream for a client that accepts only that). Requests of the
+//! stateless 2026-07-28 revision, chosen by their `MCP-Protocol-Version`,
+//! need no session. `/healthz`
 //! reports the upstream servers. Deciding is left to the [`Gateway`].
 
 use crate::gateway::{Gateway, PROTOCOL_VERSIONS, Scope};
 use crate::identity::{self, Identity};
 use crate::jsonrpc::{self, Message};
 use crate::reload::Current;
+use crate::stateless;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -191,6 +194,13 @@ impl Listener {
                 return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, &why);
             }
         };
+        if let Some(version) = headers.get(VERSION_HEADER)
+            && stateless::is_stateless(version.as_bytes())
+        {
+            return self
+                .stateless(&headers, identity, scope, &message, text)
+                .await;
+        }
         if message.method.as_deref() == Some("initialize") && message.id.is_some() {
             let (session, answer) = self.gateway.initialize(identity, scope, &message).await;
             let mut response = answer_response(&headers, answer);
@@ -225,6 +235,79 @@ impl Listener {
             Some(answer) => answer_response(&headers, answer),
             None => empty(StatusCode::ACCEPTED),
         }
+    }
+
+    /// A request of the stateless 2026-07-28 revision: its envelope is
+    /// checked, the agent's standing session judges and routes it, and the
+    /// answer gets the members this revision requires.
+    async fn stateless(
+        &self,
+        headers: &HeaderMap,
+        identity: Identity,
+        scope: Scope,
+        message: &Message<'_>,
+        text: &str,
+    ) -> Response<Full<Bytes>> {
+        let (Some(method), Some(id)) = (message.method.as_deref(), message.id) else {
+            // A notification (e.g. a cancellation) or a stray response.
+            return empty(StatusCode::ACCEPTED);
+        };
+        let params: Value = message
+            .params
+            .and_then(|p| serde_json::from_str(p.get()).ok())
+            .unwrap_or(Value::Null);
+        if let Err(rejection) = stateless::check(headers, method, &params) {
+            let answer = jsonrpc::error_response(
+                Some(id),
+                rejection.code,
+                &rejection.message,
+                rejection.data,
+            );
+            return json_response(rejection.status, answer);
+        }
+        if stateless::REMOVED.contains(&method) {
+            let why = format!(
+                "Method not found: {method} is not part of {}",
+                stateless::VERSION
+            );
+            let answer = jsonrpc::error_response(Some(id), stateless::METHOD_NOT_FOUND, &why, None);
+            return json_response(StatusCode::NOT_FOUND, answer);
+        }
+        let session = self.gateway.standing(&identity, &scope);
+        let (answer, server_info) = if method == "server/discover" {
+            match self.gateway.discover(&session).await {
+                Ok((result, info)) => (
+                    format!(r#"{{"jsonrpc":"2.0","id":{},"result":{result}}}"#, id.get()),
+                    info,
+                ),
+                Err(why) => (
+                    jsonrpc::error_response(Some(id), jsonrpc::INTERNAL_ERROR, &why, None),
+                    Value::Null,
+                ),
+            }
+        } else {
+            let text = match stateless::without_envelope(&params) {
+                Some(params) => jsonrpc::replace_member(text, "params", &params.to_string())
+                    .unwrap_or_else(|_| text.to_string()),
+                None => text.to_string(),
+            };
+            let answer = self
+                .gateway
+                .handle(&session, &text)
+                .await
+                .unwrap_or_else(|| {
+                    jsonrpc::error_response(Some(id), jsonrpc::INTERNAL_ERROR, "no answer", None)
+                });
+            (answer, self.gateway.server_info(&scope).await)
+        };
+        let answer = stateless::complete(&answer, method, &server_info);
+        let status = serde_json::from_str::<Value>(&answer)
+            .ok()
+            .and_then(|answer| answer["error"]["code"].as_i64())
+            .map_or(StatusCode::OK, |code| stateless::status_of(code as i32));
+        let mut response = answer_response(headers, answer);
+        *response.status_mut() = status;
+        response
     }
 
     fn health(&self) -> Response<Full<Bytes>> {
@@ -278,9 +361,11 @@ fn answer_response(headers: &HeaderMap, answer: String) -> Response<Full<Bytes>>
 }
 
 fn rpc_error(status: StatusCode, code: i32, why: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(jsonrpc::error_response(
-        None, code, why, None,
-    ))));
+    json_response(status, jsonrpc::error_response(None, code, why, None))
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -30,6 +30,13 @@ impl Identity {
         }
     }
 
+    /// Whether `other` is the same agent with the same attributes and rights.
+    pub fn same_as(&self, other: &Identity) -> bool {
+        self.agent.id == other.agent.id
+            && self.agent.attributes == other.agent.attributes
+            && self.servers == other.servers
+    }
+
     /// Whether the agent may see and call `server`.
     pub fn may_use(&self, server: &str) -> bool {
         self.servers.iter().any(|glob| glob.matches(server))

@@ -26,6 +26,7 @@ pub mod relay;
 pub mod reload;
 pub mod scaffold;
 pub mod session;
+pub mod stateless;
 pub mod status;
 pub mod stdio;
 pub mod upstream;

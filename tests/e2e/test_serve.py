@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx2
 import pytest
 from mcp import ClientSession
+from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
@@ -215,6 +216,76 @@ def test_typescript_sdk_agents_get_their_own_grants(gateway: Gateway, sandbox: P
              if r["kind"] == "request" and r.get("method") == "tools/call"]
     assert calls == [("reader", "files", "read_text_file", "allow"), ("reader", "files", "write_file", "deny"),
                      ("admin", "everything", "echo", "allow"), ("admin", "everything", "echo", "allow")]
+
+
+def test_the_stateless_revision_is_chosen_by_a_client_that_speaks_it(gateway: Gateway, sandbox: Path):
+    async def agent(name: str, path: str, work):
+        headers = {"Authorization": f"Bearer {KEYS[name]}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+            # mode="auto": the SDK probes server/discover, then speaks 2026-07-28 without a session.
+            async with Client(streamable_http_client(f"{gateway.url}{path}", http_client=http)) as client:
+                return client.protocol_version, client.server_info, await work(client)
+
+    async def reader_work(client):
+        tools = names(await client.list_tools())
+        read = await client.call_tool("files__read_text_file", {"path": str(sandbox / "hello.txt")})
+        with pytest.raises(MCPError) as write:
+            await client.call_tool("files__write_file", {"path": str(sandbox / "s.txt"), "content": "x"})
+        return tools, read, write.value
+
+    async def admin_work(client):
+        return (await client.call_tool("ev__echo", {"message": "stateless"})).content[0].text
+
+    async def direct_work(client):
+        return (await client.call_tool("echo", {"message": "direct"})).content[0].text
+
+    version, info, (tools, read, write) = asyncio.run(agent("reader", "/mcp", reader_work))
+    assert version == "2026-07-28" and info.name == "portcullis"
+    assert tools and all(name.startswith("files__") for name in tools) and "files__write_file" not in tools
+    assert read.content[0].text == "hello from the sandbox\n"
+    assert "not declared read-only" in write.message and not (sandbox / "s.txt").exists()
+    assert asyncio.run(agent("admin", "/mcp", admin_work))[2] == "Echo: stateless"
+    version, info, echoed = asyncio.run(agent("admin", "/servers/everything/mcp", direct_work))
+    assert version == "2026-07-28" and info.name != "portcullis" and echoed == "Echo: direct"
+    calls = [(r["agent"], r["server"], r["tool"], r["outcome"]) for r in read_audit(gateway.audit)
+             if r["kind"] == "request" and r.get("method") == "tools/call"]
+    assert calls == [("reader", "files", "read_text_file", "allow"), ("reader", "files", "write_file", "deny"),
+                     ("admin", "everything", "echo", "allow"), ("admin", "everything", "echo", "allow")]
+
+
+def test_stateless_requests_must_carry_an_envelope_that_agrees_with_them(gateway: Gateway):
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}
+
+    def call(method: str, params: dict, headers: dict[str, str], path: str = "/servers/echo/mcp"):
+        body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).encode()
+        status, _, answer = gateway.post(path, body, {**admin, **headers})
+        return status, json.loads(answer)
+
+    envelope = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "test/params"}
+    status, answer = call("test/params", {"x": 1, "_meta": {**meta, "progressToken": 3}}, envelope)
+    # The echo server (an older revision) gets the params without the client's envelope.
+    assert status == 200 and answer["result"]["params"] == {"x": 1, "_meta": {"progressToken": 3}}
+    assert answer["result"]["resultType"] == "complete"
+    assert call("test/params", {"x": 1}, envelope)[1]["error"]["code"] == -32602
+    assert call("test/params", {"_meta": meta}, {**envelope, "Mcp-Method": "tools/list"})[1]["error"]["code"] == -32020
+    status, answer = call("tools/call", {"name": "echo", "_meta": meta},
+                          {**envelope, "Mcp-Method": "tools/call", "Mcp-Name": "rm"}, "/mcp")
+    assert (status, answer["error"]["code"]) == (400, -32020)
+    future = {**meta, "io.modelcontextprotocol/protocolVersion": "2099-01-01"}
+    status, answer = call("test/params", {"_meta": future}, {**envelope, "MCP-Protocol-Version": "2099-01-01"})
+    assert (status, answer["error"]["code"]) == (400, -32022)
+    assert "2026-07-28" in answer["error"]["data"]["supported"]
+    status, answer = call("ping", {"_meta": meta}, {**envelope, "Mcp-Method": "ping"})
+    assert (status, answer["error"]["code"]) == (404, -32601)
+    status, answer = call("server/discover", {"_meta": meta}, {**envelope, "Mcp-Method": "server/discover"}, "/mcp")
+    assert status == 200 and answer["result"]["supportedVersions"] == ["2026-07-28"]
+    assert {"tools", "prompts", "resources"} <= set(answer["result"]["capabilities"])
+    assert answer["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "portcullis"
+    assert answer["result"]["ttlMs"] == 0 and answer["result"]["cacheScope"] == "private"
+    # Refused envelopes never reached the server.
+    assert gateway.echo_log.read_text().count('"test/params"') == 1
 
 
 def test_merged_names_are_stable_and_each_server_has_its_own_path(gateway: Gateway):
