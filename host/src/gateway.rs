@@ -21,6 +21,7 @@ use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
 
 /// Protocol revisions a client may choose; the first is the default.
 pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
@@ -192,7 +193,7 @@ impl Gateway {
             },
             Scope::All => json!({
                 "protocolVersion": protocol,
-                "capabilities": self.merged_capabilities(&identity).await,
+                "capabilities": self.merged_capabilities(&identity, true).await,
                 "serverInfo": portcullis_info(),
                 "instructions": self.merged_instructions(),
             }),
@@ -245,6 +246,39 @@ impl Gateway {
         }
     }
 
+    /// The notifications `session`'s servers send all their clients, each
+    /// judged by the session's relay for that server, from now until the
+    /// receiver is dropped.
+    pub fn notices(&self, session: &ClientSession) -> mpsc::Receiver<String> {
+        let (sender, receiver) = mpsc::channel(16);
+        for (server, relay) in &session.relays {
+            let Some(mut notices) = self.upstreams[server].notices() else {
+                continue;
+            };
+            let (sender, relay) = (sender.clone(), relay.clone());
+            tokio::spawn(async move {
+                loop {
+                    let notice = tokio::select! {
+                        notice = notices.recv() => notice,
+                        () = sender.closed() => return,
+                    };
+                    let text = match notice {
+                        Ok(text) => text.to_string(),
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    let judged = judge(relay.clone(), Direction::ServerToClient, text).await;
+                    if let Some(forward) = judged.forward
+                        && sender.send(forward).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        receiver
+    }
+
     /// The result of `server/discover` (2026-07-28) for `session`, and who
     /// answers for it.
     pub async fn discover(&self, session: &ClientSession) -> Result<(Value, Value), String> {
@@ -254,12 +288,12 @@ impl Gateway {
                     .initialized(self.timeout)
                     .await
                     .map_err(|e| format!("Portcullis: {e:#}"))?;
-                let capabilities = listed_capabilities(&upstream["capabilities"]);
+                let capabilities = listed_capabilities(&upstream["capabilities"], false);
                 let result = stateless::discovery(capabilities, upstream["instructions"].as_str());
                 Ok((result, upstream["serverInfo"].clone()))
             }
             Scope::All => {
-                let capabilities = self.merged_capabilities(&session.identity).await;
+                let capabilities = self.merged_capabilities(&session.identity, false).await;
                 let instructions = self.merged_instructions();
                 let result = stateless::discovery(capabilities, Some(&instructions));
                 Ok((result, portcullis_info()))
@@ -280,12 +314,21 @@ impl Gateway {
     }
 
     /// The capabilities of the merged endpoint: the lists that at least one
-    /// of `identity`'s servers offers.
-    async fn merged_capabilities(&self, identity: &Identity) -> Map<String, Value> {
+    /// of `identity`'s servers offers, and, with `changes`, whether one of
+    /// them tells when a list changed (on the GET stream).
+    async fn merged_capabilities(&self, identity: &Identity, changes: bool) -> Map<String, Value> {
         let mut capabilities = Map::new();
         for server in self.reachable(identity) {
-            if let Ok(upstream) = self.upstreams[&server].initialized(MERGE_WAIT).await {
-                capabilities.extend(listed_capabilities(&upstream["capabilities"]));
+            let upstream = &self.upstreams[&server];
+            let Ok(init) = upstream.initialized(MERGE_WAIT).await else {
+                continue;
+            };
+            let relayed = changes && upstream.has_notices();
+            for (name, offer) in listed_capabilities(&init["capabilities"], relayed) {
+                let merged = capabilities.entry(name).or_insert_with(|| json!({}));
+                if offer["listChanged"] == json!(true) {
+                    merged["listChanged"] = json!(true);
+                }
             }
         }
         capabilities
@@ -484,13 +527,22 @@ fn portcullis_info() -> Value {
     json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
 }
 
-/// Of a server's capabilities, the lists Portcullis relays (plainly: change
-/// notifications and subscriptions are not relayed).
-fn listed_capabilities(offered: &Value) -> Map<String, Value> {
+/// Of a server's capabilities, the lists Portcullis relays, with
+/// `listChanged` where the server offers it and `changes` are relayed.
+/// Subscriptions are not relayed.
+fn listed_capabilities(offered: &Value, changes: bool) -> Map<String, Value> {
     LISTINGS
         .iter()
-        .filter(|(_, listing)| offered.get(listing.capability).is_some())
-        .map(|(_, listing)| (listing.capability.to_string(), json!({})))
+        .filter_map(|(_, listing)| {
+            let offer = offered.get(listing.capability)?;
+            let changing = changes && offer["listChanged"] == json!(true);
+            let capability = if changing {
+                json!({ "listChanged": true })
+            } else {
+                json!({})
+            };
+            Some((listing.capability.to_string(), capability))
+        })
         .collect()
 }
 

@@ -15,17 +15,28 @@ use crate::reload::Current;
 use crate::stateless;
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+use tokio::sync::mpsc;
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
+/// How often an idle event stream gets a comment line.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Every response body.
+type Body = BoxBody<Bytes, Infallible>;
 
 /// What the listener needs besides the gateway.
 pub struct Listener {
@@ -76,7 +87,7 @@ pub async fn run(
 
 impl Listener {
     /// Answers one HTTP request.
-    pub async fn respond(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub async fn respond(&self, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path().to_string();
         if path == "/healthz" && request.method() == Method::GET {
             return self.health();
@@ -143,13 +154,12 @@ impl Listener {
                 Some(_) => plain(StatusCode::NOT_FOUND, "unknown session"),
                 None => plain(StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required"),
             },
-            // No server-initiated stream: servers' own requests are not
-            // relayed to agents.
+            Method::GET => self.events(request.headers(), &identity, &scope),
             _ => {
-                let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use POST or DELETE");
+                let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use POST, GET or DELETE");
                 response
                     .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
                 response
             }
         }
@@ -161,7 +171,7 @@ impl Listener {
         identity: Identity,
         scope: Scope,
         max_body: usize,
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<Body> {
         let headers = request.headers().clone();
         let body = match Limited::new(request.into_body(), max_body).collect().await {
             Ok(body) => body.to_bytes(),
@@ -237,6 +247,45 @@ impl Listener {
         }
     }
 
+    /// The server-to-client stream of a session (GET, revisions up to
+    /// 2025-11-25): the notifications its servers send all their clients,
+    /// as SSE events. Servers' own requests are not relayed to agents.
+    fn events(&self, headers: &HeaderMap, identity: &Identity, scope: &Scope) -> Response<Body> {
+        let accept = headers.get(header::ACCEPT).map(HeaderValue::as_bytes);
+        if !accept.is_some_and(|accept| accept.windows(17).any(|w| w == b"text/event-stream")) {
+            return plain(StatusCode::NOT_ACCEPTABLE, "GET streams text/event-stream");
+        }
+        let Some(id) = session_id(headers) else {
+            let mut response = plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a GET stream belongs to a session (Mcp-Session-Id)",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return response;
+        };
+        let Some(session) = self
+            .gateway
+            .session(id, identity)
+            .filter(|s| &s.scope == scope)
+        else {
+            return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
+        };
+        let stream = EventStream {
+            notices: Some(self.gateway.notices(&session)),
+            keepalive: tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE),
+        };
+        let mut response = Response::new(stream.boxed());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response
+    }
+
     /// A request of the stateless 2026-07-28 revision: its envelope is
     /// checked, the agent's standing session judges and routes it, and the
     /// answer gets the members this revision requires.
@@ -247,7 +296,7 @@ impl Listener {
         scope: Scope,
         message: &Message<'_>,
         text: &str,
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<Body> {
         let (Some(method), Some(id)) = (message.method.as_deref(), message.id) else {
             // A notification (e.g. a cancellation) or a stray response.
             return empty(StatusCode::ACCEPTED);
@@ -310,7 +359,7 @@ impl Listener {
         response
     }
 
-    fn health(&self) -> Response<Full<Bytes>> {
+    fn health(&self) -> Response<Body> {
         let servers: serde_json::Map<_, _> = self
             .gateway
             .upstreams()
@@ -318,13 +367,58 @@ impl Listener {
             .map(|(name, upstream)| (name.clone(), json!(upstream.health())))
             .collect();
         let body = json!({ "servers": servers }).to_string();
-        let mut response = Response::new(Full::new(Bytes::from(body)));
+        let mut response = Response::new(full(Bytes::from(body)));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
         response
     }
+}
+
+/// An SSE stream of notices; a comment line every [`KEEPALIVE`] keeps it
+/// open through proxies, and finds out when the client has gone. It ends
+/// only when the client goes away.
+struct EventStream {
+    notices: Option<mpsc::Receiver<String>>,
+    keepalive: tokio::time::Interval,
+}
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(notices) = &mut this.notices {
+            match notices.poll_recv(cx) {
+                Poll::Ready(Some(notice)) => {
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(sse_event(&notice))))));
+                }
+                // No server sends notices: keep the stream, without them.
+                Poll::Ready(None) => this.notices = None,
+                Poll::Pending => {}
+            }
+        }
+        match this.keepalive.poll_tick(cx) {
+            Poll::Ready(_) => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                b": keepalive\n\n",
+            ))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// One JSON-RPC message as an SSE event.
+fn sse_event(message: &str) -> String {
+    format!("event: message\ndata: {message}\n\n")
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).boxed()
 }
 
 fn unix_now() -> u64 {
@@ -339,33 +433,30 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
 
 /// A JSON-RPC answer, as JSON, or as one SSE event for a client that
 /// accepts only an event stream.
-fn answer_response(headers: &HeaderMap, answer: String) -> Response<Full<Bytes>> {
+fn answer_response(headers: &HeaderMap, answer: String) -> Response<Body> {
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
     let sse = accept.contains("text/event-stream") && !accept.contains("application/json");
     let (body, kind) = if sse {
-        (
-            format!("event: message\ndata: {answer}\n\n"),
-            "text/event-stream",
-        )
+        (sse_event(&answer), "text/event-stream")
     } else {
         (answer, "application/json")
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(full(Bytes::from(body)));
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     response
 }
 
-fn rpc_error(status: StatusCode, code: i32, why: &str) -> Response<Full<Bytes>> {
+fn rpc_error(status: StatusCode, code: i32, why: &str) -> Response<Body> {
     json_response(status, jsonrpc::error_response(None, code, why, None))
 }
 
-fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn json_response(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -374,14 +465,14 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     response
 }
 
-fn empty(status: StatusCode) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::new()));
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = status;
     response
 }

@@ -288,6 +288,57 @@ def test_stateless_requests_must_carry_an_envelope_that_agrees_with_them(gateway
     assert gateway.echo_log.read_text().count('"test/params"') == 1
 
 
+def test_list_changes_reach_the_agents_of_the_server_on_the_get_stream(gateway: Gateway):
+    async def scenario():
+        heard: dict[str, list] = {"admin": [], "reader": []}
+        changed = asyncio.Event()
+
+        def listener(agent: str):
+            async def handle(message) -> None:
+                method = getattr(message, "method", None) or getattr(getattr(message, "root", None), "method", None)
+                heard[agent].append(method)
+                if method == "notifications/tools/list_changed":
+                    changed.set()
+            return handle
+
+        sessions = {}
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEYS['admin']}"}, timeout=60) as a_http, \
+                httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEYS['reader']}"}, timeout=60) as r_http:
+            async with streamable_http_client(f"{gateway.url}/mcp", http_client=a_http) as (ar, aw, *_), \
+                    streamable_http_client(f"{gateway.url}/mcp", http_client=r_http) as (rr, rw, *_):
+                async with ClientSession(ar, aw, message_handler=listener("admin")) as admin, \
+                        ClientSession(rr, rw, message_handler=listener("reader")) as reader:
+                    sessions["admin"] = await admin.initialize()
+                    sessions["reader"] = await reader.initialize()
+                    # Both agents' GET streams are open once the gateway has a
+                    # stream per session; poke the server until the change arrives.
+                    for _ in range(100):
+                        poke = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "test/list-changed", "params": {
+                            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                                      "io.modelcontextprotocol/clientCapabilities": {}}}}).encode()
+                        await asyncio.to_thread(gateway.post, "/servers/echo/mcp", poke, {
+                            "Authorization": f"Bearer {KEYS['admin']}", "MCP-Protocol-Version": "2026-07-28",
+                            "Mcp-Method": "test/list-changed"})
+                        try:
+                            await asyncio.wait_for(changed.wait(), 0.5)
+                            break
+                        except asyncio.TimeoutError:
+                            pass
+                    tools = names(await admin.list_tools())
+        return sessions, heard, tools
+
+    sessions, heard, tools = asyncio.run(scenario())
+    assert sessions["admin"].capabilities.tools.list_changed
+    assert "notifications/tools/list_changed" in heard["admin"]
+    # Only notifications for every client are relayed: the server's log line stays with its own client.
+    assert "notifications/message" not in heard["admin"]
+    assert "ev__echo" in tools
+    relayed = [r for r in read_audit(gateway.audit) if r.get("method") == "notifications/tools/list_changed"]
+    assert relayed and {(r["agent"], r["server"], r["direction"]) for r in relayed} == {
+        ("admin", "echo", "server-to-client")}
+    assert heard["reader"] == []  # the reader may not use the echo server
+
+
 def test_merged_names_are_stable_and_each_server_has_its_own_path(gateway: Gateway):
     async def scenario():
         async with connect(gateway, "admin") as first:

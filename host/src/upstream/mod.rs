@@ -20,6 +20,14 @@ use std::time::Duration;
 
 /// The protocol revision Portcullis asks its upstreams for.
 pub const UPSTREAM_PROTOCOL: &str = "2025-06-18";
+/// Server notifications that concern all of a server's clients alike, and
+/// so are passed on to every agent session using it. Others (progress,
+/// logging) belong to one request or client and would leak across agents.
+pub const SHARED_NOTIFICATIONS: &[&str] = &[
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/resources/list_changed",
+];
 /// The notification that completes the handshake.
 const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
 
@@ -80,6 +88,20 @@ impl Upstream {
             Upstream::Process(p) => p.notify(text),
             Upstream::Remote(r) => r.notify(text).await,
         }
+    }
+
+    /// The server's [`SHARED_NOTIFICATIONS`] from now on; `None` for a remote
+    /// server, whose notifications are not received.
+    pub fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<str>>> {
+        match self {
+            Upstream::Process(p) => Some(p.notices()),
+            Upstream::Remote(_) => None,
+        }
+    }
+
+    /// Whether [`Upstream::notices`] has any.
+    pub fn has_notices(&self) -> bool {
+        matches!(self, Upstream::Process(_))
     }
 
     /// How it is doing.

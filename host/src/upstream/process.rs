@@ -6,7 +6,7 @@
 //! child's pipes happen on plain threads; callers await answers from async
 //! code.
 
-use super::{Health, initialize_request, not_available};
+use super::{Health, SHARED_NOTIFICATIONS, initialize_request, not_available};
 use crate::framing::{Frame, FrameReader};
 use crate::jsonrpc::{self, Message};
 use crate::stdio::ServerCommand;
@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 /// First restart delay; it doubles per failed start up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -40,6 +40,8 @@ pub struct Process {
     health: Mutex<Health>,
     /// The server's `initialize` result while it is ready.
     ready: watch::Sender<Option<Arc<Value>>>,
+    /// The server's notifications for all its clients.
+    notices: broadcast::Sender<Arc<str>>,
     stopping: AtomicBool,
 }
 
@@ -61,6 +63,7 @@ impl Process {
             link: Mutex::new(None),
             health: Mutex::new(Health::starting()),
             ready: watch::channel(None).0,
+            notices: broadcast::channel(16).0,
             stopping: AtomicBool::new(false),
         });
         let supervised = upstream.clone();
@@ -69,6 +72,11 @@ impl Process {
             .spawn(move || supervised.supervise(&runtime))
             .expect("cannot start an upstream supervisor thread");
         upstream
+    }
+
+    /// The server's notifications for all its clients, from now on.
+    pub fn notices(&self) -> broadcast::Receiver<Arc<str>> {
+        self.notices.subscribe()
     }
 
     /// How it is doing now.
@@ -272,7 +280,8 @@ impl Process {
 
     /// One message from the server: an answer goes to whoever waits for it;
     /// the server's own requests are answered here (the gateway does not
-    /// relay them to agents); notifications are logged.
+    /// relay them to agents); notifications for all clients are broadcast,
+    /// others logged.
     fn dispatch(&self, text: String) {
         let Ok(message) = Message::parse(&text) else {
             tracing::warn!(server = %self.name, "dropped a message that is not JSON");
@@ -292,6 +301,10 @@ impl Process {
                 let why = format!("Portcullis does not relay '{method}' requests from servers");
                 let refusal = jsonrpc::error_response(Some(id), -32601, &why, None);
                 let _ = self.send(refusal.into_bytes());
+            }
+            (Some(method), None) if SHARED_NOTIFICATIONS.contains(&method) => {
+                // No receiver (no agent listening) is fine.
+                let _ = self.notices.send(text.into());
             }
             (Some(method), None) => {
                 tracing::debug!(server = %self.name, method, "notification from the server")

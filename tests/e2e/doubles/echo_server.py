@@ -5,6 +5,8 @@ ECHO_LOG, and answers each request with `{"method": <method>, "params": ...}`.
 A batch is answered with a batch. Special methods make it misbehave on purpose:
   test/server-request  -> sends the client a `sampling/createMessage` request
                           and a `notifications/message`, then answers;
+  test/list-changed    -> tells its clients its tool list changed, logs a
+                          message (for its own client only), then answers;
   test/huge            -> answers with a result of ECHO_HUGE bytes, id first;
   test/huge-id-last    -> the same with the id last (and an inner "id");
   test/exit            -> writes to stderr and exits with code ECHO_EXIT_CODE.
@@ -54,6 +56,9 @@ for raw in sys.stdin.buffer:
     if method == "test/server-request":
         send({"jsonrpc": "2.0", "id": "srv-1", "method": "sampling/createMessage", "params": {"messages": []}})
         send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "hi"}})
+    if method == "test/list-changed":
+        send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "private"}})
     if method == "test/huge":  # id first, as Python writes it
         send({"jsonrpc": "2.0", "id": rid, "result": {"blob": "x" * int(os.environ["ECHO_HUGE"])}})
         continue
