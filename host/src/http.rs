@@ -8,6 +8,7 @@
 //! need no session. `/healthz`
 //! reports the upstream servers. Deciding is left to the [`Gateway`].
 
+use crate::audit::AccessRecord;
 use crate::gateway::{Gateway, PROTOCOL_VERSIONS, Scope};
 use crate::identity::{self, Identity};
 use crate::jsonrpc::{self, Message};
@@ -64,7 +65,7 @@ pub async fn run(
     tracing::info!(%addr, "portcullis serving MCP over Streamable HTTP");
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = socket.accept() => accepted.context("accepting a connection")?,
             () = &mut shutdown => return Ok(()),
         };
@@ -72,7 +73,7 @@ pub async fn run(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let listener = listener.clone();
-                async move { Ok::<_, std::convert::Infallible>(listener.respond(request).await) }
+                async move { Ok::<_, Infallible>(listener.respond(request, peer).await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -86,8 +87,8 @@ pub async fn run(
 }
 
 impl Listener {
-    /// Answers one HTTP request.
-    pub async fn respond(&self, request: Request<Incoming>) -> Response<Body> {
+    /// Answers one HTTP request from `peer`.
+    pub async fn respond(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let path = request.uri().path().to_string();
         if path == "/healthz" && request.method() == Method::GET {
             return self.health();
@@ -129,6 +130,11 @@ impl Listener {
         {
             Ok(identity) => identity,
             Err(refusal) => {
+                let mut record = AccessRecord::new("credentials-refused", None, &path, peer);
+                record.reason = Some(refusal.explanation().to_string());
+                if let Err(e) = generation.audit.write(&record) {
+                    tracing::error!("cannot audit refused credentials: {e:#}");
+                }
                 let mut response = plain(StatusCode::UNAUTHORIZED, refusal.explanation());
                 response.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
@@ -146,9 +152,18 @@ impl Listener {
         let max_body = config.limits.max_message_bytes;
         drop(generation);
         match *request.method() {
-            Method::POST => self.post(request, identity, scope, max_body).await,
+            Method::POST => {
+                let access =
+                    AccessRecord::new("session-opened", Some(&identity.agent), &path, peer);
+                self.post(request, identity, scope, max_body, access).await
+            }
             Method::DELETE => match session_id(request.headers()) {
                 Some(id) if self.gateway.end(id, &identity) => {
+                    let record =
+                        AccessRecord::new("session-ended", Some(&identity.agent), &path, peer);
+                    if let Err(e) = self.current.get().audit.write(&record) {
+                        tracing::error!("cannot audit the end of a session: {e:#}");
+                    }
                     plain(StatusCode::OK, "session ended")
                 }
                 Some(_) => plain(StatusCode::NOT_FOUND, "unknown session"),
@@ -171,6 +186,7 @@ impl Listener {
         identity: Identity,
         scope: Scope,
         max_body: usize,
+        mut access: AccessRecord,
     ) -> Response<Body> {
         let headers = request.headers().clone();
         let body = match Limited::new(request.into_body(), max_body).collect().await {
@@ -213,6 +229,26 @@ impl Listener {
         }
         if message.method.as_deref() == Some("initialize") && message.id.is_some() {
             let (session, answer) = self.gateway.initialize(identity, scope, &message).await;
+            if let Some(session) = &session {
+                let params: Value = message
+                    .params
+                    .and_then(|p| serde_json::from_str(p.get()).ok())
+                    .unwrap_or_default();
+                let info = &params["clientInfo"];
+                access.client = info["name"]
+                    .as_str()
+                    .map(|name| format!("{name}/{}", info["version"].as_str().unwrap_or("?")));
+                access.protocol_version = serde_json::from_str::<Value>(&answer)
+                    .ok()
+                    .and_then(|a| a["result"]["protocolVersion"].as_str().map(str::to_string));
+                // No session the trail does not know of.
+                if let Err(e) = self.current.get().audit.write(&access) {
+                    tracing::error!("cannot audit a new session: {e:#}");
+                    self.gateway.end(&session.id, &session.identity);
+                    let why = format!("the audit trail cannot record the session: {e:#}");
+                    return rpc_error(StatusCode::SERVICE_UNAVAILABLE, jsonrpc::AUDIT_FAILED, &why);
+                }
+            }
             let mut response = answer_response(&headers, answer);
             if let Some(session) = session
                 && let Ok(value) = HeaderValue::from_str(&session.id)

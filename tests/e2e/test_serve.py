@@ -180,7 +180,7 @@ def test_each_agent_sees_and_may_do_only_what_it_was_granted(gateway: Gateway, s
     assert echoed.content[0].text == "Echo: hi"
     assert not wrote.is_error and (sandbox / "a.txt").read_text() == "x"
 
-    calls = [r for r in read_audit(gateway.audit) if r["kind"] == "request" and r.get("method") == "tools/call"]
+    calls = [r for r in read_audit(gateway.audit) if r.get("kind") == "request" and r.get("method") == "tools/call"]
     summary = [(r["agent"], r["server"], r["tool"], r["outcome"]) for r in calls]
     # Policies and the trail see real server and tool names, under each agent's own name.
     assert summary == [("reader", "files", "read_text_file", "allow"), ("reader", "files", "write_file", "deny"),
@@ -213,9 +213,17 @@ def test_typescript_sdk_agents_get_their_own_grants(gateway: Gateway, sandbox: P
     assert admin["calls"][0]["result"]["content"][0]["text"] == "Echo: from ts"
     assert direct["calls"][0]["result"]["content"][0]["text"] == "Echo: direct"
     calls = [(r["agent"], r["server"], r["tool"], r["outcome"]) for r in read_audit(gateway.audit)
-             if r["kind"] == "request" and r.get("method") == "tools/call"]
+             if r.get("kind") == "request" and r.get("method") == "tools/call"]
     assert calls == [("reader", "files", "read_text_file", "allow"), ("reader", "files", "write_file", "deny"),
                      ("admin", "everything", "echo", "allow"), ("admin", "everything", "echo", "allow")]
+    # Each agent's session is in the trail from the moment it opened to its DELETE.
+    sessions = [(r["event"], r["agent"], r["endpoint"], r.get("client"), r.get("protocol_version"))
+                for r in read_audit(gateway.audit) if "event" in r]
+    ts = "portcullis-ts-agent/1.0.0"
+    assert sessions == [("session-opened", "reader", "/mcp", ts, "2025-11-25"), ("session-ended", "reader", "/mcp", None, None),
+                        ("session-opened", "admin", "/mcp", ts, "2025-11-25"), ("session-ended", "admin", "/mcp", None, None),
+                        ("session-opened", "admin", "/servers/everything/mcp", ts, "2025-11-25"),
+                        ("session-ended", "admin", "/servers/everything/mcp", None, None)]
 
 
 def test_the_stateless_revision_is_chosen_by_a_client_that_speaks_it(gateway: Gateway, sandbox: Path):
@@ -248,7 +256,7 @@ def test_the_stateless_revision_is_chosen_by_a_client_that_speaks_it(gateway: Ga
     version, info, echoed = asyncio.run(agent("admin", "/servers/everything/mcp", direct_work))
     assert version == "2026-07-28" and info.name != "portcullis" and echoed == "Echo: direct"
     calls = [(r["agent"], r["server"], r["tool"], r["outcome"]) for r in read_audit(gateway.audit)
-             if r["kind"] == "request" and r.get("method") == "tools/call"]
+             if r.get("kind") == "request" and r.get("method") == "tools/call"]
     assert calls == [("reader", "files", "read_text_file", "allow"), ("reader", "files", "write_file", "deny"),
                      ("admin", "everything", "echo", "allow"), ("admin", "everything", "echo", "allow")]
 
@@ -397,6 +405,13 @@ def test_bad_credentials_origins_and_sessions_are_refused(gateway: Gateway):
     assert gateway.post("/mcp", huge.encode(), {**admin, "Mcp-Session-Id": session})[0] == 413
     status, _, _ = gateway.post("/mcp", listing, {**admin, "Mcp-Session-Id": session})
     assert status == 200  # the gateway kept serving
+    access = [r for r in read_audit(gateway.audit) if "event" in r]
+    refused = [r for r in access if r["event"] == "credentials-refused"]
+    assert [(r["endpoint"], r["reason"].split(" ")[0]) for r in refused] == [("/mcp", "an"), ("/mcp", "the")]
+    assert all(r["peer"].startswith("127.0.0.1:") and "agent" not in r for r in refused)
+    assert "not-a-key" not in gateway.audit.read_text()
+    opened = [(r["agent"], r["endpoint"], r["client"]) for r in access if r["event"] == "session-opened"]
+    assert opened == [("admin", "/mcp", "raw/1")]
 
 
 def test_a_crashing_upstream_is_restarted_and_reported(gateway: Gateway):
@@ -479,7 +494,7 @@ headers = {{ Authorization = "Bearer ${{env:REMOTE_TOKEN}}", X-Tenant = "portcul
     assert not any(KEYS["admin"] in json.dumps(h) for h in seen)
     # One handshake, then every request in the server's session.
     assert all(h.get("mcp-session-id") for h in seen[1:])
-    calls = [r for r in read_audit(gateway.audit) if r.get("tool") == "add" and r["kind"] == "request"]
+    calls = [r for r in read_audit(gateway.audit) if r.get("tool") == "add" and r.get("kind") == "request"]
     assert [(r["agent"], r["server"], r["outcome"]) for r in calls] == [("admin", "remote", "allow")]
 
 
@@ -571,7 +586,7 @@ headers = {{ Authorization = "Bearer remote-secret" }}
     assert fetches == ["/.well-known/jwks.json"]
     seen = [json.loads(line) for line in headers_log.read_text().splitlines()]
     assert seen and all(h["authorization"] == "Bearer remote-secret" for h in seen)
-    calls = [r for r in read_audit(gateway.audit) if r.get("tool") == "add" and r["kind"] == "request"]
+    calls = [r for r in read_audit(gateway.audit) if r.get("tool") == "add" and r.get("kind") == "request"]
     assert [(r["agent"], r["server"], r["outcome"]) for r in calls] == [("svc-reporting", "remote", "allow")]
     attributes = calls[0]["agent_attributes"]
     assert attributes["jwt.groups"] == "analysts" and attributes["jwt.iss"] == "https://idp.example"

@@ -168,6 +168,63 @@ impl ReloadRecord {
     }
 }
 
+/// The audit event of an agent's access to `portcullis serve`: a session
+/// opened or ended, or credentials refused. What the agent does in the
+/// session is in the message records.
+#[derive(Debug, Serialize)]
+pub struct AccessRecord {
+    /// When (RFC 3339, UTC, µs).
+    pub time: String,
+    /// Unique id (UUIDv7).
+    pub id: String,
+    /// `session-opened`, `session-ended` or `credentials-refused`.
+    pub event: &'static str,
+    /// The agent, once authenticated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The agent's attributes.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_attributes: BTreeMap<String, String>,
+    /// The path the agent used (`/mcp` or `/servers/NAME/mcp`).
+    pub endpoint: String,
+    /// The client's address.
+    pub peer: String,
+    /// The client software, as it introduced itself (`name/version`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// The protocol revision agreed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    /// Why credentials were refused (never the credentials).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl AccessRecord {
+    /// An access event with a fresh id and time, by `agent` if known.
+    pub fn new(
+        event: &'static str,
+        agent: Option<&crate::bindings::Agent>,
+        endpoint: &str,
+        peer: std::net::SocketAddr,
+    ) -> Self {
+        Self {
+            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            id: decision_id(),
+            event,
+            agent: agent.map(|a| a.id.clone()),
+            agent_attributes: agent
+                .map(|a| a.attributes.iter().cloned().collect())
+                .unwrap_or_default(),
+            endpoint: endpoint.to_string(),
+            peer: peer.to_string(),
+            client: None,
+            protocol_version: None,
+            reason: None,
+        }
+    }
+}
+
 /// A UUIDv7: milliseconds since the epoch, then random bits from a
 /// thread-local generator (no system call per record).
 fn decision_id() -> String {
