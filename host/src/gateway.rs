@@ -51,6 +51,8 @@ pub struct ClientSession {
     pub identity: Identity,
     /// What it reaches.
     pub scope: Scope,
+    /// The protocol revision it speaks.
+    pub protocol: String,
     relays: BTreeMap<String, Arc<Relay>>,
     resources: Mutex<HashMap<String, String>>,
 }
@@ -198,7 +200,7 @@ impl Gateway {
                 "instructions": self.merged_instructions(),
             }),
         };
-        let session = self.open(identity, scope);
+        let session = self.open(identity, scope, protocol);
         self.sessions
             .lock()
             .expect("sessions lock poisoned")
@@ -209,7 +211,7 @@ impl Gateway {
     }
 
     /// A new session of `identity` on `scope`, with a relay per server.
-    fn open(&self, identity: Identity, scope: Scope) -> Arc<ClientSession> {
+    fn open(&self, identity: Identity, scope: Scope, protocol: String) -> Arc<ClientSession> {
         let servers = match &scope {
             Scope::All => self.reachable(&identity),
             Scope::Server(server) => vec![server.clone()],
@@ -225,6 +227,7 @@ impl Gateway {
             id: uuid_like(),
             identity,
             scope,
+            protocol,
             relays,
             resources: Mutex::new(HashMap::new()),
         })
@@ -239,7 +242,8 @@ impl Gateway {
         match standing.get(&key) {
             Some(session) if session.identity.same_as(identity) => session.clone(),
             _ => {
-                let session = self.open(identity.clone(), scope.clone());
+                let protocol = stateless::VERSION.to_string();
+                let session = self.open(identity.clone(), scope.clone(), protocol);
                 standing.insert(key, session.clone());
                 session
             }

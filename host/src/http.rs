@@ -9,7 +9,7 @@
 //! reports the upstream servers. Deciding is left to the [`Gateway`].
 
 use crate::audit::AccessRecord;
-use crate::gateway::{Gateway, PROTOCOL_VERSIONS, Scope};
+use crate::gateway::{Gateway, Scope};
 use crate::identity::{self, Identity};
 use crate::jsonrpc::{self, Message};
 use crate::reload::Current;
@@ -271,11 +271,12 @@ impl Listener {
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
         if let Some(version) = headers.get(VERSION_HEADER)
-            && !PROTOCOL_VERSIONS
-                .iter()
-                .any(|v| v.as_bytes() == version.as_bytes())
+            && version.as_bytes() != session.protocol.as_bytes()
         {
-            return plain(StatusCode::BAD_REQUEST, "unsupported MCP-Protocol-Version");
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "MCP-Protocol-Version is not the revision this session negotiated",
+            );
         }
         match self.gateway.handle(&session, text).await {
             Some(answer) => answer_response(&headers, answer),

@@ -399,6 +399,9 @@ def test_bad_credentials_origins_and_sessions_are_refused(gateway: Gateway):
     assert gateway.post("/servers/everything/mcp", initialize, reader)[0] == 404  # not its server
     status, _, body = gateway.post("/mcp", listing, {**admin, "Mcp-Session-Id": session})
     assert status == 200 and json.loads(body)["result"]["tools"]
+    # The session negotiated 2025-06-18; another revision's header is refused.
+    other_revision = {**admin, "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"}
+    assert gateway.post("/mcp", listing, other_revision)[0] == 400
     status, _, body = gateway.post("/mcp", b"{not json", {**admin, "Mcp-Session-Id": session})
     assert status == 400 and json.loads(body)["error"]["code"] == -32700
     huge = json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"x": "y" * 17_000_000}})
