@@ -16,7 +16,7 @@ use crate::relay::Relay;
 use crate::reload::Current;
 use crate::session::Session;
 use crate::stateless;
-use crate::upstream::Upstream;
+use crate::upstream::{Health, Upstream};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -141,6 +141,14 @@ impl Gateway {
     /// The upstream servers, by name.
     pub fn upstreams(&self) -> &BTreeMap<String, Arc<Upstream>> {
         &self.upstreams
+    }
+
+    /// How each server is doing, by name.
+    pub fn health(&self) -> BTreeMap<String, Health> {
+        self.upstreams
+            .iter()
+            .map(|(name, upstream)| (name.clone(), upstream.health()))
+            .collect()
     }
 
     /// Whether `server` is configured.

@@ -397,12 +397,7 @@ impl Listener {
     }
 
     fn health(&self) -> Response<Body> {
-        let servers: serde_json::Map<_, _> = self
-            .gateway
-            .upstreams()
-            .iter()
-            .map(|(name, upstream)| (name.clone(), json!(upstream.health())))
-            .collect();
+        let servers = self.gateway.health();
         let body = json!({ "servers": servers }).to_string();
         let mut response = Response::new(full(Bytes::from(body)));
         response.headers_mut().insert(

@@ -202,9 +202,9 @@ fn run_stdio(
 
 fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
     let config = Config::load(&config_path)?;
-    if config.agents.is_empty() {
+    if config.agents.is_empty() && config.jwt.is_none() {
         bail!(
-            "{}: no [agents.NAME] configured, so no agent could connect",
+            "{}: neither [agents.NAME] nor [jwt] is configured, so no agent could connect",
             config_path.display()
         );
     }
@@ -217,8 +217,23 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
         .context("cannot start the async runtime")?;
     let upstreams = upstream::start_all(&config, runtime.handle())?;
     let gateway = Arc::new(Gateway::new(&config, current.clone(), upstreams));
-    let reloader = Reloader::new(engine, current.clone(), config_path, audit_file, "serve");
-    Arc::new(reloader).start()?;
+    let reloader = Arc::new(Reloader::new(
+        engine,
+        current.clone(),
+        config_path,
+        audit_file,
+        "serve",
+    ));
+    reloader.clone().start()?;
+    // The status report follows the servers' health.
+    let watched = gateway.clone();
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(SERVERS_STATUS_INTERVAL);
+        loop {
+            ticks.tick().await;
+            reloader.set_servers(watched.health());
+        }
+    });
     let listener = Arc::new(Listener {
         gateway: gateway.clone(),
         current,
@@ -230,9 +245,15 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
     for upstream in gateway.upstreams().values() {
         upstream.stop();
     }
+    // No status update after the report is withdrawn.
+    drop(runtime);
     Status::withdraw(std::process::id());
     served.map(|()| 0)
 }
+
+/// How often `serve` brings its servers' health up to date in the status
+/// report.
+const SERVERS_STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() {

@@ -14,10 +14,11 @@ use crate::engine::{PolicyEngine, hex};
 use crate::guard::Guard;
 use crate::jwt::Verifier;
 use crate::status::{PolicyStatus, ReloadStatus, Status};
+use crate::upstream::Health;
 use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant, SystemTime};
@@ -173,6 +174,7 @@ impl Reloader {
             generation: generation.number,
             policies: policy_statuses(&generation, None),
             last_reload: None,
+            servers: BTreeMap::new(),
         };
         Self {
             engine,
@@ -180,6 +182,19 @@ impl Reloader {
             config,
             extra_audit,
             status: Mutex::new(status),
+        }
+    }
+
+    /// Records how the upstream servers are doing (`serve` mode), and
+    /// publishes the status report when that changed.
+    pub fn set_servers(&self, servers: BTreeMap<String, Health>) {
+        let mut status = self.status.lock().expect("status lock poisoned");
+        if status.servers == servers {
+            return;
+        }
+        status.servers = servers;
+        if let Err(e) = status.publish() {
+            tracing::warn!("cannot publish the status report: {e:#}");
         }
     }
 

@@ -1,11 +1,14 @@
 //! The status report of running Portcullis processes: each process keeps a
 //! small JSON file (named after its pid) in the status directory up to date —
-//! loaded policies with their digests and load times, and the last reload's
-//! result — and `portcullis status` reads them all. Files of processes that
+//! loaded policies with their digests and load times, the last reload's
+//! result, and in `serve` mode its servers' health — and `portcullis status`
+//! reads them all. Files of processes that
 //! are gone are ignored and removed.
 
+use crate::upstream::Health;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// One process' status.
@@ -25,6 +28,9 @@ pub struct Status {
     pub policies: Vec<PolicyStatus>,
     /// The last reload attempt, if any.
     pub last_reload: Option<ReloadStatus>,
+    /// In `serve` mode: how each upstream server is doing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub servers: BTreeMap<String, Health>,
 }
 
 /// One serving policy.
@@ -149,6 +155,18 @@ pub fn print(json: bool) -> Result<()> {
                     .unwrap_or_default()
             ),
             None => println!("  last reload: none"),
+        }
+        for (name, health) in &s.servers {
+            let pid = health.pid.map(|p| format!("  pid {p}")).unwrap_or_default();
+            let error = health
+                .last_error
+                .as_deref()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default();
+            println!(
+                "  server {name:<20} {}  restarts {}{pid}{error}",
+                health.state, health.restarts
+            );
         }
     }
     Ok(())

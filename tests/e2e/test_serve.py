@@ -95,8 +95,9 @@ agents = ["reader"]
 servers = ["files"]
 {extra}""")
         self.stderr = open(tmp_path / "serve.log", "w")
+        self.env = {**os.environ, "PORTCULLIS_STATUS_DIR": str(tmp_path / "status"), **(env or {})}
         self.process = subprocess.Popen([str(PORTCULLIS), "serve", "--config", str(config), "--audit-file",
-                                         str(self.audit)], stderr=self.stderr, env={**os.environ, **(env or {})})
+                                         str(self.audit)], stderr=self.stderr, env=self.env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -431,6 +432,17 @@ def test_a_crashing_upstream_is_restarted_and_reported(gateway: Gateway):
     assert status == 200 and json.loads(body)["result"]["method"] == "test/after-restart"
     echo = gateway.health()["servers"]["echo"]
     assert echo["state"] == "ready" and echo["restarts"] >= 1 and "exit status: 3" in echo["last_error"]
+    # `portcullis status` reports it too, once the report catches up.
+    for _ in range(100):
+        done = subprocess.run([str(PORTCULLIS), "status", "--json"], env=gateway.env, capture_output=True, text=True)
+        [report] = json.loads(done.stdout)
+        if report.get("servers", {}).get("echo", {}).get("restarts", 0) >= 1:
+            break
+        time.sleep(0.2)
+    assert report["pid"] == gateway.process.pid and report["servers"]["echo"]["state"] == "ready"
+    assert "exit status: 3" in report["servers"]["echo"]["last_error"]
+    text = subprocess.run([str(PORTCULLIS), "status"], env=gateway.env, capture_output=True, text=True).stdout
+    assert "server echo" in text and "restarts 1" in text
     # The echo server saw Portcullis' own handshake twice, and never an agent key.
     log = gateway.echo_log.read_text()
     assert log.count('"method":"initialize"') == 2 and KEYS["admin"] not in log

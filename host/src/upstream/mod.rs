@@ -11,8 +11,9 @@ pub mod remote;
 use crate::config::{Config, ServerConfig};
 use crate::stdio::ServerCommand;
 use anyhow::{Context, Result, anyhow, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -31,11 +32,11 @@ pub const SHARED_NOTIFICATIONS: &[&str] = &[
 /// The notification that completes the handshake.
 const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
 
-/// How an upstream is doing, for the health endpoint.
-#[derive(Debug, Clone, Serialize)]
+/// How an upstream is doing, for the health endpoint and the status report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     /// `starting`, `ready`, `restarting` (a process) or `unreachable` (remote).
-    pub state: &'static str,
+    pub state: Cow<'static, str>,
     /// Restarts (a process) or reconnections (remote) so far.
     pub restarts: u64,
     /// The child's process id while it runs.
@@ -49,7 +50,7 @@ pub struct Health {
 impl Health {
     fn starting() -> Self {
         Self {
-            state: "starting",
+            state: Cow::Borrowed("starting"),
             restarts: 0,
             pid: None,
             last_error: None,

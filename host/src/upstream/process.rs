@@ -150,7 +150,7 @@ impl Process {
 
     fn set_health(&self, state: &'static str, pid: Option<u32>, error: Option<String>) {
         let mut health = self.health.lock().expect("health lock poisoned");
-        health.state = state;
+        health.state = state.into();
         health.pid = pid;
         if error.is_some() {
             health.last_error = error;

@@ -189,7 +189,7 @@ impl Inner {
 
     fn set_health(&self, state: &'static str, error: Option<String>) {
         let mut health = self.health.lock().expect("health lock poisoned");
-        health.state = state;
+        health.state = state.into();
         if error.is_some() {
             health.last_error = error;
         }
