@@ -153,9 +153,8 @@ impl Listener {
         drop(generation);
         match *request.method() {
             Method::POST => {
-                let access =
-                    AccessRecord::new("session-opened", Some(&identity.agent), &path, peer);
-                self.post(request, identity, scope, max_body, access).await
+                let from = (path.as_str(), peer);
+                self.post(request, identity, scope, max_body, from).await
             }
             Method::DELETE => match session_id(request.headers()) {
                 Some(id) if self.gateway.end(id, &identity) => {
@@ -186,7 +185,7 @@ impl Listener {
         identity: Identity,
         scope: Scope,
         max_body: usize,
-        mut access: AccessRecord,
+        (path, peer): (&str, SocketAddr),
     ) -> Response<Body> {
         let headers = request.headers().clone();
         let body = match Limited::new(request.into_body(), max_body).collect().await {
@@ -228,6 +227,7 @@ impl Listener {
                 .await;
         }
         if message.method.as_deref() == Some("initialize") && message.id.is_some() {
+            let mut access = AccessRecord::new("session-opened", Some(&identity.agent), path, peer);
             let (session, answer) = self.gateway.initialize(identity, scope, &message).await;
             if let Some(session) = &session {
                 let params: Value = message
