@@ -386,11 +386,7 @@ impl Listener {
                 });
             (answer, self.gateway.server_info(&scope).await)
         };
-        let answer = stateless::complete(&answer, method, &server_info);
-        let status = serde_json::from_str::<Value>(&answer)
-            .ok()
-            .and_then(|answer| answer["error"]["code"].as_i64())
-            .map_or(StatusCode::OK, |code| stateless::status_of(code as i32));
+        let (answer, status) = stateless::complete(&answer, method, &server_info);
         let mut response = answer_response(headers, answer);
         *response.status_mut() = status;
         response

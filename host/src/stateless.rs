@@ -188,13 +188,16 @@ pub fn without_envelope(params: &Value) -> Option<Value> {
 
 /// An answer to `method` with the members this revision requires of a
 /// result: `resultType`, cache hints where the method is cacheable (never
-/// shared: what an agent sees depends on its grants), and who answered.
-pub fn complete(answer: &str, method: &str, server_info: &Value) -> String {
+/// shared: what an agent sees depends on its grants), and who answered;
+/// with the HTTP status this revision gives it.
+pub fn complete(answer: &str, method: &str, server_info: &Value) -> (String, StatusCode) {
     let Ok(mut message) = serde_json::from_str::<Map<String, Value>>(answer) else {
-        return answer.to_string();
+        return (answer.to_string(), StatusCode::OK);
     };
     let Some(result) = message.get_mut("result").and_then(Value::as_object_mut) else {
-        return answer.to_string();
+        let code = message.get("error").and_then(|e| e["code"].as_i64());
+        let status = code.map_or(StatusCode::OK, |code| status_of(code as i32));
+        return (answer.to_string(), status);
     };
     result
         .entry("resultType")
@@ -213,7 +216,7 @@ pub fn complete(answer: &str, method: &str, server_info: &Value) -> String {
         meta.entry(SERVER_INFO_KEY)
             .or_insert_with(|| server_info.clone());
     }
-    Value::Object(message).to_string()
+    (Value::Object(message).to_string(), StatusCode::OK)
 }
 
 /// The result of `server/discover`.
@@ -314,23 +317,29 @@ mod tests {
     #[test]
     fn results_get_the_members_the_revision_requires() {
         let info = json!({"name": "portcullis", "version": "1"});
-        let listed = complete(
+        let (listed, status) = complete(
             r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#,
             "tools/list",
             &info,
         );
+        assert_eq!(status, StatusCode::OK);
         let listed: Value = serde_json::from_str(&listed).unwrap();
         assert_eq!(listed["result"]["resultType"], "complete");
         assert_eq!(listed["result"]["ttlMs"], 0);
         assert_eq!(listed["result"]["cacheScope"], "private");
         assert_eq!(listed["result"]["_meta"][SERVER_INFO_KEY], info);
-        let called = complete(
+        let (called, _) = complete(
             r#"{"jsonrpc":"2.0","id":2,"result":{"content":[]}}"#,
             "tools/call",
             &info,
         );
         assert!(!called.contains("ttlMs") && called.contains(r#""resultType":"complete""#));
-        let failed = r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32001,"message":"no"}}"#;
-        assert_eq!(complete(failed, "tools/call", &info), failed);
+        let denied = r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32001,"message":"no"}}"#;
+        assert_eq!(
+            complete(denied, "tools/call", &info),
+            (denied.into(), StatusCode::OK)
+        );
+        let unknown = r#"{"jsonrpc":"2.0","id":4,"error":{"code":-32601,"message":"no"}}"#;
+        assert_eq!(complete(unknown, "x/y", &info).1, StatusCode::NOT_FOUND);
     }
 }
