@@ -182,10 +182,9 @@ impl Gateway {
         scope: Scope,
         message: &Message<'_>,
     ) -> (Option<Arc<ClientSession>>, String) {
-        let requested = message
-            .params
-            .and_then(|p| serde_json::from_str::<Value>(p.get()).ok())
-            .and_then(|p| p["protocolVersion"].as_str().map(str::to_string));
+        let requested = message.params_value()["protocolVersion"]
+            .as_str()
+            .map(str::to_string);
         let protocol = requested
             .filter(|v| PROTOCOL_VERSIONS.contains(&v.as_str()))
             .unwrap_or_else(|| PROTOCOL_VERSIONS[0].to_string());
@@ -396,10 +395,7 @@ impl Gateway {
         if let Some((_, listing)) = LISTINGS.iter().find(|(m, _)| *m == method) {
             return self.merge(session, message, listing).await;
         }
-        let params: Value = message
-            .params
-            .and_then(|p| serde_json::from_str(p.get()).ok())
-            .unwrap_or(Value::Null);
+        let params = message.params_value();
         let target = match method {
             "tools/call" | "prompts/get" => params["name"]
                 .as_str()

@@ -230,10 +230,7 @@ impl Listener {
             let mut access = AccessRecord::new("session-opened", Some(&identity.agent), path, peer);
             let (session, answer) = self.gateway.initialize(identity, scope, &message).await;
             if let Some(session) = &session {
-                let params: Value = message
-                    .params
-                    .and_then(|p| serde_json::from_str(p.get()).ok())
-                    .unwrap_or_default();
+                let params = message.params_value();
                 let info = &params["clientInfo"];
                 access.client = info["name"]
                     .as_str()
@@ -288,8 +285,7 @@ impl Listener {
     /// 2025-11-25): the notifications its servers send all their clients,
     /// as SSE events. Servers' own requests are not relayed to agents.
     fn events(&self, headers: &HeaderMap, identity: &Identity, scope: &Scope) -> Response<Body> {
-        let accept = headers.get(header::ACCEPT).map(HeaderValue::as_bytes);
-        if !accept.is_some_and(|accept| accept.windows(17).any(|w| w == b"text/event-stream")) {
+        if !accepts(headers, "text/event-stream") {
             return plain(StatusCode::NOT_ACCEPTABLE, "GET streams text/event-stream");
         }
         let Some(id) = session_id(headers) else {
@@ -338,10 +334,7 @@ impl Listener {
             // A notification (e.g. a cancellation) or a stray response.
             return empty(StatusCode::ACCEPTED);
         };
-        let params: Value = message
-            .params
-            .and_then(|p| serde_json::from_str(p.get()).ok())
-            .unwrap_or(Value::Null);
+        let params = message.params_value();
         if let Err(rejection) = stateless::check(headers, method, &params) {
             let answer = jsonrpc::error_response(
                 Some(id),
@@ -394,13 +387,7 @@ impl Listener {
 
     fn health(&self) -> Response<Body> {
         let servers = self.gateway.health();
-        let body = json!({ "servers": servers }).to_string();
-        let mut response = Response::new(full(Bytes::from(body)));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        response
+        json_response(StatusCode::OK, json!({ "servers": servers }).to_string())
     }
 }
 
@@ -455,6 +442,14 @@ fn unix_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
+/// Whether the `Accept` header names `kind`.
+fn accepts(headers: &HeaderMap, kind: &str) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains(kind))
+}
+
 fn session_id(headers: &HeaderMap) -> Option<&str> {
     headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
 }
@@ -462,11 +457,7 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
 /// A JSON-RPC answer, as JSON, or as one SSE event for a client that
 /// accepts only an event stream.
 fn answer_response(headers: &HeaderMap, answer: String) -> Response<Body> {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    let sse = accept.contains("text/event-stream") && !accept.contains("application/json");
+    let sse = accepts(headers, "text/event-stream") && !accepts(headers, "application/json");
     let (body, kind) = if sse {
         (sse_event(&answer), "text/event-stream")
     } else {

@@ -69,6 +69,13 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// The params as a JSON value; `Null` when there are none.
+    pub fn params_value(&self) -> Value {
+        self.params
+            .and_then(|params| serde_json::from_str(params.get()).ok())
+            .unwrap_or_default()
+    }
+
     /// For `tools/call`: the tool's name and its arguments.
     pub fn tool_call(&self) -> Option<(String, Option<&'a RawValue>)> {
         #[derive(Deserialize)]
