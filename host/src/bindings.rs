@@ -5,10 +5,13 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "policy",
+    // A store refusal (a full keyspace, an oversized value) fails the policy.
+    imports: { "portcullis:policy/store": trappable },
 });
 
 pub use exports::portcullis::policy::hooks::Guest as Hooks;
 pub use portcullis::policy::log::Level;
+pub use portcullis::policy::surface::{DriftKind as Drifted, ToolDrift};
 pub use portcullis::policy::types::{
     Agent, Denial, Direction, Exchange, MessageKind, Outcome, ToolAnnotations, Verdict,
 };

@@ -3,7 +3,7 @@
 //! name the file and the field. It never loads policies or starts processes.
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +38,15 @@ pub struct Config {
     /// Limits on the traffic itself.
     #[serde(default)]
     pub limits: Limits,
+    /// Tool definitions pinned in a lock file, and what drift from it means.
+    #[serde(default)]
+    pub pinning: Option<PinningConfig>,
+    /// Checks of tool-call arguments at the boundary.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// Call rates allowed, per agent, server and tool.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -431,6 +440,149 @@ pub enum SinkConfig {
     Stderr,
 }
 
+/// Pinned tool definitions: the lock file `portcullis pin` writes, and what
+/// Portcullis does when a server's tools drift from it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinningConfig {
+    /// The lock file (default: beside the config, `NAME.lock.json` for
+    /// `NAME.toml`); relative to the config file.
+    pub lock: Option<PathBuf>,
+    /// What drift means, unless `on` says otherwise for its kind.
+    #[serde(default)]
+    pub on_drift: DriftAction,
+    /// What each kind of drift means, overriding `on_drift`.
+    #[serde(default)]
+    pub on: BTreeMap<DriftKind, DriftAction>,
+}
+
+/// A way a tool can differ from its pinned definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftKind {
+    /// The server offers a tool the lock file does not have.
+    Added,
+    /// The lock file has a tool the server no longer lists.
+    Removed,
+    /// Its description or title changed.
+    Description,
+    /// Its input or output schema changed.
+    Schema,
+    /// Its annotations changed without granting more.
+    Annotations,
+    /// Its annotations now claim less safety (was read-only or
+    /// non-destructive, is not).
+    Escalated,
+}
+
+impl DriftKind {
+    /// Its name in the config, audit records and diffs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::Added => "added",
+            DriftKind::Removed => "removed",
+            DriftKind::Description => "description",
+            DriftKind::Schema => "schema",
+            DriftKind::Annotations => "annotations",
+            DriftKind::Escalated => "escalated",
+        }
+    }
+}
+
+/// What Portcullis does about a drifted tool. Ordered by severity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriftAction {
+    /// Let it through; warn and audit.
+    Alert,
+    /// Remove the tool from `tools/list` results and refuse calls to it
+    /// (the default).
+    #[default]
+    Hide,
+    /// Refuse every request to the server until the lock file changes.
+    DenyServer,
+}
+
+impl PinningConfig {
+    /// What a drift of these kinds means: the most severe of their actions.
+    pub fn action(&self, kinds: &[DriftKind]) -> DriftAction {
+        kinds
+            .iter()
+            .map(|kind| self.on.get(kind).copied().unwrap_or(self.on_drift))
+            .max()
+            .unwrap_or(DriftAction::Alert)
+    }
+}
+
+/// Checks of `tools/call` arguments before the policy chain runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Validate arguments against the tool's input schema (JSON Schema): the
+    /// pinned one, or else the one the server listed.
+    #[serde(default = "yes")]
+    pub arguments: bool,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self { arguments: true }
+    }
+}
+
+/// A rate limit: a token bucket of `burst` calls refilled at `calls` per
+/// `per_secs`, one bucket per distinct value of the `by` dimensions.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Agents (globs) it applies to.
+    #[serde(default = "everything")]
+    pub agents: Vec<String>,
+    /// Servers (globs) it applies to.
+    #[serde(default = "everything")]
+    pub servers: Vec<String>,
+    /// Tools (globs) it applies to; requests without a tool match only `*`.
+    #[serde(default = "everything")]
+    pub tools: Vec<String>,
+    /// Methods (globs) it applies to.
+    #[serde(default = "tool_calls")]
+    pub methods: Vec<String>,
+    /// Calls allowed per `per_secs`, sustained.
+    pub calls: u32,
+    /// The period `calls` are counted over, in seconds.
+    pub per_secs: u64,
+    /// Calls allowed at once after a quiet spell (default: `calls`).
+    pub burst: Option<u32>,
+    /// What gets its own bucket: any of `agent`, `server` and `tool`
+    /// (default: all three).
+    #[serde(default = "all_dimensions")]
+    pub by: Vec<RateDimension>,
+}
+
+/// A dimension a rate limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateDimension {
+    /// Each agent.
+    Agent,
+    /// Each server.
+    Server,
+    /// Each tool.
+    Tool,
+}
+
+fn tool_calls() -> Vec<String> {
+    vec!["tools/call".into()]
+}
+
+fn all_dimensions() -> Vec<RateDimension> {
+    vec![
+        RateDimension::Agent,
+        RateDimension::Server,
+        RateDimension::Tool,
+    ]
+}
+
 /// Engine-wide settings.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -542,6 +694,30 @@ impl Config {
         if let Some(dir) = &mut self.engine.cache_dir {
             *dir = base.join(&*dir);
         }
+        let default_lock = self.default_lock();
+        if let Some(pinning) = &mut self.pinning {
+            let lock = pinning.lock.as_ref().map_or(default_lock, |l| base.join(l));
+            pinning.lock = Some(lock);
+        }
+    }
+
+    /// Where the lock file is when `[pinning]` does not say: beside the
+    /// config, `NAME.lock.json` for `NAME.toml`.
+    fn default_lock(&self) -> PathBuf {
+        let stem = self.path.file_stem().unwrap_or_default().to_string_lossy();
+        self.path.with_file_name(format!("{stem}.lock.json"))
+    }
+
+    /// The lock file of `[pinning]`, if pinning is configured.
+    pub fn lock_path(&self) -> Option<&Path> {
+        self.pinning.as_ref().and_then(|p| p.lock.as_deref())
+    }
+
+    /// The lock file `portcullis pin` writes: `[pinning] lock`, or the
+    /// default beside the config.
+    pub fn lock_file(&self) -> PathBuf {
+        self.lock_path()
+            .map_or_else(|| self.default_lock(), Path::to_path_buf)
     }
 
     fn validate(&self) -> Result<()> {
@@ -587,6 +763,14 @@ impl Config {
                 bail!(
                     "servers.{name}: give either command (a stdio server) or url (a Streamable HTTP server)"
                 );
+            }
+        }
+        for (i, limit) in self.rate_limits.iter().enumerate() {
+            if limit.calls == 0 || limit.per_secs == 0 || limit.burst == Some(0) {
+                bail!("rate_limits[{i}]: calls, per_secs and burst must be at least 1");
+            }
+            if limit.by.is_empty() {
+                bail!("rate_limits[{i}].by: name at least one of agent, server and tool");
             }
         }
         if self.serve.separator.is_empty() {

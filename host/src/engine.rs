@@ -1,12 +1,13 @@
 //! The WebAssembly engine shared by every policy: one wasmtime `Engine`
 //! configured for the component model, the pooling allocator and epoch
 //! interruption; the ticker thread that advances epochs so deadlines fire; the
-//! `Linker` that grants policies their imports (log, and WASI with nothing
-//! granted unless the config says so); and the on-disk cache of compiled
-//! components. It never evaluates a message.
+//! `Linker` that grants policies their imports (log, tool drift, the
+//! key-value store, and WASI with nothing granted unless the config says so);
+//! and the on-disk cache of compiled components. It never evaluates a message.
 
 use crate::bindings;
 use crate::config::{EngineConfig, Grant};
+use crate::store::{KeyValue, MemoryStore};
 use anyhow::{Context, Result, anyhow};
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
@@ -44,6 +45,7 @@ pub struct PolicyEngine {
     cache_dir: Option<PathBuf>,
     ticker: Arc<EpochTicker>,
     prepared: Mutex<HashMap<Arc<str>, PreparedModule>>,
+    store: Arc<dyn KeyValue>,
 }
 
 /// A policy module compiled and linked, ready to instantiate.
@@ -97,7 +99,14 @@ impl PolicyEngine {
             cache_dir,
             ticker,
             prepared: Mutex::new(HashMap::new()),
+            store: Arc::new(MemoryStore::default()),
         })
+    }
+
+    /// The key-value store policies keep their counters in, for the life of
+    /// the process.
+    pub fn store(&self) -> Arc<dyn KeyValue> {
+        self.store.clone()
     }
 
     /// The ticker that makes deadlines fire; hold [`EpochTicker::running`]
@@ -273,7 +282,8 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// The per-store state of one policy instance: its WASI context (nothing
-/// granted by default), its memory limit and what it logged.
+/// granted by default), its memory limit, what it logged, its key-value
+/// store and the tool drift of the message being judged.
 pub struct PolicyState {
     wasi: WasiCtx,
     table: ResourceTable,
@@ -282,6 +292,9 @@ pub struct PolicyState {
     memory_exceeded: bool,
     stderr: Option<MemoryOutputPipe>,
     logs: Vec<LogLine>,
+    store: Arc<dyn KeyValue>,
+    /// What `surface.drift` answers during the current evaluation.
+    pub drift: Vec<bindings::ToolDrift>,
 }
 
 /// A line a policy logged through the `log` import.
@@ -294,8 +307,13 @@ pub struct LogLine {
 }
 
 impl PolicyState {
-    /// A fresh state for `policy` with the given limit and grants.
-    pub fn new(policy: Arc<str>, memory_limit: usize, grants: &[Grant]) -> Self {
+    /// A fresh state for `policy` with the given limit, grants and store.
+    pub fn new(
+        policy: Arc<str>,
+        memory_limit: usize,
+        grants: &[Grant],
+        store: Arc<dyn KeyValue>,
+    ) -> Self {
         let mut wasi = WasiCtxBuilder::new();
         if !grants.contains(&Grant::Clock) {
             wasi.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
@@ -321,6 +339,8 @@ impl PolicyState {
             memory_exceeded: false,
             stderr,
             logs: Vec::new(),
+            store,
+            drift: Vec::new(),
         }
     }
 
@@ -415,6 +435,28 @@ impl bindings::portcullis::policy::log::Host for PolicyState {
                 message: message.to_string(),
             });
         }
+    }
+}
+
+impl bindings::portcullis::policy::surface::Host for PolicyState {
+    fn drift(&mut self) -> Vec<bindings::ToolDrift> {
+        self.drift.clone()
+    }
+}
+
+impl bindings::portcullis::policy::store::Host for PolicyState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.store.get(&self.policy, &key))
+    }
+
+    fn set(&mut self, key: String, value: String, ttl_ms: Option<u64>) -> wasmtime::Result<()> {
+        let ttl = ttl_ms.map(Duration::from_millis);
+        Ok(self.store.set(&self.policy, &key, value, ttl)?)
+    }
+
+    fn increment(&mut self, key: String, delta: i64, ttl_ms: Option<u64>) -> wasmtime::Result<i64> {
+        let ttl = ttl_ms.map(Duration::from_millis);
+        Ok(self.store.increment(&self.policy, &key, delta, ttl)?)
     }
 }
 

@@ -16,13 +16,18 @@
 //! ```
 //!
 //! `exchange` fields default to a client-to-server request from agent
-//! `fixture` to server `fixture`; `params` and `result` are JSON values.
+//! `fixture` to server `fixture`; `params` and `result` are JSON values;
+//! `drift` gives what the policy's `surface.drift` import answers, e.g.
+//! `[{ "tool": "write_file", "kinds": ["escalated"], "diff": "…" }]`.
 //! `expect` is `allow`, `deny`, `require-approval` or `modify`; with `modify`,
 //! `modified` may give the payload expected; `tags` may give the audit tags
 //! expected.
 
 use crate::bench::{Stats, time_calls};
-use crate::bindings::{Agent, Direction, Exchange, MessageKind, Outcome, ToolAnnotations};
+use crate::bindings::{
+    Agent, Direction, Drifted, Exchange, MessageKind, Outcome, ToolAnnotations, ToolDrift,
+};
+use crate::config::DriftKind;
 use crate::config::{Config, EngineConfig, FailureMode, InstanceMode, Mode, PolicyConfig};
 use crate::engine::PolicyEngine;
 use crate::policy::{Hook, Policy};
@@ -101,6 +106,27 @@ pub struct FixtureExchange {
     annotations: Option<FixtureAnnotations>,
     params: Option<Value>,
     result: Option<Value>,
+    #[serde(default)]
+    drift: Vec<FixtureDrift>,
+}
+
+/// A message as a policy is shown it: the exchange and its tools' drift.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// The message.
+    pub exchange: Exchange,
+    /// What `surface.drift` answers while it is judged.
+    pub drift: Vec<ToolDrift>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureDrift {
+    server: Option<String>,
+    tool: String,
+    kinds: Vec<DriftKind>,
+    #[serde(default)]
+    diff: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,7 +158,7 @@ fn fixture() -> String {
 }
 
 impl FixtureExchange {
-    fn to_exchange(&self) -> Result<Exchange> {
+    fn to_sample(&self) -> Result<Sample> {
         let direction = match self.direction.as_str() {
             "client-to-server" => Direction::ClientToServer,
             "server-to-client" => Direction::ServerToClient,
@@ -155,7 +181,17 @@ impl FixtureExchange {
                 attributes: Vec::new(),
             },
         };
-        Ok(Exchange {
+        let drift = self
+            .drift
+            .iter()
+            .map(|d| ToolDrift {
+                server: d.server.clone().unwrap_or_else(|| self.server.clone()),
+                tool: d.tool.clone(),
+                kinds: d.kinds.iter().map(|k| Drifted::from(*k)).collect(),
+                diff: d.diff.clone(),
+            })
+            .collect();
+        let exchange = Exchange {
             direction,
             kind,
             server: self.server.clone(),
@@ -171,7 +207,8 @@ impl FixtureExchange {
             }),
             params: self.params.as_ref().map(Value::to_string),
             result: self.result.as_ref().map(Value::to_string),
-        })
+        };
+        Ok(Sample { exchange, drift })
     }
 }
 
@@ -195,12 +232,12 @@ pub fn check(policy: &Policy, path: &Path) -> Result<()> {
 }
 
 /// Reads an exchange written as in a fixture (the `exchange` of a case).
-pub fn read_exchange(path: &Path) -> Result<Exchange> {
+pub fn read_exchange(path: &Path) -> Result<Sample> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let exchange: FixtureExchange = serde_json::from_str(&text)
         .with_context(|| format!("{} is not an exchange", path.display()))?;
-    exchange.to_exchange()
+    exchange.to_sample()
 }
 
 /// Loads a policy module on its own, as `portcullis test`, `eval` and
@@ -273,8 +310,8 @@ pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
 /// as in a fixture) and prints the verdict, its tags, what the policy logged,
 /// and how long it took on a fresh instance and on a reused one.
 pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
-    let exchange = read_exchange(message)?;
-    let hook = Hook::for_direction(exchange.direction);
+    let sample = read_exchange(message)?;
+    let hook = Hook::for_direction(sample.exchange.direction);
     let engine = PolicyEngine::new(&EngineConfig::default())?;
     let fresh = standalone(&engine, module, &settings, InstanceMode::Fresh)?;
     println!(
@@ -283,7 +320,7 @@ pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
         &fresh.sha256[..12]
     );
     let started = Instant::now();
-    let evaluation = fresh.evaluate(hook, &exchange);
+    let evaluation = fresh.evaluate(hook, &sample.exchange, &sample.drift);
     let first = started.elapsed();
     match &evaluation.result {
         Ok(verdict) => {
@@ -298,7 +335,7 @@ pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
         println!("log      {:<5} {}", line.level, line.message);
     }
     let reused = standalone(&engine, module, &settings, InstanceMode::Reuse)?;
-    let reused_p50 = Stats::of(&mut time_calls(&reused, hook, &exchange, 200)).p50;
+    let reused_p50 = Stats::of(&mut time_calls(&reused, hook, &sample, 200)).p50;
     println!(
         "time     {:.1} µs on a fresh instance; {:.1} µs median on a reused one",
         first.as_secs_f64() * 1e6,
@@ -309,13 +346,13 @@ pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
 
 /// Runs one case; the error says how the verdict differed.
 fn run(policy: &Policy, case: &Fixture) -> Result<(), String> {
-    let exchange = case
+    let sample = case
         .exchange
-        .to_exchange()
+        .to_sample()
         .map_err(|e| format!("invalid exchange: {e:#}"))?;
-    let hook = Hook::for_direction(exchange.direction);
+    let hook = Hook::for_direction(sample.exchange.direction);
     let verdict = policy
-        .evaluate(hook, &exchange)
+        .evaluate(hook, &sample.exchange, &sample.drift)
         .result
         .map_err(|f| format!("the policy {f}"))?;
     let (got, payload) = match &verdict.outcome {

@@ -5,7 +5,7 @@
 //! exist it is enforced as a deny); monitor-mode verdicts are recorded, never
 //! enforced; a failing policy denies unless it is configured fail-open.
 
-use crate::bindings::{Exchange, MessageKind, Outcome};
+use crate::bindings::{Exchange, MessageKind, Outcome, ToolDrift};
 use crate::config::{Config, FailureMode, Mode, PolicyConfig};
 use crate::engine::{LogLine, PolicyEngine};
 use crate::jsonrpc::{DENIED, POLICY_FAILED};
@@ -125,9 +125,10 @@ impl Guard {
         self.chain.iter().map(|l| &l.policy)
     }
 
-    /// Runs the chain on `exchange`. Modifications are applied to
-    /// `exchange` as they happen, so each policy sees its predecessors' work.
-    pub fn decide(&self, exchange: &mut Exchange) -> Decision {
+    /// Runs the chain on `exchange`, whose tools drifted as `drift` says.
+    /// Modifications are applied to `exchange` as they happen, so each policy
+    /// sees its predecessors' work.
+    pub fn decide(&self, exchange: &mut Exchange, drift: &[ToolDrift]) -> Decision {
         let started = Instant::now();
         let hook = Hook::for_direction(exchange.direction);
         let mut verdicts = Vec::new();
@@ -137,7 +138,7 @@ impl Guard {
             if !link.applies(exchange) {
                 continue;
             }
-            match link.run(hook, exchange, &mut verdicts) {
+            match link.run(hook, exchange, drift, &mut verdicts) {
                 Step::Pass => {}
                 Step::Modify(payload) => {
                     *payload_of(exchange) = Some(payload);
@@ -219,9 +220,15 @@ impl Link {
 
     /// Evaluates the policy, records its verdict, and returns what the chain
     /// must enforce (nothing in monitor mode).
-    fn run(&self, hook: Hook, exchange: &Exchange, verdicts: &mut Vec<PolicyVerdict>) -> Step {
+    fn run(
+        &self,
+        hook: Hook,
+        exchange: &Exchange,
+        drift: &[ToolDrift],
+        verdicts: &mut Vec<PolicyVerdict>,
+    ) -> Step {
         let started = Instant::now();
-        let evaluated = self.policy.evaluate(hook, exchange);
+        let evaluated = self.policy.evaluate(hook, exchange, drift);
         let latency_us = started.elapsed().as_micros() as u64;
         let logs = evaluated.logs;
         let enforced = self.mode == Mode::Enforce;

@@ -56,6 +56,20 @@ enum Commands {
         #[arg(long)]
         audit_file: Option<PathBuf>,
     },
+    /// Record what the configured servers offer (tools, prompts, resource
+    /// templates) in the lock file beside the config, or with --check report
+    /// how they drifted from it (exit status 1 on drift).
+    Pin {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this server (the others keep their entries in the lock).
+        #[arg(long)]
+        server: Option<String>,
+        /// Report drift without writing the lock file.
+        #[arg(long)]
+        check: bool,
+    },
     /// Validate a config file and load every policy in it.
     Check {
         /// The config file.
@@ -144,6 +158,11 @@ fn run(cli: Cli) -> Result<i32> {
         } => run_stdio(config, audit_file, server, command),
         Commands::Serve { config, audit_file } => run_serve(config, audit_file),
         Commands::Check { config } => Ok(portcullis::check::run(&config)),
+        Commands::Pin {
+            config,
+            server,
+            check,
+        } => portcullis::pin::run(&config, server.as_deref(), check),
         Commands::Status { json } => status::print(json).map(|()| 0),
         Commands::Test {
             module,
@@ -215,7 +234,7 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let upstreams = upstream::start_all(&config, runtime.handle())?;
+    let upstreams = upstream::start_all(&config, None, runtime.handle())?;
     let gateway = Arc::new(Gateway::new(&config, current.clone(), upstreams));
     let reloader = Arc::new(Reloader::new(
         engine,

@@ -4,9 +4,10 @@
 //! malformed output — comes back as a [`Failure`] with a readable reason,
 //! never as a panic or a raw backtrace.
 
-use crate::bindings::{self, Direction, Exchange, MessageKind, Outcome, Verdict};
+use crate::bindings::{self, Direction, Exchange, MessageKind, Outcome, ToolDrift, Verdict};
 use crate::config::{Config, Grant, InstanceMode, PolicyConfig};
 use crate::engine::{EPOCH_TICK, EpochTicker, LogLine, PolicyEngine, PolicyState, truncate};
+use crate::store::{KeyValue, MemoryStore};
 use anyhow::{Context, Result, anyhow};
 use std::sync::{Arc, Mutex};
 use wasmtime::{ResourceLimiter, Store, Trap};
@@ -69,6 +70,7 @@ pub struct Policy {
     pub sha256: Arc<str>,
     pre: bindings::PolicyPre<PolicyState>,
     ticker: Arc<EpochTicker>,
+    store: Arc<dyn KeyValue>,
     settings: String,
     timeout_ms: u64,
     memory_limit: usize,
@@ -91,11 +93,14 @@ impl Policy {
     /// so that bad modules and bad settings fail here, not on traffic.
     pub fn load(engine: &PolicyEngine, config: &Config, policy: &PolicyConfig) -> Result<Self> {
         let module = engine.prepare(&policy.module)?;
-        let loaded = Self {
+        // Start-up and fixtures run against a scratch store, so what the
+        // fixtures count never reaches the counters of live traffic.
+        let mut loaded = Self {
             name: policy.name.as_str().into(),
             sha256: module.sha256,
             pre: module.pre,
             ticker: engine.ticker(),
+            store: Arc::new(MemoryStore::default()),
             settings: policy.settings.to_string(),
             timeout_ms: config.timeout_ms(policy),
             memory_limit: usize::try_from(config.memory_bytes(policy))?,
@@ -112,11 +117,14 @@ impl Policy {
         for fixture in &policy.fixtures {
             crate::fixtures::check(&loaded, fixture)?;
         }
+        loaded.store = engine.store();
+        loaded.idle.lock().expect("idle instances poisoned").clear();
         Ok(loaded)
     }
 
-    /// Runs one hook on `exchange` and checks the verdict is well formed.
-    pub fn evaluate(&self, hook: Hook, exchange: &Exchange) -> Evaluation {
+    /// Runs one hook on `exchange`, whose tools drifted as `drift` says, and
+    /// checks the verdict is well formed.
+    pub fn evaluate(&self, hook: Hook, exchange: &Exchange, drift: &[ToolDrift]) -> Evaluation {
         let _running = self.ticker.running();
         let mut instance = match self.take_idle() {
             Some(mut reused) => {
@@ -128,6 +136,7 @@ impl Policy {
                 Err(failure) => return Evaluation::failed(failure),
             },
         };
+        instance.store.data_mut().drift = drift.to_vec();
         let hooks = instance.hooks.portcullis_policy_hooks();
         let called = match hook {
             Hook::Request => hooks.call_on_request(&mut instance.store, exchange),
@@ -167,7 +176,12 @@ impl Policy {
     /// start-up and the first evaluation together.
     fn instantiate(&self) -> Result<Instance, Failure> {
         let _running = self.ticker.running();
-        let state = PolicyState::new(self.name.clone(), self.memory_limit, &self.grants);
+        let state = PolicyState::new(
+            self.name.clone(),
+            self.memory_limit,
+            &self.grants,
+            self.store.clone(),
+        );
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| state as &mut dyn ResourceLimiter);
         store.epoch_deadline_trap();

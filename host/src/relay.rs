@@ -1,12 +1,14 @@
 //! The transport-independent heart of the proxy. For each frame from either
-//! side it classifies the message, runs the guard chain, writes the audit
-//! record, and says what to send where. Transports (stdio today) only move
+//! side it classifies the message, runs the boundary's own checks and the
+//! guard chain, writes the audit record, and says what to send where. Transports (stdio today) only move
 //! bytes; every decision is made here, so all transports decide alike.
 
 use crate::audit::{AuditRecord, canonical_digest};
 use crate::bindings::{Direction, Exchange, MessageKind};
+use crate::boundary::{self, Listing, Stop};
+use crate::drift::ToolDrift;
 use crate::framing::Frame;
-use crate::guard::{Decided, Decision};
+use crate::guard::{Decided, Decision, Refusal};
 use crate::jsonrpc::{
     self, AUDIT_FAILED, INTERNAL_ERROR, INVALID_REQUEST, Message, PARSE_ERROR, error_response,
 };
@@ -15,6 +17,7 @@ use crate::session::Session;
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 /// What to send after judging one frame. Frames carry no newline.
@@ -169,13 +172,51 @@ impl Relay {
             return self.reject(g, direction, message.id, INVALID_REQUEST, why.into());
         };
         // A tool call's params are read once: the name for the exchange, the
-        // arguments for the audit record.
+        // arguments for the boundary's checks and the audit record.
         let call = message.tool_call();
         let tool = call.as_ref().map(|(name, _)| name.clone());
-        let arguments = call.map_or(message.params, |(_, arguments)| arguments);
-        let mut exchange = self.exchange(direction, kind, &message, tool);
-        let decision = g.guard.decide(&mut exchange);
-        let record = self.record(g, kind, &message, arguments, &exchange, &decision);
+        let call_arguments = call.as_ref().and_then(|(_, arguments)| *arguments);
+        let arguments = if call.is_some() {
+            call_arguments
+        } else {
+            message.params
+        };
+        let (mut exchange, drift) = self.exchange(g, direction, kind, &message, tool);
+        let crossing = self.cross(g, direction, kind, &exchange, call_arguments, &drift);
+        let decision = match &crossing {
+            Err(stop) => Decision {
+                outcome: Decided::Deny(Refusal {
+                    code: stop.code,
+                    policy: stop.by.into(),
+                    reason: stop.reason.clone(),
+                }),
+                verdicts: Vec::new(),
+                latency_us: 0,
+            },
+            Ok(rewritten) => {
+                if let Some(result) = rewritten {
+                    exchange.result = Some(result.clone());
+                }
+                let seen: Vec<_> = drift.iter().map(ToolDrift::to_wit).collect();
+                let mut decision = g.guard.decide(&mut exchange, &seen);
+                if let (Decided::Allow, Some(result)) = (&decision.outcome, rewritten) {
+                    decision.outcome = Decided::Modify(result.clone());
+                }
+                decision
+            }
+        };
+        let mut record = self.record(g, kind, &message, arguments, &exchange, &decision);
+        if !drift.is_empty() {
+            record.tags.push("drift".into());
+            let kinds: BTreeSet<_> = drift.iter().flat_map(|d| &d.kinds).collect();
+            record
+                .tags
+                .extend(kinds.iter().map(|k| format!("drift:{}", k.as_str())));
+        }
+        if let Err(stop) = &crossing {
+            record.tags.push(stop.tag.into());
+        }
+        record.drift = drift;
         if let Err(e) = g.audit.write(&record) {
             tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
             let why = "Portcullis could not write the audit record, so the message was not relayed";
@@ -198,7 +239,10 @@ impl Relay {
                 }
             }
             Decided::Deny(refusal) => {
-                let data = json!({ "policy": &*refusal.policy, "reason": refusal.reason, "decision": record.id });
+                let mut data = json!({ "policy": &*refusal.policy, "reason": refusal.reason, "decision": record.id });
+                if let (Err(stop), Some(data)) = (crossing, data.as_object_mut()) {
+                    data.extend(stop.data);
+                }
                 refuse(
                     kind,
                     message.id,
@@ -210,30 +254,74 @@ impl Relay {
         }
     }
 
-    /// The exchange for a message; an answer is matched to its request, and a
-    /// `tools/list` result teaches the session the tools' annotations.
+    /// The exchange for a message, and the drift of the tools it concerns.
+    /// An answer is matched to its request, and a `tools/list` result
+    /// teaches the session the tools.
     fn exchange(
         &self,
+        g: &Generation,
         direction: Direction,
         kind: MessageKind,
         message: &Message,
         tool: Option<String>,
-    ) -> Exchange {
+    ) -> (Exchange, Vec<ToolDrift>) {
         let mut session = self.session.lock().expect("session lock poisoned");
-        match kind {
+        let (exchange, listed) = match kind {
             MessageKind::Request | MessageKind::Notification => {
-                session.exchange(direction, kind, message, tool)
+                (session.exchange(direction, kind, message, tool), None)
             }
             MessageKind::Result | MessageKind::Error => {
                 let pending = session.answered(direction, message.id);
+                let mut listed = None;
                 if let (Some(request), Some(result)) = (&pending, message.result)
                     && request.method == "tools/list"
                     && direction == Direction::ServerToClient
                 {
-                    session.learn_tools(request, result);
+                    let pinned = g.pins.as_ref().and_then(|p| p.server(session.server()));
+                    let schemas = &self.current.boundary.schemas;
+                    listed = Some(session.learn_tools(request, result, pinned, schemas));
                 }
-                session.answer_exchange(direction, kind, pending.as_ref(), message.payload(kind).1)
+                let payload = message.payload(kind).1;
+                let exchange = session.answer_exchange(direction, kind, pending.as_ref(), payload);
+                (exchange, listed)
             }
+        };
+        let drift = match (listed, &exchange.tool) {
+            (Some(listed), _) => listed,
+            (None, Some(tool)) => boundary::call_drift(g, &session, tool),
+            (None, None) => Vec::new(),
+        };
+        (exchange, drift)
+    }
+
+    /// The boundary's checks: a request may be refused before the chain
+    /// runs; a `tools/list` result may be rewritten (drifted tools hidden)
+    /// or refused.
+    fn cross(
+        &self,
+        g: &Generation,
+        direction: Direction,
+        kind: MessageKind,
+        exchange: &Exchange,
+        arguments: Option<&RawValue>,
+        drift: &[ToolDrift],
+    ) -> Result<Option<String>, Stop> {
+        let boundary = &self.current.boundary;
+        match (direction, kind) {
+            (Direction::ClientToServer, MessageKind::Request) => {
+                let session = self.session.lock().expect("session lock poisoned");
+                boundary.request(g, &session, exchange, arguments, drift)?;
+                Ok(None)
+            }
+            (Direction::ServerToClient, MessageKind::Result) if exchange.method == "tools/list" => {
+                let result = exchange.result.as_deref().unwrap_or_default();
+                match boundary.listing(g, result, drift) {
+                    Listing::Pass => Ok(None),
+                    Listing::Rewrite(result) => Ok(Some(result)),
+                    Listing::Refuse(stop) => Err(stop),
+                }
+            }
+            _ => Ok(None),
         }
     }
 

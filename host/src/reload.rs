@@ -1,6 +1,7 @@
 //! Hot reload. A [`Generation`] is everything one version of the config
-//! builds — the policy chain and the audit sinks. The [`Reloader`] watches the
-//! config file and every file it names (modules, fixtures), surviving editors'
+//! builds — the policy chain, the audit sinks, the lock file in force and the
+//! rate limits. The [`Reloader`] watches the config file and every file it
+//! names (modules, fixtures, the lock file), surviving editors'
 //! save-by-rename, delete-and-recreate and bursts of events, and reloads on
 //! SIGHUP too. A new generation is built and validated completely off the
 //! request path (compiled through the cache, instantiated, settings and
@@ -9,10 +10,13 @@
 //! logged, audited as a reload event and shown in the status report.
 
 use crate::audit::{Audit, ReloadRecord, ReloadedPolicy};
+use crate::boundary::Boundary;
 use crate::config::Config;
 use crate::engine::{PolicyEngine, hex};
 use crate::guard::Guard;
 use crate::jwt::Verifier;
+use crate::lock::Pins;
+use crate::ratelimit::RateRules;
 use crate::status::{PolicyStatus, ReloadStatus, Status};
 use crate::upstream::Health;
 use anyhow::{Context, Result};
@@ -40,6 +44,10 @@ pub struct Generation {
     pub audit: Audit,
     /// The checker of agents' JWTs, when `[jwt]` is configured.
     pub jwt: Option<Verifier>,
+    /// The lock file in force, when `[pinning]` is configured.
+    pub pins: Option<Pins>,
+    /// The rate limits.
+    pub rates: RateRules,
     /// When it was built (RFC 3339).
     pub loaded_at: String,
     fingerprint: String,
@@ -66,9 +74,14 @@ impl Generation {
             .map(|jwt| Verifier::new(jwt, base))
             .transpose()
             .with_context(|| format!("{}", path.display()))?;
+        let pins = config.lock_path().map(Pins::load).transpose()?;
+        let rates = RateRules::new(&config.rate_limits);
         let audit = Audit::open(&config.audit, extra_audit.map(Path::to_path_buf))?;
         let mut fingerprint = Sha256::new();
         fingerprint.update(text.as_bytes());
+        if let Some(pins) = &pins {
+            fingerprint.update(pins.digest.as_bytes());
+        }
         if let Some(file) = config.jwt.as_ref().and_then(|j| j.jwks_file.as_ref()) {
             fingerprint.update(std::fs::read(file).unwrap_or_default());
         }
@@ -81,6 +94,8 @@ impl Generation {
             guard,
             audit,
             jwt,
+            pins,
+            rates,
             loaded_at: now(),
             fingerprint: hex(&fingerprint.finalize()),
         })
@@ -93,6 +108,7 @@ impl Generation {
             .chain(policies.clone().map(|p| &p.module))
             .chain(policies.flat_map(|p| &p.fixtures))
             .chain(self.config.jwt.iter().filter_map(|j| j.jwks_file.as_ref()))
+            .chain(self.config.pinning.iter().filter_map(|p| p.lock.as_ref()))
             .filter_map(|p| std::path::absolute(p).ok())
             .collect()
     }
@@ -125,24 +141,35 @@ impl Trigger {
     }
 }
 
-/// The generation in charge, shared by every relay of the process.
-pub struct Current(RwLock<Arc<Generation>>);
+/// The generation in charge, shared by every relay of the process, and the
+/// boundary's memory, which outlives generations.
+pub struct Current {
+    generation: RwLock<Arc<Generation>>,
+    /// Rate buckets, quarantines and compiled schemas.
+    pub boundary: Boundary,
+}
 
 impl Current {
     /// `generation` in charge.
     pub fn new(generation: Generation) -> Self {
-        Self(RwLock::new(Arc::new(generation)))
+        Self {
+            generation: RwLock::new(Arc::new(generation)),
+            boundary: Boundary::default(),
+        }
     }
 
     /// The generation judging messages now.
     pub fn get(&self) -> Arc<Generation> {
-        self.0.read().expect("generation lock poisoned").clone()
+        self.generation
+            .read()
+            .expect("generation lock poisoned")
+            .clone()
     }
 
     /// Puts `next` in charge, in one step: messages already being judged
     /// finish with the generation they started with. Returns the previous one.
     pub fn swap(&self, next: Generation) -> Arc<Generation> {
-        let mut current = self.0.write().expect("generation lock poisoned");
+        let mut current = self.generation.write().expect("generation lock poisoned");
         std::mem::replace(&mut *current, Arc::new(next))
     }
 }

@@ -1,13 +1,19 @@
 //! What Portcullis knows about one client↔server connection: the requests in
 //! flight in each direction, so an answer is judged knowing what it answers,
-//! and each tool's annotations from the server's latest `tools/list` result.
-//! It turns a parsed message into the [`Exchange`] a policy sees.
+//! and each tool as the server's latest `tools/list` result described it —
+//! annotations, input schema, and drift from the lock file. It turns a
+//! parsed message into the [`Exchange`] a policy sees.
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
+use crate::drift::{self, ToolDrift};
 use crate::jsonrpc::Message;
+use crate::lock::{Listing, Pinned};
+use crate::schema::{Schema, Schemas};
 use serde::Deserialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Requests remembered per direction before the oldest are forgotten.
 const MAX_PENDING: usize = 65_536;
@@ -28,7 +34,17 @@ pub struct Session {
     server: String,
     agent: Agent,
     pending: HashMap<(&'static str, String), Pending>,
-    tools: HashMap<String, ToolAnnotations>,
+    tools: HashMap<String, KnownTool>,
+}
+
+/// A tool as the server's latest `tools/list` result described it.
+struct KnownTool {
+    annotations: ToolAnnotations,
+    /// Its input schema, compiled (not kept for a pinned tool: the pinned
+    /// schema applies).
+    schema: Option<Arc<Schema>>,
+    /// How it differs from the lock file.
+    drift: Option<ToolDrift>,
 }
 
 impl Session {
@@ -99,7 +115,9 @@ impl Session {
         params: Option<String>,
         result: Option<String>,
     ) -> Exchange {
-        let annotations = tool.as_ref().and_then(|t| self.tools.get(t).cloned());
+        let annotations = tool
+            .as_ref()
+            .and_then(|t| Some(self.tools.get(t)?.annotations.clone()));
         Exchange {
             direction,
             kind,
@@ -142,21 +160,34 @@ impl Session {
             .remove(&(asked.as_str(), id?.get().to_string()))
     }
 
-    /// Learns tool annotations from a server's `tools/list` result. A first
-    /// page (no cursor in the request) replaces what was known.
-    pub fn learn_tools(&mut self, request: &Pending, result: &RawValue) {
+    /// The input schema `tool` was listed with, unless it is pinned.
+    pub fn tool_schema(&self, tool: &str) -> Option<Arc<Schema>> {
+        self.tools.get(tool)?.schema.clone()
+    }
+
+    /// How `tool` differed from the lock file when last listed.
+    pub fn tool_drift(&self, tool: &str) -> Option<&ToolDrift> {
+        self.tools.get(tool)?.drift.as_ref()
+    }
+
+    /// Learns the tools of a server's `tools/list` result, and returns how
+    /// they drifted from `pinned` (the server's entry in the lock file). A
+    /// first page (no cursor in the request) replaces what was known.
+    pub fn learn_tools(
+        &mut self,
+        request: &Pending,
+        result: &RawValue,
+        pinned: Option<&Pinned>,
+        schemas: &Schemas,
+    ) -> Vec<ToolDrift> {
         #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
         struct ToolList {
             #[serde(default)]
-            tools: Vec<Tool>,
+            tools: Vec<Value>,
+            next_cursor: Option<String>,
         }
-        #[derive(Deserialize)]
-        struct Tool {
-            name: String,
-            #[serde(default)]
-            annotations: Option<Annotations>,
-        }
-        #[derive(Deserialize)]
+        #[derive(Deserialize, Default)]
         #[serde(rename_all = "camelCase")]
         struct Annotations {
             title: Option<String>,
@@ -167,27 +198,46 @@ impl Session {
         }
         let Ok(list) = serde_json::from_str::<ToolList>(result.get()) else {
             tracing::warn!(server = %self.server, "tools/list result is not a tool list");
-            return;
+            return Vec::new();
         };
         let first_page = request
             .params
             .as_deref()
-            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .and_then(|p| serde_json::from_str::<Value>(p).ok())
             .is_none_or(|p| p.get("cursor").is_none());
         if first_page {
             self.tools.clear();
         }
-        for tool in list.tools {
-            let a = tool.annotations;
-            let annotations = ToolAnnotations {
-                title: a.as_ref().and_then(|a| a.title.clone()),
-                read_only_hint: a.as_ref().and_then(|a| a.read_only_hint),
-                destructive_hint: a.as_ref().and_then(|a| a.destructive_hint),
-                idempotent_hint: a.as_ref().and_then(|a| a.idempotent_hint),
-                open_world_hint: a.as_ref().and_then(|a| a.open_world_hint),
+        let listed = Listing::Tools.definitions(&list.tools);
+        let drifts = pinned.map_or_else(Vec::new, |pinned| {
+            let complete = first_page && list.next_cursor.is_none();
+            drift::compare(&self.server, &pinned.tools, &listed, complete)
+        });
+        for tool in &list.tools {
+            let Some(name) = tool["name"].as_str() else {
+                continue;
             };
-            self.tools.insert(tool.name, annotations);
+            let a: Annotations =
+                serde_json::from_value(tool["annotations"].clone()).unwrap_or_default();
+            let pinned_tool = pinned.is_some_and(|p| p.tools.contains_key(name));
+            let schema = match tool.get("inputSchema") {
+                Some(schema) if !pinned_tool => schemas.get(schema),
+                _ => None,
+            };
+            let known = KnownTool {
+                annotations: ToolAnnotations {
+                    title: a.title,
+                    read_only_hint: a.read_only_hint,
+                    destructive_hint: a.destructive_hint,
+                    idempotent_hint: a.idempotent_hint,
+                    open_world_hint: a.open_world_hint,
+                },
+                schema,
+                drift: drifts.iter().find(|d| d.tool == name).cloned(),
+            };
+            self.tools.insert(name.to_string(), known);
         }
+        drifts
     }
 }
 
@@ -218,7 +268,7 @@ mod tests {
         let list = Message::parse(r#"{"id":1,"result":{"tools":[{"name":"read_file","annotations":{"readOnlyHint":true}},{"name":"write_file"}]}}"#).unwrap();
         let pending = s.answered(Direction::ServerToClient, list.id).unwrap();
         assert_eq!(pending.method, "tools/list");
-        s.learn_tools(&pending, list.result.unwrap());
+        s.learn_tools(&pending, list.result.unwrap(), None, &Schemas::default());
 
         let call = Message::parse(
             r#"{"id":"c","method":"tools/call","params":{"name":"read_file","arguments":{}}}"#,

@@ -95,7 +95,7 @@ fn the_first_deny_wins_and_stops_the_chain() {
         settings = { mode = "loop", tool = "write_file" }
         "#,
     );
-    let decision = guard.decide(&mut call("write_file", "{}", false));
+    let decision = guard.decide(&mut call("write_file", "{}", false), &[]);
     assert_eq!(denied_by(&decision).map(|d| d.0), Some("filter"));
     assert_eq!(
         verdicts(&decision),
@@ -118,7 +118,7 @@ fn a_modification_feeds_the_next_policy() {
     );
     let mut exchange =
         result_of_call(r#"{"content":[{"type":"text","text":"key AKIAIOSFODNN7EXAMPLE"}]}"#);
-    let decision = guard.decide(&mut exchange);
+    let decision = guard.decide(&mut exchange, &[]);
     assert_eq!(
         decision.outcome,
         Decided::Modify(
@@ -142,7 +142,7 @@ fn approval_holds_unless_a_later_policy_denies() {
     let allowing = guard(&format!(
         "{gate}\n[[policy]]\nname = \"filter\"\nmodule = \"tool_filter.wasm\"\n[[policy.settings.rules]]\nallow = [\"*\"]\n"
     ));
-    let decision = allowing.decide(&mut call("delete_file", "{}", false));
+    let decision = allowing.decide(&mut call("delete_file", "{}", false), &[]);
     let (policy, code, reason) = denied_by(&decision).unwrap();
     assert_eq!((policy, code), ("gate", -32001));
     assert!(
@@ -160,10 +160,10 @@ fn approval_holds_unless_a_later_policy_denies() {
     let denying = guard(&format!(
         "{gate}\n[[policy]]\nname = \"filter\"\nmodule = \"tool_filter.wasm\"\n[[policy.settings.rules]]\ndeny = [\"delete_*\"]\n"
     ));
-    let decision = denying.decide(&mut call("delete_file", "{}", false));
+    let decision = denying.decide(&mut call("delete_file", "{}", false), &[]);
     assert_eq!(denied_by(&decision).map(|d| d.0), Some("filter"));
 
-    let decision = allowing.decide(&mut call("read_file", "{}", true));
+    let decision = allowing.decide(&mut call("read_file", "{}", true), &[]);
     assert_eq!(
         decision.outcome,
         Decided::Allow,
@@ -181,7 +181,7 @@ fn monitor_mode_records_without_enforcing() {
         mode = "monitor"
         "#,
     );
-    let decision = guard.decide(&mut call("write_file", "{}", false));
+    let decision = guard.decide(&mut call("write_file", "{}", false), &[]);
     assert_eq!(decision.outcome, Decided::Allow);
     assert_eq!(verdicts(&decision), vec![("ro", "deny", false)]);
 }
@@ -196,7 +196,7 @@ fn failures_deny_unless_the_policy_is_fail_open() {
         settings = { mode = "trap", tool = "x" }
         "#,
     );
-    let decision = closed.decide(&mut call("x", "{}", true));
+    let decision = closed.decide(&mut call("x", "{}", true), &[]);
     let (policy, code, reason) = denied_by(&decision).unwrap();
     assert_eq!((policy, code), ("trap", -32002));
     assert!(
@@ -213,7 +213,7 @@ fn failures_deny_unless_the_policy_is_fail_open() {
         settings = { mode = "trap", tool = "x" }
         "#,
     );
-    let decision = open.decide(&mut call("x", "{}", true));
+    let decision = open.decide(&mut call("x", "{}", true), &[]);
     assert_eq!(decision.outcome, Decided::Allow);
     assert_eq!(verdicts(&decision), vec![("trap", "error", true)]);
 }
@@ -234,14 +234,14 @@ fn deadlines_and_memory_caps_are_enforced_per_policy() {
         settings = { mode = "alloc", tool = "hoard" }
         "#,
     );
-    let spin = guard.decide(&mut call("spin", "{}", true));
+    let spin = guard.decide(&mut call("spin", "{}", true), &[]);
     assert!(
         denied_by(&spin)
             .unwrap()
             .2
             .contains("exceeded its deadline of 20 ms")
     );
-    let hoard = guard.decide(&mut call("hoard", "{}", true));
+    let hoard = guard.decide(&mut call("hoard", "{}", true), &[]);
     assert!(
         denied_by(&hoard)
             .unwrap()
@@ -249,7 +249,7 @@ fn deadlines_and_memory_caps_are_enforced_per_policy() {
             .contains("exceeded its memory limit of 4 MiB")
     );
     assert_eq!(
-        guard.decide(&mut call("other", "{}", true)).outcome,
+        guard.decide(&mut call("other", "{}", true), &[]).outcome,
         Decided::Allow,
         "still serving"
     );
@@ -273,9 +273,9 @@ fn scopes_select_policies_by_server_method_and_tool() {
         methods = ["tools/list"]
         "#,
     );
-    let decision = guard.decide(&mut call("read_file", "{}", false));
+    let decision = guard.decide(&mut call("read_file", "{}", false), &[]);
     assert!(decision.verdicts.is_empty(), "{:?}", verdicts(&decision));
-    let decision = guard.decide(&mut call("write_file", "{}", false));
+    let decision = guard.decide(&mut call("write_file", "{}", false), &[]);
     assert_eq!(verdicts(&decision), vec![("writes-only", "deny", true)]);
 }
 
@@ -286,9 +286,12 @@ fn instances_are_reused_or_fresh_as_configured() {
             "[[policy]]\nname = \"guard\"\nmodule = \"argument_guard.wasm\"\ninstances = \"{mode}\"\nsettings = {{ roots = [\"/srv\"] }}\n"
         ));
         for _ in 0..3 {
-            let inside = guard.decide(&mut call("read", r#"{"path":"/srv/a"}"#, true));
+            let inside = guard.decide(&mut call("read", r#"{"path":"/srv/a"}"#, true), &[]);
             assert_eq!(inside.outcome, Decided::Allow, "{mode}");
-            let outside = guard.decide(&mut call("read", r#"{"path":"/srv/../etc/passwd"}"#, true));
+            let outside = guard.decide(
+                &mut call("read", r#"{"path":"/srv/../etc/passwd"}"#, true),
+                &[],
+            );
             assert!(
                 denied_by(&outside)
                     .unwrap()
@@ -311,7 +314,7 @@ fn what_a_policy_logs_is_kept_with_its_verdict() {
         "#,
     );
     for _ in 0..2 {
-        let decision = guard.decide(&mut call("x", "{}", true));
+        let decision = guard.decide(&mut call("x", "{}", true), &[]);
         let logs = &decision.verdicts[0].logs;
         assert_eq!(logs.len(), 1, "one line per evaluation, none carried over");
         assert_eq!(
@@ -329,7 +332,7 @@ fn reused_instances_keep_state_until_recycled_and_fresh_ones_never_do() {
             "[[policy]]\nname = \"counter\"\nmodule = \"misbehave.wasm\"\n{instances}\nsettings = {{ mode = \"count\", tool = \"x\" }}\n"
         ));
         (0..5)
-            .map(|_| guard.decide(&mut call("x", "{}", true)).tags()[0].clone())
+            .map(|_| guard.decide(&mut call("x", "{}", true), &[]).tags()[0].clone())
             .collect::<Vec<_>>()
     };
     assert_eq!(tags("instances = \"fresh\""), ["call-1"; 5]);

@@ -8,6 +8,7 @@ mod sinks;
 pub use sinks::{FileSink, Sink, StderrSink};
 
 use crate::config::{AuditConfig, SinkConfig};
+use crate::drift::ToolDrift;
 use crate::engine::hex;
 use crate::guard::PolicyVerdict;
 use anyhow::{Result, anyhow};
@@ -67,9 +68,13 @@ pub struct AuditRecord {
     /// For a denial: the policy that decided it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,
-    /// Tags attached by the policies.
+    /// Tags attached by the policies and the boundary.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// How the tools the message concerns differ from the lock file, with a
+    /// readable diff.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<ToolDrift>,
     /// Every policy's own verdict, in chain order.
     pub policies: Vec<PolicyVerdict>,
     /// Time spent in the policy chain, in µs.
@@ -98,6 +103,7 @@ impl AuditRecord {
             reason: None,
             decided_by: None,
             tags: Vec::new(),
+            drift: Vec::new(),
             policies: Vec::new(),
             latency_us: 0,
         }

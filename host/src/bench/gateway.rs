@@ -89,7 +89,8 @@ async fn measure(
         "gateway: tools/call '{tool}' through portcullis serve with [{}], against the same server directly",
         names.join(", ")
     );
-    let upstreams = upstream::start_all(&generation.config, &tokio::runtime::Handle::current())?;
+    let upstreams =
+        upstream::start_all(&generation.config, None, &tokio::runtime::Handle::current())?;
     let gateway = Arc::new(Gateway::new(&generation.config, current.clone(), upstreams));
     let socket = bind().await?;
     let gateway_url = format!("http://{}/servers/fast/mcp", socket.local_addr()?);

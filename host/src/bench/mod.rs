@@ -9,7 +9,7 @@ mod gateway;
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
 use crate::config::{Config, EngineConfig, InstanceMode};
 use crate::engine::PolicyEngine;
-use crate::fixtures;
+use crate::fixtures::{self, Sample};
 use crate::framing::Frame;
 use crate::guard::{Decided, Guard};
 use crate::policy::{Hook, Policy};
@@ -226,8 +226,8 @@ fn policy_cost(
     settings: &serde_json::Value,
     iterations: usize,
 ) -> Result<()> {
-    let exchange = fixtures::read_exchange(message)?;
-    let hook = Hook::for_direction(exchange.direction);
+    let sample = fixtures::read_exchange(message)?;
+    let hook = Hook::for_direction(sample.exchange.direction);
     let engine = PolicyEngine::new(&EngineConfig::default())?;
     println!(
         "policy {} on {}, {iterations} calls per mode",
@@ -239,28 +239,31 @@ fn policy_cost(
         ("reused instances", InstanceMode::Reuse),
     ] {
         let policy = fixtures::standalone(&engine, module, settings, mode)?;
-        if let Err(failure) = policy.evaluate(hook, &exchange).result {
+        if let Err(failure) = policy
+            .evaluate(hook, &sample.exchange, &sample.drift)
+            .result
+        {
             bail!("the policy {failure}");
         }
-        let mut samples = time_calls(&policy, hook, &exchange, iterations);
+        let mut samples = time_calls(&policy, hook, &sample, iterations);
         println!("{}", Stats::of(&mut samples).line(label));
     }
     println!();
     Ok(())
 }
 
-/// Times `iterations` evaluations of `exchange` by `policy`, after a tenth
+/// Times `iterations` evaluations of `sample` by `policy`, after a tenth
 /// as many warm-up evaluations.
 pub fn time_calls(
     policy: &Policy,
     hook: Hook,
-    exchange: &Exchange,
+    sample: &Sample,
     iterations: usize,
 ) -> Vec<Duration> {
     (0..iterations / 10 + iterations)
         .map(|_| {
             let started = Instant::now();
-            std::hint::black_box(policy.evaluate(hook, exchange));
+            std::hint::black_box(policy.evaluate(hook, &sample.exchange, &sample.drift));
             started.elapsed()
         })
         .skip(iterations / 10)
@@ -379,7 +382,7 @@ fn chain(
         params: Some(params.into()),
         result: None,
     };
-    let verdict = guard.decide(&mut sample.clone());
+    let verdict = guard.decide(&mut sample.clone(), &[]);
     if let Decided::Deny(refusal) = &verdict.outcome {
         bail!(
             "the chain denies the sample call, so it measures nothing useful: {}",
@@ -391,7 +394,7 @@ fn chain(
     for i in 0..warmup + iterations {
         let mut exchange = sample.clone();
         let started = Instant::now();
-        let decision = guard.decide(&mut exchange);
+        let decision = guard.decide(&mut exchange, &[]);
         let elapsed = started.elapsed();
         std::hint::black_box(decision);
         if i >= warmup {

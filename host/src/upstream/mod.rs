@@ -121,18 +121,29 @@ impl Upstream {
     }
 }
 
-/// Starts every server of `config` on `runtime`.
+/// Starts every server of `config` on `runtime`, or only the one named
+/// `only`.
 pub fn start_all(
     config: &Config,
+    only: Option<&str>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<BTreeMap<String, Arc<Upstream>>> {
     if config.servers.is_empty() {
         bail!("{}: no [servers] configured", config.path.display());
     }
+    if let Some(name) = only
+        && !config.servers.contains_key(name)
+    {
+        bail!(
+            "{}: no server named '{name}' in [servers]",
+            config.path.display()
+        );
+    }
     let base = config.path.parent().unwrap_or(Path::new("."));
     config
         .servers
         .iter()
+        .filter(|(name, _)| only.is_none_or(|only| only == name.as_str()))
         .map(|(name, server)| {
             let upstream = start(name, server, config, base, runtime)
                 .with_context(|| format!("{}: servers.{name}", config.path.display()))?;

@@ -42,6 +42,11 @@ wit_bindgen::generate!({
 #[doc(hidden)]
 pub use exports::portcullis::policy::hooks::Guest as __Guest;
 pub use portcullis::policy::log::{Level, log};
+/// Counters and values kept by Portcullis for this policy (`get`, `set`,
+/// `increment` with a time to live).
+pub use portcullis::policy::store;
+/// How the tools a message concerns differ from their pinned definitions.
+pub use portcullis::policy::surface::{DriftKind, ToolDrift, drift};
 pub use portcullis::policy::types::{
     Agent, Denial, Direction, Exchange, MessageKind, Outcome, ToolAnnotations, Verdict,
 };

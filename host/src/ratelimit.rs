@@ -1,0 +1,278 @@
+//! Rate limits at the boundary: the configured rules compiled once per
+//! generation ([`RateRules`]), and token buckets ([`Buckets`]) that outlive
+//! reloads, so changing an unrelated setting does not hand every agent a
+//! fresh allowance. A request passes only if every rule that applies to it
+//! has a token; a refusal says when to retry.
+
+use crate::config::{RateDimension, RateLimitConfig};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use wildmatch::WildMatch;
+
+/// Buckets kept before full ones are forgotten (a full bucket is the same
+/// as none).
+const MAX_BUCKETS: usize = 100_000;
+
+/// The rate limits of one generation.
+#[derive(Default)]
+pub struct RateRules(Vec<Rule>);
+
+struct Rule {
+    /// Identifies the rule's buckets across reloads: its settings.
+    id: String,
+    agents: Vec<WildMatch>,
+    servers: Vec<WildMatch>,
+    tools: Vec<WildMatch>,
+    methods: Vec<WildMatch>,
+    by: Vec<RateDimension>,
+    capacity: f64,
+    per_second: f64,
+    calls: u32,
+    per_secs: u64,
+}
+
+/// A request refused for its rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limited {
+    /// When a token will be there.
+    pub retry_after: Duration,
+    /// The limit, as a person reads it.
+    pub limit: String,
+}
+
+/// What a request is counted as.
+pub struct Caller<'a> {
+    /// The agent.
+    pub agent: &'a str,
+    /// The server.
+    pub server: &'a str,
+    /// The method.
+    pub method: &'a str,
+    /// The tool, for `tools/call`.
+    pub tool: Option<&'a str>,
+}
+
+impl RateRules {
+    /// Compiles the configured rules.
+    pub fn new(rules: &[RateLimitConfig]) -> Self {
+        let globs = |patterns: &[String]| patterns.iter().map(|g| WildMatch::new(g)).collect();
+        Self(
+            rules
+                .iter()
+                .map(|r| Rule {
+                    id: format!("{r:?}"),
+                    agents: globs(&r.agents),
+                    servers: globs(&r.servers),
+                    tools: globs(&r.tools),
+                    methods: globs(&r.methods),
+                    by: r.by.clone(),
+                    capacity: f64::from(r.burst.unwrap_or(r.calls)),
+                    per_second: f64::from(r.calls) / r.per_secs as f64,
+                    calls: r.calls,
+                    per_secs: r.per_secs,
+                })
+                .collect(),
+        )
+    }
+
+    /// True when no rule is configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Rule {
+    fn applies(&self, caller: &Caller) -> bool {
+        let any = |globs: &[WildMatch], name: &str| globs.iter().any(|g| g.matches(name));
+        any(&self.agents, caller.agent)
+            && any(&self.servers, caller.server)
+            && any(&self.methods, caller.method)
+            && any(&self.tools, caller.tool.unwrap_or(""))
+    }
+
+    fn bucket(&self, caller: &Caller) -> String {
+        let mut key = self.id.clone();
+        for dimension in &self.by {
+            key.push('\u{1f}');
+            key.push_str(match dimension {
+                RateDimension::Agent => caller.agent,
+                RateDimension::Server => caller.server,
+                RateDimension::Tool => caller.tool.unwrap_or(""),
+            });
+        }
+        key
+    }
+
+    fn describe(&self, caller: &Caller) -> String {
+        let whose: Vec<String> = self
+            .by
+            .iter()
+            .map(|d| match d {
+                RateDimension::Agent => format!("agent '{}'", caller.agent),
+                RateDimension::Server => format!("server '{}'", caller.server),
+                RateDimension::Tool => format!("tool '{}'", caller.tool.unwrap_or("")),
+            })
+            .collect();
+        format!(
+            "{} calls per {} s for {}",
+            self.calls,
+            self.per_secs,
+            whose.join(", ")
+        )
+    }
+}
+
+/// Token buckets, for the life of the process.
+#[derive(Default)]
+pub struct Buckets(Mutex<HashMap<String, Bucket>>);
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    /// When it will be full again, and so can be forgotten.
+    full_at: Instant,
+}
+
+impl Bucket {
+    fn refilled(self, rule: &Rule, now: Instant) -> Self {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * rule.per_second;
+        Self {
+            tokens: (self.tokens + earned).min(rule.capacity),
+            at: now,
+            full_at: self.full_at,
+        }
+    }
+}
+
+impl Buckets {
+    /// Takes a token from every bucket of every rule that applies, or none
+    /// if one is empty.
+    pub fn admit(&self, rules: &RateRules, caller: &Caller, now: Instant) -> Result<(), Limited> {
+        let applying: Vec<&Rule> = rules.0.iter().filter(|r| r.applies(caller)).collect();
+        if applying.is_empty() {
+            return Ok(());
+        }
+        let mut buckets = self.0.lock().expect("rate buckets poisoned");
+        let mut taken = Vec::with_capacity(applying.len());
+        for rule in applying {
+            let key = rule.bucket(caller);
+            let full = Bucket {
+                tokens: rule.capacity,
+                at: now,
+                full_at: now,
+            };
+            let bucket = buckets.get(&key).map_or(full, |b| b.refilled(rule, now));
+            if bucket.tokens < 1.0 {
+                let wait = (1.0 - bucket.tokens) / rule.per_second;
+                return Err(Limited {
+                    retry_after: Duration::from_secs_f64(wait),
+                    limit: rule.describe(caller),
+                });
+            }
+            taken.push((key, rule, bucket));
+        }
+        if buckets.len() >= MAX_BUCKETS {
+            buckets.retain(|_, b| b.full_at > now);
+        }
+        for (key, rule, bucket) in taken {
+            let tokens = bucket.tokens - 1.0;
+            let full_at = now + Duration::from_secs_f64((rule.capacity - tokens) / rule.per_second);
+            buckets.insert(
+                key,
+                Bucket {
+                    tokens,
+                    at: now,
+                    full_at,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(toml: &str) -> RateRules {
+        let config = crate::config::Config::parse(toml, std::path::Path::new("t.toml")).unwrap();
+        RateRules::new(&config.rate_limits)
+    }
+
+    fn call<'a>(agent: &'a str, tool: &'a str) -> Caller<'a> {
+        Caller {
+            agent,
+            server: "fs",
+            method: "tools/call",
+            tool: Some(tool),
+        }
+    }
+
+    #[test]
+    fn a_burst_over_the_limit_is_refused_with_a_retry_hint() {
+        let rules = rules("[[rate_limits]]\ncalls = 3\nper_secs = 60\n");
+        let buckets = Buckets::default();
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert!(buckets.admit(&rules, &call("a", "write"), now).is_ok());
+        }
+        let refused = buckets.admit(&rules, &call("a", "write"), now).unwrap_err();
+        assert_eq!(refused.retry_after, Duration::from_secs(20));
+        assert_eq!(
+            refused.limit,
+            "3 calls per 60 s for agent 'a', server 'fs', tool 'write'"
+        );
+        assert!(
+            buckets.admit(&rules, &call("b", "write"), now).is_ok(),
+            "another agent"
+        );
+        assert!(
+            buckets.admit(&rules, &call("a", "read"), now).is_ok(),
+            "another tool"
+        );
+        let later = now + Duration::from_secs(20);
+        assert!(
+            buckets.admit(&rules, &call("a", "write"), later).is_ok(),
+            "refilled"
+        );
+    }
+
+    #[test]
+    fn a_refusal_by_one_rule_takes_no_token_from_another() {
+        let rules = rules(
+            "[[rate_limits]]\ncalls = 100\nper_secs = 60\nby = [\"agent\"]\n\
+             [[rate_limits]]\ntools = [\"delete_*\"]\ncalls = 1\nper_secs = 60\n",
+        );
+        let buckets = Buckets::default();
+        let now = Instant::now();
+        assert!(buckets.admit(&rules, &call("a", "delete_all"), now).is_ok());
+        for _ in 0..10 {
+            assert!(
+                buckets
+                    .admit(&rules, &call("a", "delete_all"), now)
+                    .is_err()
+            );
+        }
+        for _ in 0..99 {
+            assert!(buckets.admit(&rules, &call("a", "read"), now).is_ok());
+        }
+        assert!(buckets.admit(&rules, &call("a", "read"), now).is_err());
+    }
+
+    #[test]
+    fn other_methods_are_not_counted_unless_named() {
+        let rules = rules("[[rate_limits]]\ncalls = 1\nper_secs = 60\n");
+        let buckets = Buckets::default();
+        let list = Caller {
+            agent: "a",
+            server: "fs",
+            method: "tools/list",
+            tool: None,
+        };
+        for _ in 0..5 {
+            assert!(buckets.admit(&rules, &list, Instant::now()).is_ok());
+        }
+    }
+}
