@@ -8,7 +8,7 @@
 
 use crate::bindings::Exchange;
 use crate::config::{DriftAction, PinningConfig};
-use crate::drift::ToolDrift;
+use crate::drift::{self, ToolDrift};
 use crate::jsonrpc::DENIED;
 use crate::ratelimit::{Buckets, Caller};
 use crate::reload::Generation;
@@ -95,7 +95,7 @@ impl Boundary {
             if let Err(limited) = self.buckets.admit(&g.rates, &caller, Instant::now()) {
                 let ms = limited.retry_after.as_millis().max(1) as u64;
                 let reason = format!(
-                    "rate limit of {} exceeded; retry after {:.1} s",
+                    "Rate limit exceeded: at most {}; retry after {:.1} s",
                     limited.limit,
                     ms as f64 / 1000.0
                 );
@@ -156,7 +156,7 @@ impl Boundary {
                 DriftAction::Alert => {}
                 DriftAction::Hide => {
                     let why = format!(
-                        "tool '{}' differs from its pinned definition ({}); it is hidden until it is pinned again",
+                        "Refused by Portcullis: tool '{}' differs from its pinned definition ({}); it is hidden until it is pinned again",
                         d.tool,
                         kinds(d)
                     );
@@ -185,7 +185,7 @@ impl Boundary {
                 server = %d.server,
                 tool = %d.tool,
                 kinds = %kinds(d),
-                action = ?action,
+                action = action.as_str(),
                 "tool drifted from the lock file:\n{}",
                 d.diff.join("\n")
             );
@@ -223,7 +223,7 @@ impl Boundary {
     /// Quarantines `server` until the lock file changes; returns why.
     fn quarantine(&self, server: &str, digest: &str, cause: &ToolDrift) -> String {
         let why = format!(
-            "server '{server}' is quarantined: tool '{}' differs from its pinned definition ({}); every request is refused until the server is pinned again (`portcullis pin`)",
+            "Refused by Portcullis: server '{server}' is quarantined: tool '{}' differs from its pinned definition ({}); every request is refused until the server is pinned again (`portcullis pin`)",
             cause.tool,
             kinds(cause)
         );
@@ -240,15 +240,21 @@ impl Boundary {
 }
 
 /// The drift a call to `tool` on `session`'s server carries: a tool the lock
-/// file does not have, or the drift its last listing showed.
+/// file does not have, or how its last listing differs from the lock in
+/// force (so a re-pin applies at once, without a new listing).
 pub fn call_drift(g: &Generation, session: &Session, tool: &str) -> Vec<ToolDrift> {
-    let Some(pinned) = g.pins.as_ref().and_then(|p| p.server(session.server())) else {
+    let server = session.server();
+    let Some(pinned) = g.pins.as_ref().and_then(|p| p.server(server)) else {
         return Vec::new();
     };
-    if !pinned.tools.contains_key(tool) {
-        return vec![ToolDrift::added(session.server(), tool)];
-    }
-    session.tool_drift(tool).cloned().into_iter().collect()
+    let Some(before) = pinned.tools.get(tool) else {
+        return vec![ToolDrift::added(server, tool)];
+    };
+    session
+        .tool_definition(tool)
+        .and_then(|now| drift::item(server, tool, before, now))
+        .into_iter()
+        .collect()
 }
 
 fn kinds(drift: &ToolDrift) -> String {

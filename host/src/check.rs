@@ -4,6 +4,7 @@
 
 use crate::config::{Config, FailureMode, InstanceMode, Mode, PolicyConfig, SinkConfig};
 use crate::engine::PolicyEngine;
+use crate::lock::Pins;
 use crate::policy::Policy;
 use std::path::Path;
 use std::time::Instant;
@@ -50,13 +51,50 @@ pub fn run(path: &Path) -> i32 {
             SinkConfig::Stderr => println!("audit    stderr"),
         }
     }
+    let lock_ok = report_lock(&config);
+    if !config.rate_limits.is_empty() {
+        println!("limits   {} rate limits", config.rate_limits.len());
+    }
     let total = config.policies.len();
-    if failed == 0 {
+    if !lock_ok {
+        println!("result   FAILED: the lock file did not load");
+        1
+    } else if failed == 0 {
         println!("result   ok: {total} policies loaded");
         0
     } else {
         println!("result   FAILED: {failed} of {total} policies did not load");
         1
+    }
+}
+
+/// Loads the lock file, when `[pinning]` is configured, and prints what it
+/// pins; true unless it failed to load.
+fn report_lock(config: &Config) -> bool {
+    let (Some(pinning), Some(path)) = (&config.pinning, config.lock_path()) else {
+        return true;
+    };
+    match Pins::load(path) {
+        Ok(pins) => {
+            println!("lock     {}  ok", path.display());
+            for name in config.servers.keys() {
+                match pins.server(name) {
+                    Some(p) => println!(
+                        "pinned   {name}: {} tools, {} prompts, {} resource templates",
+                        p.tools.len(),
+                        p.prompts.len(),
+                        p.resource_templates.len()
+                    ),
+                    None => println!("pinned   {name}: NOT PINNED (its tools are not governed)"),
+                }
+            }
+            println!("drift    {} by default", pinning.on_drift.as_str());
+            true
+        }
+        Err(e) => {
+            println!("lock     {}  FAILED\n  {e:#}", path.display());
+            false
+        }
     }
 }
 

@@ -503,6 +503,17 @@ pub enum DriftAction {
     DenyServer,
 }
 
+impl DriftAction {
+    /// Its name in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftAction::Alert => "alert",
+            DriftAction::Hide => "hide",
+            DriftAction::DenyServer => "deny-server",
+        }
+    }
+}
+
 impl PinningConfig {
     /// What a drift of these kinds means: the most severe of their actions.
     pub fn action(&self, kinds: &[DriftKind]) -> DriftAction {

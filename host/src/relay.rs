@@ -240,16 +240,18 @@ impl Relay {
             }
             Decided::Deny(refusal) => {
                 let mut data = json!({ "policy": &*refusal.policy, "reason": refusal.reason, "decision": record.id });
-                if let (Err(stop), Some(data)) = (crossing, data.as_object_mut()) {
-                    data.extend(stop.data);
-                }
-                refuse(
-                    kind,
-                    message.id,
-                    refusal.code,
-                    &refusal.message(),
-                    Some(data),
-                )
+                // The boundary's own refusals read as Portcullis' words, not a
+                // policy's.
+                let text = match crossing {
+                    Err(stop) => {
+                        if let Some(data) = data.as_object_mut() {
+                            data.extend(stop.data);
+                        }
+                        stop.reason
+                    }
+                    Ok(_) => refusal.message(),
+                };
+                refuse(kind, message.id, refusal.code, &text, Some(data))
             }
         }
     }

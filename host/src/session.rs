@@ -1,7 +1,8 @@
 //! What Portcullis knows about one client↔server connection: the requests in
 //! flight in each direction, so an answer is judged knowing what it answers,
 //! and each tool as the server's latest `tools/list` result described it —
-//! annotations, input schema, and drift from the lock file. It turns a
+//! annotations, input schema, and the definition compared with the lock
+//! file. It turns a
 //! parsed message into the [`Exchange`] a policy sees.
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
@@ -40,11 +41,10 @@ pub struct Session {
 /// A tool as the server's latest `tools/list` result described it.
 struct KnownTool {
     annotations: ToolAnnotations,
-    /// Its input schema, compiled (not kept for a pinned tool: the pinned
-    /// schema applies).
+    /// Its input schema, compiled.
     schema: Option<Arc<Schema>>,
-    /// How it differs from the lock file.
-    drift: Option<ToolDrift>,
+    /// Its definition as the lock file would pin it.
+    definition: Value,
 }
 
 impl Session {
@@ -160,14 +160,14 @@ impl Session {
             .remove(&(asked.as_str(), id?.get().to_string()))
     }
 
-    /// The input schema `tool` was listed with, unless it is pinned.
+    /// The input schema `tool` was listed with.
     pub fn tool_schema(&self, tool: &str) -> Option<Arc<Schema>> {
         self.tools.get(tool)?.schema.clone()
     }
 
-    /// How `tool` differed from the lock file when last listed.
-    pub fn tool_drift(&self, tool: &str) -> Option<&ToolDrift> {
-        self.tools.get(tool)?.drift.as_ref()
+    /// `tool` as last listed, in the form the lock file pins.
+    pub fn tool_definition(&self, tool: &str) -> Option<&Value> {
+        self.tools.get(tool).map(|t| &t.definition)
     }
 
     /// Learns the tools of a server's `tools/list` result, and returns how
@@ -214,16 +214,14 @@ impl Session {
             drift::compare(&self.server, &pinned.tools, &listed, complete)
         });
         for tool in &list.tools {
-            let Some(name) = tool["name"].as_str() else {
+            let Some((name, definition)) = tool["name"]
+                .as_str()
+                .and_then(|name| listed.get_key_value(name))
+            else {
                 continue;
             };
             let a: Annotations =
                 serde_json::from_value(tool["annotations"].clone()).unwrap_or_default();
-            let pinned_tool = pinned.is_some_and(|p| p.tools.contains_key(name));
-            let schema = match tool.get("inputSchema") {
-                Some(schema) if !pinned_tool => schemas.get(schema),
-                _ => None,
-            };
             let known = KnownTool {
                 annotations: ToolAnnotations {
                     title: a.title,
@@ -232,10 +230,10 @@ impl Session {
                     idempotent_hint: a.idempotent_hint,
                     open_world_hint: a.open_world_hint,
                 },
-                schema,
-                drift: drifts.iter().find(|d| d.tool == name).cloned(),
+                schema: tool.get("inputSchema").and_then(|s| schemas.get(s)),
+                definition: definition.clone(),
             };
-            self.tools.insert(name.to_string(), known);
+            self.tools.insert(name.clone(), known);
         }
         drifts
     }
