@@ -55,6 +55,28 @@ def write_config(directory: Path, policies: list[dict], extra: str = "") -> Path
     return path
 
 
+def notes_server(directory: Path) -> str:
+    """The TOML table of the notes server double (doubles/notes_server.py),
+    keeping its stage and its log of calls in `directory`."""
+    env = {"NOTES_STAGE": str(directory / "stage"), "NOTES_CALLS": str(directory / "calls.jsonl")}
+    return "\n".join([
+        "[servers.notes]", f"command = {json.dumps(str(ROOT / '.venv' / 'bin' / 'python'))}",
+        f"args = [{json.dumps(str(DOUBLES / 'notes_server.py'))}]", f"env = {toml_value(env)}", "", "",
+    ])
+
+
+def notes_calls(directory: Path) -> list[dict]:
+    """The tool calls that reached the notes server kept in `directory`."""
+    log = directory / "calls.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def pin(config: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Runs `portcullis pin` on `config`."""
+    return subprocess.run([str(PORTCULLIS), "pin", "--config", str(config), *flags],
+                          capture_output=True, text=True, timeout=120)
+
+
 def read_audit(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -3,7 +3,8 @@ servers (filesystem and everything from npm, plus the fault-injecting echo
 double), driven by the official Python and TypeScript SDK clients. Agents
 with their own keys or JWTs see and may do different things; every call is audited under the
 agent's name; the upstream servers get their own credentials, never the
-agent's; a crashing upstream is restarted and reported."""
+agent's; a crashing upstream is restarted and reported; a pinned server is
+held to its lock file and each agent to its own rate."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from pki import Issuer, tls_files
-from conftest import DOUBLES, FS_SERVER, PORTCULLIS, POLICIES, ROOT, read_audit
+from conftest import (DOUBLES, FS_SERVER, PORTCULLIS, POLICIES, ROOT, notes_calls, notes_server, pin, read_audit,
+                      write_config)
 
 EVERYTHING = ROOT / "tests" / "node_modules" / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
 KEYS = {"reader": "reader-key-3f9a", "admin": "admin-key-77c1"}
@@ -649,3 +651,63 @@ def test_a_server_that_cannot_start_is_left_out_of_the_merged_view(tmp_path: Pat
     assert "ev__echo" in tools and "files__read_text_file" in tools
     assert not any(name.startswith("broken__") for name in tools)
     assert broken["state"] in ("starting", "restarting") and "cannot start" in broken["last_error"]
+
+
+def test_a_pinned_server_is_held_to_its_lock_and_each_agent_has_its_own_rate(tmp_path: Path, sandbox: Path):
+    # The notes server is pinned on its own; the gateway's other servers are
+    # not in the lock file and stay ungoverned by it.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    pinned = pin(write_config(notes, [], notes_server(notes)))
+    assert pinned.returncode == 0, pinned.stderr
+    extra = notes_server(notes) + f"""
+[agents.looper]
+api_key_sha256 = "{sha256('looper-key-51d0')}"
+
+[pinning]
+lock = "{notes / 'portcullis.lock.json'}"
+
+[[rate_limits]]
+servers = ["notes"]
+tools = ["search"]
+calls = 2
+per_secs = 3600
+by = ["agent"]
+"""
+    gateway = Gateway(tmp_path, sandbox, extra)
+    try:
+        async def scenario():
+            async with connect(gateway, "admin") as admin, \
+                    connect(gateway, "looper", token="looper-key-51d0") as looper:
+                searches = []
+                for query in ("a", "b", "c"):
+                    try:
+                        searches.append(await admin.call_tool("notes__search", {"query": query}))
+                    except MCPError as error:
+                        searches.append(error)
+                other = await looper.call_tool("notes__search", {"query": "d"})
+                await looper.call_tool("notes__advance", {})  # the server gains delete_everything
+                listed = names(await admin.list_tools())
+                with pytest.raises(MCPError) as delete:
+                    await admin.call_tool("notes__delete_everything", {})
+                echoed = await admin.call_tool("ev__echo", {"message": "unpinned"})
+                return searches, other, listed, delete.value, echoed
+
+        searches, other, listed, delete, echoed = asyncio.run(scenario())
+    finally:
+        gateway.stop()
+    assert [isinstance(s, MCPError) for s in searches] == [False, False, True]
+    assert searches[2].code == -32004 and "agent 'admin'" in searches[2].message
+    assert searches[2].data["retryAfter"] >= 1
+    assert not other.is_error, "another agent has its own bucket"
+    assert "notes__search" in listed and "notes__delete_everything" not in listed
+    assert delete.code == -32001 and delete.data["policy"] == "portcullis:pinning"
+    assert echoed.content[0].text == "Echo: unpinned"
+    assert [c["tool"] for c in notes_calls(notes)] == ["search", "search", "search", "advance"]
+
+    records = read_audit(gateway.audit)
+    refused = {(r["agent"], r["tool"], r["decided_by"]) for r in records
+               if r.get("kind") == "request" and r.get("outcome") == "deny"}
+    assert refused == {("admin", "search", "portcullis:rate-limit"),
+                       ("admin", "delete_everything", "portcullis:pinning")}
+    assert any("drift:added" in r.get("tags", []) for r in records if r.get("method") == "tools/list")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,9 +22,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
 
-from conftest import DOUBLES, PORTCULLIS, ROOT, policy, read_audit, toml_value, write_config
-
-PYTHON = ROOT / ".venv" / "bin" / "python"
+from conftest import PORTCULLIS, notes_calls, notes_server, pin, policy, read_audit, write_config
 
 
 def run(coroutine):
@@ -34,22 +31,7 @@ def run(coroutine):
 
 def notes_config(tmp_path: Path, extra: str = "", policies: list[dict] | None = None) -> Path:
     """A config with the notes server as its only server."""
-    env = {"NOTES_STAGE": str(tmp_path / "stage"), "NOTES_CALLS": str(tmp_path / "calls.jsonl")}
-    server = "\n".join([
-        "[servers.notes]", f"command = {json.dumps(str(PYTHON))}",
-        f"args = [{json.dumps(str(DOUBLES / 'notes_server.py'))}]", f"env = {toml_value(env)}", "",
-    ])
-    return write_config(tmp_path, policies or [], server + extra)
-
-
-def pin(config: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PORTCULLIS), "pin", "--config", str(config), *flags],
-                          capture_output=True, text=True, timeout=120)
-
-
-def calls(tmp_path: Path) -> list[dict]:
-    log = tmp_path / "calls.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return write_config(tmp_path, policies or [], notes_server(tmp_path) + extra)
 
 
 @asynccontextmanager
@@ -168,10 +150,10 @@ def test_each_change_of_a_pinned_server_is_caught_handled_as_configured_and_audi
     assert seen["after"] == {"read_notes", "write_note", "search", "advance", "delete_everything"}
     assert seen["read_after"].content[0].text == "first"
 
-    reached = [c["tool"] for c in calls(tmp_path)]
+    reached = [c["tool"] for c in notes_calls(tmp_path)]
     assert reached == ["write_note", "advance", "advance", "advance", "read_notes"], \
         "refused calls never reached the server"
-    assert calls(tmp_path)[0]["arguments"]["text"] == "first"
+    assert notes_calls(tmp_path)[0]["arguments"]["text"] == "first"
 
     records = read_audit(audit)
     lists = [r for r in records if r.get("method") == "tools/list" and r.get("kind") == "result"]
@@ -241,7 +223,7 @@ def test_a_burst_over_the_rate_limit_and_over_a_policys_quota_hits_a_wall(tmp_pa
     assert writes[4].data["policy"] == "quota"
     assert "quota of 4 calls per 3600 s used up for agent 'e2e-agent'" in writes[4].message
 
-    reached = [c["tool"] for c in calls(tmp_path)]
+    reached = [c["tool"] for c in notes_calls(tmp_path)]
     assert reached.count("search") == 3 and reached.count("write_note") == 4
     records = read_audit(audit)
     assert sum("rate-limited" in r.get("tags", []) for r in records) == 2
@@ -261,7 +243,7 @@ def test_the_shipped_poisoning_scan_hides_a_tool_with_hidden_instructions(tmp_pa
     names, search = run(scenario())
     assert "search" not in names and "read_notes" in names
     assert search.data["policy"] == "poisoning-scan"
-    assert not any(c["tool"] == "search" for c in calls(tmp_path))
+    assert not any(c["tool"] == "search" for c in notes_calls(tmp_path))
     listed = next(r for r in read_audit(audit) if r.get("method") == "tools/list" and r["kind"] == "result")
     assert {"poisoning", "poisoning:instruction-tags", "poisoning:secret-access"} <= set(listed["tags"])
 
