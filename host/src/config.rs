@@ -47,6 +47,9 @@ pub struct Config {
     /// Call rates allowed, per agent, server and tool.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
+    /// Where held calls wait for a person, and for how long.
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -456,6 +459,32 @@ pub struct PinningConfig {
     pub on: BTreeMap<DriftKind, DriftAction>,
 }
 
+/// Human approval of held calls.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// The approvals store, shared by every Portcullis process of the
+    /// deployment and `portcullis approvals` (default: beside the config,
+    /// `NAME.approvals.db` for `NAME.toml`); relative to the config file.
+    pub store: Option<PathBuf>,
+    /// How long a held call waits for a decision before it is refused.
+    #[serde(default = "default_expiry_secs")]
+    pub expiry_secs: u64,
+}
+
+fn default_expiry_secs() -> u64 {
+    300
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            store: None,
+            expiry_secs: default_expiry_secs(),
+        }
+    }
+}
+
 /// A way a tool can differ from its pinned definition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -705,6 +734,9 @@ impl Config {
         if let Some(dir) = &mut self.engine.cache_dir {
             *dir = base.join(&*dir);
         }
+        if let Some(store) = &mut self.approvals.store {
+            *store = base.join(&*store);
+        }
         let default_lock = self.default_lock();
         if let Some(pinning) = &mut self.pinning {
             let lock = pinning.lock.as_ref().map_or(default_lock, |l| base.join(l));
@@ -715,8 +747,21 @@ impl Config {
     /// Where the lock file is when `[pinning]` does not say: beside the
     /// config, `NAME.lock.json` for `NAME.toml`.
     fn default_lock(&self) -> PathBuf {
+        self.beside("lock.json")
+    }
+
+    /// `NAME.EXTENSION` beside the config file `NAME.toml`.
+    fn beside(&self, extension: &str) -> PathBuf {
         let stem = self.path.file_stem().unwrap_or_default().to_string_lossy();
-        self.path.with_file_name(format!("{stem}.lock.json"))
+        self.path.with_file_name(format!("{stem}.{extension}"))
+    }
+
+    /// The approvals store.
+    pub fn approvals_store(&self) -> PathBuf {
+        self.approvals
+            .store
+            .clone()
+            .unwrap_or_else(|| self.beside("approvals.db"))
     }
 
     /// The lock file of `[pinning]`, if pinning is configured.
@@ -735,6 +780,9 @@ impl Config {
         let engine = &self.engine;
         if engine.timeout_ms == 0 {
             bail!("engine.timeout_ms: must be at least 1");
+        }
+        if self.approvals.expiry_secs == 0 {
+            bail!("approvals.expiry_secs: must be at least 1");
         }
         if engine.memory_mb > engine.max_memory_mb {
             bail!(

@@ -563,11 +563,19 @@ struct Judged {
 /// Runs the relay (policies are WebAssembly and may take milliseconds) on a
 /// blocking thread, off the async workers.
 async fn judge(relay: Arc<Relay>, direction: Direction, text: String) -> Judged {
-    let delivery = tokio::task::spawn_blocking(move || {
-        relay.handle(direction, Frame::Line(text.into_bytes()))
+    let judging = relay.clone();
+    let mut delivery = tokio::task::spawn_blocking(move || {
+        judging.handle(direction, Frame::Line(text.into_bytes()))
     })
     .await
     .unwrap_or_default();
+    // A held call (serve mode has no batches, so at most one) waits here for
+    // its decision, and what it settles to replaces the delivery.
+    if let Some(held) = delivery.held.pop() {
+        delivery = tokio::task::spawn_blocking(move || relay.resolve(held))
+            .await
+            .unwrap_or_default();
+    }
     let text = |bytes: Option<Vec<u8>>| bytes.and_then(|b| String::from_utf8(b).ok());
     Judged {
         forward: text(delivery.forward),

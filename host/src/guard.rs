@@ -1,9 +1,8 @@
 //! The guard chain: which policies apply to a message, running them in
 //! configured order, and combining their verdicts into one [`Decision`].
 //! First deny wins and stops the chain; a modification feeds the next policy;
-//! a required approval holds unless a later policy denies (until approvals
-//! exist it is enforced as a deny); monitor-mode verdicts are recorded, never
-//! enforced; a failing policy denies unless it is configured fail-open.
+//! a required approval holds the message unless a later policy denies;
+//! monitor-mode verdicts are recorded, never enforced; a failing policy denies unless it is configured fail-open.
 
 use crate::bindings::{Exchange, MessageKind, Outcome, ToolDrift};
 use crate::config::{Config, FailureMode, Mode, PolicyConfig};
@@ -52,9 +51,12 @@ pub enum Decided {
     Modify(String),
     /// Refuse it.
     Deny(Refusal),
+    /// Hold it for a person's approval: the policy that asked and why; the
+    /// payload to relay if approved, when policies modified it.
+    Hold(Refusal, Option<String>),
 }
 
-/// Why a message was refused.
+/// Why a message was refused (or held).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
     /// The JSON-RPC error code.
@@ -152,11 +154,11 @@ impl Guard {
                 }
             }
         }
-        // Until approvals exist, a held message is refused.
-        let outcome = match (hold, modified) {
-            (Some(refusal), _) => Decided::Deny(refusal),
-            (None, true) => Decided::Modify(payload_of(exchange).clone().unwrap_or_default()),
-            (None, false) => Decided::Allow,
+        let payload = modified.then(|| payload_of(exchange).clone().unwrap_or_default());
+        let outcome = match (hold, payload) {
+            (Some(refusal), payload) => Decided::Hold(refusal, payload),
+            (None, Some(payload)) => Decided::Modify(payload),
+            (None, None) => Decided::Allow,
         };
         Decision::finish(outcome, verdicts, started)
     }
@@ -250,8 +252,7 @@ impl Link {
                     Step::Deny(self.refusal(d.code, d.reason)),
                 ),
                 Outcome::RequireApproval(reason) => {
-                    let why = format!("approval required: {reason}");
-                    let hold = Step::Hold(self.refusal(DENIED, why));
+                    let hold = Step::Hold(self.refusal(DENIED, reason.clone()));
                     (record("require-approval", Some(reason), v.tags), hold)
                 }
                 Outcome::Modify(payload) => (record("modify", None, v.tags), Step::Modify(payload)),

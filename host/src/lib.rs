@@ -6,6 +6,8 @@
 //! the [`audit`] trail. [`relay`] ties those together independently of the
 //! transport; [`stdio`] is the first transport.
 
+pub mod approvals;
+pub mod approve;
 pub mod audit;
 pub mod bench;
 pub mod bindings;
@@ -18,6 +20,7 @@ pub mod fixtures;
 pub mod framing;
 pub mod gateway;
 pub mod guard;
+pub mod hold;
 pub mod http;
 pub mod identity;
 pub mod jsonrpc;

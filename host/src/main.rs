@@ -70,6 +70,17 @@ enum Commands {
         #[arg(long)]
         check: bool,
     },
+    /// Calls held for a person's approval: list, show, approve, deny.
+    Approvals {
+        /// The config file (its approvals store is the one acted on).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// Who decides, as recorded (default: the login name).
+        #[arg(long = "as", global = true)]
+        approver: Option<String>,
+        #[command(subcommand)]
+        action: portcullis::approve::Action,
+    },
     /// Validate a config file and load every policy in it.
     Check {
         /// The config file.
@@ -158,6 +169,14 @@ fn run(cli: Cli) -> Result<i32> {
         } => run_stdio(config, audit_file, server, command),
         Commands::Serve { config, audit_file } => run_serve(config, audit_file),
         Commands::Check { config } => Ok(portcullis::check::run(&config)),
+        Commands::Approvals {
+            config,
+            approver,
+            action,
+        } => {
+            let config = config.context("--config names the config whose approvals to act on")?;
+            portcullis::approve::run(&config, approver.as_deref(), &action)
+        }
         Commands::Pin {
             config,
             server,
@@ -208,6 +227,7 @@ fn run_stdio(
         "portcullis relaying"
     );
     let current = Arc::new(Current::new(generation));
+    current.cancel_orphans();
     let relay = Arc::new(Relay::new(
         current.clone(),
         Session::new(name.clone(), agent),
@@ -230,6 +250,7 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
     let engine = Arc::new(PolicyEngine::new(&config.engine)?);
     let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1)?;
     let current = Arc::new(Current::new(generation));
+    current.cancel_orphans();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,32 +1,59 @@
 //! The transport-independent heart of the proxy. For each frame from either
 //! side it classifies the message, runs the boundary's own checks and the
-//! guard chain, writes the audit record, and says what to send where. Transports (stdio today) only move
-//! bytes; every decision is made here, so all transports decide alike.
+//! guard chain, writes the audit record, and says what to send where; a
+//! request the chain holds for approval is recorded in the approvals store
+//! and handed to the transport to wait on, then settled here. Transports
+//! only move bytes and wait; every decision is made here, so all transports
+//! decide alike.
 
-use crate::audit::{AuditRecord, canonical_digest};
+use crate::approvals::{self, Approval, State};
+use crate::audit::{ApprovalRecord, AuditRecord, canonical_digest};
 use crate::bindings::{Direction, Exchange, MessageKind};
 use crate::boundary::{self, Listing, Stop};
 use crate::drift::ToolDrift;
 use crate::framing::Frame;
 use crate::guard::{Decided, Decision, Refusal};
 use crate::jsonrpc::{
-    self, AUDIT_FAILED, INTERNAL_ERROR, INVALID_REQUEST, Message, PARSE_ERROR, error_response,
+    self, AUDIT_FAILED, DENIED, INTERNAL_ERROR, INVALID_REQUEST, Message, PARSE_ERROR,
+    error_response,
 };
 use crate::reload::{Current, Generation};
 use crate::session::Session;
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// What to send after judging one frame. Frames carry no newline.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Delivery {
     /// A frame to pass on to the other side.
     pub forward: Option<Vec<u8>>,
     /// A frame to send back to the sender.
     pub reply: Option<Vec<u8>>,
+    /// Requests held for approval: [`Relay::resolve`] each, off the
+    /// transport's reading path.
+    pub held: Vec<Held>,
+}
+
+/// A client's request held for a person's approval.
+pub struct Held {
+    /// The approval it waits on.
+    pub approval: String,
+    /// Its JSON-RPC id, as text.
+    key: String,
+    /// The request as it will be relayed if approved.
+    text: String,
+    /// sha256 of the canonical arguments the approval is bound to.
+    arguments_sha256: String,
+    exchange: Exchange,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Held({} for request {})", self.approval, self.key)
+    }
 }
 
 /// The outcome for one message of a frame (a batch has several).
@@ -34,25 +61,28 @@ pub struct Delivery {
 struct Step<'a> {
     forward: Option<Cow<'a, str>>,
     reply: Option<String>,
+    held: Option<Held>,
 }
 
 impl<'a> Step<'a> {
     fn forward(text: Cow<'a, str>) -> Self {
         Self {
             forward: Some(text),
-            reply: None,
+            ..Self::default()
         }
     }
 
     fn reply(text: String) -> Self {
         Self {
-            forward: None,
             reply: Some(text),
+            ..Self::default()
         }
     }
 
     fn unchanged(&self) -> bool {
-        self.reply.is_none() && matches!(self.forward, Some(Cow::Borrowed(_)))
+        self.reply.is_none()
+            && self.held.is_none()
+            && matches!(self.forward, Some(Cow::Borrowed(_)))
     }
 }
 
@@ -60,6 +90,8 @@ impl<'a> Step<'a> {
 pub struct Relay {
     current: Arc<Current>,
     session: Mutex<Session>,
+    /// Requests held for approval, by JSON-RPC id text: their approvals.
+    held: Mutex<HashMap<String, String>>,
 }
 
 impl Relay {
@@ -68,6 +100,7 @@ impl Relay {
         Self {
             current,
             session: Mutex::new(session),
+            held: Mutex::new(HashMap::new()),
         }
     }
 
@@ -105,7 +138,7 @@ impl Relay {
         if step.unchanged() {
             return Delivery {
                 forward: Some(bytes),
-                reply: None,
+                ..Delivery::default()
             };
         }
         into_delivery(step)
@@ -142,20 +175,22 @@ impl Relay {
         if steps.iter().all(Step::unchanged) {
             return Delivery {
                 forward: Some(text.as_bytes().to_vec()),
-                reply: None,
+                ..Delivery::default()
             };
         }
         let join = |parts: Vec<String>| {
             (!parts.is_empty()).then(|| format!("[{}]", parts.join(",")).into_bytes())
         };
-        let (mut forward, mut reply) = (Vec::new(), Vec::new());
+        let (mut forward, mut reply, mut held) = (Vec::new(), Vec::new(), Vec::new());
         for step in steps {
             forward.extend(step.forward.map(Cow::into_owned));
             reply.extend(step.reply);
+            held.extend(step.held);
         }
         Delivery {
             forward: join(forward),
             reply: join(reply),
+            held,
         }
     }
 
@@ -183,7 +218,10 @@ impl Relay {
         };
         let (mut exchange, drift) = self.exchange(g, direction, kind, &message, tool);
         let crossing = self.cross(g, direction, kind, &exchange, call_arguments, &drift);
-        let decision = match &crossing {
+        if direction == Direction::ClientToServer && exchange.method == "notifications/cancelled" {
+            self.cancelled_by_client(exchange.params.as_deref());
+        }
+        let mut decision = match &crossing {
             Err(stop) => Decision {
                 outcome: Decided::Deny(Refusal {
                     code: stop.code,
@@ -217,6 +255,24 @@ impl Relay {
             record.tags.push(stop.tag.into());
         }
         record.drift = drift;
+        let mut bound = String::new();
+        if let Decided::Hold(refusal, _) = &decision.outcome {
+            match self.ask(direction, kind, &message, &exchange, &record, refusal) {
+                Ok(digest) => bound = digest,
+                Err(e) => {
+                    let why = format!(
+                        "approval required ({}), but it cannot be asked for: {e:#}",
+                        refusal.reason
+                    );
+                    record.deny(DENIED, why.clone(), Some(&refusal.policy));
+                    decision.outcome = Decided::Deny(Refusal {
+                        code: DENIED,
+                        policy: refusal.policy.clone(),
+                        reason: why,
+                    });
+                }
+            }
+        }
         if let Err(e) = g.audit.write(&record) {
             tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
             let why = "Portcullis could not write the audit record, so the message was not relayed";
@@ -253,6 +309,187 @@ impl Relay {
                 };
                 refuse(kind, message.id, refusal.code, &text, Some(data))
             }
+            Decided::Hold(_, payload) => {
+                let text = match payload {
+                    Some(payload) => jsonrpc::replace_member(text, "params", &payload)
+                        .unwrap_or_else(|_| text.to_string()),
+                    None => text.to_string(),
+                };
+                let key = message
+                    .id
+                    .map(|id| id.get().to_string())
+                    .unwrap_or_default();
+                self.held
+                    .lock()
+                    .expect("held lock poisoned")
+                    .insert(key.clone(), record.id.clone());
+                Step {
+                    held: Some(Held {
+                        approval: record.id,
+                        key,
+                        text,
+                        arguments_sha256: bound,
+                        exchange,
+                    }),
+                    ..Step::default()
+                }
+            }
+        }
+    }
+
+    /// Records the approval a held request waits on; its id is the id of
+    /// the request's audit record. Returns the digest of the arguments it is
+    /// bound to. Only a client's requests can be held.
+    fn ask(
+        &self,
+        direction: Direction,
+        kind: MessageKind,
+        message: &Message,
+        exchange: &Exchange,
+        record: &AuditRecord,
+        refusal: &Refusal,
+    ) -> anyhow::Result<String> {
+        if direction != Direction::ClientToServer || kind != MessageKind::Request {
+            anyhow::bail!("only a client's requests can be held");
+        }
+        anyhow::ensure!(
+            message.id.is_some(),
+            "a request without an id cannot be held"
+        );
+        let holding = &self.current.holding;
+        let arguments = held_arguments(exchange);
+        let digest = RawValue::from_string(arguments.clone())
+            .ok()
+            .and_then(|raw| canonical_digest(&raw))
+            .map(|(digest, _)| digest)
+            .unwrap_or_default();
+        let request = approvals::Request {
+            id: record.id.clone(),
+            agent: exchange.agent.id.clone(),
+            server: exchange.server.clone(),
+            method: exchange.method.clone(),
+            tool: exchange.tool.clone(),
+            arguments_sha256: digest.clone(),
+            arguments,
+            policy: refusal.policy.to_string(),
+            reason: refusal.reason.clone(),
+            tags: record.tags.clone(),
+            expires_in: holding.expiry(),
+            holder: holding.holder().to_string(),
+        };
+        holding.store()?.request(&request)?;
+        Ok(digest)
+    }
+
+    /// Waits (blocking) until a person decides on `held`, its approval
+    /// expires or it is cancelled, and settles it.
+    pub fn resolve(&self, held: Held) -> Delivery {
+        let ended = self.current.holding.wait(&held.approval);
+        self.settle(held, ended)
+    }
+
+    /// A held request whose approval ended as `ended` says: relayed if
+    /// approved, refused if denied or expired, dropped if cancelled. Each
+    /// ending is audited, once: a request already settled (e.g. cancelled
+    /// when its client left) gives nothing.
+    fn settle(&self, held: Held, ended: anyhow::Result<Approval>) -> Delivery {
+        let settled = self
+            .held
+            .lock()
+            .expect("held lock poisoned")
+            .remove(&held.key);
+        if settled.is_none() {
+            return Delivery::default();
+        }
+        let g = self.current();
+        let id = RawValue::from_string(held.key.clone()).ok();
+        let refused = |code: i32, why: &str, data: serde_json::Value| Delivery {
+            reply: Some(error_response(id.as_deref(), code, why, Some(data)).into_bytes()),
+            ..Delivery::default()
+        };
+        let approval = match ended {
+            Ok(approval) => approval,
+            Err(e) => {
+                let why = format!("the approval {} could not be read: {e:#}", held.approval);
+                tracing::error!("{why}");
+                return refused(INTERNAL_ERROR, &why, json!({ "approval": held.approval }));
+            }
+        };
+        let bound = approval.arguments_sha256 == held.arguments_sha256;
+        let record = ApprovalRecord::new(&approval, Some(held.key.clone()), bound);
+        let written = g.audit.write(&record);
+        let data = json!({
+            "approval": approval.id,
+            "state": record.state,
+            "decided_by": approval.decided_by,
+            "policy": approval.policy,
+            "reason": approval.reason,
+        });
+        if let Err(e) = written {
+            tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
+            let why =
+                "Portcullis could not write the audit record, so the held call was not relayed";
+            return refused(AUDIT_FAILED, why, data);
+        }
+        match (approval.state, bound) {
+            (State::Approved, true) => {
+                if let Some(id) = &id {
+                    let mut session = self.session.lock().expect("session lock poisoned");
+                    session.forwarded(Direction::ClientToServer, id, &held.exchange);
+                }
+                Delivery {
+                    forward: Some(held.text.into_bytes()),
+                    ..Delivery::default()
+                }
+            }
+            (State::Cancelled, _) => Delivery::default(),
+            _ => refused(DENIED, &record.message(), data),
+        }
+    }
+
+    /// Cancels every request this connection holds (its client went away):
+    /// their approvals end as cancelled, each audited.
+    pub fn cancel_held(&self, why: &str) {
+        let held: Vec<String> = self
+            .held
+            .lock()
+            .expect("held lock poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        for key in held {
+            self.cancel(&key, why);
+        }
+    }
+
+    /// A client's `notifications/cancelled` for a held request cancels its
+    /// approval.
+    fn cancelled_by_client(&self, params: Option<&str>) {
+        let request = params
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .and_then(|p| p.get("requestId").map(ToString::to_string));
+        if let Some(key) = request {
+            self.cancel(&key, "the client cancelled the request");
+        }
+    }
+
+    fn cancel(&self, key: &str, why: &str) {
+        let approval = self
+            .held
+            .lock()
+            .expect("held lock poisoned")
+            .get(key)
+            .cloned();
+        let Some(approval) = approval else {
+            return;
+        };
+        let cancelled = self
+            .current
+            .holding
+            .store()
+            .and_then(|store| store.settle(&approval, State::Cancelled, "client", Some(why)));
+        if let Err(e) = cancelled {
+            tracing::error!(approval, "cannot cancel the approval: {e:#}");
         }
     }
 
@@ -384,6 +621,11 @@ impl Relay {
             Decided::Deny(refusal) => {
                 record.deny(refusal.code, refusal.reason.as_str(), Some(&refusal.policy))
             }
+            Decided::Hold(refusal, _) => {
+                record.outcome = "hold";
+                record.reason = Some(refusal.reason.clone());
+                record.decided_by = Some(refusal.policy.to_string());
+            }
         }
         record.policies = decision.verdicts.clone();
         if !g.audit.include_policy_logs() {
@@ -475,5 +717,19 @@ fn into_delivery(step: Step) -> Delivery {
     Delivery {
         forward: step.forward.map(|f| f.into_owned().into_bytes()),
         reply: step.reply.map(String::into_bytes),
+        held: step.held.into_iter().collect(),
     }
+}
+
+/// The arguments a held request is shown with, as JSON text: a tool call's
+/// `arguments`, another request's params, as the chain left them.
+fn held_arguments(exchange: &Exchange) -> String {
+    let params = exchange.params.as_deref().unwrap_or("null");
+    if exchange.tool.is_none() {
+        return params.to_string();
+    }
+    serde_json::from_str::<serde_json::Value>(params)
+        .ok()
+        .and_then(|p| p.get("arguments").map(ToString::to_string))
+        .unwrap_or_else(|| "{}".into())
 }

@@ -9,11 +9,13 @@
 //! version that fails any step never replaces the running one: the failure is
 //! logged, audited as a reload event and shown in the status report.
 
+use crate::audit::ApprovalRecord;
 use crate::audit::{Audit, ReloadRecord, ReloadedPolicy};
 use crate::boundary::Boundary;
 use crate::config::Config;
 use crate::engine::{PolicyEngine, hex};
 use crate::guard::Guard;
+use crate::hold::Holding;
 use crate::jwt::Verifier;
 use crate::lock::Pins;
 use crate::ratelimit::RateRules;
@@ -147,14 +149,36 @@ pub struct Current {
     generation: RwLock<Arc<Generation>>,
     /// Rate buckets, quarantines and compiled schemas.
     pub boundary: Boundary,
+    /// Where calls are held for approval.
+    pub holding: Holding,
 }
 
 impl Current {
     /// `generation` in charge.
     pub fn new(generation: Generation) -> Self {
         Self {
+            holding: Holding::new(&generation.config),
             generation: RwLock::new(Arc::new(generation)),
             boundary: Boundary::default(),
+        }
+    }
+
+    /// Cancels the approvals that processes which have ended left pending
+    /// (their calls cannot run any more), auditing each.
+    pub fn cancel_orphans(&self) {
+        let cancelled = match self.holding.cancel_orphans() {
+            Ok(cancelled) => cancelled,
+            Err(e) => {
+                tracing::warn!("cannot look for orphaned approvals: {e:#}");
+                return;
+            }
+        };
+        let audit = &self.get().audit;
+        for approval in cancelled {
+            tracing::info!(approval = %approval.id, "cancelled an approval whose process ended");
+            if let Err(e) = audit.write(&ApprovalRecord::new(&approval, None, true)) {
+                tracing::error!("{e:#}");
+            }
         }
     }
 

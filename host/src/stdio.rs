@@ -118,7 +118,7 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
         std::thread::Builder::new()
             .name(format!("portcullis-{}", direction.as_str()))
             .spawn(move || {
-                pump(&relay, direction, input, max_message_bytes, &onward, &back);
+                pump(&relay, direction, input, max_message_bytes, onward, back);
                 let _ = endings.send(ended);
             })
             .context("cannot start a relay thread")?;
@@ -128,6 +128,7 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
     let status = match ending.recv().expect("relay threads report their end") {
         Ending::ServerClosed => wait_with_grace(&mut child)?,
         Ending::ClientClosed => {
+            relay.cancel_held("the client went away");
             to_server.close();
             let status = wait_with_grace(&mut child)?;
             drain(&ending);
@@ -135,6 +136,7 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
         }
         Ending::Signal(signal) => {
             tracing::info!(signal, "stopping the server");
+            relay.cancel_held("Portcullis was stopped");
             to_server.close();
             let status = wait_with_grace(&mut child)?;
             drain(&ending);
@@ -157,14 +159,15 @@ fn drain(ending: &mpsc::Receiver<Ending>) {
 }
 
 /// Reads frames from one side, judges them and sends the results on, until
-/// end of stream or until the onward side is gone.
+/// end of stream or until the onward side is gone. A request held for
+/// approval waits on its own thread, so the traffic behind it flows.
 fn pump(
-    relay: &Relay,
+    relay: &Arc<Relay>,
     direction: Direction,
     input: impl BufRead,
     max: usize,
-    onward: &Outlet,
-    back: &Outlet,
+    onward: Arc<Outlet>,
+    back: Arc<Outlet>,
 ) {
     let mut frames = FrameReader::new(input, max);
     loop {
@@ -177,6 +180,23 @@ fn pump(
             }
         };
         let delivery = relay.handle(direction, frame);
+        for held in delivery.held {
+            let (relay, onward, back) = (relay.clone(), onward.clone(), back.clone());
+            let waiting = std::thread::Builder::new()
+                .name("portcullis-held".into())
+                .spawn(move || {
+                    let settled = relay.resolve(held);
+                    if let Some(reply) = settled.reply {
+                        back.send(reply);
+                    }
+                    if let Some(forward) = settled.forward {
+                        onward.send(forward);
+                    }
+                });
+            if let Err(e) = waiting {
+                tracing::error!("cannot start a thread for a held call: {e}");
+            }
+        }
         if let Some(reply) = delivery.reply {
             back.send(reply);
         }

@@ -143,12 +143,16 @@ fn approval_holds_unless_a_later_policy_denies() {
         "{gate}\n[[policy]]\nname = \"filter\"\nmodule = \"tool_filter.wasm\"\n[[policy.settings.rules]]\nallow = [\"*\"]\n"
     ));
     let decision = allowing.decide(&mut call("delete_file", "{}", false), &[]);
-    let (policy, code, reason) = denied_by(&decision).unwrap();
-    assert_eq!((policy, code), ("gate", -32001));
+    let Decided::Hold(held, payload) = &decision.outcome else {
+        panic!("not held: {:?}", decision.outcome);
+    };
+    assert_eq!(&*held.policy, "gate");
     assert!(
-        reason.starts_with("approval required: tool 'delete_file'"),
-        "{reason}"
+        held.reason.starts_with("tool 'delete_file'"),
+        "{}",
+        held.reason
     );
+    assert_eq!(payload, &None, "nothing modified the call");
     assert_eq!(
         verdicts(&decision),
         vec![

@@ -3,12 +3,14 @@ driven by the official Python MCP SDK client."""
 
 import asyncio
 import hashlib
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import POLICIES, policy, proxied_filesystem, read_audit, write_config
+from conftest import PORTCULLIS, POLICIES, policy, proxied_filesystem, read_audit, write_config
 
 READ_ONLY = policy("read-only", "read_only.wasm", methods=["tools/call", "tools/list"])
 REQUIRED_FIELDS = {"time", "id", "agent", "server", "direction", "kind", "outcome", "policies", "latency_us"}
@@ -150,22 +152,92 @@ def test_secrets_in_results_are_redacted(tmp_path: Path, sandbox: Path):
     assert len(modified) == 1 and modified[0]["tags"] == ["redacted"]
 
 
-def test_approval_gate_holds_destructive_calls_as_denials_for_now(tmp_path: Path, sandbox: Path):
+def approvals(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """Runs `portcullis approvals ARGS --config CONFIG`."""
+    return subprocess.run([str(PORTCULLIS), "approvals", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def pending_approval(config: Path) -> dict:
+    """Waits for the one pending approval under `config` and returns it."""
+    for _ in range(300):
+        listed = await asyncio.to_thread(approvals, config, "list", "--json")
+        pending = json.loads(listed.stdout) if listed.returncode == 0 else []
+        if pending:
+            assert len(pending) == 1, pending
+            return pending[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError("no call was held")
+
+
+def test_a_held_call_runs_exactly_as_approved_and_a_denied_one_never_reaches_the_server(
+        tmp_path: Path, sandbox: Path):
     gate = policy("approval-gate", "approval_gate.wasm", methods=["tools/call"])
     config = write_config(tmp_path, [gate])
+    audit = tmp_path / "audit.jsonl"
+    approved_args = {"path": str(sandbox / "approved.txt"), "content": "approved content"}
 
     async def scenario():
-        async with proxied_filesystem(config, tmp_path / "audit.jsonl", sandbox) as session:
+        async with proxied_filesystem(config, audit, sandbox) as session:
             await session.list_tools()
-            with pytest.raises(MCPError) as held:
-                await session.call_tool("write_file", {"path": str(sandbox / "w.txt"), "content": "x"})
+            write = asyncio.create_task(session.call_tool("write_file", approved_args))
+            held = await pending_approval(config)
+            # Traffic behind a held call flows.
             read = await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
-            return held.value, read
+            shown = await asyncio.to_thread(approvals, config, "show", held["id"][:8])
+            decided = await asyncio.to_thread(approvals, config, "approve", held["id"], "--as", "alice",
+                                              "--reason", "looked fine")
+            written = await write
 
-    held, read = run(scenario())
-    assert "approval required" in held.message
-    assert not (sandbox / "w.txt").exists()
+            refused_write = asyncio.create_task(
+                session.call_tool("write_file", {"path": str(sandbox / "denied.txt"), "content": "x"}))
+            second = await pending_approval(config)
+            await asyncio.to_thread(approvals, config, "deny", second["id"], "--as", "bob", "--reason", "not today")
+            with pytest.raises(MCPError) as denied:
+                await refused_write
+            again = await asyncio.to_thread(approvals, config, "approve", second["id"], "--as", "alice")
+            return held, read, shown, decided, written, denied.value, again
+
+    held, read, shown, decided, written, denied, again = run(scenario())
+    assert held["tool"] == "write_file" and held["agent"] == "e2e-agent" and held["policy"] == "approval-gate"
+    assert json.loads(held["arguments"]) == approved_args
     assert not read.is_error
+    assert shown.returncode == 0 and "approved content" in shown.stdout and "risk:destructive" in shown.stdout
+    assert decided.returncode == 0 and "approved by alice" in decided.stdout
+    assert not written.is_error
+    assert (sandbox / "approved.txt").read_text() == "approved content"
+
+    assert denied.message == "Approval denied by bob: not today"
+    assert denied.data["state"] == "denied"
+    assert not (sandbox / "denied.txt").exists()
+    assert again.returncode == 1 and "it is denied (by bob)" in again.stdout, "a decision is final"
+
+    records = read_audit(audit)
+    holds = [r for r in records if r.get("outcome") == "hold"]
+    assert len(holds) == 2 and holds[0]["id"] == held["id"], "the approval is named by the held call's record"
+    assert holds[0]["decided_by"] == "approval-gate" and holds[0]["tool"] == "write_file"
+    events = [(e["approval"], e["state"], e["decided_by"]) for e in records if e.get("event") == "approval"]
+    assert events == [(held["id"], "approved", "alice"), (holds[1]["id"], "denied", "bob")]
+    assert next(e for e in records if e.get("event") == "approval")["comment"] == "looked fine"
+
+
+def test_a_held_call_nobody_decides_expires_and_never_runs(tmp_path: Path, sandbox: Path):
+    gate = policy("approval-gate", "approval_gate.wasm", methods=["tools/call"])
+    config = write_config(tmp_path, [gate], "\n[approvals]\nexpiry_secs = 1\n")
+    audit = tmp_path / "audit.jsonl"
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox) as session:
+            await session.list_tools()
+            with pytest.raises(MCPError) as expired:
+                await session.call_tool("write_file", {"path": str(sandbox / "late.txt"), "content": "x"})
+            return expired.value
+
+    expired = run(scenario())
+    assert expired.message.startswith("Approval expired"), expired.message
+    assert not (sandbox / "late.txt").exists()
+    events = [e for e in read_audit(audit) if e.get("event") == "approval"]
+    assert [(e["state"], e["decided_by"]) for e in events] == [("expired", "portcullis")]
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,8 @@ pub struct AuditRecord {
     /// sha256 of the canonical JSON of an answer's result or error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result_sha256: Option<String>,
-    /// `allow`, `modify` or `deny`.
+    /// `allow`, `modify`, `deny`, or `hold` (held for approval; the
+    /// approval's id is this record's).
     pub outcome: &'static str,
     /// For a denial: the JSON-RPC error code sent.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,6 +171,105 @@ impl ReloadRecord {
             generation,
             error,
             policies,
+        }
+    }
+}
+
+/// The audit event of a held call's approval ending: approved (and the
+/// call relayed), denied, expired or cancelled. The call's own record,
+/// whose id is the approval's, says it was held (`outcome: hold`).
+#[derive(Debug, Serialize)]
+pub struct ApprovalRecord {
+    /// When (RFC 3339, UTC, µs).
+    pub time: String,
+    /// Unique id (UUIDv7).
+    pub id: String,
+    /// Always `approval`.
+    pub event: &'static str,
+    /// The approval's id: the id of the held call's record.
+    pub approval: String,
+    /// `approved`, `denied`, `expired` or `cancelled`; `mismatch` when the
+    /// approval in the store no longer matches the held call's arguments (the
+    /// call is refused).
+    pub state: &'static str,
+    /// The agent.
+    pub agent: String,
+    /// The server's configured name.
+    pub server: String,
+    /// The method.
+    pub method: String,
+    /// The tool, for `tools/call`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// The held request's JSON-RPC id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jsonrpc_id: Option<String>,
+    /// sha256 of the canonical arguments approved.
+    pub arguments_sha256: String,
+    /// The policy that asked for approval.
+    pub policy: String,
+    /// Who decided: an approver, `client` (cancelled) or `portcullis`
+    /// (expired, or the holding process ended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// The decider's comment, or why it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// How long the call was held, in ms.
+    pub held_ms: u64,
+}
+
+impl ApprovalRecord {
+    /// The event of `approval` ending for a held call (JSON-RPC id
+    /// `jsonrpc_id`, when known); `bound` is false when the approval's
+    /// arguments are not the held call's.
+    pub fn new(
+        approval: &crate::approvals::Approval,
+        jsonrpc_id: Option<String>,
+        bound: bool,
+    ) -> Self {
+        let ended = approval.decided_ms.unwrap_or_else(crate::approvals::now_ms);
+        Self {
+            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            id: decision_id(),
+            event: "approval",
+            approval: approval.id.clone(),
+            state: if bound {
+                approval.state.as_str()
+            } else {
+                "mismatch"
+            },
+            agent: approval.agent.clone(),
+            server: approval.server.clone(),
+            method: approval.method.clone(),
+            tool: approval.tool.clone(),
+            jsonrpc_id,
+            arguments_sha256: approval.arguments_sha256.clone(),
+            policy: approval.policy.clone(),
+            decided_by: approval.decided_by.clone(),
+            comment: approval.comment.clone(),
+            held_ms: ended.saturating_sub(approval.created_ms),
+        }
+    }
+
+    /// What the agent reads when the held call is refused.
+    pub fn message(&self) -> String {
+        let by = self.decided_by.as_deref().unwrap_or("portcullis");
+        let comment = self
+            .comment
+            .as_deref()
+            .map_or_else(String::new, |c| format!(": {c}"));
+        match self.state {
+            "denied" => format!("Approval denied by {by}{comment}"),
+            "expired" => format!(
+                "Approval expired: nobody decided in time (approval {})",
+                self.approval
+            ),
+            "mismatch" => format!(
+                "Refused by Portcullis: approval {} does not match the held call's arguments",
+                self.approval
+            ),
+            other => format!("Approval {other}{comment}"),
         }
     }
 }
