@@ -473,13 +473,11 @@ impl Relay {
         }
     }
 
+    /// Cancels the held request `key` and audits it at once (its waiting
+    /// thread then finds it settled): the process may end before that
+    /// thread would look again.
     fn cancel(&self, key: &str, why: &str) {
-        let approval = self
-            .held
-            .lock()
-            .expect("held lock poisoned")
-            .get(key)
-            .cloned();
+        let approval = self.held.lock().expect("held lock poisoned").remove(key);
         let Some(approval) = approval else {
             return;
         };
@@ -487,7 +485,11 @@ impl Relay {
             .current
             .holding
             .store()
-            .and_then(|store| store.settle(&approval, State::Cancelled, "client", Some(why)));
+            .and_then(|store| store.settle(&approval, State::Cancelled, "client", Some(why)))
+            .and_then(|ended| {
+                let record = ApprovalRecord::new(&ended, Some(key.to_string()), true);
+                self.current().audit.write(&record)
+            });
         if let Err(e) = cancelled {
             tracing::error!(approval, "cannot cancel the approval: {e:#}");
         }

@@ -221,6 +221,29 @@ def test_a_held_call_runs_exactly_as_approved_and_a_denied_one_never_reaches_the
     assert next(e for e in records if e.get("event") == "approval")["comment"] == "looked fine"
 
 
+def test_a_held_call_whose_client_leaves_is_cancelled_and_never_runs(tmp_path: Path, sandbox: Path):
+    gate = policy("approval-gate", "approval_gate.wasm", methods=["tools/call"])
+    config = write_config(tmp_path, [gate])
+    audit = tmp_path / "audit.jsonl"
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox) as session:
+            await session.list_tools()
+            write = asyncio.create_task(
+                session.call_tool("write_file", {"path": str(sandbox / "left.txt"), "content": "x"}))
+            held = await pending_approval(config)
+            write.cancel()
+        return held
+
+    held = run(scenario())
+    # The client is gone: approving now runs nothing.
+    late = approvals(config, "approve", held["id"], "--as", "alice")
+    assert late.returncode == 1 and "it is cancelled" in late.stdout
+    assert not (sandbox / "left.txt").exists()
+    events = [e for e in read_audit(audit) if e.get("event") == "approval"]
+    assert [(e["approval"], e["state"], e["decided_by"]) for e in events] == [(held["id"], "cancelled", "client")]
+
+
 def test_a_held_call_nobody_decides_expires_and_never_runs(tmp_path: Path, sandbox: Path):
     gate = policy("approval-gate", "approval_gate.wasm", methods=["tools/call"])
     config = write_config(tmp_path, [gate], "\n[approvals]\nexpiry_secs = 1\n")
