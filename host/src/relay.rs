@@ -7,7 +7,7 @@
 //! decide alike.
 
 use crate::approvals::{self, Approval, State};
-use crate::audit::{ApprovalRecord, AuditRecord, canonical_digest};
+use crate::audit::{ApprovalRecord, AuditRecord, canonical_digest, value_digest};
 use crate::bindings::{Direction, Exchange, MessageKind};
 use crate::boundary::{self, Listing, Stop};
 use crate::drift::ToolDrift;
@@ -358,11 +358,7 @@ impl Relay {
         );
         let holding = &self.current.holding;
         let arguments = held_arguments(exchange);
-        let digest = RawValue::from_string(arguments.clone())
-            .ok()
-            .and_then(|raw| canonical_digest(&raw))
-            .map(|(digest, _)| digest)
-            .unwrap_or_default();
+        let digest = value_digest(&arguments);
         let request = approvals::Request {
             id: record.id.clone(),
             agent: exchange.agent.id.clone(),
@@ -370,7 +366,7 @@ impl Relay {
             method: exchange.method.clone(),
             tool: exchange.tool.clone(),
             arguments_sha256: digest.clone(),
-            arguments,
+            arguments: arguments.to_string(),
             policy: refusal.policy.to_string(),
             reason: refusal.reason.clone(),
             tags: record.tags.clone(),
@@ -723,15 +719,19 @@ fn into_delivery(step: Step) -> Delivery {
     }
 }
 
-/// The arguments a held request is shown with, as JSON text: a tool call's
-/// `arguments`, another request's params, as the chain left them.
-fn held_arguments(exchange: &Exchange) -> String {
-    let params = exchange.params.as_deref().unwrap_or("null");
-    if exchange.tool.is_none() {
-        return params.to_string();
+/// The arguments a held request is shown with: a tool call's `arguments`,
+/// another request's params, as the chain left them.
+fn held_arguments(exchange: &Exchange) -> serde_json::Value {
+    let params: serde_json::Value = exchange
+        .params
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok())
+        .unwrap_or_default();
+    match exchange.tool {
+        Some(_) => params
+            .get("arguments")
+            .cloned()
+            .unwrap_or_else(|| json!({})),
+        None => params,
     }
-    serde_json::from_str::<serde_json::Value>(params)
-        .ok()
-        .and_then(|p| p.get("arguments").map(ToString::to_string))
-        .unwrap_or_else(|| "{}".into())
 }

@@ -350,8 +350,13 @@ fn decision_id() -> String {
 /// were written. `None` if the text is not JSON.
 pub fn canonical_digest(json: &RawValue) -> Option<(String, Value)> {
     let value: Value = serde_json::from_str(json.get()).ok()?;
-    let canonical = serde_json::to_string(&value).ok()?;
-    Some((hex(&Sha256::digest(canonical.as_bytes())), value))
+    Some((value_digest(&value), value))
+}
+
+/// sha256 of a JSON value's canonical form (its text: serde_json keeps
+/// object keys sorted).
+pub fn value_digest(value: &Value) -> String {
+    hex(&Sha256::digest(value.to_string().as_bytes()))
 }
 
 /// The configured sinks and what goes into records.
