@@ -56,11 +56,9 @@ impl State {
     }
 }
 
-/// What a held call asks a person to approve.
+/// The call a person is asked to approve.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Request {
-    /// The id of the held request's audit record, which names the approval.
-    pub id: String,
+pub struct Call {
     /// The agent making the call.
     pub agent: String,
     /// The server's configured name.
@@ -79,6 +77,15 @@ pub struct Request {
     pub reason: String,
     /// The tags of the decision (e.g. `risk:destructive`).
     pub tags: Vec<String>,
+}
+
+/// A held call's request for approval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The id of the held request's audit record, which names the approval.
+    pub id: String,
+    /// What is to be approved.
+    pub call: Call,
     /// How long it may wait.
     pub expires_in: Duration,
     /// Who holds the call (this process), to tell orphans apart.
@@ -94,24 +101,9 @@ pub struct Approval {
     pub created_ms: u64,
     /// When it expires, in ms since the epoch.
     pub expires_ms: u64,
-    /// The agent making the call.
-    pub agent: String,
-    /// The server's configured name.
-    pub server: String,
-    /// The method.
-    pub method: String,
-    /// The tool, for `tools/call`.
-    pub tool: Option<String>,
-    /// sha256 of the canonical JSON of the arguments.
-    pub arguments_sha256: String,
-    /// The arguments, as JSON text.
-    pub arguments: String,
-    /// The policy that asked.
-    pub policy: String,
-    /// Why it asked.
-    pub reason: String,
-    /// The decision's tags.
-    pub tags: Vec<String>,
+    /// What is to be approved.
+    #[serde(flatten)]
+    pub call: Call,
     /// Where it stands.
     pub state: State,
     /// Who decided (a person, `client`, `portcullis`).
@@ -187,7 +179,8 @@ impl Approvals {
     pub fn request(&self, request: &Request) -> Result<Approval> {
         let now = now_ms();
         let expires = now + request.expires_in.as_millis() as u64;
-        let tags = serde_json::to_string(&request.tags)?;
+        let call = &request.call;
+        let tags = serde_json::to_string(&call.tags)?;
         self.db()
             .execute(
                 &format!("INSERT INTO approvals ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'pending', NULL, NULL, NULL, ?13)"),
@@ -195,14 +188,14 @@ impl Approvals {
                     request.id,
                     now as i64,
                     expires as i64,
-                    request.agent,
-                    request.server,
-                    request.method,
-                    request.tool,
-                    request.arguments_sha256,
-                    request.arguments,
-                    request.policy,
-                    request.reason,
+                    call.agent,
+                    call.server,
+                    call.method,
+                    call.tool,
+                    call.arguments_sha256,
+                    call.arguments,
+                    call.policy,
+                    call.reason,
                     tags,
                     request.holder
                 ],
@@ -316,15 +309,17 @@ fn read(row: &Row) -> rusqlite::Result<Result<Approval>> {
             id: text(0)?,
             created_ms: row.get::<_, i64>(1)? as u64,
             expires_ms: row.get::<_, i64>(2)? as u64,
-            agent: text(3)?,
-            server: text(4)?,
-            method: text(5)?,
-            tool: row.get(6)?,
-            arguments_sha256: text(7)?,
-            arguments: text(8)?,
-            policy: text(9)?,
-            reason: text(10)?,
-            tags: serde_json::from_str(&tags).context("unreadable tags")?,
+            call: Call {
+                agent: text(3)?,
+                server: text(4)?,
+                method: text(5)?,
+                tool: row.get(6)?,
+                arguments_sha256: text(7)?,
+                arguments: text(8)?,
+                policy: text(9)?,
+                reason: text(10)?,
+                tags: serde_json::from_str(&tags).context("unreadable tags")?,
+            },
             state: State::parse(&state)?,
             decided_by: row.get(13)?,
             decided_ms: row.get::<_, Option<i64>>(14)?.map(|v| v as u64),
@@ -349,15 +344,17 @@ mod tests {
     fn request(id: &str, expires_in: Duration) -> Request {
         Request {
             id: id.into(),
-            agent: "bot".into(),
-            server: "fs".into(),
-            method: "tools/call".into(),
-            tool: Some("delete".into()),
-            arguments_sha256: "ab".into(),
-            arguments: r#"{"path":"/x"}"#.into(),
-            policy: "gate".into(),
-            reason: "destructive".into(),
-            tags: vec!["risk:destructive".into()],
+            call: Call {
+                agent: "bot".into(),
+                server: "fs".into(),
+                method: "tools/call".into(),
+                tool: Some("delete".into()),
+                arguments_sha256: "ab".into(),
+                arguments: r#"{"path":"/x"}"#.into(),
+                policy: "gate".into(),
+                reason: "destructive".into(),
+                tags: vec!["risk:destructive".into()],
+            },
             expires_in,
             holder: "host-1".into(),
         }
@@ -376,7 +373,7 @@ mod tests {
             .request(&request("0192-aaaa", Duration::from_secs(60)))
             .unwrap();
         assert_eq!(pending.state, State::Pending);
-        assert_eq!(pending.tags, ["risk:destructive"]);
+        assert_eq!(pending.call.tags, ["risk:destructive"]);
         let approved = store
             .settle("0192-a", State::Approved, "alice", Some("ok"))
             .unwrap();

@@ -141,9 +141,9 @@ fn table(approvals: &[Approval], now: u64) -> String {
             "{:<36}  {:<9}  {:<16}  {:<12}  {:<24}  {}\n",
             a.id,
             a.state.as_str(),
-            a.agent,
-            a.server,
-            a.tool.as_deref().unwrap_or(&a.method),
+            a.call.agent,
+            a.call.server,
+            a.call.tool.as_deref().unwrap_or(&a.call.method),
             waiting(a, now)
         ));
     }
@@ -164,24 +164,25 @@ fn waiting(a: &Approval, now: u64) -> String {
 
 /// Everything a person needs to decide.
 fn details(a: &Approval, now: u64) -> String {
-    let arguments = serde_json::from_str::<serde_json::Value>(&a.arguments)
+    let arguments = serde_json::from_str::<serde_json::Value>(&a.call.arguments)
         .and_then(|v| serde_json::to_string_pretty(&v))
-        .unwrap_or_else(|_| a.arguments.clone());
+        .unwrap_or_else(|_| a.call.arguments.clone());
     let mut out = format!(
         "approval   {}\nstate      {}\nagent      {}\nserver     {}\ncall       {}{}\npolicy     {}\nreason     {}\n",
         a.id,
         a.state.as_str(),
-        a.agent,
-        a.server,
-        a.method,
-        a.tool
+        a.call.agent,
+        a.call.server,
+        a.call.method,
+        a.call
+            .tool
             .as_deref()
             .map_or_else(String::new, |t| format!(" {t}")),
-        a.policy,
-        a.reason,
+        a.call.policy,
+        a.call.reason,
     );
-    if !a.tags.is_empty() {
-        out.push_str(&format!("tags       {}\n", a.tags.join(", ")));
+    if !a.call.tags.is_empty() {
+        out.push_str(&format!("tags       {}\n", a.call.tags.join(", ")));
     }
     out.push_str(&format!("waiting    {}\n", waiting(a, now)));
     if let Some(by) = &a.decided_by {
@@ -193,7 +194,7 @@ fn details(a: &Approval, now: u64) -> String {
     }
     out.push_str(&format!(
         "arguments  (sha256 {})\n{arguments}\n",
-        a.arguments_sha256
+        a.call.arguments_sha256
     ));
     out
 }
@@ -207,15 +208,17 @@ mod tests {
             id: "0192f0aa-0000-7000-8000-000000000001".into(),
             created_ms: 10_000,
             expires_ms: 70_000,
-            agent: "ci-bot".into(),
-            server: "fs".into(),
-            method: "tools/call".into(),
-            tool: Some("write_file".into()),
-            arguments_sha256: "abc".into(),
-            arguments: r#"{"path":"/srv/a","content":"x"}"#.into(),
-            policy: "approval-gate".into(),
-            reason: "tool 'write_file' is destructive".into(),
-            tags: vec!["risk:destructive".into()],
+            call: crate::approvals::Call {
+                agent: "ci-bot".into(),
+                server: "fs".into(),
+                method: "tools/call".into(),
+                tool: Some("write_file".into()),
+                arguments_sha256: "abc".into(),
+                arguments: r#"{"path":"/srv/a","content":"x"}"#.into(),
+                policy: "approval-gate".into(),
+                reason: "tool 'write_file' is destructive".into(),
+                tags: vec!["risk:destructive".into()],
+            },
             state,
             decided_by: None,
             decided_ms: None,

@@ -361,15 +361,17 @@ impl Relay {
         let digest = value_digest(&arguments);
         let request = approvals::Request {
             id: record.id.clone(),
-            agent: exchange.agent.id.clone(),
-            server: exchange.server.clone(),
-            method: exchange.method.clone(),
-            tool: exchange.tool.clone(),
-            arguments_sha256: digest.clone(),
-            arguments: arguments.to_string(),
-            policy: refusal.policy.to_string(),
-            reason: refusal.reason.clone(),
-            tags: record.tags.clone(),
+            call: approvals::Call {
+                agent: exchange.agent.id.clone(),
+                server: exchange.server.clone(),
+                method: exchange.method.clone(),
+                tool: exchange.tool.clone(),
+                arguments_sha256: digest.clone(),
+                arguments: arguments.to_string(),
+                policy: refusal.policy.to_string(),
+                reason: refusal.reason.clone(),
+                tags: record.tags.clone(),
+            },
             expires_in: holding.expiry(),
             holder: holding.holder().to_string(),
         };
@@ -411,15 +413,15 @@ impl Relay {
                 return refused(INTERNAL_ERROR, &why, json!({ "approval": held.approval }));
             }
         };
-        let bound = approval.arguments_sha256 == held.arguments_sha256;
+        let bound = approval.call.arguments_sha256 == held.arguments_sha256;
         let record = ApprovalRecord::new(&approval, Some(held.key.clone()), bound);
         let written = g.audit.write(&record);
         let data = json!({
             "approval": approval.id,
             "state": record.state,
             "decided_by": approval.decided_by,
-            "policy": approval.policy,
-            "reason": approval.reason,
+            "policy": approval.call.policy,
+            "reason": approval.call.reason,
         });
         if let Err(e) = written {
             tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
