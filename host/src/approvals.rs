@@ -4,7 +4,10 @@
 //! of a deployment and by `portcullis approvals`, so whoever decides acts on
 //! the same record the held call waits on. An approval is bound to the agent,
 //! server, tool and the sha256 of the canonical arguments: the call that runs
-//! is exactly the call that was shown.
+//! is exactly the call that was shown. The rule that matched the call is
+//! stored with it — who may decide, how many must approve, how long an
+//! approval may be reused — so every way of deciding (the CLI, the admin
+//! API and page) is held to the same rule by [`Approvals::decide`].
 
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -79,6 +82,28 @@ pub struct Call {
     pub tags: Vec<String>,
 }
 
+/// Who may decide a call and what it takes, as the matching rule said.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Terms {
+    /// The approvers who may decide; `None`: anyone who may decide at all.
+    pub approvers: Option<Vec<String>>,
+    /// How many distinct approvers must approve (a deny by one is final).
+    pub required: u32,
+    /// For how long after its approval the same call (agent, server, tool,
+    /// arguments) runs again without asking, in ms; 0: never.
+    pub reuse_ms: u64,
+}
+
+impl Default for Terms {
+    fn default() -> Self {
+        Self {
+            approvers: None,
+            required: 1,
+            reuse_ms: 0,
+        }
+    }
+}
+
 /// A held call's request for approval.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -86,10 +111,98 @@ pub struct Request {
     pub id: String,
     /// What is to be approved.
     pub call: Call,
+    /// Who may decide it.
+    pub terms: Terms,
     /// How long it may wait.
     pub expires_in: Duration,
     /// Who holds the call (this process), to tell orphans apart.
     pub holder: String,
+}
+
+/// One approver's approval, while more are needed and after.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Vote {
+    /// Who approved.
+    pub approver: String,
+    /// When, in ms since the epoch.
+    pub decided_ms: u64,
+    /// Their comment.
+    pub comment: Option<String>,
+}
+
+/// A person's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the call run (once enough approvers agree).
+    Approve,
+    /// Refuse it.
+    Deny,
+}
+
+/// Why a person's decision was not taken.
+#[derive(Debug)]
+pub enum Refused {
+    /// No such approval.
+    Unknown(String),
+    /// The rule does not let this approver decide it.
+    NotAllowed {
+        /// Who tried.
+        approver: String,
+        /// Who may.
+        approvers: Vec<String>,
+    },
+    /// This approver already approved it; others must too.
+    AlreadyApproved(Box<Approval>),
+    /// It is no longer pending.
+    Ended(Box<Approval>),
+    /// The store failed.
+    Store(anyhow::Error),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Unknown(id) => write!(f, "no approval '{id}'"),
+            Refused::NotAllowed {
+                approver,
+                approvers,
+            } => write!(
+                f,
+                "{approver} may not decide this call (its rule names {})",
+                approvers.join(", ")
+            ),
+            Refused::AlreadyApproved(a) => write!(
+                f,
+                "{} already has your approval; it needs {} more",
+                a.id,
+                a.terms.required as usize - a.votes.len()
+            ),
+            Refused::Ended(a) => write!(
+                f,
+                "{} is already {}{}",
+                a.id,
+                a.state.as_str(),
+                a.decided_by
+                    .as_deref()
+                    .map_or_else(String::new, |by| format!(" (by {by})"))
+            ),
+            Refused::Store(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl From<anyhow::Error> for Refused {
+    fn from(e: anyhow::Error) -> Self {
+        Refused::Store(e)
+    }
+}
+
+impl From<rusqlite::Error> for Refused {
+    fn from(e: rusqlite::Error) -> Self {
+        Refused::Store(e.into())
+    }
 }
 
 /// An approval as stored.
@@ -104,6 +217,11 @@ pub struct Approval {
     /// What is to be approved.
     #[serde(flatten)]
     pub call: Call,
+    /// Who may decide it.
+    #[serde(flatten)]
+    pub terms: Terms,
+    /// The approvals given so far (all of them, once approved).
+    pub votes: Vec<Vote>,
     /// Where it stands.
     pub state: State,
     /// Who decided (a person, `client`, `portcullis`).
@@ -145,8 +263,25 @@ CREATE TABLE IF NOT EXISTS approvals (
 CREATE INDEX IF NOT EXISTS approvals_state ON approvals (state, created_ms);
 ";
 
+/// Version 1: the rule's terms and the votes of a two-person rule.
+const SCHEMA_1: &str = "
+ALTER TABLE approvals ADD COLUMN approvers TEXT;
+ALTER TABLE approvals ADD COLUMN required INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE approvals ADD COLUMN reuse_ms INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE votes (
+    approval TEXT NOT NULL REFERENCES approvals (id),
+    approver TEXT NOT NULL,
+    decided_ms INTEGER NOT NULL,
+    comment TEXT,
+    PRIMARY KEY (approval, approver)
+);
+CREATE INDEX approvals_reuse ON approvals (agent, server, arguments_sha256, state);
+PRAGMA user_version = 1;
+";
+
 const COLUMNS: &str = "id, created_ms, expires_ms, agent, server, method, tool, arguments_sha256, \
-     arguments, policy, reason, tags, state, decided_by, decided_ms, comment, holder";
+     arguments, policy, reason, tags, state, decided_by, decided_ms, comment, holder, \
+     approvers, required, reuse_ms";
 
 impl Approvals {
     /// Opens (creating if need be) the store at `path`, readable and
@@ -156,13 +291,13 @@ impl Approvals {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let db = Connection::open(path)
+        let mut db = Connection::open(path)
             .with_context(|| format!("cannot open the approvals store {}", path.display()))?;
         restrict(path)?;
         db.busy_timeout(Duration::from_secs(5))?;
         db.pragma_update(None, "journal_mode", "WAL")
             .context("cannot switch the approvals store to WAL")?;
-        db.execute_batch(SCHEMA)
+        migrate(&mut db)
             .with_context(|| format!("{} is not an approvals store", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -179,11 +314,16 @@ impl Approvals {
     pub fn request(&self, request: &Request) -> Result<Approval> {
         let now = now_ms();
         let expires = now + request.expires_in.as_millis() as u64;
-        let call = &request.call;
+        let (call, terms) = (&request.call, &request.terms);
         let tags = serde_json::to_string(&call.tags)?;
-        self.db()
-            .execute(
-                &format!("INSERT INTO approvals ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'pending', NULL, NULL, NULL, ?13)"),
+        let approvers = terms
+            .approvers
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?;
+        let db = self.db();
+        db.execute(
+                &format!("INSERT INTO approvals ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'pending', NULL, NULL, NULL, ?13, ?14, ?15, ?16)"),
                 params![
                     request.id,
                     now as i64,
@@ -197,34 +337,33 @@ impl Approvals {
                     call.policy,
                     call.reason,
                     tags,
-                    request.holder
+                    request.holder,
+                    approvers,
+                    terms.required,
+                    terms.reuse_ms as i64
                 ],
             )
             .context("cannot record the approval")?;
-        self.get(&request.id)?
-            .context("the approval vanished as it was recorded")
+        fetch(&db, &request.id)?.context("the approval vanished as it was recorded")
     }
 
     /// The approval `id`, or the only one whose id starts with it.
     pub fn get(&self, id: &str) -> Result<Option<Approval>> {
         let db = self.db();
-        let exact = db
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
-                [id],
-                read,
-            )
-            .optional()?;
-        if exact.is_some() || id.len() < 4 {
-            return exact.transpose();
+        if let Some(exact) = fetch(&db, id)? {
+            return Ok(Some(exact));
         }
-        let mut query = db.prepare(&format!(
-            "SELECT {COLUMNS} FROM approvals WHERE id LIKE ?1 || '%' LIMIT 2"
-        ))?;
-        let found: Vec<_> = query.query_map([id], read)?.collect::<Result<_, _>>()?;
-        match found.len() {
-            0 => Ok(None),
-            1 => found.into_iter().next().transpose(),
+        if id.len() < 4 {
+            return Ok(None);
+        }
+        let mut query =
+            db.prepare("SELECT id FROM approvals WHERE substr(id, 1, length(?1)) = ?1 LIMIT 2")?;
+        let found: Vec<String> = query
+            .query_map([id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => fetch(&db, one),
             _ => bail!("'{id}' names more than one approval; give more of the id"),
         }
     }
@@ -237,7 +376,113 @@ impl Approvals {
              ORDER BY created_ms DESC, id DESC LIMIT ?2"
         ))?;
         let rows = query.query_map(params![state.map(State::as_str), limit as i64], read)?;
-        rows.map(|r| r?).collect()
+        let approvals: Vec<Approval> = rows.map(|r| r?).collect::<Result<_>>()?;
+        approvals.into_iter().map(|a| with_votes(&db, a)).collect()
+    }
+
+    /// Ended approvals, most recently ended first, at most `limit`.
+    pub fn recent(&self, limit: usize) -> Result<Vec<Approval>> {
+        let db = self.db();
+        let mut query = db.prepare(&format!(
+            "SELECT {COLUMNS} FROM approvals WHERE state != 'pending' \
+             ORDER BY decided_ms DESC, id DESC LIMIT ?1"
+        ))?;
+        let rows = query.query_map([limit as i64], read)?;
+        let approvals: Vec<Approval> = rows.map(|r| r?).collect::<Result<_>>()?;
+        approvals.into_iter().map(|a| with_votes(&db, a)).collect()
+    }
+
+    /// An approval of exactly `call` (same agent, server, method, tool and
+    /// arguments) that may still be reused at `now` (ms since the epoch).
+    pub fn reusable(&self, call: &Call, now: u64) -> Result<Option<Approval>> {
+        let db = self.db();
+        let id: Option<String> = db
+            .query_row(
+                "SELECT id FROM approvals WHERE state = 'approved' AND agent = ?1 \
+                 AND server = ?2 AND method = ?3 AND tool IS ?4 AND arguments_sha256 = ?5 \
+                 AND reuse_ms > 0 AND decided_ms + reuse_ms > ?6 \
+                 ORDER BY decided_ms DESC LIMIT 1",
+                params![
+                    call.agent,
+                    call.server,
+                    call.method,
+                    call.tool,
+                    call.arguments_sha256,
+                    now as i64
+                ],
+                |r| r.get(0),
+            )
+            .optional()?;
+        id.map_or(Ok(None), |id| fetch(&db, &id))
+    }
+
+    /// A person's decision on approval `id` (or a unique prefix of it), held
+    /// to the terms stored with it: `by` must be one of its approvers; a deny
+    /// ends it at once; an approval counts as a vote and ends it once
+    /// `required` distinct approvers agree. Returns the approval as it then
+    /// stands (still pending while more approvals are needed).
+    pub fn decide(
+        &self,
+        id: &str,
+        verdict: Verdict,
+        by: &str,
+        comment: Option<&str>,
+    ) -> Result<Approval, Refused> {
+        let approval = self
+            .get(id)?
+            .ok_or_else(|| Refused::Unknown(id.to_string()))?;
+        if let Some(approvers) = &approval.terms.approvers
+            && !approvers.iter().any(|a| a == by)
+        {
+            return Err(Refused::NotAllowed {
+                approver: by.to_string(),
+                approvers: approvers.clone(),
+            });
+        }
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_ms();
+        let current = fetch(&tx, &approval.id)?.ok_or_else(|| Refused::Unknown(id.to_string()))?;
+        if current.state != State::Pending {
+            return Err(Refused::Ended(Box::new(current)));
+        }
+        if now >= current.expires_ms {
+            end(
+                &tx,
+                &current.id,
+                State::Expired,
+                "portcullis",
+                Some(EXPIRED),
+                now,
+            )?;
+        } else if verdict == Verdict::Deny {
+            end(&tx, &current.id, State::Denied, by, comment, now)?;
+        } else {
+            if current.votes.iter().any(|v| v.approver == by) {
+                return Err(Refused::AlreadyApproved(Box::new(current)));
+            }
+            tx.execute(
+                "INSERT INTO votes (approval, approver, decided_ms, comment) VALUES (?1, ?2, ?3, ?4)",
+                params![current.id, by, now as i64, comment],
+            )?;
+            if current.votes.len() + 1 >= current.terms.required as usize {
+                let mut voters: Vec<&str> =
+                    current.votes.iter().map(|v| v.approver.as_str()).collect();
+                voters.push(by);
+                end(
+                    &tx,
+                    &current.id,
+                    State::Approved,
+                    &voters.join(", "),
+                    comment,
+                    now,
+                )?;
+            }
+        }
+        let decided =
+            fetch(&tx, &current.id)?.context("the approval vanished as it was decided")?;
+        tx.commit()?;
+        Ok(decided)
     }
 
     /// Ends a pending approval as `state` (approved, denied, cancelled or
@@ -258,17 +503,13 @@ impl Approvals {
         }
         let now = now_ms();
         let (state, by, comment) = if now >= approval.expires_ms && state != State::Cancelled {
-            (State::Expired, "portcullis", Some("nobody decided in time"))
+            (State::Expired, "portcullis", Some(EXPIRED))
         } else {
             (state, by, comment)
         };
-        self.db().execute(
-            "UPDATE approvals SET state = ?2, decided_by = ?3, decided_ms = ?4, comment = ?5 \
-             WHERE id = ?1 AND state = 'pending'",
-            params![approval.id, state.as_str(), by, now as i64, comment],
-        )?;
-        self.get(&approval.id)?
-            .context("the approval vanished as it was decided")
+        let db = self.db();
+        end(&db, &approval.id, state, by, comment, now)?;
+        fetch(&db, &approval.id)?.context("the approval vanished as it was decided")
     }
 
     /// Pending approvals held by a holder `alive` says is gone: their calls
@@ -293,6 +534,69 @@ impl Approvals {
     }
 }
 
+/// Why an approval nobody decided ended.
+pub const EXPIRED: &str = "nobody decided in time";
+
+/// Brings the store's schema up to date, once, whichever process comes
+/// first.
+fn migrate(db: &mut Connection) -> Result<()> {
+    let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < 1 {
+        tx.execute_batch(SCHEMA_1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Ends pending approval `id` as `state`.
+fn end(
+    db: &Connection,
+    id: &str,
+    state: State,
+    by: &str,
+    comment: Option<&str>,
+    now: u64,
+) -> Result<()> {
+    db.execute(
+        "UPDATE approvals SET state = ?2, decided_by = ?3, decided_ms = ?4, comment = ?5 \
+         WHERE id = ?1 AND state = 'pending'",
+        params![id, state.as_str(), by, now as i64, comment],
+    )?;
+    Ok(())
+}
+
+/// Approval `id` exactly, with its votes.
+fn fetch(db: &Connection, id: &str) -> Result<Option<Approval>> {
+    let found = db
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
+            [id],
+            read,
+        )
+        .optional()?;
+    found.transpose()?.map(|a| with_votes(db, a)).transpose()
+}
+
+/// `approval` with its votes, in the order given.
+fn with_votes(db: &Connection, mut approval: Approval) -> Result<Approval> {
+    let mut query = db.prepare(
+        "SELECT approver, decided_ms, comment FROM votes WHERE approval = ?1 \
+         ORDER BY decided_ms, approver",
+    )?;
+    approval.votes = query
+        .query_map([&approval.id], |r| {
+            Ok(Vote {
+                approver: r.get(0)?,
+                decided_ms: r.get::<_, i64>(1)? as u64,
+                comment: r.get(2)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(approval)
+}
+
 /// Makes the store private to its owner.
 fn restrict(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -304,6 +608,8 @@ fn read(row: &Row) -> rusqlite::Result<Result<Approval>> {
     let text = |i: usize| row.get::<_, String>(i);
     let tags: String = text(11)?;
     let state: String = text(12)?;
+    let approvers: Option<String> = row.get(17)?;
+    let terms = (row.get::<_, i64>(18)?, row.get::<_, i64>(19)?);
     let approval = (|| {
         Ok(Approval {
             id: text(0)?,
@@ -325,6 +631,15 @@ fn read(row: &Row) -> rusqlite::Result<Result<Approval>> {
             decided_ms: row.get::<_, Option<i64>>(14)?.map(|v| v as u64),
             comment: row.get(15)?,
             holder: text(16)?,
+            terms: Terms {
+                approvers: approvers
+                    .map(|a| serde_json::from_str(&a))
+                    .transpose()
+                    .context("unreadable approvers")?,
+                required: u32::try_from(terms.0).unwrap_or(1),
+                reuse_ms: terms.1 as u64,
+            },
+            votes: Vec::new(),
         })
     })();
     Ok(approval)
@@ -355,6 +670,7 @@ mod tests {
                 reason: "destructive".into(),
                 tags: vec!["risk:destructive".into()],
             },
+            terms: Terms::default(),
             expires_in,
             holder: "host-1".into(),
         }
@@ -420,6 +736,106 @@ mod tests {
         let pending = store.list(Some(State::Pending), 10).unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].id, "same-2");
+    }
+
+    #[test]
+    fn a_two_person_rule_needs_two_distinct_named_approvers() {
+        let (_dir, store) = store();
+        let mut two = request("two-1", Duration::from_secs(60));
+        two.terms = Terms {
+            approvers: Some(vec!["alice".into(), "bob".into(), "carol".into()]),
+            required: 2,
+            reuse_ms: 0,
+        };
+        store.request(&two).unwrap();
+        let refused = store.decide("two-1", Verdict::Approve, "mallory", None);
+        assert!(
+            matches!(refused, Err(Refused::NotAllowed { .. })),
+            "{refused:?}"
+        );
+        let first = store
+            .decide("two-1", Verdict::Approve, "alice", Some("fine"))
+            .unwrap();
+        assert_eq!(first.state, State::Pending, "one of two approvals");
+        assert_eq!(first.votes.len(), 1);
+        let again = store.decide("two-1", Verdict::Approve, "alice", None);
+        assert!(
+            matches!(again, Err(Refused::AlreadyApproved(_))),
+            "{again:?}"
+        );
+        let second = store
+            .decide("two-1", Verdict::Approve, "bob", None)
+            .unwrap();
+        assert_eq!(second.state, State::Approved);
+        assert_eq!(second.decided_by.as_deref(), Some("alice, bob"));
+        let late = store.decide("two-1", Verdict::Deny, "carol", None);
+        assert!(matches!(late, Err(Refused::Ended(_))), "{late:?}");
+    }
+
+    #[test]
+    fn one_deny_ends_a_two_person_approval() {
+        let (_dir, store) = store();
+        let mut two = request("deny-1", Duration::from_secs(60));
+        two.terms.required = 2;
+        store.request(&two).unwrap();
+        store
+            .decide("deny-1", Verdict::Approve, "alice", None)
+            .unwrap();
+        let denied = store
+            .decide("deny-1", Verdict::Deny, "bob", Some("not today"))
+            .unwrap();
+        assert_eq!(denied.state, State::Denied);
+        assert_eq!(denied.decided_by.as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn an_approval_is_reused_only_for_the_same_call_within_its_window() {
+        let (_dir, store) = store();
+        let mut reused = request("reuse-1", Duration::from_secs(60));
+        reused.terms.reuse_ms = 60_000;
+        store.request(&reused).unwrap();
+        let call = reused.call.clone();
+        assert!(
+            store.reusable(&call, now_ms()).unwrap().is_none(),
+            "pending"
+        );
+        store
+            .decide("reuse-1", Verdict::Approve, "alice", None)
+            .unwrap();
+        let found = store.reusable(&call, now_ms()).unwrap().unwrap();
+        assert_eq!(found.id, "reuse-1");
+        let other = Call {
+            arguments_sha256: "cd".into(),
+            ..call.clone()
+        };
+        assert!(store.reusable(&other, now_ms()).unwrap().is_none());
+        let later = now_ms() + 61_000;
+        assert!(
+            store.reusable(&call, later).unwrap().is_none(),
+            "window over"
+        );
+    }
+
+    #[test]
+    fn a_store_of_the_first_schema_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.execute(
+            &format!(
+                "INSERT INTO approvals ({}) VALUES ('old-1', 1, 2, 'bot', 'fs', 'tools/call', NULL, \
+                 'ab', '{{}}', 'gate', 'why', '[]', 'expired', 'portcullis', 2, NULL, 'h')",
+                COLUMNS.split(", approvers").next().unwrap()
+            ),
+            [],
+        )
+        .unwrap();
+        drop(old);
+        let store = Approvals::open(&path).unwrap();
+        let old = store.get("old-1").unwrap().unwrap();
+        assert_eq!(old.terms, Terms::default());
+        Approvals::open(&path).unwrap();
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! list them, show one with its arguments, approve or deny it. It acts on
 //! the config's approvals store, the one the held calls wait on; whoever can
 //! write that file (private to its owner) may decide, and is named in the
-//! decision by `--as` or their login name.
+//! decision by `--as` or their login name — one of `[approvers]` when any
+//! are configured, and one the call's approval rule names.
 
-use crate::approvals::{Approval, Approvals, State, now_ms};
+use crate::approvals::{Approval, Approvals, Refused, State, Verdict, now_ms};
 use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -79,10 +80,24 @@ pub fn run(config: &Path, approver: Option<&str>, action: &Action) -> Result<i32
             }
         }
         Action::Approve { id, reason } => {
-            return decide(&store, id, State::Approved, approver, reason.as_deref());
+            return decide(
+                &config,
+                &store,
+                id,
+                Verdict::Approve,
+                approver,
+                reason.as_deref(),
+            );
         }
         Action::Deny { id, reason } => {
-            return decide(&store, id, State::Denied, approver, reason.as_deref());
+            return decide(
+                &config,
+                &store,
+                id,
+                Verdict::Deny,
+                approver,
+                reason.as_deref(),
+            );
         }
     }
     Ok(0)
@@ -94,11 +109,14 @@ fn find(store: &Approvals, id: &str) -> Result<Approval> {
         .with_context(|| format!("no approval '{id}' in {}", store.path().display()))
 }
 
-/// Decides a pending approval; exit status 1 if it had already ended.
+/// Decides a pending approval as `approver` (default: the login name),
+/// held to its rule; exit status 1 if the decision was not taken (the
+/// approval had ended, or the rule does not let this approver decide).
 fn decide(
+    config: &Config,
     store: &Approvals,
     id: &str,
-    state: State,
+    verdict: Verdict,
     approver: Option<&str>,
     reason: Option<&str>,
 ) -> Result<i32> {
@@ -108,23 +126,33 @@ fn decide(
             .or_else(|_| std::env::var("LOGNAME"))
             .context("say who decides with --as NAME (no USER in the environment)")?,
     };
-    let before = find(store, id)?;
-    let after = store.settle(&before.id, state, &by, reason)?;
-    if before.state != State::Pending || after.state != state {
-        println!(
-            "{}: not {} — it is {}{}",
-            after.id,
-            state.as_str(),
-            after.state.as_str(),
-            after
-                .decided_by
-                .as_deref()
-                .map_or_else(String::new, |by| format!(" (by {by})"))
-        );
-        return Ok(1);
+    if !config.approvers.is_empty() && !config.approvers.contains_key(&by) {
+        bail!("'{by}' is not in [approvers]; decide --as one of them");
     }
-    println!("{}: {} by {by}", after.id, state.as_str());
-    Ok(0)
+    match store.decide(id, verdict, &by, reason) {
+        Ok(after) if after.state == State::Pending => {
+            let needed = after.terms.required as usize - after.votes.len();
+            println!(
+                "{}: approved by {by}; {needed} more approval(s) needed",
+                after.id
+            );
+            Ok(0)
+        }
+        Ok(after) => {
+            println!(
+                "{}: {} by {}",
+                after.id,
+                after.state.as_str(),
+                after.decided_by.as_deref().unwrap_or(&by)
+            );
+            Ok(i32::from(after.state == State::Expired))
+        }
+        Err(Refused::Store(e)) => Err(e),
+        Err(refused) => {
+            println!("{refused}");
+            Ok(1)
+        }
+    }
 }
 
 /// One line per approval.
@@ -185,6 +213,23 @@ fn details(a: &Approval, now: u64) -> String {
         out.push_str(&format!("tags       {}\n", a.call.tags.join(", ")));
     }
     out.push_str(&format!("waiting    {}\n", waiting(a, now)));
+    for vote in &a.votes {
+        let comment = vote
+            .comment
+            .as_deref()
+            .map_or_else(String::new, |c| format!(": {c}"));
+        out.push_str(&format!("approved   by {}{comment}\n", vote.approver));
+    }
+    if a.state == State::Pending && a.terms.required > 1 {
+        out.push_str(&format!(
+            "needs      {} of {} approvals\n",
+            a.terms.required as usize - a.votes.len(),
+            a.terms.required
+        ));
+    }
+    if let Some(approvers) = &a.terms.approvers {
+        out.push_str(&format!("approvers  {}\n", approvers.join(", ")));
+    }
     if let Some(by) = &a.decided_by {
         let comment = a
             .comment
@@ -219,6 +264,8 @@ mod tests {
                 reason: "tool 'write_file' is destructive".into(),
                 tags: vec!["risk:destructive".into()],
             },
+            terms: crate::approvals::Terms::default(),
+            votes: Vec::new(),
             state,
             decided_by: None,
             decided_ms: None,

@@ -47,9 +47,16 @@ pub struct Config {
     /// Call rates allowed, per agent, server and tool.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
-    /// Where held calls wait for a person, and for how long.
+    /// Where held calls wait for a person, who may decide them, and for how
+    /// long.
     #[serde(default)]
     pub approvals: ApprovalsConfig,
+    /// The people who may decide held calls over the admin API and page.
+    #[serde(default)]
+    pub approvers: BTreeMap<String, ApproverEntry>,
+    /// The admin listener: the approvals API and page.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -470,6 +477,15 @@ pub struct ApprovalsConfig {
     /// How long a held call waits for a decision before it is refused.
     #[serde(default = "default_expiry_secs")]
     pub expiry_secs: u64,
+    /// Who may decide which held calls: the first rule matching a call
+    /// applies; a call no rule matches may be decided by anyone who may
+    /// decide at all, once.
+    #[serde(default)]
+    pub rules: Vec<ApprovalRule>,
+    /// Webhook URLs (e.g. a chat's incoming webhook) told of every pending
+    /// approval, with a link to the admin page.
+    #[serde(default)]
+    pub notify: Vec<String>,
 }
 
 fn default_expiry_secs() -> u64 {
@@ -481,7 +497,82 @@ impl Default for ApprovalsConfig {
         Self {
             store: None,
             expiry_secs: default_expiry_secs(),
+            rules: Vec::new(),
+            notify: Vec::new(),
         }
+    }
+}
+
+/// Who may decide the held calls it matches, and what it takes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRule {
+    /// Servers (globs) it applies to.
+    #[serde(default = "everything")]
+    pub servers: Vec<String>,
+    /// Tools (globs) it applies to; a request without a tool matches by its
+    /// method.
+    #[serde(default = "everything")]
+    pub tools: Vec<String>,
+    /// It applies only to calls tagged with one of these (empty: any call).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The `[approvers]` who may decide (empty: any of them).
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// How many distinct approvers must approve (2 for a two-person rule);
+    /// one deny is enough to refuse.
+    #[serde(default = "one")]
+    pub required: u32,
+    /// How long a call may wait (default: `approvals.expiry_secs`).
+    pub expiry_secs: Option<u64>,
+    /// For how long an approved call may run again without asking — the same
+    /// agent, server, tool and arguments (default 0: every call asks).
+    #[serde(default)]
+    pub reuse_secs: u64,
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A person who may decide held calls.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverEntry {
+    /// sha256 (hex) of their API key, sent to the admin listener as
+    /// `Authorization: Bearer KEY` (the page asks for it once).
+    pub api_key_sha256: String,
+}
+
+/// The admin listener, apart from agent traffic: the approvals API and page.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address and port to listen on.
+    #[serde(default = "default_admin_listen")]
+    pub listen: std::net::SocketAddr,
+    /// The page's address as approvers reach it (e.g. behind a proxy), used
+    /// in notifications (default: `http://` + `listen`).
+    pub url: Option<String>,
+}
+
+fn default_admin_listen() -> std::net::SocketAddr {
+    ([127, 0, 0, 1], 8809).into()
+}
+
+impl AdminConfig {
+    /// Where approvers reach the page.
+    pub fn url(&self) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .trim_end_matches('/')
+            .to_string()
     }
 }
 
@@ -776,14 +867,53 @@ impl Config {
             .map_or_else(|| self.default_lock(), Path::to_path_buf)
     }
 
+    fn validate_approvals(&self) -> Result<()> {
+        if self.approvals.expiry_secs == 0 {
+            bail!("approvals.expiry_secs: must be at least 1");
+        }
+        for (name, approver) in &self.approvers {
+            if !is_sha256_hex(&approver.api_key_sha256) {
+                bail!("approvers.{name}.api_key_sha256: must be 64 hex digits (the key's sha256)");
+            }
+        }
+        for (i, rule) in self.approvals.rules.iter().enumerate() {
+            if rule.required == 0 || rule.expiry_secs == Some(0) {
+                bail!("approvals.rules[{i}]: required and expiry_secs must be at least 1");
+            }
+            if let Some(unknown) = rule
+                .approvers
+                .iter()
+                .find(|a| !self.approvers.contains_key(*a))
+            {
+                bail!("approvals.rules[{i}]: approver '{unknown}' is not in [approvers]");
+            }
+            let eligible = if rule.approvers.is_empty() {
+                self.approvers.len()
+            } else {
+                rule.approvers.len()
+            };
+            if rule.required > 1 && (rule.required as usize) > eligible {
+                bail!(
+                    "approvals.rules[{i}]: required = {} but only {eligible} approver(s) may decide",
+                    rule.required
+                );
+            }
+        }
+        for url in &self.approvals.notify {
+            let scheme = url.parse::<hyper::Uri>().ok();
+            if !crate::outbound::supports(scheme.as_ref().and_then(|u| u.scheme_str())) {
+                bail!("approvals.notify: '{url}' is not an http(s) URL");
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<()> {
         let engine = &self.engine;
         if engine.timeout_ms == 0 {
             bail!("engine.timeout_ms: must be at least 1");
         }
-        if self.approvals.expiry_secs == 0 {
-            bail!("approvals.expiry_secs: must be at least 1");
-        }
+        self.validate_approvals()?;
         if engine.memory_mb > engine.max_memory_mb {
             bail!(
                 "engine.memory_mb: {} exceeds engine.max_memory_mb ({})",
@@ -799,7 +929,7 @@ impl Config {
         }
         for (id, agent) in &self.agents {
             if let Some(hash) = &agent.api_key_sha256
-                && (hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()))
+                && !is_sha256_hex(hash)
             {
                 bail!("agents.{id}.api_key_sha256: must be 64 hex digits (the key's sha256)");
             }

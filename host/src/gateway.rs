@@ -165,13 +165,23 @@ impl Gateway {
             .cloned()
     }
 
-    /// Ends session `id` (the client's DELETE); false if it was not there.
+    /// Ends session `id` (the client's DELETE), cancelling the calls it
+    /// holds; false if it was not there.
     pub fn end(&self, id: &str, identity: &Identity) -> bool {
-        let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
-        let owned = sessions
-            .get(id)
-            .is_some_and(|s| s.identity.agent.id == identity.agent.id);
-        owned && sessions.remove(id).is_some()
+        let ended = {
+            let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
+            let owned = sessions
+                .get(id)
+                .is_some_and(|s| s.identity.agent.id == identity.agent.id);
+            if owned { sessions.remove(id) } else { None }
+        };
+        let Some(session) = ended else {
+            return false;
+        };
+        for relay in session.relays.values() {
+            relay.cancel_held("the client ended its session");
+        }
+        true
     }
 
     /// Answers an `initialize` request: opens a session for `identity` on
@@ -570,16 +580,49 @@ async fn judge(relay: Arc<Relay>, direction: Direction, text: String) -> Judged 
     .await
     .unwrap_or_default();
     // A held call (serve mode has no batches, so at most one) waits here for
-    // its decision, and what it settles to replaces the delivery.
+    // its decision, and what it settles to replaces the delivery. Should the
+    // client go away meanwhile (its HTTP request is dropped), the call is
+    // cancelled, never run.
     if let Some(held) = delivery.held.pop() {
+        let abandoned = Abandoned {
+            relay: Some(relay.clone()),
+            key: held.key.clone(),
+        };
         delivery = tokio::task::spawn_blocking(move || relay.resolve(held))
             .await
             .unwrap_or_default();
+        abandoned.disarm();
     }
     let text = |bytes: Option<Vec<u8>>| bytes.and_then(|b| String::from_utf8(b).ok());
     Judged {
         forward: text(delivery.forward),
         reply: text(delivery.reply),
+    }
+}
+
+/// Cancels a held call if dropped armed: the future waiting for it was
+/// dropped, because its client disconnected.
+struct Abandoned {
+    relay: Option<Arc<Relay>>,
+    key: String,
+}
+
+impl Abandoned {
+    fn disarm(mut self) {
+        self.relay = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(relay) = self.relay.take() {
+            let key = std::mem::take(&mut self.key);
+            // Cancelling writes to the store and the trail: off the async
+            // workers.
+            tokio::task::spawn_blocking(move || {
+                relay.cancel(&key, "the client disconnected");
+            });
+        }
     }
 }
 

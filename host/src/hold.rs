@@ -1,22 +1,49 @@
 //! This process' side of approvals: the store it holds calls in (opened on
 //! the first hold, so a deployment that never holds a call never creates
-//! one), how long a call may wait, who this process is as a holder, waiting
-//! for a decision, and cancelling the approvals of calls a previous process
-//! held when it ended.
+//! one), the rule a held call falls under, telling people it waits, who this process is as a holder,
+//! waiting for a decision, and cancelling the approvals of calls a previous
+//! process held when it ended.
 
-use crate::approvals::{Approval, Approvals, POLL, State};
-use crate::config::Config;
+use crate::approvals::{Approval, Approvals, Call, POLL, State, Terms};
+use crate::config::{AdminConfig, ApprovalRule, ApprovalsConfig, Config};
+use crate::notify::Notifier;
 use anyhow::{Result, anyhow};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use wildmatch::WildMatch;
 
 /// Where this process holds calls.
 pub struct Holding {
     path: PathBuf,
-    expiry: Duration,
     holder: String,
     store: OnceLock<Result<Arc<Approvals>, String>>,
+    notifier: OnceLock<Notifier>,
+}
+
+/// The terms of the first rule of `config` matching `call`, and how long
+/// the call may wait; a call no rule matches may be decided by any approver,
+/// once, within the default expiry.
+pub fn terms(config: &ApprovalsConfig, call: &Call) -> (Terms, Duration) {
+    let default_expiry = Duration::from_secs(config.expiry_secs);
+    let Some(rule) = config.rules.iter().find(|rule| matches(rule, call)) else {
+        return (Terms::default(), default_expiry);
+    };
+    let terms = Terms {
+        approvers: (!rule.approvers.is_empty()).then(|| rule.approvers.clone()),
+        required: rule.required,
+        reuse_ms: rule.reuse_secs.saturating_mul(1000),
+    };
+    let expiry = rule.expiry_secs.map_or(default_expiry, Duration::from_secs);
+    (terms, expiry)
+}
+
+fn matches(rule: &ApprovalRule, call: &Call) -> bool {
+    let any = |globs: &[String], name: &str| globs.iter().any(|g| WildMatch::new(g).matches(name));
+    let tool = call.tool.as_deref().unwrap_or(&call.method);
+    any(&rule.servers, &call.server)
+        && any(&rule.tools, tool)
+        && (rule.tags.is_empty() || rule.tags.iter().any(|t| call.tags.contains(t)))
 }
 
 impl Holding {
@@ -24,10 +51,23 @@ impl Holding {
     pub fn new(config: &Config) -> Self {
         Self {
             path: config.approvals_store(),
-            expiry: Duration::from_secs(config.approvals.expiry_secs),
             holder: this_process(),
             store: OnceLock::new(),
+            notifier: OnceLock::new(),
         }
+    }
+
+    /// Tells the webhooks `config` names that `approval` waits (the notice
+    /// thread starts with the first).
+    pub fn announce(&self, config: &Config, approval: &Approval) {
+        let urls = &config.approvals.notify;
+        if urls.is_empty() {
+            return;
+        }
+        let page = config.admin.as_ref().map(AdminConfig::url);
+        self.notifier
+            .get_or_init(Notifier::start)
+            .tell(urls, approval, page.as_deref());
     }
 
     /// The store, opened on first use; the error says why it cannot be.
@@ -40,11 +80,6 @@ impl Holding {
             })
             .clone()
             .map_err(|e| anyhow!(e))
-    }
-
-    /// How long a held call waits for a decision.
-    pub fn expiry(&self) -> Duration {
-        self.expiry
     }
 
     /// This process, as the holder of its calls.
@@ -68,7 +103,7 @@ impl Holding {
                     id,
                     State::Expired,
                     "portcullis",
-                    Some("nobody decided in time"),
+                    Some(crate::approvals::EXPIRED),
                 );
             }
             std::thread::sleep(POLL);

@@ -37,7 +37,7 @@ const VERSION_HEADER: &str = "mcp-protocol-version";
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Every response body.
-type Body = BoxBody<Bytes, Infallible>;
+pub type Body = BoxBody<Bytes, Infallible>;
 
 /// What the listener needs besides the gateway.
 pub struct Listener {
@@ -55,7 +55,7 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Serves on `socket` until `shutdown` completes.
+/// Serves MCP on `socket` until `shutdown` completes.
 pub async fn run(
     listener: Arc<Listener>,
     socket: tokio::net::TcpListener,
@@ -63,17 +63,35 @@ pub async fn run(
 ) -> Result<()> {
     let addr = socket.local_addr()?;
     tracing::info!(%addr, "portcullis serving MCP over Streamable HTTP");
+    serve(socket, shutdown, move |request, peer| {
+        let listener = listener.clone();
+        async move { listener.respond(request, peer).await }
+    })
+    .await
+}
+
+/// Answers every HTTP/1 request on `socket` with `respond` until `shutdown`
+/// completes.
+pub async fn serve<R, F>(
+    socket: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+    respond: R,
+) -> Result<()>
+where
+    R: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = socket.accept() => accepted.context("accepting a connection")?,
             () = &mut shutdown => return Ok(()),
         };
-        let listener = listener.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let listener = listener.clone();
-                async move { Ok::<_, Infallible>(listener.respond(request, peer).await) }
+                let answer = respond(request, peer);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -305,18 +323,7 @@ impl Listener {
         else {
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
-        let stream = EventStream {
-            notices: Some(self.gateway.notices(&session)),
-            keepalive: tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE),
-        };
-        let mut response = Response::new(stream.boxed());
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        response
+        event_stream("message", self.gateway.notices(&session))
     }
 
     /// A request of the stateless 2026-07-28 revision: its envelope is
@@ -391,10 +398,29 @@ impl Listener {
     }
 }
 
+/// A `text/event-stream` response of `events` (JSON texts), each an SSE
+/// event named `name`.
+pub fn event_stream(name: &'static str, events: mpsc::Receiver<String>) -> Response<Body> {
+    let stream = EventStream {
+        name,
+        notices: Some(events),
+        keepalive: tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE),
+    };
+    let mut response = Response::new(stream.boxed());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
 /// An SSE stream of notices; a comment line every [`KEEPALIVE`] keeps it
 /// open through proxies, and finds out when the client has gone. It ends
 /// only when the client goes away.
 struct EventStream {
+    name: &'static str,
     notices: Option<mpsc::Receiver<String>>,
     keepalive: tokio::time::Interval,
 }
@@ -411,7 +437,8 @@ impl hyper::body::Body for EventStream {
         if let Some(notices) = &mut this.notices {
             match notices.poll_recv(cx) {
                 Poll::Ready(Some(notice)) => {
-                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(sse_event(&notice))))));
+                    let event = sse_event(this.name, &notice);
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))));
                 }
                 // No server sends notices: keep the stream, without them.
                 Poll::Ready(None) => this.notices = None,
@@ -427,16 +454,18 @@ impl hyper::body::Body for EventStream {
     }
 }
 
-/// One JSON-RPC message as an SSE event.
-fn sse_event(message: &str) -> String {
-    format!("event: message\ndata: {message}\n\n")
+/// One JSON text as an SSE event named `name`.
+fn sse_event(name: &str, message: &str) -> String {
+    format!("event: {name}\ndata: {message}\n\n")
 }
 
-fn full(bytes: Bytes) -> Body {
+/// A whole body.
+pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes).boxed()
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
@@ -459,7 +488,7 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
 fn answer_response(headers: &HeaderMap, answer: String) -> Response<Body> {
     let sse = accepts(headers, "text/event-stream") && !accepts(headers, "application/json");
     let (body, kind) = if sse {
-        (sse_event(&answer), "text/event-stream")
+        (sse_event("message", &answer), "text/event-stream")
     } else {
         (answer, "application/json")
     };
@@ -474,7 +503,8 @@ fn rpc_error(status: StatusCode, code: i32, why: &str) -> Response<Body> {
     json_response(status, jsonrpc::error_response(None, code, why, None))
 }
 
-fn json_response(status: StatusCode, body: String) -> Response<Body> {
+/// A JSON body with `status`.
+pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
     let mut response = Response::new(full(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -484,7 +514,8 @@ fn json_response(status: StatusCode, body: String) -> Response<Body> {
     response
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+/// A plain-text body with `status`.
+pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(full(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     response

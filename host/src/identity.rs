@@ -3,7 +3,7 @@
 //! configured issuer, and limited to the servers it was granted.
 
 use crate::bindings::Agent;
-use crate::config::{AgentEntry, Config, JwtConfig};
+use crate::config::{AgentEntry, ApproverEntry, Config, JwtConfig};
 use crate::engine::hex;
 use crate::jwt::{Claims, Verifier};
 use serde_json::Value;
@@ -83,11 +83,7 @@ pub async fn authenticate(
     authorization: Option<&str>,
     now: u64,
 ) -> Result<Identity, Refusal> {
-    let token = authorization
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
-        .ok_or(Refusal::Missing)?;
+    let token = bearer(authorization).ok_or(Refusal::Missing)?;
     if let Some(identity) = by_key(&config.agents, token) {
         return Ok(identity);
     }
@@ -103,6 +99,33 @@ pub async fn authenticate(
         tracing::info!("bearer token refused: no string '{claim}' claim names the agent");
         Refusal::Invalid
     })
+}
+
+/// The approver whose API key the `Authorization` header value carries.
+pub fn approver(
+    approvers: &BTreeMap<String, ApproverEntry>,
+    authorization: Option<&str>,
+) -> Option<String> {
+    let key = bearer(authorization)?;
+    let hash = key_hash(key);
+    let mut found = None;
+    for (name, entry) in approvers {
+        if same(
+            hash.as_bytes(),
+            entry.api_key_sha256.to_ascii_lowercase().as_bytes(),
+        ) {
+            found = Some(name.clone());
+        }
+    }
+    found
+}
+
+/// The token of a `Bearer` authorization.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
 }
 
 fn by_key(agents: &BTreeMap<String, AgentEntry>, key: &str) -> Option<Identity> {

@@ -6,6 +6,7 @@
 //! the [`audit`] trail. [`relay`] ties those together independently of the
 //! transport; [`stdio`] is the first transport.
 
+pub mod admin;
 pub mod approvals;
 pub mod approve;
 pub mod audit;
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod jsonrpc;
 pub mod jwt;
 pub mod lock;
+pub mod notify;
 pub mod outbound;
 pub mod pin;
 pub mod policy;

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use portcullis::admin::{Admin, ConfigFile, Deployment};
 use portcullis::bindings::Agent;
 use portcullis::config::Config;
 use portcullis::engine::PolicyEngine;
@@ -69,6 +70,16 @@ enum Commands {
         /// Report drift without writing the lock file.
         #[arg(long)]
         check: bool,
+    },
+    /// Serve the approvals page and API of a config's deployment on its
+    /// `[admin]` listener, for stdio deployments (`serve` runs it itself).
+    Admin {
+        /// The config file (its approvers and approvals store).
+        #[arg(long)]
+        config: PathBuf,
+        /// Listen here instead of `[admin] listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Calls held for a person's approval: list, show, approve, deny.
     Approvals {
@@ -137,7 +148,7 @@ fn main() {
     let cli = Cli::parse();
     // The proxy reports what it does; the tools print their own results.
     let default_level = match cli.command {
-        Commands::Stdio { .. } | Commands::Serve { .. } => "info",
+        Commands::Stdio { .. } | Commands::Serve { .. } | Commands::Admin { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -168,6 +179,7 @@ fn run(cli: Cli) -> Result<i32> {
             command,
         } => run_stdio(config, audit_file, server, command),
         Commands::Serve { config, audit_file } => run_serve(config, audit_file),
+        Commands::Admin { config, listen } => run_admin(&config, listen),
         Commands::Check { config } => Ok(portcullis::check::run(&config)),
         Commands::Approvals {
             config,
@@ -276,10 +288,16 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
     });
     let listener = Arc::new(Listener {
         gateway: gateway.clone(),
-        current,
+        current: current.clone(),
     });
     let served = runtime.block_on(async {
         let socket = http::bind(config.serve.listen).await?;
+        if let Some(settings) = &config.admin {
+            let admin = Arc::new(Admin::new(&config, Deployment::Serving(current)));
+            let socket = http::bind(settings.listen).await?;
+            // It ends with the runtime, after the MCP listener.
+            tokio::spawn(admin.run(socket, std::future::pending()));
+        }
         http::run(listener, socket, shutdown_signal()).await
     });
     for upstream in gateway.upstreams().values() {
@@ -289,6 +307,36 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
     drop(runtime);
     Status::withdraw(std::process::id());
     served.map(|()| 0)
+}
+
+/// `portcullis admin`: the approvals page and API of a stdio deployment.
+fn run_admin(config_path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> Result<i32> {
+    let config = Config::load(config_path)?;
+    if config.approvers.is_empty() {
+        bail!(
+            "{}: no [approvers.NAME] is configured, so nobody could sign in",
+            config_path.display()
+        );
+    }
+    let Some(listen) = listen.or(config.admin.as_ref().map(|a| a.listen)) else {
+        bail!(
+            "{}: give [admin] listen, or --listen",
+            config_path.display()
+        );
+    };
+    let admin = Arc::new(Admin::new(
+        &config,
+        Deployment::File(ConfigFile::open(config_path)?),
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let socket = http::bind(listen).await?;
+        admin.run(socket, shutdown_signal()).await
+    })?;
+    Ok(0)
 }
 
 /// How often `serve` brings its servers' health up to date in the status

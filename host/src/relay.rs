@@ -13,6 +13,7 @@ use crate::boundary::{self, Listing, Stop};
 use crate::drift::ToolDrift;
 use crate::framing::Frame;
 use crate::guard::{Decided, Decision, Refusal};
+use crate::hold;
 use crate::jsonrpc::{
     self, AUDIT_FAILED, DENIED, INTERNAL_ERROR, INVALID_REQUEST, Message, PARSE_ERROR,
     error_response,
@@ -37,12 +38,20 @@ pub struct Delivery {
     pub held: Vec<Held>,
 }
 
+/// What asking for approval came to.
+enum Asked {
+    /// The call is held; its approval is bound to these arguments (sha256).
+    Held(String),
+    /// An earlier approval of the same call, still reusable, lets it run.
+    Reused(String),
+}
+
 /// A client's request held for a person's approval.
 pub struct Held {
     /// The approval it waits on.
     pub approval: String,
     /// Its JSON-RPC id, as text.
-    key: String,
+    pub key: String,
     /// The request as it will be relayed if approved.
     text: String,
     /// sha256 of the canonical arguments the approval is bound to.
@@ -256,9 +265,19 @@ impl Relay {
         }
         record.drift = drift;
         let mut bound = String::new();
-        if let Decided::Hold(refusal, _) = &decision.outcome {
-            match self.ask(direction, kind, &message, &exchange, &record, refusal) {
-                Ok(digest) => bound = digest,
+        if let Decided::Hold(refusal, payload) = &decision.outcome {
+            let asking = (direction, kind, &message);
+            match self.ask(g, asking, &exchange, &record, refusal) {
+                Ok(Asked::Held(digest)) => bound = digest,
+                Ok(Asked::Reused(approval)) => {
+                    record.outcome = "allow";
+                    record.tags.push("approval:reused".into());
+                    record.approval = Some(approval);
+                    decision.outcome = match payload {
+                        Some(payload) => Decided::Modify(payload.clone()),
+                        None => Decided::Allow,
+                    };
+                }
                 Err(e) => {
                     let why = format!(
                         "approval required ({}), but it cannot be asked for: {e:#}",
@@ -337,18 +356,18 @@ impl Relay {
         }
     }
 
-    /// Records the approval a held request waits on; its id is the id of
-    /// the request's audit record. Returns the digest of the arguments it is
-    /// bound to. Only a client's requests can be held.
+    /// Records the approval a held request waits on, under the terms of the
+    /// approval rule it matches; its id is the id of the request's audit
+    /// record. An approval of the very same call still within its reuse
+    /// window lets it run instead. Only a client's requests can be held.
     fn ask(
         &self,
-        direction: Direction,
-        kind: MessageKind,
-        message: &Message,
+        g: &Generation,
+        (direction, kind, message): (Direction, MessageKind, &Message),
         exchange: &Exchange,
         record: &AuditRecord,
         refusal: &Refusal,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<Asked> {
         if direction != Direction::ClientToServer || kind != MessageKind::Request {
             anyhow::bail!("only a client's requests can be held");
         }
@@ -359,24 +378,32 @@ impl Relay {
         let holding = &self.current.holding;
         let arguments = held_arguments(exchange);
         let digest = value_digest(&arguments);
+        let call = approvals::Call {
+            agent: exchange.agent.id.clone(),
+            server: exchange.server.clone(),
+            method: exchange.method.clone(),
+            tool: exchange.tool.clone(),
+            arguments_sha256: digest.clone(),
+            arguments: arguments.to_string(),
+            policy: refusal.policy.to_string(),
+            reason: refusal.reason.clone(),
+            tags: record.tags.clone(),
+        };
+        let store = holding.store()?;
+        if let Some(earlier) = store.reusable(&call, approvals::now_ms())? {
+            return Ok(Asked::Reused(earlier.id));
+        }
+        let (terms, expires_in) = hold::terms(&g.config.approvals, &call);
         let request = approvals::Request {
             id: record.id.clone(),
-            call: approvals::Call {
-                agent: exchange.agent.id.clone(),
-                server: exchange.server.clone(),
-                method: exchange.method.clone(),
-                tool: exchange.tool.clone(),
-                arguments_sha256: digest.clone(),
-                arguments: arguments.to_string(),
-                policy: refusal.policy.to_string(),
-                reason: refusal.reason.clone(),
-                tags: record.tags.clone(),
-            },
-            expires_in: holding.expiry(),
+            call,
+            terms,
+            expires_in,
             holder: holding.holder().to_string(),
         };
-        holding.store()?.request(&request)?;
-        Ok(digest)
+        let approval = store.request(&request)?;
+        holding.announce(&g.config, &approval);
+        Ok(Asked::Held(digest))
     }
 
     /// Waits (blocking) until a person decides on `held`, its approval
@@ -471,10 +498,10 @@ impl Relay {
         }
     }
 
-    /// Cancels the held request `key` and audits it at once (its waiting
-    /// thread then finds it settled): the process may end before that
-    /// thread would look again.
-    fn cancel(&self, key: &str, why: &str) {
+    /// Cancels the held request `key` (its JSON-RPC id) and audits it at
+    /// once (its waiting thread then finds it settled): the process may end
+    /// before that thread would look again.
+    pub fn cancel(&self, key: &str, why: &str) {
         let approval = self.held.lock().expect("held lock poisoned").remove(key);
         let Some(approval) = approval else {
             return;

@@ -210,7 +210,7 @@ def test_a_held_call_runs_exactly_as_approved_and_a_denied_one_never_reaches_the
     assert denied.message == "Approval denied by bob: not today"
     assert denied.data["state"] == "denied"
     assert not (sandbox / "denied.txt").exists()
-    assert again.returncode == 1 and "it is denied (by bob)" in again.stdout, "a decision is final"
+    assert again.returncode == 1 and "is already denied (by bob)" in again.stdout, "a decision is final"
 
     records = read_audit(audit)
     holds = [r for r in records if r.get("outcome") == "hold"]
@@ -238,7 +238,7 @@ def test_a_held_call_whose_client_leaves_is_cancelled_and_never_runs(tmp_path: P
     held = run(scenario())
     # The client is gone: approving now runs nothing.
     late = approvals(config, "approve", held["id"], "--as", "alice")
-    assert late.returncode == 1 and "it is cancelled" in late.stdout
+    assert late.returncode == 1 and "is already cancelled" in late.stdout
     assert not (sandbox / "left.txt").exists()
     events = [e for e in read_audit(audit) if e.get("event") == "approval"]
     assert [(e["approval"], e["state"], e["decided_by"]) for e in events] == [(held["id"], "cancelled", "client")]

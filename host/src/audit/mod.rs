@@ -69,6 +69,10 @@ pub struct AuditRecord {
     /// For a denial: the policy that decided it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,
+    /// For a call that needed approval and ran under an earlier approval of
+    /// the same call (a rule's reuse window): that approval's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
     /// Tags attached by the policies and the boundary.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -103,6 +107,7 @@ impl AuditRecord {
             code: None,
             reason: None,
             decided_by: None,
+            approval: None,
             tags: Vec::new(),
             drift: Vec::new(),
             policies: Vec::new(),
@@ -215,6 +220,9 @@ pub struct ApprovalRecord {
     /// The decider's comment, or why it ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// Each approver's approval, when more than one was required.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub votes: Vec<crate::approvals::Vote>,
     /// How long the call was held, in ms.
     pub held_ms: u64,
 }
@@ -248,6 +256,11 @@ impl ApprovalRecord {
             policy: approval.call.policy.clone(),
             decided_by: approval.decided_by.clone(),
             comment: approval.comment.clone(),
+            votes: if approval.terms.required > 1 {
+                approval.votes.clone()
+            } else {
+                Vec::new()
+            },
             held_ms: ended.saturating_sub(approval.created_ms),
         }
     }
