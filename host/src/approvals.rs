@@ -653,8 +653,26 @@ pub fn now_ms() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A pending approval, as stored.
+    pub(crate) fn approval() -> Approval {
+        let request = request("0192-test", Duration::from_secs(60));
+        Approval {
+            id: request.id,
+            created_ms: 1,
+            expires_ms: 60_001,
+            call: request.call,
+            terms: request.terms,
+            votes: Vec::new(),
+            state: State::Pending,
+            decided_by: None,
+            decided_ms: None,
+            comment: None,
+            holder: request.holder,
+        }
+    }
 
     fn request(id: &str, expires_in: Duration) -> Request {
         Request {

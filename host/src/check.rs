@@ -55,6 +55,7 @@ pub fn run(path: &Path) -> i32 {
     if !config.rate_limits.is_empty() {
         println!("limits   {} rate limits", config.rate_limits.len());
     }
+    report_approvals(&config);
     let total = config.policies.len();
     if !lock_ok {
         println!("result   FAILED: the lock file did not load");
@@ -70,6 +71,26 @@ pub fn run(path: &Path) -> i32 {
 
 /// Loads the lock file, when `[pinning]` is configured, and prints what it
 /// pins; true unless it failed to load.
+/// Where held calls wait and who may decide them.
+fn report_approvals(config: &Config) {
+    let approvals = &config.approvals;
+    println!(
+        "approve  store {}, {} rule(s), {} approver(s), {} webhook(s)",
+        config.approvals_store().display(),
+        approvals.rules.len(),
+        config.approvers.len(),
+        approvals.notify.len()
+    );
+    if let Some(admin) = &config.admin {
+        let warning = if config.approvers.is_empty() {
+            "  (no [approvers]: nobody can sign in)"
+        } else {
+            ""
+        };
+        println!("admin    {}{warning}", admin.url());
+    }
+}
+
 fn report_lock(config: &Config) -> bool {
     let (Some(pinning), Some(path)) = (&config.pinning, config.lock_path()) else {
         return true;

@@ -517,6 +517,9 @@ pub struct ApprovalRule {
     /// It applies only to calls tagged with one of these (empty: any call).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The policies (globs) whose require-approval it applies to.
+    #[serde(default = "everything")]
+    pub policies: Vec<String>,
     /// The `[approvers]` who may decide (empty: any of them).
     #[serde(default)]
     pub approvers: Vec<String>,
@@ -530,6 +533,10 @@ pub struct ApprovalRule {
     /// agent, server, tool and arguments (default 0: every call asks).
     #[serde(default)]
     pub reuse_secs: u64,
+    /// Also ask the client's own user (MCP elicitation), when the client
+    /// supports it; an approver may still decide first.
+    #[serde(default)]
+    pub elicit: bool,
 }
 
 fn is_sha256_hex(text: &str) -> bool {
@@ -879,6 +886,11 @@ impl Config {
         for (i, rule) in self.approvals.rules.iter().enumerate() {
             if rule.required == 0 || rule.expiry_secs == Some(0) {
                 bail!("approvals.rules[{i}]: required and expiry_secs must be at least 1");
+            }
+            if rule.elicit && (rule.required > 1 || !rule.approvers.is_empty()) {
+                bail!(
+                    "approvals.rules[{i}]: elicit lets the client's user decide alone, so it cannot go with required > 1 or named approvers"
+                );
             }
             if let Some(unknown) = rule
                 .approvers

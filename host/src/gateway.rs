@@ -184,6 +184,21 @@ impl Gateway {
         true
     }
 
+    /// Cancels every call a session holds for approval (Portcullis is
+    /// stopping): nothing of theirs runs later.
+    pub fn cancel_held(&self, why: &str) {
+        let sessions: Vec<Arc<ClientSession>> = {
+            let open = self.sessions.lock().expect("sessions lock poisoned");
+            let standing = self.standing.lock().expect("standing lock poisoned");
+            open.values().chain(standing.values()).cloned().collect()
+        };
+        for session in sessions {
+            for relay in session.relays.values() {
+                relay.cancel_held(why);
+            }
+        }
+    }
+
     /// Answers an `initialize` request: opens a session for `identity` on
     /// `scope` and returns it with the answer.
     pub async fn initialize(

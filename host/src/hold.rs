@@ -21,21 +21,37 @@ pub struct Holding {
     notifier: OnceLock<Notifier>,
 }
 
-/// The terms of the first rule of `config` matching `call`, and how long
-/// the call may wait; a call no rule matches may be decided by any approver,
-/// once, within the default expiry.
-pub fn terms(config: &ApprovalsConfig, call: &Call) -> (Terms, Duration) {
+/// What the approval rule a call falls under says.
+#[derive(Debug, PartialEq)]
+pub struct Applied {
+    /// Who may decide, and what it takes.
+    pub terms: Terms,
+    /// How long the call may wait.
+    pub expires_in: Duration,
+    /// Whether the client's own user is asked too.
+    pub elicit: bool,
+}
+
+/// What the first rule of `config` matching `call` says; a call no rule
+/// matches may be decided by any approver, once, within the default expiry.
+pub fn rule_for(config: &ApprovalsConfig, call: &Call) -> Applied {
     let default_expiry = Duration::from_secs(config.expiry_secs);
     let Some(rule) = config.rules.iter().find(|rule| matches(rule, call)) else {
-        return (Terms::default(), default_expiry);
+        return Applied {
+            terms: Terms::default(),
+            expires_in: default_expiry,
+            elicit: false,
+        };
     };
-    let terms = Terms {
-        approvers: (!rule.approvers.is_empty()).then(|| rule.approvers.clone()),
-        required: rule.required,
-        reuse_ms: rule.reuse_secs.saturating_mul(1000),
-    };
-    let expiry = rule.expiry_secs.map_or(default_expiry, Duration::from_secs);
-    (terms, expiry)
+    Applied {
+        terms: Terms {
+            approvers: (!rule.approvers.is_empty()).then(|| rule.approvers.clone()),
+            required: rule.required,
+            reuse_ms: rule.reuse_secs.saturating_mul(1000),
+        },
+        expires_in: rule.expiry_secs.map_or(default_expiry, Duration::from_secs),
+        elicit: rule.elicit,
+    }
 }
 
 fn matches(rule: &ApprovalRule, call: &Call) -> bool {
@@ -43,6 +59,7 @@ fn matches(rule: &ApprovalRule, call: &Call) -> bool {
     let tool = call.tool.as_deref().unwrap_or(&call.method);
     any(&rule.servers, &call.server)
         && any(&rule.tools, tool)
+        && any(&rule.policies, &call.policy)
         && (rule.tags.is_empty() || rule.tags.iter().any(|t| call.tags.contains(t)))
 }
 

@@ -16,6 +16,7 @@ pub mod boundary;
 pub mod check;
 pub mod config;
 pub mod drift;
+pub mod elicit;
 pub mod engine;
 pub mod fixtures;
 pub mod framing;

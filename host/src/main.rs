@@ -293,6 +293,9 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
     let served = runtime.block_on(async {
         let socket = http::bind(config.serve.listen).await?;
         if let Some(settings) = &config.admin {
+            if config.approvers.is_empty() {
+                tracing::warn!("[admin] is configured but no [approvers]: nobody can sign in");
+            }
             let admin = Arc::new(Admin::new(&config, Deployment::Serving(current)));
             let socket = http::bind(settings.listen).await?;
             // It ends with the runtime, after the MCP listener.
@@ -300,11 +303,13 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
         }
         http::run(listener, socket, shutdown_signal()).await
     });
+    gateway.cancel_held("Portcullis was stopped");
     for upstream in gateway.upstreams().values() {
         upstream.stop();
     }
-    // No status update after the report is withdrawn.
-    drop(runtime);
+    // No status update after the report is withdrawn; held calls, just
+    // cancelled, see it within a poll.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
     Status::withdraw(std::process::id());
     served.map(|()| 0)
 }
@@ -338,6 +343,9 @@ fn run_admin(config_path: &std::path::Path, listen: Option<std::net::SocketAddr>
     })?;
     Ok(0)
 }
+
+/// How long `serve` waits for its tasks when it stops.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often `serve` brings its servers' health up to date in the status
 /// report.

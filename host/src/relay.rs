@@ -11,6 +11,7 @@ use crate::audit::{ApprovalRecord, AuditRecord, canonical_digest, value_digest};
 use crate::bindings::{Direction, Exchange, MessageKind};
 use crate::boundary::{self, Listing, Stop};
 use crate::drift::ToolDrift;
+use crate::elicit;
 use crate::framing::Frame;
 use crate::guard::{Decided, Decision, Refusal};
 use crate::hold;
@@ -24,6 +25,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What to send after judging one frame. Frames carry no newline.
@@ -40,8 +42,9 @@ pub struct Delivery {
 
 /// What asking for approval came to.
 enum Asked {
-    /// The call is held; its approval is bound to these arguments (sha256).
-    Held(String),
+    /// The call is held; its approval is bound to these arguments (sha256),
+    /// and the client's user is asked this (an elicitation request).
+    Held(String, Option<String>),
     /// An earlier approval of the same call, still reusable, lets it run.
     Reused(String),
 }
@@ -101,6 +104,11 @@ pub struct Relay {
     session: Mutex<Session>,
     /// Requests held for approval, by JSON-RPC id text: their approvals.
     held: Mutex<HashMap<String, String>>,
+    /// Whether the client said it can ask its user (elicitation).
+    elicits: AtomicBool,
+    /// Portcullis' own questions to the client's user, by JSON-RPC id text:
+    /// the approvals they decide.
+    eliciting: Mutex<HashMap<String, String>>,
 }
 
 impl Relay {
@@ -110,6 +118,8 @@ impl Relay {
             current,
             session: Mutex::new(session),
             held: Mutex::new(HashMap::new()),
+            elicits: AtomicBool::new(false),
+            eliciting: Mutex::new(HashMap::new()),
         }
     }
 
@@ -215,6 +225,9 @@ impl Relay {
             let why = "Invalid Request: not a JSON-RPC 2.0 request, notification or response";
             return self.reject(g, direction, message.id, INVALID_REQUEST, why.into());
         };
+        if self.answered_by_user(direction, kind, &message) {
+            return Step::default();
+        }
         // A tool call's params are read once: the name for the exchange, the
         // arguments for the boundary's checks and the audit record.
         let call = message.tool_call();
@@ -227,8 +240,15 @@ impl Relay {
         };
         let (mut exchange, drift) = self.exchange(g, direction, kind, &message, tool);
         let crossing = self.cross(g, direction, kind, &exchange, call_arguments, &drift);
-        if direction == Direction::ClientToServer && exchange.method == "notifications/cancelled" {
-            self.cancelled_by_client(exchange.params.as_deref());
+        if direction == Direction::ClientToServer {
+            match exchange.method.as_str() {
+                "notifications/cancelled" => self.cancelled_by_client(exchange.params.as_deref()),
+                "initialize" if kind == MessageKind::Request => {
+                    let elicits = message.params_value()["capabilities"]["elicitation"].is_object();
+                    self.elicits.store(elicits, Ordering::Relaxed);
+                }
+                _ => {}
+            }
         }
         let mut decision = match &crossing {
             Err(stop) => Decision {
@@ -264,11 +284,11 @@ impl Relay {
             record.tags.push(stop.tag.into());
         }
         record.drift = drift;
-        let mut bound = String::new();
+        let (mut bound, mut question) = (String::new(), None);
         if let Decided::Hold(refusal, payload) = &decision.outcome {
             let asking = (direction, kind, &message);
             match self.ask(g, asking, &exchange, &record, refusal) {
-                Ok(Asked::Held(digest)) => bound = digest,
+                Ok(Asked::Held(digest, asked)) => (bound, question) = (digest, asked),
                 Ok(Asked::Reused(approval)) => {
                     record.outcome = "allow";
                     record.tags.push("approval:reused".into());
@@ -350,6 +370,7 @@ impl Relay {
                         arguments_sha256: bound,
                         exchange,
                     }),
+                    reply: question,
                     ..Step::default()
                 }
             }
@@ -393,17 +414,81 @@ impl Relay {
         if let Some(earlier) = store.reusable(&call, approvals::now_ms())? {
             return Ok(Asked::Reused(earlier.id));
         }
-        let (terms, expires_in) = hold::terms(&g.config.approvals, &call);
+        let rule = hold::rule_for(&g.config.approvals, &call);
         let request = approvals::Request {
             id: record.id.clone(),
             call,
-            terms,
-            expires_in,
+            terms: rule.terms,
+            expires_in: rule.expires_in,
             holder: holding.holder().to_string(),
         };
         let approval = store.request(&request)?;
         holding.announce(&g.config, &approval);
-        Ok(Asked::Held(digest))
+        // The client's own user is asked too, where the rule and the client
+        // allow it.
+        let question = (rule.elicit && self.elicits.load(Ordering::Relaxed)).then(|| {
+            let (id, text) = elicit::request(&approval);
+            self.eliciting
+                .lock()
+                .expect("eliciting lock poisoned")
+                .insert(id, approval.id.clone());
+            text
+        });
+        Ok(Asked::Held(digest, question))
+    }
+
+    /// The client's answer to Portcullis' own elicitation request for a
+    /// held call's approval, if `message` is one: the user's decision is
+    /// taken (an approver may have decided first), and the answer goes no
+    /// further.
+    fn answered_by_user(&self, direction: Direction, kind: MessageKind, message: &Message) -> bool {
+        if direction != Direction::ClientToServer
+            || !matches!(kind, MessageKind::Result | MessageKind::Error)
+        {
+            return false;
+        }
+        let Some(id) = message.id.filter(|id| elicit::is_ours(id.get())) else {
+            return false;
+        };
+        let approval = self
+            .eliciting
+            .lock()
+            .expect("eliciting lock poisoned")
+            .remove(id.get());
+        // A late answer, after an approver decided, is dropped too.
+        let Some(approval) = approval else {
+            return true;
+        };
+        let parse = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str(r.get()).ok());
+        let (result, error): (Option<serde_json::Value>, Option<serde_json::Value>) =
+            (parse(message.result), parse(message.error));
+        let agent = self
+            .session
+            .lock()
+            .expect("session lock poisoned")
+            .agent()
+            .id
+            .clone();
+        let (state, comment) = match elicit::answer(result.as_ref(), error.as_ref()) {
+            elicit::Answer::Approved(comment) => (State::Approved, comment),
+            elicit::Answer::Denied(why) => (State::Denied, Some(why)),
+            elicit::Answer::Undecided(why) => {
+                tracing::warn!(approval, "{why}; the approval waits for an approver");
+                return true;
+            }
+        };
+        let decided = self.current.holding.store().and_then(|store| {
+            store.settle(
+                &approval,
+                state,
+                &elicit::decider(&agent),
+                comment.as_deref(),
+            )
+        });
+        if let Err(e) = decided {
+            tracing::error!(approval, "cannot record the user's decision: {e:#}");
+        }
+        true
     }
 
     /// Waits (blocking) until a person decides on `held`, its approval
@@ -426,6 +511,10 @@ impl Relay {
         if settled.is_none() {
             return Delivery::default();
         }
+        self.eliciting
+            .lock()
+            .expect("eliciting lock poisoned")
+            .retain(|_, approval| *approval != held.approval);
         let g = self.current();
         let id = RawValue::from_string(held.key.clone()).ok();
         let refused = |code: i32, why: &str, data: serde_json::Value| Delivery {

@@ -92,9 +92,10 @@ def sandbox(tmp_path: Path) -> Path:
 
 @asynccontextmanager
 async def proxied_filesystem(config: Path, audit: Path, root: Path, stderr_path: Path | None = None,
-                             env: dict[str, str] | None = None):
+                             env: dict[str, str] | None = None, elicitation_callback=None):
     """An initialized official-SDK client session to the filesystem server
-    through `portcullis stdio`."""
+    through `portcullis stdio` (one that can ask its user, given an
+    `elicitation_callback`)."""
     params = StdioServerParameters(
         command=str(PORTCULLIS),
         args=["stdio", "--config", str(config), "--audit-file", str(audit), "--", "node", str(FS_SERVER), str(root)],
@@ -103,7 +104,7 @@ async def proxied_filesystem(config: Path, audit: Path, root: Path, stderr_path:
     errlog = open(stderr_path or os.devnull, "w")
     try:
         async with stdio_client(params, errlog=errlog) as (read, write):
-            async with ClientSession(read, write) as session:
+            async with ClientSession(read, write, elicitation_callback=elicitation_callback) as session:
                 await session.initialize()
                 yield session
     finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
+from mcp.types import ElicitResult
 
 from conftest import PORTCULLIS, POLICIES, policy, proxied_filesystem, read_audit, write_config
 from test_serve import KEYS, Gateway, connect, free_port, sha256
@@ -236,16 +237,26 @@ def test_a_held_call_whose_client_disconnects_or_ends_its_session_is_cancelled(a
             await http.delete(url, headers=session)
             ended_state = await asyncio.to_thread(wait_for_state, admin, ended["id"], "cancelled")
             held.cancel()
-        late = admin.decide(ended["id"], "approve", "alice")
-        return cancelled, ended_state, late
+            late = admin.decide(ended["id"], "approve", "alice")
+            # Portcullis stops while a third call is held: it cancels it and exits.
+            again = await http.post(url, json=initialize)
+            session = {"Mcp-Session-Id": again.headers["mcp-session-id"]}
+            stopping = asyncio.create_task(http.post(url, json=write(3), headers=session))
+            [stopped] = await asyncio.to_thread(admin.pending)
+            await asyncio.to_thread(gateway.stop)
+            stopping.cancel()
+        shown = subprocess.run([str(PORTCULLIS), "approvals", "show", stopped["id"], "--json", "--config",
+                                str(gateway.config)], capture_output=True, text=True, timeout=60)
+        return cancelled, ended_state, late, json.loads(shown.stdout)
 
-    cancelled, ended_state, late = asyncio.run(scenario())
+    cancelled, ended_state, late, stopped = asyncio.run(scenario())
     assert cancelled["decided_by"] == "client" and "disconnected" in cancelled["comment"]
     assert ended_state["decided_by"] == "client" and "ended its session" in ended_state["comment"]
     assert late[0] == 409 and "already cancelled" in late[1]["error"]
+    assert (stopped["state"], stopped["comment"]) == ("cancelled", "Portcullis was stopped")
     assert not list(sandbox.glob("gone-*")), "nothing the client left behind ran"
     events = [r for r in read_audit(gateway.audit) if r.get("event") == "approval"]
-    assert [e["state"] for e in events] == ["cancelled", "cancelled"]
+    assert [e["state"] for e in events] == ["cancelled", "cancelled", "cancelled"]
 
 
 def wait_for_state(admin: Admin, approval: str, state: str) -> dict:
@@ -357,3 +368,39 @@ def test_the_page_shows_a_pending_call_and_a_click_approves_it(approving, sandbo
     assert (sandbox / "clicked.txt").read_text() == "approved in a browser\n"
     [event] = [r for r in read_audit(gateway.audit) if r.get("event") == "approval"]
     assert (event["decided_by"], event["comment"]) == ("alice", "checked on the page")
+
+
+def test_the_clients_own_user_decides_where_the_rule_asks_them(tmp_path: Path, sandbox: Path):
+    gate = policy("approval-gate", "approval_gate.wasm", methods=["tools/call"],
+                  settings={"tools": ["write_file", "create_directory"]})
+    rules = '\n[[approvals.rules]]\ntools = ["write_file"]\npolicies = ["approval-gate"]\nelicit = true\n'
+    config = write_config(tmp_path, [gate], rules)
+    audit = tmp_path / "audit.jsonl"
+    asked: list[str] = []
+
+    async def user(context, params):
+        asked.append(params.message)
+        if "yes.txt" in params.message:
+            return ElicitResult(action="accept", content={"approve": True, "comment": "I asked for this"})
+        return ElicitResult(action="decline")
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox, elicitation_callback=user) as session:
+            approved = await session.call_tool("write_file", {"path": str(sandbox / "yes.txt"), "content": "y"})
+            with pytest.raises(MCPError) as declined:
+                await session.call_tool("write_file", {"path": str(sandbox / "no.txt"), "content": "n"})
+            # A call the rule does not cover is not put to the client's user.
+            other = asyncio.create_task(session.call_tool("create_directory", {"path": str(sandbox / "d")}))
+            await asyncio.sleep(1)
+            assert not other.done() and len(asked) == 2
+            other.cancel()
+            return approved, declined.value
+
+    approved, declined = asyncio.run(scenario())
+    assert "e2e-agent wants to call write_file on stdio" in asked[0] and '"content":"y"' in asked[0]
+    assert not approved.is_error and (sandbox / "yes.txt").read_text() == "y"
+    assert declined.message == "Approval denied by user of e2e-agent (elicitation): declined"
+    assert not (sandbox / "no.txt").exists()
+    events = [(e["state"], e["decided_by"], e.get("comment")) for e in read_audit(audit) if e.get("event") == "approval"]
+    assert events[:2] == [("approved", "user of e2e-agent (elicitation)", "I asked for this"),
+                          ("denied", "user of e2e-agent (elicitation)", "declined")]

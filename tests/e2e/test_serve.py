@@ -58,7 +58,7 @@ class Gateway:
         self.audit = tmp_path / "audit.jsonl"
         self.echo_log = tmp_path / "echo.log"
         (tmp_path / "everything-token").write_text("token-from-a-file\n")
-        config = tmp_path / "gateway.toml"
+        config = self.config = tmp_path / "gateway.toml"
         config.write_text(f"""
 [serve]
 listen = "127.0.0.1:{self.port}"
@@ -130,8 +130,9 @@ servers = ["files"]
             return e.code, e.headers, e.read()
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
         self.stderr.close()
 
 

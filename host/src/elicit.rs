@@ -1,0 +1,157 @@
+//! Asking the client's own user: for a held call whose approval rule says
+//! `elicit = true`, and a client that declared the `elicitation` capability,
+//! Portcullis sends the client an `elicitation/create` request of its own
+//! (its id says it is Portcullis') showing the call, and reads the user's
+//! answer as a decision. The approval stays in the store meanwhile, so an
+//! approver may still decide it on the page or in a terminal; whichever
+//! comes first counts. The client is trusted to have asked its user, which
+//! is why a rule must opt in.
+
+use crate::approvals::Approval;
+use serde_json::{Value, json};
+
+/// How Portcullis' own requests to the client are named.
+const ID_PREFIX: &str = "portcullis-approval-";
+/// The most of the arguments shown in the question.
+const MAX_SHOWN: usize = 2000;
+
+/// What the user answered.
+#[derive(Debug, PartialEq)]
+pub enum Answer {
+    /// Approve, with an optional comment.
+    Approved(Option<String>),
+    /// Refuse, saying why.
+    Denied(String),
+    /// No answer the call can go on: left to other approvers or its expiry.
+    Undecided(String),
+}
+
+/// Portcullis' elicitation request for `approval`, and its JSON-RPC id (as
+/// JSON text).
+pub fn request(approval: &Approval) -> (String, String) {
+    let name = format!("{ID_PREFIX}{}", approval.id);
+    let call = &approval.call;
+    let what = call.tool.as_deref().unwrap_or(&call.method);
+    let mut arguments = call.arguments.clone();
+    if arguments.len() > MAX_SHOWN {
+        let cut = (0..=MAX_SHOWN)
+            .rev()
+            .find(|i| arguments.is_char_boundary(*i))
+            .unwrap_or(0);
+        arguments.truncate(cut);
+        arguments.push('…');
+    }
+    let message = format!(
+        "Portcullis holds a call for your approval.\n\n{} wants to call {what} on {} with:\n{arguments}\n\n{}: {}\n\nApprove this call, exactly as shown?",
+        call.agent, call.server, call.policy, call.reason
+    );
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "approve": {
+                "type": "boolean",
+                "title": "Approve",
+                "description": "Run this call exactly as shown",
+                "default": false
+            },
+            "comment": {
+                "type": "string",
+                "title": "Comment",
+                "description": "Kept in the audit trail"
+            }
+        },
+        "required": ["approve"]
+    });
+    let text = json!({
+        "jsonrpc": "2.0",
+        "id": name,
+        "method": "elicitation/create",
+        "params": { "mode": "form", "message": message, "requestedSchema": schema }
+    })
+    .to_string();
+    (json!(name).to_string(), text)
+}
+
+/// The user's answer, from the client's result (or error) for the request.
+pub fn answer(result: Option<&Value>, error: Option<&Value>) -> Answer {
+    if let Some(error) = error {
+        let why = error["message"].as_str().unwrap_or("an error");
+        return Answer::Undecided(format!("the client could not ask its user: {why}"));
+    }
+    let Some(result) = result else {
+        return Answer::Undecided("the client's answer is empty".into());
+    };
+    let comment = result["content"]["comment"]
+        .as_str()
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
+    match result["action"].as_str() {
+        Some("accept") if result["content"]["approve"] == json!(true) => Answer::Approved(comment),
+        Some("accept") => Answer::Denied(comment.unwrap_or_else(|| "not approved".into())),
+        Some("decline") => Answer::Denied(comment.unwrap_or_else(|| "declined".into())),
+        Some("cancel") => Answer::Denied("the user dismissed the question".into()),
+        _ => Answer::Undecided("the client's answer has no action".into()),
+    }
+}
+
+/// Whether a JSON-RPC id (as JSON text) names one of Portcullis' own
+/// requests to the client.
+pub fn is_ours(id: &str) -> bool {
+    id.strip_prefix('"')
+        .is_some_and(|name| name.starts_with(ID_PREFIX))
+}
+
+/// Who decided, as the approval and the audit trail name them.
+pub fn decider(agent: &str) -> String {
+    format!("user of {agent} (elicitation)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn portcullis_knows_its_own_requests_by_their_ids() {
+        let approval = crate::approvals::tests::approval();
+        let (id, text) = request(&approval);
+        assert!(is_ours(&id));
+        assert!(!is_ours("\"1\"") && !is_ours("7"));
+        let sent: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(sent["method"], "elicitation/create");
+        assert_eq!(sent["id"].to_string(), id);
+        let message = sent["params"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("bot wants to call delete on fs"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn only_an_accepted_form_saying_approve_approves() {
+        let accept = |content: Value| json!({ "action": "accept", "content": content });
+        assert_eq!(
+            answer(
+                Some(&accept(json!({"approve": true, "comment": " ok "}))),
+                None
+            ),
+            Answer::Approved(Some("ok".into()))
+        );
+        assert_eq!(
+            answer(Some(&accept(json!({"approve": false}))), None),
+            Answer::Denied("not approved".into())
+        );
+        assert_eq!(
+            answer(Some(&accept(json!({"approve": "yes"}))), None),
+            Answer::Denied("not approved".into())
+        );
+        assert_eq!(
+            answer(Some(&json!({"action": "decline"})), None),
+            Answer::Denied("declined".into())
+        );
+        assert!(matches!(
+            answer(None, Some(&json!({"code": -32601, "message": "no"}))),
+            Answer::Undecided(_)
+        ));
+    }
+}
