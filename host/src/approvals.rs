@@ -82,6 +82,18 @@ pub struct Call {
     pub tags: Vec<String>,
 }
 
+impl Call {
+    /// Whether `other` is the same call: agent, server, method, tool and
+    /// arguments.
+    pub fn same_call(&self, other: &Call) -> bool {
+        self.agent == other.agent
+            && self.server == other.server
+            && self.method == other.method
+            && self.tool == other.tool
+            && self.arguments_sha256 == other.arguments_sha256
+    }
+}
+
 /// Who may decide a call and what it takes, as the matching rule said.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Terms {
@@ -369,8 +381,16 @@ impl Approvals {
     }
 
     /// Approvals in `state` (all when `None`), newest first, at most `limit`.
+    /// Pending ones past their expiry are expired first (a held call's
+    /// process does that itself when it looks; a call answered
+    /// `input_required` that never came back has nobody looking).
     pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Approval>> {
         let db = self.db();
+        db.execute(
+            "UPDATE approvals SET state = 'expired', decided_by = 'portcullis', \
+             decided_ms = expires_ms, comment = ?2 WHERE state = 'pending' AND expires_ms <= ?1",
+            params![now_ms() as i64, EXPIRED],
+        )?;
         let mut query = db.prepare(&format!(
             "SELECT {COLUMNS} FROM approvals WHERE ?1 IS NULL OR state = ?1 \
              ORDER BY created_ms DESC, id DESC LIMIT ?2"

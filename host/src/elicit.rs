@@ -2,16 +2,22 @@
 //! `elicit = true`, and a client that declared the `elicitation` capability,
 //! Portcullis sends the client an `elicitation/create` request of its own
 //! (its id says it is Portcullis') showing the call, and reads the user's
-//! answer as a decision. The approval stays in the store meanwhile, so an
+//! answer as a decision. A client of the stateless 2026-07-28 revision is
+//! answered `input_required` instead, carrying the same question and the
+//! approval's id as `requestState`; it asks its user and sends the request
+//! again with the answer in `inputResponses`. The approval stays in the store meanwhile, so an
 //! approver may still decide it on the page or in a terminal; whichever
 //! comes first counts. The client is trusted to have asked its user, which
 //! is why a rule must opt in.
 
 use crate::approvals::Approval;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 /// How Portcullis' own requests to the client are named.
 const ID_PREFIX: &str = "portcullis-approval-";
+/// The key of Portcullis' question among a request's `inputRequests`.
+const INPUT_KEY: &str = "portcullis-approval";
 /// The most of the arguments shown in the question.
 const MAX_SHOWN: usize = 2000;
 
@@ -30,6 +36,58 @@ pub enum Answer {
 /// JSON text).
 pub fn request(approval: &Approval) -> (String, String) {
     let name = format!("{ID_PREFIX}{}", approval.id);
+    let text = json!({
+        "jsonrpc": "2.0",
+        "id": name,
+        "method": "elicitation/create",
+        "params": question(approval)
+    })
+    .to_string();
+    (json!(name).to_string(), text)
+}
+
+/// The answer to request `id` asking the client to put `approval` to its
+/// user and send the request again (2026-07-28 `input_required`).
+pub fn input_required(id: Option<&RawValue>, approval: &Approval) -> String {
+    let result = json!({
+        "resultType": "input_required",
+        "inputRequests": {
+            INPUT_KEY: { "method": "elicitation/create", "params": question(approval) }
+        },
+        "requestState": approval.id
+    });
+    let id = id.map_or("null", RawValue::get);
+    format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
+}
+
+/// The approval a request sent again names (its `requestState`).
+pub fn request_state(params: &Value) -> Option<&str> {
+    params["requestState"].as_str()
+}
+
+/// The user's answer a request sent again carries, if any.
+pub fn input_answer(params: &Value) -> Option<Value> {
+    params["inputResponses"]
+        .get(INPUT_KEY)
+        .filter(|answer| answer.is_object())
+        .cloned()
+}
+
+/// `params` without the answer and state meant for Portcullis (the server
+/// is sent the call as approved); `None` when there were none.
+pub fn without_input(params: &Value) -> Option<Value> {
+    let object = params.as_object()?;
+    if !object.contains_key("inputResponses") && !object.contains_key("requestState") {
+        return None;
+    }
+    let mut kept = object.clone();
+    kept.remove("inputResponses");
+    kept.remove("requestState");
+    Some(Value::Object(kept))
+}
+
+/// The elicitation (form mode) putting `approval`'s call to the user.
+fn question(approval: &Approval) -> Value {
     let call = &approval.call;
     let what = call.tool.as_deref().unwrap_or(&call.method);
     let mut arguments = call.arguments.clone();
@@ -62,14 +120,7 @@ pub fn request(approval: &Approval) -> (String, String) {
         },
         "required": ["approve"]
     });
-    let text = json!({
-        "jsonrpc": "2.0",
-        "id": name,
-        "method": "elicitation/create",
-        "params": { "mode": "form", "message": message, "requestedSchema": schema }
-    })
-    .to_string();
-    (json!(name).to_string(), text)
+    json!({ "mode": "form", "message": message, "requestedSchema": schema })
 }
 
 /// The user's answer, from the client's result (or error) for the request.
@@ -125,6 +176,30 @@ mod tests {
             message.contains("bot wants to call delete on fs"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_request_sent_again_carries_the_answer_and_the_approval_it_resumes() {
+        let approval = crate::approvals::tests::approval();
+        let id = RawValue::from_string("7".into()).unwrap();
+        let asked: Value = serde_json::from_str(&input_required(Some(&id), &approval)).unwrap();
+        assert_eq!(asked["result"]["resultType"], "input_required");
+        assert_eq!(asked["result"]["requestState"], approval.id);
+        let question = &asked["result"]["inputRequests"][INPUT_KEY];
+        assert_eq!(question["method"], "elicitation/create");
+        let again = json!({
+            "name": "delete",
+            "arguments": {"path": "/x"},
+            "requestState": approval.id,
+            "inputResponses": { INPUT_KEY: { "action": "accept", "content": {"approve": true} } }
+        });
+        assert_eq!(request_state(&again), Some(approval.id.as_str()));
+        assert_eq!(input_answer(&again).unwrap()["action"], "accept");
+        assert_eq!(
+            without_input(&again).unwrap(),
+            json!({"name": "delete", "arguments": {"path": "/x"}})
+        );
+        assert_eq!(without_input(&json!({"name": "delete"})), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::framing::Frame;
 use crate::identity::Identity;
 use crate::jsonrpc::{self, INTERNAL_ERROR, INVALID_REQUEST, Message, error_response};
-use crate::relay::Relay;
+use crate::relay::{Asking, Relay};
 use crate::reload::Current;
 use crate::session::Session;
 use crate::stateless;
@@ -303,7 +303,13 @@ impl Gateway {
                         Err(broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    let judged = judge(relay.clone(), Direction::ServerToClient, text).await;
+                    let judged = judge(
+                        relay.clone(),
+                        Direction::ServerToClient,
+                        text,
+                        Asking::Connection,
+                    )
+                    .await;
                     if let Some(forward) = judged.forward
                         && sender.send(forward).await.is_err()
                     {
@@ -386,7 +392,13 @@ impl Gateway {
 
     /// Handles one message of `session` (not `initialize`); returns the
     /// answer to send back, if the message was a request.
-    pub async fn handle(&self, session: &ClientSession, text: &str) -> Option<String> {
+    /// Its client can be asked about a held call as `asking` says.
+    pub async fn handle(
+        &self,
+        session: &ClientSession,
+        text: &str,
+        asking: Asking,
+    ) -> Option<String> {
         let message = match Message::parse(text) {
             Ok(message) => message,
             Err(e) => {
@@ -403,9 +415,9 @@ impl Gateway {
                 id.get()
             )),
             (_, None) if method == "notifications/initialized" => None,
-            (Scope::Server(server), _) => self.forward(session, server, text).await,
+            (Scope::Server(server), _) => self.forward(session, server, text, asking).await,
             (Scope::All, None) => None,
-            (Scope::All, Some(_)) => Some(self.aggregate(session, &message, text).await),
+            (Scope::All, Some(_)) => Some(self.aggregate(session, &message, text, asking).await),
         }
     }
 
@@ -415,6 +427,7 @@ impl Gateway {
         session: &ClientSession,
         message: &Message<'_>,
         text: &str,
+        asking: Asking,
     ) -> String {
         let method = message.method.as_deref().unwrap_or_default();
         if let Some((_, listing)) = LISTINGS.iter().find(|(m, _)| *m == method) {
@@ -457,7 +470,7 @@ impl Gateway {
             },
             None => text.to_string(),
         };
-        self.forward(session, &server, &text)
+        self.forward(session, &server, &text, asking)
             .await
             .unwrap_or_else(|| error_response(message.id, INTERNAL_ERROR, "no answer", None))
     }
@@ -497,7 +510,10 @@ impl Gateway {
             if !offers {
                 continue;
             }
-            let Some(answer) = self.forward(session, server, &request).await else {
+            let Some(answer) = self
+                .forward(session, server, &request, Asking::Connection)
+                .await
+            else {
                 continue;
             };
             let mut answer: Value = serde_json::from_str(&answer).unwrap_or_default();
@@ -525,9 +541,21 @@ impl Gateway {
 
     /// Judges `text` on its way to `server`, sends it, and judges the answer
     /// on its way back. Returns what the client gets, if anything.
-    async fn forward(&self, session: &ClientSession, server: &str, text: &str) -> Option<String> {
+    async fn forward(
+        &self,
+        session: &ClientSession,
+        server: &str,
+        text: &str,
+        asking: Asking,
+    ) -> Option<String> {
         let relay = session.relays.get(server)?.clone();
-        let outbound = judge(relay.clone(), Direction::ClientToServer, text.to_string()).await;
+        let outbound = judge(
+            relay.clone(),
+            Direction::ClientToServer,
+            text.to_string(),
+            asking,
+        )
+        .await;
         if let Some(reply) = outbound.reply {
             return Some(reply);
         }
@@ -549,7 +577,7 @@ impl Gateway {
                 None,
             ),
         };
-        judge(relay, Direction::ServerToClient, answer)
+        judge(relay, Direction::ServerToClient, answer, Asking::Connection)
             .await
             .forward
     }
@@ -587,10 +615,10 @@ struct Judged {
 
 /// Runs the relay (policies are WebAssembly and may take milliseconds) on a
 /// blocking thread, off the async workers.
-async fn judge(relay: Arc<Relay>, direction: Direction, text: String) -> Judged {
+async fn judge(relay: Arc<Relay>, direction: Direction, text: String, asking: Asking) -> Judged {
     let judging = relay.clone();
     let mut delivery = tokio::task::spawn_blocking(move || {
-        judging.handle(direction, Frame::Line(text.into_bytes()))
+        judging.handle_asking(direction, Frame::Line(text.into_bytes()), asking)
     })
     .await
     .unwrap_or_default();

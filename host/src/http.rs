@@ -12,6 +12,7 @@ use crate::audit::AccessRecord;
 use crate::gateway::{Gateway, Scope};
 use crate::identity::{self, Identity};
 use crate::jsonrpc::{self, Message};
+use crate::relay::Asking;
 use crate::reload::Current;
 use crate::stateless;
 use anyhow::{Context, Result};
@@ -293,7 +294,11 @@ impl Listener {
                 "MCP-Protocol-Version is not the revision this session negotiated",
             );
         }
-        match self.gateway.handle(&session, text).await {
+        match self
+            .gateway
+            .handle(&session, text, Asking::Connection)
+            .await
+        {
             Some(answer) => answer_response(&headers, answer),
             None => empty(StatusCode::ACCEPTED),
         }
@@ -377,9 +382,14 @@ impl Listener {
                     .unwrap_or_else(|_| text.to_string()),
                 None => text.to_string(),
             };
+            let asking = if stateless::elicits(&params) {
+                Asking::InputRequired
+            } else {
+                Asking::Connection
+            };
             let answer = self
                 .gateway
-                .handle(&session, &text)
+                .handle(&session, &text, asking)
                 .await
                 .unwrap_or_else(|| {
                     jsonrpc::error_response(Some(id), jsonrpc::INTERNAL_ERROR, "no answer", None)

@@ -43,10 +43,32 @@ pub struct Delivery {
 /// What asking for approval came to.
 enum Asked {
     /// The call is held; its approval is bound to these arguments (sha256),
-    /// and the client's user is asked this (an elicitation request).
-    Held(String, Option<String>),
-    /// An earlier approval of the same call, still reusable, lets it run.
-    Reused(String),
+    /// and the client's user is asked `question` (an elicitation request).
+    Held {
+        digest: String,
+        question: Option<String>,
+    },
+    /// The client is to ask its user and send the request again: approval
+    /// id, and the `input_required` answer.
+    InputRequired(String, String),
+    /// An approval lets it run: its id, and the tag saying which (reused, or
+    /// just given through the client).
+    Approved(String, &'static str),
+    /// Its approval ended without approving it: the id, and why.
+    Refused(String, String),
+}
+
+/// How the client of a request can be asked about it, should it be held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Asking {
+    /// As the connection allows: an `elicitation/create` request, to a
+    /// client that declared the capability at `initialize`; else the call
+    /// waits for an approver.
+    #[default]
+    Connection,
+    /// By answering `input_required` (2026-07-28): the client asks its user
+    /// and sends the request again with the answer.
+    InputRequired,
 }
 
 /// A client's request held for a person's approval.
@@ -131,6 +153,12 @@ impl Relay {
     /// Judges one frame travelling `direction`, with the current generation
     /// from start to end.
     pub fn handle(&self, direction: Direction, frame: Frame) -> Delivery {
+        self.handle_asking(direction, frame, Asking::Connection)
+    }
+
+    /// Judges one frame as [`Relay::handle`] does, its client reachable for
+    /// approval questions as `asking` says.
+    pub fn handle_asking(&self, direction: Direction, frame: Frame, asking: Asking) -> Delivery {
         let generation = self.current();
         let g = &*generation;
         let bytes = match frame {
@@ -153,7 +181,7 @@ impl Relay {
         if jsonrpc::is_batch(text) {
             return self.batch(g, direction, text);
         }
-        let step = self.message(g, direction, text);
+        let step = self.message(g, direction, text, asking);
         if step.unchanged() {
             return Delivery {
                 forward: Some(bytes),
@@ -189,7 +217,7 @@ impl Relay {
         }
         let steps: Vec<Step> = members
             .iter()
-            .map(|m| self.message(g, direction, m.get()))
+            .map(|m| self.message(g, direction, m.get(), Asking::Connection))
             .collect();
         if steps.iter().all(Step::unchanged) {
             return Delivery {
@@ -214,7 +242,13 @@ impl Relay {
     }
 
     /// Judges one message and applies the decision.
-    fn message<'a>(&self, g: &Generation, direction: Direction, text: &'a str) -> Step<'a> {
+    fn message<'a>(
+        &self,
+        g: &Generation,
+        direction: Direction,
+        text: &'a str,
+        asking: Asking,
+    ) -> Step<'a> {
         let message = match Message::parse(text) {
             Ok(message) => message,
             Err(e) => {
@@ -286,36 +320,68 @@ impl Relay {
         record.drift = drift;
         let (mut bound, mut question) = (String::new(), None);
         if let Decided::Hold(refusal, payload) = &decision.outcome {
-            let asking = (direction, kind, &message);
-            match self.ask(g, asking, &exchange, &record, refusal) {
-                Ok(Asked::Held(digest, asked)) => (bound, question) = (digest, asked),
-                Ok(Asked::Reused(approval)) => {
-                    record.outcome = "allow";
-                    record.tags.push("approval:reused".into());
-                    record.approval = Some(approval);
-                    decision.outcome = match payload {
-                        Some(payload) => Decided::Modify(payload.clone()),
-                        None => Decided::Allow,
+            let refusal = refusal.clone();
+            let asked = self.ask(
+                g,
+                (direction, kind, &message),
+                &exchange,
+                &record,
+                &refusal,
+                asking,
+            );
+            let (outcome, tag) = match asked {
+                Ok(Asked::Held {
+                    digest,
+                    question: q,
+                }) => {
+                    (bound, question) = (digest, q);
+                    (None, None)
+                }
+                Ok(Asked::InputRequired(approval, answer)) => {
+                    record.approval = (approval != record.id).then_some(approval);
+                    let step = Step {
+                        reply: Some(answer),
+                        ..Step::default()
                     };
+                    return audited(g, &record, kind, message.id, step);
+                }
+                Ok(Asked::Approved(approval, tag)) => {
+                    record.outcome = "allow";
+                    record.approval = Some(approval);
+                    let params = payload
+                        .as_deref()
+                        .or(message.params.map(RawValue::get))
+                        .and_then(|p| serde_json::from_str(p).ok());
+                    let sent = params.as_ref().and_then(elicit::without_input);
+                    let outcome = match (sent, payload) {
+                        (Some(params), _) => Decided::Modify(params.to_string()),
+                        (None, Some(payload)) => Decided::Modify(payload.clone()),
+                        (None, None) => Decided::Allow,
+                    };
+                    (Some(outcome), Some(tag))
+                }
+                Ok(Asked::Refused(approval, why)) => {
+                    record.deny(DENIED, why.clone(), Some(&refusal.policy));
+                    let data = json!({ "approval": approval, "policy": &*refusal.policy, "decision": record.id });
+                    record.approval = Some(approval);
+                    let step = refuse(kind, message.id, DENIED, &why, Some(data));
+                    return audited(g, &record, kind, message.id, step);
                 }
                 Err(e) => {
                     let why = format!(
                         "approval required ({}), but it cannot be asked for: {e:#}",
                         refusal.reason
                     );
-                    record.deny(DENIED, why.clone(), Some(&refusal.policy));
-                    decision.outcome = Decided::Deny(Refusal {
-                        code: DENIED,
-                        policy: refusal.policy.clone(),
-                        reason: why,
-                    });
+                    (Some(refused(&mut record, &refusal, why)), None)
                 }
+            };
+            record.tags.extend(tag.map(str::to_string));
+            if let Some(outcome) = outcome {
+                decision.outcome = outcome;
             }
         }
         if let Err(e) = g.audit.write(&record) {
-            tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
-            let why = "Portcullis could not write the audit record, so the message was not relayed";
-            return refuse(kind, message.id, AUDIT_FAILED, why, None);
+            return audit_failed(&record, kind, message.id, &e);
         }
         match decision.outcome {
             Decided::Allow => self.pass(direction, kind, &message, &exchange, Cow::Borrowed(text)),
@@ -380,7 +446,10 @@ impl Relay {
     /// Records the approval a held request waits on, under the terms of the
     /// approval rule it matches; its id is the id of the request's audit
     /// record. An approval of the very same call still within its reuse
-    /// window lets it run instead. Only a client's requests can be held.
+    /// window lets it run instead. Where the rule says to ask the client's
+    /// user and the request can be answered `input_required`, that is the
+    /// answer, and the request sent again with the user's answer resumes its
+    /// approval. Only a client's requests can be held.
     fn ask(
         &self,
         g: &Generation,
@@ -388,6 +457,7 @@ impl Relay {
         exchange: &Exchange,
         record: &AuditRecord,
         refusal: &Refusal,
+        asking: Asking,
     ) -> anyhow::Result<Asked> {
         if direction != Direction::ClientToServer || kind != MessageKind::Request {
             anyhow::bail!("only a client's requests can be held");
@@ -411,8 +481,13 @@ impl Relay {
             tags: record.tags.clone(),
         };
         let store = holding.store()?;
+        let answerable = asking == Asking::InputRequired && exchange.tool.is_some();
+        let params = message.params_value();
+        if answerable && let Some(state) = elicit::request_state(&params) {
+            return self.resume(g, &store, &call, state, &params, message.id);
+        }
         if let Some(earlier) = store.reusable(&call, approvals::now_ms())? {
-            return Ok(Asked::Reused(earlier.id));
+            return Ok(Asked::Approved(earlier.id, "approval:reused"));
         }
         let rule = hold::rule_for(&g.config.approvals, &call);
         let request = approvals::Request {
@@ -424,6 +499,10 @@ impl Relay {
         };
         let approval = store.request(&request)?;
         holding.announce(&g.config, &approval);
+        if rule.elicit && answerable {
+            let answer = elicit::input_required(message.id, &approval);
+            return Ok(Asked::InputRequired(approval.id, answer));
+        }
         // The client's own user is asked too, where the rule and the client
         // allow it.
         let question = (rule.elicit && self.elicits.load(Ordering::Relaxed)).then(|| {
@@ -434,7 +513,52 @@ impl Relay {
                 .insert(id, approval.id.clone());
             text
         });
-        Ok(Asked::Held(digest, question))
+        Ok(Asked::Held { digest, question })
+    }
+
+    /// A request sent again with its user's answer (2026-07-28): the
+    /// approval its `requestState` names, which must be of this very call,
+    /// takes the answer, and the request runs, is refused, or is asked about
+    /// again while the approval is still pending. Its ending is audited.
+    fn resume(
+        &self,
+        g: &Generation,
+        store: &approvals::Approvals,
+        call: &approvals::Call,
+        state: &str,
+        params: &serde_json::Value,
+        id: Option<&RawValue>,
+    ) -> anyhow::Result<Asked> {
+        let approval = store
+            .get(state)?
+            .filter(|a| a.id == state && a.call.same_call(call))
+            .ok_or_else(|| anyhow::anyhow!("its requestState names no approval of this call"))?;
+        let answer = elicit::input_answer(params);
+        let approval = match (approval.state, answer.as_ref()) {
+            (State::Pending, Some(answer)) => {
+                let by = elicit::decider(&call.agent);
+                match elicit::answer(Some(answer), None) {
+                    elicit::Answer::Approved(comment) => {
+                        store.settle(&approval.id, State::Approved, &by, comment.as_deref())?
+                    }
+                    elicit::Answer::Denied(why) => {
+                        store.settle(&approval.id, State::Denied, &by, Some(&why))?
+                    }
+                    elicit::Answer::Undecided(_) => approval,
+                }
+            }
+            _ => approval,
+        };
+        if approval.state == State::Pending {
+            let answer = elicit::input_required(id, &approval);
+            return Ok(Asked::InputRequired(approval.id, answer));
+        }
+        let ending = ApprovalRecord::new(&approval, id.map(|i| i.get().to_string()), true);
+        g.audit.write(&ending)?;
+        Ok(match approval.state {
+            State::Approved => Asked::Approved(approval.id, "approval:input"),
+            _ => Asked::Refused(approval.id, ending.message()),
+        })
     }
 
     /// The client's answer to Portcullis' own elicitation request for a
@@ -839,6 +963,43 @@ fn into_delivery(step: Step) -> Delivery {
 
 /// The arguments a held request is shown with: a tool call's `arguments`,
 /// another request's params, as the chain left them.
+/// `step`, once `record` is in the audit trail; a refusal if it cannot be.
+fn audited<'a>(
+    g: &Generation,
+    record: &AuditRecord,
+    kind: MessageKind,
+    id: Option<&RawValue>,
+    step: Step<'a>,
+) -> Step<'a> {
+    match g.audit.write(record) {
+        Ok(()) => step,
+        Err(e) => audit_failed(record, kind, id, &e),
+    }
+}
+
+/// The refusal of a message whose `record` could not be written (`e`).
+fn audit_failed<'a>(
+    record: &AuditRecord,
+    kind: MessageKind,
+    id: Option<&RawValue>,
+    e: &anyhow::Error,
+) -> Step<'a> {
+    tracing::error!(record = %serde_json::to_string(record).unwrap_or_default(), "{e:#}");
+    let why = "Portcullis could not write the audit record, so the message was not relayed";
+    refuse(kind, id, AUDIT_FAILED, why, None)
+}
+
+/// Marks `record` refused for `why`, on behalf of the policy that asked for
+/// approval; the decision to send.
+fn refused(record: &mut AuditRecord, asked_by: &Refusal, why: String) -> Decided {
+    record.deny(DENIED, why.clone(), Some(&asked_by.policy));
+    Decided::Deny(Refusal {
+        code: DENIED,
+        policy: asked_by.policy.clone(),
+        reason: why,
+    })
+}
+
 fn held_arguments(exchange: &Exchange) -> serde_json::Value {
     let params: serde_json::Value = exchange
         .params

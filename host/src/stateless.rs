@@ -163,6 +163,12 @@ fn decode_header(value: &str) -> Option<String> {
         .flatten()
 }
 
+/// Whether the client's envelope declares it can ask its user
+/// (elicitation), so a held call may be answered `input_required`.
+pub fn elicits(params: &Value) -> bool {
+    params["_meta"][CAPABILITIES_KEY]["elicitation"].is_object()
+}
+
 /// `params` without this revision's envelope keys in `_meta` (a server of an
 /// older revision is sent what it knows; the client's envelope is between it
 /// and Portcullis). `None` when there was nothing to remove.

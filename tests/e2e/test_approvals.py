@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import ElicitResult
 
@@ -404,3 +406,42 @@ def test_the_clients_own_user_decides_where_the_rule_asks_them(tmp_path: Path, s
     events = [(e["state"], e["decided_by"], e.get("comment")) for e in read_audit(audit) if e.get("event") == "approval"]
     assert events[:2] == [("approved", "user of e2e-agent (elicitation)", "I asked for this"),
                           ("denied", "user of e2e-agent (elicitation)", "declined")]
+
+
+def test_a_stateless_client_is_answered_input_required_and_its_user_decides(tmp_path: Path, sandbox: Path):
+    port = free_port()
+    gateway = Gateway(tmp_path, sandbox, admin_config(port, '\n[[approvals.rules]]\ntools = ["write_file"]\nelicit = true\n'))
+    asked: list[str] = []
+
+    async def user(context, params):
+        asked.append(params.message)
+        if "yes.txt" in params.message:
+            return ElicitResult(action="accept", content={"approve": True, "comment": "mine"})
+        return ElicitResult(action="decline")
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {KEYS['admin']}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+            transport = streamable_http_client(f"{gateway.url}/servers/files/mcp", http_client=http)
+            async with Client(transport, elicitation_callback=user) as client:
+                approved = await client.call_tool("write_file", {"path": str(sandbox / "yes.txt"), "content": "y"})
+                with pytest.raises(MCPError) as declined:
+                    await client.call_tool("write_file", {"path": str(sandbox / "no.txt"), "content": "n"})
+                return client.protocol_version, approved, declined.value
+
+    try:
+        version, approved, declined = asyncio.run(scenario())
+    finally:
+        gateway.stop()
+    assert version == "2026-07-28" and len(asked) == 2 and "admin wants to call write_file on files" in asked[0]
+    assert not approved.is_error and (sandbox / "yes.txt").read_text() == "y"
+    assert declined.message == "Approval denied by user of admin (elicitation): declined"
+    assert not (sandbox / "no.txt").exists()
+    records = read_audit(gateway.audit)
+    calls = [r for r in records if r.get("tool") == "write_file" and r.get("direction") == "client-to-server"]
+    assert [r["outcome"] for r in calls] == ["hold", "allow", "hold", "deny"]
+    assert calls[1]["approval"] == calls[0]["id"] and "approval:input" in calls[1]["tags"]
+    assert "requestState" not in json.dumps(calls[1].get("arguments")), "the server gets the call as approved"
+    events = [(e["state"], e["decided_by"], e.get("comment")) for e in records if e.get("event") == "approval"]
+    assert events == [("approved", "user of admin (elicitation)", "mine"),
+                      ("denied", "user of admin (elicitation)", "declined")]
