@@ -372,6 +372,20 @@ def test_the_page_shows_a_pending_call_and_a_click_approves_it(approving, sandbo
     assert (event["decided_by"], event["comment"]) == ("alice", "checked on the page")
 
 
+def answering_user(asked: list[str], comment: str):
+    """A client's user (an elicitation callback) who approves writing
+    yes.txt, with `comment`, declines anything else, and keeps each question
+    in `asked`."""
+
+    async def user(context, params):
+        asked.append(params.message)
+        if "yes.txt" in params.message:
+            return ElicitResult(action="accept", content={"approve": True, "comment": comment})
+        return ElicitResult(action="decline")
+
+    return user
+
+
 def test_the_clients_own_user_decides_where_the_rule_asks_them(tmp_path: Path, sandbox: Path):
     gate = policy("approval-gate", "approval_gate.wasm", methods=["tools/call"],
                   settings={"tools": ["write_file", "create_directory"]})
@@ -379,12 +393,7 @@ def test_the_clients_own_user_decides_where_the_rule_asks_them(tmp_path: Path, s
     config = write_config(tmp_path, [gate], rules)
     audit = tmp_path / "audit.jsonl"
     asked: list[str] = []
-
-    async def user(context, params):
-        asked.append(params.message)
-        if "yes.txt" in params.message:
-            return ElicitResult(action="accept", content={"approve": True, "comment": "I asked for this"})
-        return ElicitResult(action="decline")
+    user = answering_user(asked, "I asked for this")
 
     async def scenario():
         async with proxied_filesystem(config, audit, sandbox, elicitation_callback=user) as session:
@@ -412,12 +421,7 @@ def test_a_stateless_client_is_answered_input_required_and_its_user_decides(tmp_
     port = free_port()
     gateway = Gateway(tmp_path, sandbox, admin_config(port, '\n[[approvals.rules]]\ntools = ["write_file"]\nelicit = true\n'))
     asked: list[str] = []
-
-    async def user(context, params):
-        asked.append(params.message)
-        if "yes.txt" in params.message:
-            return ElicitResult(action="accept", content={"approve": True, "comment": "mine"})
-        return ElicitResult(action="decline")
+    user = answering_user(asked, "mine")
 
     async def scenario():
         headers = {"Authorization": f"Bearer {KEYS['admin']}"}
