@@ -47,7 +47,11 @@ pub fn run(path: &Path) -> i32 {
         .count();
     for sink in &config.audit.sinks {
         match sink {
-            SinkConfig::File { path } => println!("audit    file {}", path.display()),
+            SinkConfig::File { path, chain, .. } => println!(
+                "audit    file {}{}",
+                path.display(),
+                if *chain { " (chained)" } else { "" }
+            ),
             SinkConfig::Stderr => println!("audit    stderr"),
         }
     }

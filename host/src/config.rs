@@ -445,6 +445,16 @@ pub enum SinkConfig {
     File {
         /// The file (relative to the config file).
         path: PathBuf,
+        /// Chain the records, so `portcullis audit verify` can tell whether
+        /// any was altered, removed or reordered.
+        #[serde(default)]
+        chain: bool,
+        /// Rotate once the file holds this many bytes (0: never).
+        #[serde(default)]
+        rotate_bytes: u64,
+        /// Rotate once the file is this many seconds old (0: never).
+        #[serde(default)]
+        rotate_secs: u64,
     },
     /// JSON Lines on Portcullis' stderr.
     Stderr,
@@ -822,7 +832,7 @@ impl Config {
             }
         }
         for sink in &mut self.audit.sinks {
-            if let SinkConfig::File { path } = sink {
+            if let SinkConfig::File { path, .. } = sink {
                 *path = base.join(&*path);
             }
         }
@@ -1063,7 +1073,7 @@ mod tests {
             Path::new("/etc/portcullis/policies/ro.wasm")
         );
         assert!(
-            matches!(&config.audit.sinks[0], SinkConfig::File { path } if path == Path::new("/var/log/audit.jsonl"))
+            matches!(&config.audit.sinks[0], SinkConfig::File { path, .. } if path == Path::new("/var/log/audit.jsonl"))
         );
         assert_eq!(config.policies[0].failure, FailureMode::Closed);
         assert_eq!(config.policies[0].mode, Mode::Enforce);

@@ -42,4 +42,5 @@ pub mod stateless;
 pub mod status;
 pub mod stdio;
 pub mod store;
+pub mod trail;
 pub mod upstream;

@@ -92,6 +92,11 @@ enum Commands {
         #[command(subcommand)]
         action: portcullis::approve::Action,
     },
+    /// Read the audit trail: verify its chain, tail it, query it.
+    Audit {
+        #[command(subcommand)]
+        action: portcullis::trail::Action,
+    },
     /// Validate a config file and load every policy in it.
     Check {
         /// The config file.
@@ -181,6 +186,7 @@ fn run(cli: Cli) -> Result<i32> {
         Commands::Serve { config, audit_file } => run_serve(config, audit_file),
         Commands::Admin { config, listen } => run_admin(&config, listen),
         Commands::Check { config } => Ok(portcullis::check::run(&config)),
+        Commands::Audit { action } => portcullis::trail::run(&action),
         Commands::Approvals {
             config,
             approver,

@@ -3,9 +3,10 @@
 //! [`Sink`] before the message's effect is relayed. A record that cannot be
 //! written stops the message (fail-closed); it is never silently lost.
 
+pub mod chain;
 mod sinks;
 
-pub use sinks::{FileSink, Sink, StderrSink};
+pub use sinks::{FileOptions, FileSink, Sink, StderrSink};
 
 use crate::config::{AuditConfig, SinkConfig};
 use crate::drift::ToolDrift;
@@ -383,10 +384,27 @@ impl Audit {
     /// Opens every sink of `config`, plus a file sink at `extra_file`.
     pub fn open(config: &AuditConfig, extra_file: Option<PathBuf>) -> Result<Self> {
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-        let extra = extra_file.map(|path| SinkConfig::File { path });
+        let extra = extra_file.map(|path| SinkConfig::File {
+            path,
+            chain: false,
+            rotate_bytes: 0,
+            rotate_secs: 0,
+        });
         for sink in config.sinks.iter().cloned().chain(extra) {
             sinks.push(match sink {
-                SinkConfig::File { path } => Box::new(FileSink::open(&path)?),
+                SinkConfig::File {
+                    path,
+                    chain,
+                    rotate_bytes,
+                    rotate_secs,
+                } => {
+                    let options = FileOptions {
+                        chain,
+                        rotate_bytes,
+                        rotate_secs,
+                    };
+                    Box::new(FileSink::open_with(&path, options)?)
+                }
                 SinkConfig::Stderr => Box::new(StderrSink),
             });
         }

@@ -1,7 +1,9 @@
 //! Audit sinks: where serialized records go. Each write hands the record to
 //! the operating system before returning, so a record survives the process
-//! being killed the moment after.
+//! being killed the moment after. A file sink can chain its records and
+//! rotate its file.
 
+use super::chain::{self, Head};
 use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -16,45 +18,254 @@ pub trait Sink: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Appends JSON Lines to a file.
+/// How a file sink keeps its file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Chain the records (tamper evidence; see [`super::chain`]).
+    pub chain: bool,
+    /// Rotate once the file holds this many bytes (0: never).
+    pub rotate_bytes: u64,
+    /// Rotate once the file is this many seconds old (0: never).
+    pub rotate_secs: u64,
+}
+
+/// Appends JSON Lines to a file. With chaining or rotation, every process
+/// writing the file takes turns (a lock file beside it), so each record
+/// chains onto the one truly before it and a file rotated by one process is
+/// left by all.
 pub struct FileSink {
     path: PathBuf,
-    file: Mutex<File>,
+    options: FileOptions,
+    state: Mutex<Open>,
+}
+
+/// The file as this process has it open.
+struct Open {
+    file: File,
+    /// Taken around each write when chaining or rotating.
+    lock: Option<File>,
+    /// Where this process last left the file's end, and the chain's head
+    /// there: still true while the file has not grown since.
+    known: Option<(u64, Head)>,
 }
 
 impl FileSink {
     /// Opens (creating if needed) `path` for appending.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, FileOptions::default())
+    }
+
+    /// Opens (creating if needed) `path` for appending, kept as `options`
+    /// say.
+    pub fn open_with(path: &Path, options: FileOptions) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create audit directory {}", dir.display()))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("cannot open audit file {}", path.display()))?;
+        let guarded = options.chain || options.rotate_bytes > 0 || options.rotate_secs > 0;
+        let lock = guarded
+            .then(|| {
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(lock_path(path))
+                    .with_context(|| format!("cannot open the lock file of {}", path.display()))
+            })
+            .transpose()?;
         Ok(Self {
             path: path.to_path_buf(),
-            file: Mutex::new(file),
+            options,
+            state: Mutex::new(Open {
+                file: append(path)?,
+                lock,
+                known: None,
+            }),
         })
+    }
+
+    /// Writes `line` under the lock: after rotating the file if it is due,
+    /// chained onto the file's last record if chaining.
+    fn write_guarded(&self, open: &mut Open, line: &str) -> Result<()> {
+        // Another process may have rotated the file since.
+        if !same_file(&open.file, &self.path) {
+            open.file = append(&self.path)?;
+            open.known = None;
+        }
+        let mut head = None;
+        if self.rotation_due(&open.file)? {
+            let tail = self.head(open)?;
+            let rotated = self.rotate()?;
+            open.file = append(&self.path)?;
+            open.known = None;
+            if let Some(tail) = tail {
+                let (checkpoint, next) =
+                    chain::link(&chain::checkpoint(&tail, Some(&rotated)), &tail)?;
+                open.file.write_all(checkpoint.as_bytes())?;
+                head = Some(next);
+            }
+        }
+        if !self.options.chain {
+            open.file.write_all(line.as_bytes())?;
+            return Ok(());
+        }
+        let head = match head {
+            Some(head) => head,
+            None => self.head(open)?.unwrap_or_else(Head::genesis),
+        };
+        let (linked, mut head) = chain::link(line, &head)?;
+        let mut out = linked;
+        if head.seq % chain::CHECKPOINT_EVERY == 0 {
+            let (checkpoint, next) = chain::link(&chain::checkpoint(&head, None), &head)?;
+            out.push_str(&checkpoint);
+            head = next;
+        }
+        open.file.write_all(out.as_bytes())?;
+        let end = open.file.metadata()?.len();
+        open.known = Some((end, head));
+        Ok(())
+    }
+
+    /// The chain's head at the file's end: known, or read from its last
+    /// line (another process wrote since); `None` for an empty file or when
+    /// not chaining.
+    fn head(&self, open: &Open) -> Result<Option<Head>> {
+        if !self.options.chain {
+            return Ok(None);
+        }
+        let end = open.file.metadata()?.len();
+        if let Some((known_end, head)) = &open.known
+            && *known_end == end
+        {
+            return Ok(Some(head.clone()));
+        }
+        let Some(last) = last_line(&self.path)? else {
+            return Ok(None);
+        };
+        Head::of(&last).map(Some).with_context(|| {
+            format!(
+                "the last line of {} is not a chained record; start a new file to chain",
+                self.path.display()
+            )
+        })
+    }
+
+    fn rotation_due(&self, file: &File) -> Result<bool> {
+        let FileOptions {
+            rotate_bytes,
+            rotate_secs,
+            ..
+        } = self.options;
+        let meta = file.metadata()?;
+        if meta.len() == 0 {
+            return Ok(false);
+        }
+        let by_size = rotate_bytes > 0 && meta.len() >= rotate_bytes;
+        let age = meta
+            .created()
+            .ok()
+            .and_then(|created| created.elapsed().ok())
+            .map_or(0, |age| age.as_secs());
+        Ok(by_size || (rotate_secs > 0 && age >= rotate_secs))
+    }
+
+    /// Renames the file aside as `STEM.TIME.EXT`; returns the new name.
+    fn rotate(&self) -> Result<PathBuf> {
+        let stem = self.path.file_stem().unwrap_or_default().to_string_lossy();
+        let ext = self
+            .path
+            .extension()
+            .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+        let time = humantime::format_rfc3339_micros(std::time::SystemTime::now())
+            .to_string()
+            .replace(':', "");
+        let mut rotated = self.path.with_file_name(format!("{stem}.{time}{ext}"));
+        for n in 1.. {
+            if !rotated.exists() {
+                break;
+            }
+            rotated = self.path.with_file_name(format!("{stem}.{time}-{n}{ext}"));
+        }
+        std::fs::rename(&self.path, &rotated)
+            .with_context(|| format!("cannot rotate {}", self.path.display()))?;
+        Ok(rotated)
     }
 }
 
 impl Sink for FileSink {
     fn write(&self, line: &str) -> Result<()> {
-        let mut file = self
-            .file
+        let mut open = self
+            .state
             .lock()
             .map_err(|_| anyhow::anyhow!("audit file lock poisoned"))?;
-        // One write of the whole line to an O_APPEND file: records never interleave.
-        file.write_all(line.as_bytes())?;
-        Ok(())
+        let Some(lock) = open.lock.as_ref().map(File::try_clone).transpose()? else {
+            // One write of the whole line to an O_APPEND file: records never interleave.
+            open.file.write_all(line.as_bytes())?;
+            return Ok(());
+        };
+        lock.lock()
+            .with_context(|| format!("cannot lock {}", lock_path(&self.path).display()))?;
+        let written = self.write_guarded(&mut open, line);
+        let _ = lock.unlock();
+        written
     }
 
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
     }
+}
+
+fn append(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open audit file {}", path.display()))
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+/// Whether `file` is (still) the file at `path`.
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.ino() == named.ino() && open.dev() == named.dev(),
+        _ => false,
+    }
+}
+
+/// The last line of the file at `path`, read from its end.
+fn last_line(path: &Path) -> Result<Option<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut tail = Vec::new();
+    let mut start = len;
+    // Back from the end, a chunk at a time, until a newline before the last
+    // line's.
+    while start > 0 {
+        let step = start.min(64 * 1024);
+        start -= step;
+        let mut chunk = vec![0; step as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        if body.contains(&b'\n') {
+            break;
+        }
+    }
+    let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+    let last = body.rsplit(|b| *b == b'\n').next().unwrap_or_default();
+    if last.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(String::from_utf8_lossy(last).into_owned()))
 }
 
 /// Writes JSON Lines to stderr.
@@ -68,5 +279,50 @@ impl Sink for StderrSink {
 
     fn describe(&self) -> String {
         "stderr".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writers_sharing_a_chained_file_keep_one_chain_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let options = FileOptions {
+            chain: true,
+            rotate_bytes: 2_000,
+            rotate_secs: 0,
+        };
+        // Two writers, as two processes would be.
+        let a = FileSink::open_with(&path, options).unwrap();
+        let b = FileSink::open_with(&path, options).unwrap();
+        for i in 0..120 {
+            let sink = if i % 3 == 0 { &b } else { &a };
+            sink.write(&format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(40)))
+                .unwrap();
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| !p.to_string_lossy().ends_with(".lock"))
+            .collect();
+        assert!(files.len() > 3, "rotated: {files:?}");
+        files.reverse();
+        let verified = chain::verify(&files).unwrap().unwrap();
+        let checkpoints = files.len() as u64 - 1;
+        assert_eq!(verified.records, 120 + checkpoints);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("{\"time\""),
+            "a rotated-in file opens with a checkpoint"
+        );
+        assert!(
+            text.lines()
+                .next()
+                .unwrap()
+                .contains("\"event\":\"checkpoint\"")
+        );
     }
 }

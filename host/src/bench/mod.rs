@@ -4,6 +4,7 @@
 //! directly, or ([`gateway`]) `portcullis serve` against the same HTTP server
 //! — and prints medians, percentiles and ratios.
 
+mod audit;
 mod gateway;
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
@@ -37,7 +38,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "{}")]
     settings: String,
     /// Config whose policy chain is measured (and used for the relay).
-    #[arg(long, required_unless_present_any = ["reload", "policy"])]
+    #[arg(long, required_unless_present_any = ["reload", "policy", "audit"])]
     config: Option<PathBuf>,
     /// Two policy modules, given twice: one that allows the sample call and
     /// one that refuses it. Measures the time from writing a module to the
@@ -66,6 +67,13 @@ pub struct BenchArgs {
     /// With `--gateway`: concurrent sessions for the throughput run.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Measure what auditing costs per record (file sink, plain and
+    /// chained) and the records per second it sustains.
+    #[arg(long)]
+    audit: bool,
+    /// With `--audit`: records per variant.
+    #[arg(long, default_value_t = 200_000)]
+    records: usize,
     /// An MCP server command: when given, the relay is measured against it.
     #[arg(last = true)]
     server: Vec<String>,
@@ -120,6 +128,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .context("--message names the message to judge")?;
         let settings = serde_json::from_str(&args.settings).context("--settings is not JSON")?;
         policy_cost(module, message, &settings, args.iterations)?;
+    }
+    if args.audit {
+        audit::run(args.records)?;
     }
     if !args.reload.is_empty() {
         let [allows, refuses] = args.reload.as_slice() else {

@@ -1,0 +1,381 @@
+//! `portcullis audit`: reading the trail a JSON Lines file sink wrote —
+//! `verify` its chain across rotated files, `tail` it (and follow it), and
+//! `query` it by time, agent, server, tool, outcome or event — as readable
+//! tables or as JSON Lines.
+
+use crate::audit::chain;
+use crate::config::{Config, SinkConfig};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+use wildmatch::WildMatch;
+
+/// What to do with the trail.
+#[derive(Debug, Subcommand)]
+pub enum Action {
+    /// Check that a chained trail is unbroken; names the first record that
+    /// was altered, removed or reordered (exit status 1).
+    Verify {
+        /// The trail's files, rotated ones included, in any order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the last records, and with --follow those that come.
+    Tail {
+        #[command(flatten)]
+        trail: Trail,
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Keep printing records as they are written.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Print the records that match.
+    Query {
+        #[command(flatten)]
+        trail: Trail,
+        #[command(flatten)]
+        filter: Filter,
+    },
+}
+
+/// Which files make up the trail.
+#[derive(Debug, Args)]
+pub struct Trail {
+    /// The trail's files (default: the file sinks of --config, with their
+    /// rotated files).
+    files: Vec<PathBuf>,
+    /// The config whose file sinks to read.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print JSON Lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which records to print.
+#[derive(Debug, Args, Default)]
+pub struct Filter {
+    /// Only records since: a time (RFC 3339) or an age (e.g. 15m, 2h).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records until: a time (RFC 3339) or an age.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this agent (glob).
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only this server (glob).
+    #[arg(long)]
+    server: Option<String>,
+    /// Only this tool (glob).
+    #[arg(long)]
+    tool: Option<String>,
+    /// Only this outcome: allow, modify, deny or hold.
+    #[arg(long)]
+    outcome: Option<String>,
+    /// Only this event: approval, reload, session-opened, checkpoint, …
+    #[arg(long)]
+    event: Option<String>,
+}
+
+/// Runs `action`; returns the exit status.
+pub fn run(action: &Action) -> Result<i32> {
+    match action {
+        Action::Verify { files } => verify(files),
+        Action::Tail {
+            trail,
+            lines,
+            follow,
+            filter,
+        } => {
+            let files = trail.files()?;
+            let matcher = Matcher::new(filter, SystemTime::now())?;
+            let records = read(&files)?;
+            let matching: Vec<&Value> = records.iter().filter(|r| matcher.matches(r)).collect();
+            let skip = matching.len().saturating_sub(*lines);
+            print(&matching[skip..], trail.json);
+            if *follow {
+                follow_trail(&files, &matcher, trail.json)?;
+            }
+            Ok(0)
+        }
+        Action::Query { trail, filter } => {
+            let matcher = Matcher::new(filter, SystemTime::now())?;
+            let records = read(&trail.files()?)?;
+            let matching: Vec<&Value> = records.iter().filter(|r| matcher.matches(r)).collect();
+            print(&matching, trail.json);
+            Ok(0)
+        }
+    }
+}
+
+fn verify(files: &[PathBuf]) -> Result<i32> {
+    match chain::verify(files)? {
+        Ok(verified) => {
+            println!(
+                "ok: {} records in {} file(s), unbroken; head is record {} ({})",
+                verified.records,
+                verified.files.len(),
+                verified.head.seq,
+                verified.head.hash
+            );
+            Ok(0)
+        }
+        Err(broken) => {
+            println!("BROKEN at {broken}");
+            Ok(1)
+        }
+    }
+}
+
+impl Trail {
+    /// The files to read, oldest first.
+    fn files(&self) -> Result<Vec<PathBuf>> {
+        if !self.files.is_empty() {
+            return Ok(self.files.clone());
+        }
+        let Some(config) = &self.config else {
+            bail!("name the trail's files, or --config to read its file sinks");
+        };
+        let config = Config::load(config)?;
+        let mut files = Vec::new();
+        for sink in &config.audit.sinks {
+            if let SinkConfig::File { path, .. } = sink {
+                files.extend(rotated(path)?);
+                files.push(path.clone());
+            }
+        }
+        if files.is_empty() {
+            bail!("{}: no file sink in [audit]", config.path.display());
+        }
+        Ok(files)
+    }
+}
+
+/// The files rotated out of `path` (`STEM.TIME.EXT`), oldest first (by
+/// when they were last written: nothing is written to a file once rotated).
+fn rotated(path: &Path) -> Result<Vec<PathBuf>> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = path
+        .extension()
+        .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.len() > stem.len() + ext.len() + 1
+                && name.starts_with(&format!("{stem}."))
+                && name.ends_with(&ext)
+                && !name.ends_with(".lock")
+                && p != path
+        })
+        .collect();
+    found.sort_by_key(|p| {
+        let written = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        (written, p.clone())
+    });
+    Ok(found)
+}
+
+/// Every record of `files`, in order; unreadable lines are skipped.
+fn read(files: &[PathBuf]) -> Result<Vec<Value>> {
+    let mut records = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        records.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+    }
+    Ok(records)
+}
+
+/// Prints records that are written to the last of `files` from now on.
+fn follow_trail(files: &[PathBuf], matcher: &Matcher, json: bool) -> Result<()> {
+    use std::io::{BufRead, BufReader, Seek, SeekFrom};
+    let path = files.last().context("no file to follow")?;
+    let mut reader = BufReader::new(std::fs::File::open(path)?);
+    reader.seek(SeekFrom::End(0))?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || !line.ends_with('\n') {
+            std::thread::sleep(Duration::from_millis(200));
+            // A rotated file: start over on the new one.
+            if std::fs::metadata(path).map_or(0, |m| m.len()) < reader.stream_position()? {
+                reader = BufReader::new(std::fs::File::open(path)?);
+            }
+            continue;
+        }
+        if let Ok(record) = serde_json::from_str::<Value>(&line)
+            && matcher.matches(&record)
+        {
+            print(&[&record], json);
+        }
+    }
+}
+
+/// A [`Filter`], ready to match.
+struct Matcher {
+    since: Option<String>,
+    until: Option<String>,
+    globs: Vec<(&'static str, WildMatch)>,
+    outcome: Option<String>,
+    event: Option<String>,
+}
+
+impl Matcher {
+    fn new(filter: &Filter, now: SystemTime) -> Result<Self> {
+        let globs = [
+            ("agent", &filter.agent),
+            ("server", &filter.server),
+            ("tool", &filter.tool),
+        ]
+        .into_iter()
+        .filter_map(|(field, glob)| glob.as_ref().map(|g| (field, WildMatch::new(g))))
+        .collect();
+        Ok(Self {
+            since: filter
+                .since
+                .as_deref()
+                .map(|t| instant(t, now))
+                .transpose()?,
+            until: filter
+                .until
+                .as_deref()
+                .map(|t| instant(t, now))
+                .transpose()?,
+            globs,
+            outcome: filter.outcome.clone(),
+            event: filter.event.clone(),
+        })
+    }
+
+    fn matches(&self, record: &Value) -> bool {
+        let time = record["time"].as_str().unwrap_or_default();
+        self.since.as_deref().is_none_or(|since| time >= since)
+            && self.until.as_deref().is_none_or(|until| time <= until)
+            && self.globs.iter().all(|(field, glob)| {
+                record[*field]
+                    .as_str()
+                    .is_some_and(|value| glob.matches(value))
+            })
+            && self
+                .outcome
+                .as_deref()
+                .is_none_or(|o| record["outcome"].as_str() == Some(o))
+            && self
+                .event
+                .as_deref()
+                .is_none_or(|e| record["event"].as_str() == Some(e))
+    }
+}
+
+/// A time given as RFC 3339 or as an age before `now`, as the RFC 3339 text
+/// records carry (UTC, so text order is time order).
+fn instant(text: &str, now: SystemTime) -> Result<String> {
+    let at = match humantime::parse_duration(text) {
+        Ok(age) => now - age,
+        Err(_) => humantime::parse_rfc3339_weak(text)
+            .with_context(|| format!("'{text}' is neither a time (RFC 3339) nor an age (15m)"))?,
+    };
+    Ok(humantime::format_rfc3339_micros(at).to_string())
+}
+
+fn print(records: &[&Value], json: bool) {
+    if json {
+        for record in records {
+            println!("{record}");
+        }
+        return;
+    }
+    for record in records {
+        println!("{}", row(record));
+    }
+}
+
+/// One record as a table row: time, what happened, who, where, why.
+fn row(record: &Value) -> String {
+    let text = |field: &str| record[field].as_str().unwrap_or("");
+    let time = text("time")
+        .get(..19)
+        .unwrap_or(text("time"))
+        .replace('T', " ");
+    let what = match record["event"].as_str() {
+        Some(event) => match record["state"].as_str() {
+            Some(state) => format!("{event}:{state}"),
+            None => event.to_string(),
+        },
+        None => text("outcome").to_string(),
+    };
+    let call = match (record["tool"].as_str(), record["method"].as_str()) {
+        (Some(tool), _) => tool.to_string(),
+        (None, Some(method)) => method.to_string(),
+        _ => String::new(),
+    };
+    let why = record["reason"]
+        .as_str()
+        .or(record["comment"].as_str())
+        .or(record["decided_by"].as_str())
+        .unwrap_or("");
+    let mut why: String = why.chars().take(60).collect();
+    if why.len() < record["reason"].as_str().map_or(0, str::len) {
+        why.push('…');
+    }
+    format!(
+        "{time}  {what:<18}  {:<14}  {:<12}  {call:<24}  {why}",
+        text("agent"),
+        text("server")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_filter_matches_by_time_name_globs_and_outcome() {
+        let now = humantime::parse_rfc3339("2026-11-24T12:00:00Z").unwrap();
+        let filter = Filter {
+            since: Some("1h".into()),
+            agent: Some("ci-*".into()),
+            outcome: Some("deny".into()),
+            ..Filter::default()
+        };
+        let matcher = Matcher::new(&filter, now).unwrap();
+        let record = |time: &str, agent: &str, outcome: &str| json!({ "time": time, "agent": agent, "outcome": outcome, "server": "fs" });
+        assert!(matcher.matches(&record("2026-11-24T11:30:00.000000Z", "ci-bot", "deny")));
+        assert!(!matcher.matches(&record("2026-11-24T10:30:00.000000Z", "ci-bot", "deny")));
+        assert!(!matcher.matches(&record("2026-11-24T11:30:00.000000Z", "dev", "deny")));
+        assert!(!matcher.matches(&record("2026-11-24T11:30:00.000000Z", "ci-bot", "allow")));
+    }
+
+    #[test]
+    fn a_row_says_when_what_who_where_and_why() {
+        let record = json!({
+            "time": "2026-11-24T11:30:00.123456Z", "outcome": "deny", "agent": "ci-bot",
+            "server": "fs", "tool": "write_file", "reason": "read-only"
+        });
+        let shown = row(&record);
+        assert!(shown.starts_with("2026-11-24 11:30:00  deny"), "{shown}");
+        assert!(
+            shown.contains("write_file") && shown.ends_with("read-only"),
+            "{shown}"
+        );
+        let event = json!({ "time": "2026-11-24T11:31:00Z", "event": "approval", "state": "approved",
+                            "agent": "ci-bot", "server": "fs", "decided_by": "alice" });
+        assert!(row(&event).contains("approval:approved"));
+    }
+}

@@ -1,0 +1,109 @@
+"""The audit trail as evidence: a chained, rotating JSON Lines file sink in
+front of a server written with the official Python SDK. Killing Portcullis
+with SIGKILL under load leaves a record of every call that reached the
+server, the trail verifies across its rotated files, and an edited, removed
+or swapped line makes `portcullis audit verify` fail at that record;
+`portcullis audit query` and `tail` read it back."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from conftest import PORTCULLIS, notes_calls, notes_server, read_audit, write_config
+
+CALLS = 400
+
+
+def audit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PORTCULLIS), "audit", *args], capture_output=True, text=True, timeout=60)
+
+
+def trail_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix == ".jsonl")
+
+
+def test_a_killed_proxy_leaves_a_verifiable_trail_of_every_forwarded_call(tmp_path: Path):
+    trail = tmp_path / "trail"
+    sink = f'[[audit.sinks]]\ntype = "file"\npath = "{trail / "audit.jsonl"}"\nchain = true\nrotate_bytes = 20000\n\n'
+    config = write_config(tmp_path, [], sink + notes_server(tmp_path))
+    proxy = subprocess.Popen([str(PORTCULLIS), "stdio", "--config", str(config), "--server", "notes"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    answers: list[dict] = []
+
+    def read():
+        for line in proxy.stdout:
+            answers.append(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+
+    def send(message: dict) -> None:
+        proxy.stdin.write((json.dumps(message) + "\n").encode())
+        proxy.stdin.flush()
+
+    send({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "load", "version": "0"}}})
+    deadline = time.monotonic() + 60
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def load():
+        try:
+            for n in range(1, CALLS + 1):
+                send({"jsonrpc": "2.0", "id": n, "method": "tools/call",
+                      "params": {"name": "write_note", "arguments": {"text": f"note {n}"}}})
+        except (BrokenPipeError, ValueError):
+            pass  # killed mid-load
+
+    threading.Thread(target=load, daemon=True).start()
+    while len(answers) < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proxy.send_signal(signal.SIGKILL)
+    proxy.wait(timeout=30)
+    time.sleep(1)  # the server finishes what reached it
+
+    reached = {call["arguments"]["text"] for call in notes_calls(tmp_path) if call["tool"] == "write_note"}
+    files = trail_files(trail)
+    records = [r for f in files for r in read_audit(f)]
+    recorded = {r["arguments"]["text"] for r in records
+                if r.get("tool") == "write_note" and r.get("kind") == "request" and r["outcome"] == "allow"}
+    assert len(reached) >= 99 and len(reached) < CALLS, "killed under load"
+    assert reached <= recorded, f"calls that ran without a record: {sorted(reached - recorded)[:5]}"
+    assert len(files) > 2, "the trail was rotated"
+
+    verified = audit("verify", *map(str, files))
+    assert verified.returncode == 0 and verified.stdout.startswith(f"ok: {len(records)} records"), verified.stdout
+
+    queried = audit("query", "--config", str(config), "--tool", "write_*", "--outcome", "allow", "--json")
+    assert queried.returncode == 0
+    assert len(queried.stdout.splitlines()) == sum(
+        1 for r in records if r.get("tool") == "write_note" and r.get("outcome") == "allow")
+    tail = audit("tail", "--config", str(config), "-n", "3")
+    assert tail.returncode == 0 and len(tail.stdout.splitlines()) == 3
+
+    oldest = files[0]
+    lines = oldest.read_text().splitlines(keepends=True)
+    seq = json.loads(lines[4])["chain"]["seq"]
+
+    def broken(changed: list[str]) -> str:
+        oldest.write_text("".join(changed))
+        try:
+            result = audit("verify", *map(str, files))
+        finally:
+            oldest.write_text("".join(lines))
+        assert result.returncode == 1, result.stdout
+        return result.stdout
+
+    edited = lines.copy()
+    edited[4] = edited[4].replace('"time":"2', '"time":"1', 1)
+    assert f"{oldest.name}:5 (record {seq}): was altered" in broken(edited)
+    removed = lines[:4] + lines[5:]
+    assert f"{oldest.name}:5 (record {seq + 1}): record {seq} is missing here" in broken(removed)
+    swapped = lines[:4] + [lines[5], lines[4]] + lines[6:]
+    assert f"{oldest.name}:5 (record {seq + 1}): record {seq} is missing here (removed or moved)" in broken(swapped)
+    assert audit("verify", *map(str, files)).returncode == 0, "restored"
