@@ -15,8 +15,13 @@ pub fn run(records: usize) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("portcullis-bench-audit-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let record = sample();
-    println!("audit: {records} records of {} bytes each", serde_json::to_string(&record)?.len() + 1);
-    let baseline = measure(records, || serde_json::to_string(&record).map(drop).map_err(Into::into))?;
+    println!(
+        "audit: {records} records of {} bytes each",
+        serde_json::to_string(&record)?.len() + 1
+    );
+    let baseline = measure(records, || {
+        serde_json::to_string(&record).map(drop).map_err(Into::into)
+    })?;
     println!("{}", baseline.0.line("serialize only"));
     let variants = [
         ("file", FileOptions::default()),
