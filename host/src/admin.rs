@@ -13,6 +13,7 @@
 //! | GET | `/api/approvals/ID` | one approval |
 //! | POST | `/api/approvals/ID/approve`, `/deny` | decide, `{"comment": …}` |
 //! | GET | `/api/events` | SSE: a snapshot each time anything changes |
+//! | GET | `/metrics` | Prometheus metrics (no key: bind the listener privately) |
 
 use crate::approvals::{Approval, Approvals, Refused, State, Verdict, now_ms};
 use crate::audit::{AccessRecord, Audit};
@@ -161,6 +162,9 @@ impl Admin {
         if method == Method::GET && path == "/healthz" {
             return http::plain(StatusCode::OK, "ok");
         }
+        if method == Method::GET && path == "/metrics" {
+            return self.metrics().await;
+        }
         let Some(api) = path.strip_prefix("/api/") else {
             return http::plain(StatusCode::NOT_FOUND, "nothing here");
         };
@@ -231,6 +235,29 @@ impl Admin {
             (Method::GET, ["events"]) => self.events(approver),
             _ => http::plain(StatusCode::NOT_FOUND, "no such API"),
         }
+    }
+
+    /// This process' metrics, and the approvals pending in the store.
+    async fn metrics(self: Arc<Self>) -> Response<Body> {
+        let pending = self
+            .blocking(|store| store.list(Some(State::Pending), usize::MAX >> 1))
+            .await
+            .map(|listed| listed.map_or(0, |l| l.len() as u64));
+        let pending = match pending {
+            Ok(pending) => Some(pending),
+            Err(e) => {
+                tracing::warn!("metrics: cannot count pending approvals: {e:#}");
+                None
+            }
+        };
+        let mut response = Response::new(http::full(Bytes::from(
+            crate::metrics::global().render(pending),
+        )));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
     }
 
     /// Takes `approver`'s decision on `id`.

@@ -28,6 +28,7 @@ pub mod identity;
 pub mod jsonrpc;
 pub mod jwt;
 pub mod lock;
+pub mod metrics;
 pub mod notify;
 pub mod outbound;
 pub mod pin;

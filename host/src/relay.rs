@@ -19,6 +19,7 @@ use crate::jsonrpc::{
     self, AUDIT_FAILED, DENIED, INTERNAL_ERROR, INVALID_REQUEST, Message, PARSE_ERROR,
     error_response,
 };
+use crate::metrics;
 use crate::reload::{Current, Generation};
 use crate::session::Session;
 use serde_json::json;
@@ -380,6 +381,7 @@ impl Relay {
                 decision.outcome = outcome;
             }
         }
+        count(&record);
         if let Err(e) = g.audit.write(&record) {
             return audit_failed(&record, kind, message.id, &e);
         }
@@ -554,6 +556,7 @@ impl Relay {
             return Ok(Asked::InputRequired(approval.id, answer));
         }
         let ending = ApprovalRecord::new(&approval, id.map(|i| i.get().to_string()), true);
+        metrics::global().approval(ending.state);
         g.audit.write(&ending)?;
         Ok(match approval.state {
             State::Approved => Asked::Approved(approval.id, "approval:input"),
@@ -655,6 +658,7 @@ impl Relay {
         };
         let bound = approval.call.arguments_sha256 == held.arguments_sha256;
         let record = ApprovalRecord::new(&approval, Some(held.key.clone()), bound);
+        metrics::global().approval(record.state);
         let written = g.audit.write(&record);
         let data = json!({
             "approval": approval.id,
@@ -664,6 +668,7 @@ impl Relay {
             "reason": approval.call.reason,
         });
         if let Err(e) = written {
+            metrics::global().audit_failure();
             tracing::error!(record = %serde_json::to_string(&record).unwrap_or_default(), "{e:#}");
             let why =
                 "Portcullis could not write the audit record, so the held call was not relayed";
@@ -726,6 +731,7 @@ impl Relay {
             .and_then(|store| store.settle(&approval, State::Cancelled, "client", Some(why)))
             .and_then(|ended| {
                 let record = ApprovalRecord::new(&ended, Some(key.to_string()), true);
+                metrics::global().approval(record.state);
                 self.current().audit.write(&record)
             });
         if let Err(e) = cancelled {
@@ -890,7 +896,9 @@ impl Relay {
         let mut record = AuditRecord::new(&agent, &server, direction.as_str());
         record.jsonrpc_id = id.map(ToOwned::to_owned);
         record.deny(code, why.clone(), None);
+        count(&record);
         if let Err(e) = g.audit.write(&record) {
+            metrics::global().audit_failure();
             tracing::error!("{e:#}");
         }
         match direction {
@@ -963,6 +971,16 @@ fn into_delivery(step: Step) -> Delivery {
 
 /// The arguments a held request is shown with: a tool call's `arguments`,
 /// another request's params, as the chain left them.
+/// Counts the decision `record` describes.
+fn count(record: &AuditRecord) {
+    let verdicts = record.policies.iter().map(|p| metrics::Verdict {
+        policy: &p.policy,
+        verdict: p.verdict,
+        latency_us: p.latency_us,
+    });
+    metrics::global().decision(&record.server, record.outcome, record.latency_us, verdicts);
+}
+
 /// `step`, once `record` is in the audit trail; a refusal if it cannot be.
 fn audited<'a>(
     g: &Generation,
@@ -984,6 +1002,7 @@ fn audit_failed<'a>(
     id: Option<&RawValue>,
     e: &anyhow::Error,
 ) -> Step<'a> {
+    metrics::global().audit_failure();
     tracing::error!(record = %serde_json::to_string(record).unwrap_or_default(), "{e:#}");
     let why = "Portcullis could not write the audit record, so the message was not relayed";
     refuse(kind, id, AUDIT_FAILED, why, None)

@@ -176,6 +176,7 @@ impl Current {
         let audit = &self.get().audit;
         for approval in cancelled {
             tracing::info!(approval = %approval.id, "cancelled an approval whose process ended");
+            crate::metrics::global().approval(approval.state.as_str());
             if let Err(e) = audit.write(&ApprovalRecord::new(&approval, None, true)) {
                 tracing::error!("{e:#}");
             }
@@ -315,6 +316,7 @@ impl Reloader {
         error: Option<String>,
         swapped: Option<(u64, Vec<PolicyStatus>)>,
     ) -> ReloadStatus {
+        crate::metrics::global().reload(result);
         let reload = ReloadStatus {
             time: now(),
             trigger: trigger.as_str().into(),

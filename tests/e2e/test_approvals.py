@@ -168,6 +168,16 @@ def test_a_held_call_is_approved_over_the_admin_api_only_by_whom_its_rule_names(
     refused = [r for r in records if r.get("event") == "admin-credentials-refused"]
     assert len(refused) == 2 and all(r["endpoint"].endswith("/approve") for r in refused)
 
+    # The same listener serves Prometheus metrics of the gateway.
+    with urllib.request.urlopen(f"{admin.url}/metrics", timeout=10) as response:
+        metrics = response.read().decode().splitlines()
+    for line in ['portcullis_decisions_total{server="files",outcome="hold"} 1',
+                 'portcullis_policy_verdicts_total{policy="approval-gate",verdict="require-approval"} 1',
+                 'portcullis_approvals_total{state="approved"} 1',
+                 "portcullis_approvals_pending 0"]:
+        assert line in metrics, line
+    assert any(line.startswith("portcullis_chain_latency_microseconds_count ") for line in metrics)
+
 
 def test_two_people_must_approve_and_an_approved_call_may_run_again_for_a_while(approving, sandbox: Path):
     gateway, admin = approving
