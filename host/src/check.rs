@@ -52,7 +52,7 @@ pub fn run(path: &Path) -> i32 {
                 path.display(),
                 if *chain { " (chained)" } else { "" }
             ),
-            SinkConfig::Stderr => println!("audit    stderr"),
+            SinkConfig::Stderr { .. } => println!("audit    stderr"),
         }
     }
     let lock_ok = report_lock(&config);

@@ -455,9 +455,74 @@ pub enum SinkConfig {
         /// Rotate once the file is this many seconds old (0: never).
         #[serde(default)]
         rotate_secs: u64,
+        /// Which records it gets (default: all).
+        #[serde(default)]
+        only: RecordFilter,
+        /// Fields removed from its records (dotted paths, e.g. `arguments`).
+        #[serde(default)]
+        redact: Vec<String>,
     },
     /// JSON Lines on Portcullis' stderr.
-    Stderr,
+    Stderr {
+        /// Which records it gets (default: all).
+        #[serde(default)]
+        only: RecordFilter,
+        /// Fields removed from its records.
+        #[serde(default)]
+        redact: Vec<String>,
+    },
+}
+
+impl SinkConfig {
+    /// A file sink with nothing but its path.
+    pub fn file(path: PathBuf) -> Self {
+        SinkConfig::File {
+            path,
+            chain: false,
+            rotate_bytes: 0,
+            rotate_secs: 0,
+            only: RecordFilter::default(),
+            redact: Vec::new(),
+        }
+    }
+
+    /// Which records it gets, and the fields removed from them.
+    pub fn selection(&self) -> (&RecordFilter, &[String]) {
+        match self {
+            SinkConfig::File { only, redact, .. } | SinkConfig::Stderr { only, redact } => {
+                (only, redact)
+            }
+        }
+    }
+}
+
+/// Which records a sink gets; every list given must match (empty: any).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordFilter {
+    /// Message records with one of these outcomes (`allow`, `modify`,
+    /// `deny`, `hold`); event records are not affected.
+    #[serde(default)]
+    pub outcomes: Vec<String>,
+    /// Event records of these kinds (`approval`, `reload`, `checkpoint`,
+    /// `session-opened`, …); message records are not affected.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Records about these servers (globs); records about no server (e.g.
+    /// reloads) are not affected.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Records about these agents (globs); records about no agent are not
+    /// affected.
+    #[serde(default)]
+    pub agents: Vec<String>,
+}
+
+impl RecordFilter {
+    /// Whether it lets every record through.
+    pub fn is_empty(&self) -> bool {
+        *self == RecordFilter::default()
+    }
 }
 
 /// Pinned tool definitions: the lock file `portcullis pin` writes, and what

@@ -3,10 +3,12 @@ front of a server written with the official Python SDK. Killing Portcullis
 with SIGKILL under load leaves a record of every call that reached the
 server, the trail verifies across its rotated files, and an edited, removed
 or swapped line makes `portcullis audit verify` fail at that record;
-`portcullis audit query` and `tail` read it back."""
+`portcullis audit query` and `tail` read it back. Each sink takes its own
+records, redacted its own way."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -14,7 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import PORTCULLIS, notes_calls, notes_server, read_audit, write_config
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from conftest import PORTCULLIS, notes_calls, notes_server, policy, proxied_filesystem, read_audit, write_config
 
 CALLS = 400
 
@@ -107,3 +112,30 @@ def test_a_killed_proxy_leaves_a_verifiable_trail_of_every_forwarded_call(tmp_pa
     swapped = lines[:4] + [lines[5], lines[4]] + lines[6:]
     assert f"{oldest.name}:5 (record {seq + 1}): record {seq} is missing here (removed or moved)" in broken(swapped)
     assert audit("verify", *map(str, files)).returncode == 0, "restored"
+
+
+def test_each_sink_takes_its_own_records_with_its_own_redactions(tmp_path: Path, sandbox: Path):
+    everything, denials = tmp_path / "all.jsonl", tmp_path / "denials.jsonl"
+    sinks = (f'\n[[audit.sinks]]\ntype = "file"\npath = "{everything}"\n'
+             f'\n[[audit.sinks]]\ntype = "file"\npath = "{denials}"\nchain = true\nredact = ["arguments"]\n'
+             'only = { outcomes = ["deny"] }\n')
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm")], sinks)
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "extra.jsonl", sandbox) as session:
+            await session.list_tools()
+            await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            with pytest.raises(MCPError) as refused:
+                await session.call_tool("write_file", {"path": str(sandbox / "x.txt"), "content": "secret"})
+            return refused.value
+
+    refused = asyncio.run(scenario())
+    assert "not declared read-only" in refused.message
+    kept = [r for r in read_audit(everything) if r.get("tool")]
+    assert {r["outcome"] for r in kept} >= {"allow", "deny"}
+    assert any(r.get("arguments", {}).get("content") == "secret" for r in kept)
+    denied = read_audit(denials)
+    assert denied and all(r["outcome"] == "deny" for r in denied)
+    assert not any("arguments" in r for r in denied), "redacted"
+    assert "secret" not in denials.read_text()
+    assert audit("verify", str(denials)).returncode == 0

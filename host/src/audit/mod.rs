@@ -4,7 +4,10 @@
 //! written stops the message (fail-closed); it is never silently lost.
 
 pub mod chain;
+mod select;
 mod sinks;
+
+use select::{Selected, Selection};
 
 pub use sinks::{FileOptions, FileSink, Sink, StderrSink};
 
@@ -384,28 +387,29 @@ impl Audit {
     /// Opens every sink of `config`, plus a file sink at `extra_file`.
     pub fn open(config: &AuditConfig, extra_file: Option<PathBuf>) -> Result<Self> {
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-        let extra = extra_file.map(|path| SinkConfig::File {
-            path,
-            chain: false,
-            rotate_bytes: 0,
-            rotate_secs: 0,
-        });
-        for sink in config.sinks.iter().cloned().chain(extra) {
-            sinks.push(match sink {
+        let extra = extra_file.map(SinkConfig::file);
+        for sink in config.sinks.iter().chain(&extra) {
+            let opened: Box<dyn Sink> = match sink {
                 SinkConfig::File {
                     path,
                     chain,
                     rotate_bytes,
                     rotate_secs,
+                    ..
                 } => {
                     let options = FileOptions {
-                        chain,
-                        rotate_bytes,
-                        rotate_secs,
+                        chain: *chain,
+                        rotate_bytes: *rotate_bytes,
+                        rotate_secs: *rotate_secs,
                     };
-                    Box::new(FileSink::open_with(&path, options)?)
+                    Box::new(FileSink::open_with(path, options)?)
                 }
-                SinkConfig::Stderr => Box::new(StderrSink),
+                SinkConfig::Stderr { .. } => Box::new(StderrSink),
+            };
+            let (only, redact) = sink.selection();
+            sinks.push(match Selection::new(only, redact) {
+                Some(selection) => Box::new(Selected::new(opened, selection)),
+                None => opened,
             });
         }
         Ok(Self {
@@ -435,8 +439,8 @@ impl Audit {
         self.include_policy_logs
     }
 
-    /// Writes `record` (one JSON object) to every sink; fails if any sink
-    /// failed.
+    /// Writes `record` (one JSON object) to every sink (each taking the
+    /// records it selects, as it redacts them); fails if any sink failed.
     pub fn write(&self, record: &impl Serialize) -> Result<()> {
         let mut line = serde_json::to_string(record)?;
         line.push('\n');
