@@ -68,7 +68,7 @@ impl ConfigFile {
     /// Loads the config at `path` and opens its audit sinks.
     pub fn open(path: &Path) -> Result<Self> {
         let config = Config::load(path)?;
-        let audit = Audit::open(&config.audit, None)?;
+        let audit = Audit::open(&config, None)?;
         Ok(Self {
             path: path.to_path_buf(),
             loaded: Mutex::new((modified(path), Arc::new((config, audit)))),
@@ -81,7 +81,7 @@ impl ConfigFile {
         if now != loaded.0 {
             loaded.0 = now;
             let reloaded =
-                Config::load(&self.path).and_then(|c| Audit::open(&c.audit, None).map(|a| (c, a)));
+                Config::load(&self.path).and_then(|c| Audit::open(&c, None).map(|a| (c, a)));
             match reloaded {
                 Ok(fresh) => loaded.1 = Arc::new(fresh),
                 Err(e) => tracing::error!("config change not applied: {e:#}"),

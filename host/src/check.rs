@@ -52,6 +52,7 @@ pub fn run(path: &Path) -> i32 {
                 path.display(),
                 if *chain { " (chained)" } else { "" }
             ),
+            SinkConfig::Webhook { url, .. } => println!("audit    webhook {url}"),
             SinkConfig::Stderr { .. } => println!("audit    stderr"),
         }
     }

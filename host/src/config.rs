@@ -143,7 +143,7 @@ fn resolve_all(
 
 /// `value` with each `${env:NAME}` / `${file:PATH}` reference in it replaced
 /// by what it names.
-fn resolve_secret(value: &str, base: &Path) -> Result<String> {
+pub fn resolve_secret(value: &str, base: &Path) -> Result<String> {
     let mut resolved = String::new();
     let mut rest = value;
     while let Some(start) = rest.find("${") {
@@ -462,6 +462,40 @@ pub enum SinkConfig {
         #[serde(default)]
         redact: Vec<String>,
     },
+    /// Batches POSTed to an HTTP(S) endpoint, signed, spooled on disk until
+    /// delivered.
+    Webhook {
+        /// Where batches (JSON arrays of records) are POSTed.
+        url: String,
+        /// HMAC-SHA256 key for the `X-Portcullis-Signature` header; may be
+        /// a `${env:NAME}` or `${file:PATH}` reference.
+        secret: Option<String>,
+        /// Extra request headers; values may hold references too.
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        /// Records per batch, at most.
+        #[serde(default = "default_batch_records")]
+        batch_records: usize,
+        /// How long a batch waits to fill, in ms.
+        #[serde(default = "default_batch_ms")]
+        batch_ms: u64,
+        /// Where undelivered records wait (default: `NAME.spool` beside the
+        /// config).
+        spool_dir: Option<PathBuf>,
+        /// The most the spool holds, in bytes.
+        #[serde(default = "default_spool_max_bytes")]
+        spool_max_bytes: u64,
+        /// When the spool is full: `refuse` the messages (default; nothing
+        /// is lost) or `drop` their records (counted).
+        #[serde(default)]
+        on_full: OnFull,
+        /// Which records it gets (default: all).
+        #[serde(default)]
+        only: RecordFilter,
+        /// Fields removed from its records.
+        #[serde(default)]
+        redact: Vec<String>,
+    },
     /// JSON Lines on Portcullis' stderr.
     Stderr {
         /// Which records it gets (default: all).
@@ -489,11 +523,34 @@ impl SinkConfig {
     /// Which records it gets, and the fields removed from them.
     pub fn selection(&self) -> (&RecordFilter, &[String]) {
         match self {
-            SinkConfig::File { only, redact, .. } | SinkConfig::Stderr { only, redact } => {
-                (only, redact)
-            }
+            SinkConfig::File { only, redact, .. }
+            | SinkConfig::Webhook { only, redact, .. }
+            | SinkConfig::Stderr { only, redact } => (only, redact),
         }
     }
+}
+
+/// What a delivering sink does when its spool is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// Refuse the messages whose records cannot be kept.
+    #[default]
+    Refuse,
+    /// Drop the records, counting each.
+    Drop,
+}
+
+fn default_batch_records() -> usize {
+    500
+}
+
+fn default_batch_ms() -> u64 {
+    1000
+}
+
+fn default_spool_max_bytes() -> u64 {
+    1 << 30
 }
 
 /// Which records a sink gets; every list given must match (empty: any).
@@ -896,9 +953,18 @@ impl Config {
                 *fixture = base.join(&*fixture);
             }
         }
+        let default_spool = self.beside("spool");
         for sink in &mut self.audit.sinks {
-            if let SinkConfig::File { path, .. } = sink {
-                *path = base.join(&*path);
+            match sink {
+                SinkConfig::File { path, .. } => *path = base.join(&*path),
+                SinkConfig::Webhook { spool_dir, .. } => {
+                    *spool_dir = Some(
+                        spool_dir
+                            .as_ref()
+                            .map_or(default_spool.clone(), |d| base.join(d)),
+                    );
+                }
+                SinkConfig::Stderr { .. } => {}
             }
         }
         if let Some(file) = self.jwt.as_mut().and_then(|jwt| jwt.jwks_file.as_mut()) {

@@ -253,6 +253,7 @@ fn run_stdio(
     let reloader = Reloader::new(engine, current, config_path, audit_file, &name);
     Arc::new(reloader).start()?;
     let code = stdio::run(relay, &server, config.limits.max_message_bytes);
+    portcullis::audit::flush(AUDIT_FLUSH);
     Status::withdraw(std::process::id());
     code
 }
@@ -316,6 +317,7 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
     // No status update after the report is withdrawn; held calls, just
     // cancelled, see it within a poll.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    portcullis::audit::flush(AUDIT_FLUSH);
     Status::withdraw(std::process::id());
     served.map(|()| 0)
 }
@@ -349,6 +351,9 @@ fn run_admin(config_path: &std::path::Path, listen: Option<std::net::SocketAddr>
     })?;
     Ok(0)
 }
+
+/// How long a stopping Portcullis waits for its delivering audit sinks.
+const AUDIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long `serve` waits for its tasks when it stops.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

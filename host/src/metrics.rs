@@ -69,6 +69,15 @@ struct Counts {
     reloads: BTreeMap<String, u64>,
     approvals: BTreeMap<&'static str, u64>,
     audit_failures: u64,
+    /// By delivering sink (its URL).
+    deliveries: BTreeMap<String, DeliveryCounts>,
+}
+
+#[derive(Debug, Default)]
+struct DeliveryCounts {
+    delivered: u64,
+    failures: u64,
+    dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +163,24 @@ impl Metrics {
             .audit_failures += 1;
     }
 
+    /// `records` delivered by the sink for `url`.
+    pub fn audit_delivered(&self, url: &str, records: u64) {
+        let mut counts = self.counts.lock().expect("metrics lock poisoned");
+        entry(&mut counts.deliveries, url).delivered += records;
+    }
+
+    /// A failed delivery attempt of the sink for `url`.
+    pub fn audit_delivery_failed(&self, url: &str) {
+        let mut counts = self.counts.lock().expect("metrics lock poisoned");
+        entry(&mut counts.deliveries, url).failures += 1;
+    }
+
+    /// A record the sink for `url` dropped (its spool was full).
+    pub fn audit_dropped(&self, url: &str) {
+        let mut counts = self.counts.lock().expect("metrics lock poisoned");
+        entry(&mut counts.deliveries, url).dropped += 1;
+    }
+
     /// The Prometheus text exposition, with `pending` approvals waiting in
     /// the store.
     pub fn render(&self, pending: Option<u64>) -> String {
@@ -229,6 +256,34 @@ impl Metrics {
         let help = "Audit records that could not be written (their messages were refused).";
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", counts.audit_failures);
+        let families: [(&str, &str, Count); 3] = [
+            (
+                "portcullis_audit_delivered_total",
+                "Records a delivering sink delivered.",
+                |d| d.delivered,
+            ),
+            (
+                "portcullis_audit_delivery_failures_total",
+                "Failed delivery attempts, by sink.",
+                |d| d.failures,
+            ),
+            (
+                "portcullis_audit_dropped_total",
+                "Records dropped because a sink's spool was full.",
+                |d| d.dropped,
+            ),
+        ];
+        for (name, help, value) in families {
+            header(&mut out, name, "counter", help);
+            for (sink, counted) in &counts.deliveries {
+                let _ = writeln!(
+                    out,
+                    "{name}{{sink=\"{}\"}} {}",
+                    escape(sink),
+                    value(counted)
+                );
+            }
+        }
         if let Some(pending) = pending {
             let name = "portcullis_approvals_pending";
             header(
@@ -242,6 +297,9 @@ impl Metrics {
         out
     }
 }
+
+/// Reads one count of a delivering sink.
+type Count = fn(&DeliveryCounts) -> u64;
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

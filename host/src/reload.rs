@@ -78,7 +78,7 @@ impl Generation {
             .with_context(|| format!("{}", path.display()))?;
         let pins = config.lock_path().map(Pins::load).transpose()?;
         let rates = RateRules::new(&config.rate_limits);
-        let audit = Audit::open(&config.audit, extra_audit.map(Path::to_path_buf))?;
+        let audit = Audit::open(&config, extra_audit.map(Path::to_path_buf))?;
         let mut fingerprint = Sha256::new();
         fingerprint.update(text.as_bytes());
         if let Some(pins) = &pins {

@@ -9,11 +9,14 @@ records, redacted its own way."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import signal
 import subprocess
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,89 @@ def test_each_sink_takes_its_own_records_with_its_own_redactions(tmp_path: Path,
     assert not any("arguments" in r for r in denied), "redacted"
     assert "secret" not in denials.read_text()
     assert audit("verify", str(denials)).returncode == 0
+
+
+class Receiver:
+    """A webhook receiver that checks each batch's signature and keeps its
+    records; it can be down (503) or hang until released."""
+
+    def __init__(self, secret: str):
+        self.secret = secret.encode()
+        self.batches: list[list[dict]] = []
+        self.bad_signatures = 0
+        self.mode = "up"
+        self.released = threading.Event()
+        receiver = self
+
+        class Hook(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if receiver.mode == "hang":
+                    receiver.released.wait(60)
+                if receiver.mode == "down":
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                expected = "sha256=" + hmac.new(receiver.secret, body, hashlib.sha256).hexdigest()
+                if not hmac.compare_digest(expected, self.headers.get("X-Portcullis-Signature", "")):
+                    receiver.bad_signatures += 1
+                receiver.batches.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/audit"
+
+    def ids(self) -> list[str]:
+        """Record ids in arrival order, each once."""
+        seen: dict[str, None] = {}
+        for batch in self.batches:
+            for record in batch:
+                seen.setdefault(record["id"], None)
+        return list(seen)
+
+
+def test_a_webhook_that_goes_down_gets_every_record_in_order_and_a_slow_one_holds_nothing_up(
+        tmp_path: Path, sandbox: Path):
+    receiver = Receiver("hook-secret-42")
+    trail = tmp_path / "trail.jsonl"
+    sinks = (f'\n[[audit.sinks]]\ntype = "file"\npath = "{trail}"\n'
+             f'\n[[audit.sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\nsecret = "${{env:HOOK_SECRET}}"\n'
+             'batch_records = 8\nbatch_ms = 50\n')
+    config = write_config(tmp_path, [], sinks)
+    hello = {"path": str(sandbox / "hello.txt")}
+
+    async def calls(session, n: int) -> int:
+        for _ in range(n):
+            await session.call_tool("read_text_file", hello)
+        return n
+
+    async def scenario():
+        env = {"HOOK_SECRET": "hook-secret-42"}
+        async with proxied_filesystem(config, tmp_path / "extra.jsonl", sandbox, env=env) as session:
+            await calls(session, 10)
+            receiver.mode = "down"
+            await calls(session, 20)
+            receiver.mode = "hang"
+            before = len(receiver.ids())
+            # Calls complete while the receiver holds the sink's request.
+            done = await calls(session, 20)
+            during = len(receiver.ids())
+            receiver.mode = "up"
+            receiver.released.set()
+            await calls(session, 10)
+            return done, before, during
+
+    done, before, during = asyncio.run(scenario())
+    written = [r["id"] for r in read_audit(trail)]
+    deadline = time.monotonic() + 30
+    while len(receiver.ids()) < len(written) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    receiver.server.shutdown()
+    assert done == 20 and during == before, "the hot path never waited on the hung sink"
+    assert receiver.bad_signatures == 0
+    assert receiver.ids() == written, "every record, in order, once after de-duplication"

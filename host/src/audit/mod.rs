@@ -6,12 +6,16 @@
 pub mod chain;
 mod select;
 mod sinks;
+mod spool;
+mod webhook;
+
+pub use webhook::{WebhookOptions, WebhookSink, flush};
 
 use select::{Selected, Selection};
 
 pub use sinks::{FileOptions, FileSink, Sink, StderrSink};
 
-use crate::config::{AuditConfig, SinkConfig};
+use crate::config::{Config, OnFull, SinkConfig};
 use crate::drift::ToolDrift;
 use crate::engine::hex;
 use crate::guard::PolicyVerdict;
@@ -21,7 +25,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 /// One audited message.
@@ -384,8 +388,11 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Opens every sink of `config`, plus a file sink at `extra_file`.
-    pub fn open(config: &AuditConfig, extra_file: Option<PathBuf>) -> Result<Self> {
+    /// Opens every sink of `config`'s `[audit]`, plus a file sink at
+    /// `extra_file`.
+    pub fn open(config: &Config, extra_file: Option<PathBuf>) -> Result<Self> {
+        let base = config.path.parent().unwrap_or(Path::new("."));
+        let config = &config.audit;
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         let extra = extra_file.map(SinkConfig::file);
         for sink in config.sinks.iter().chain(&extra) {
@@ -403,6 +410,33 @@ impl Audit {
                         rotate_secs: *rotate_secs,
                     };
                     Box::new(FileSink::open_with(path, options)?)
+                }
+                SinkConfig::Webhook {
+                    url,
+                    secret,
+                    headers,
+                    batch_records,
+                    batch_ms,
+                    spool_dir,
+                    spool_max_bytes,
+                    on_full,
+                    ..
+                } => {
+                    let resolve = |v: &str| crate::config::resolve_secret(v, base);
+                    let options = WebhookOptions {
+                        url: url.clone(),
+                        secret: secret.as_deref().map(resolve).transpose()?,
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| Ok((k.clone(), resolve(v)?)))
+                            .collect::<Result<_>>()?,
+                        batch_records: (*batch_records).max(1),
+                        batch_wait: std::time::Duration::from_millis(*batch_ms),
+                        spool_dir: spool_dir.clone().unwrap_or_else(|| base.join("spool")),
+                        spool_max_bytes: *spool_max_bytes,
+                        drop_when_full: *on_full == OnFull::Drop,
+                    };
+                    Box::new(WebhookSink::open(options)?)
                 }
                 SinkConfig::Stderr { .. } => Box::new(StderrSink),
             };
