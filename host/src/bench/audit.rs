@@ -1,10 +1,11 @@
 //! `portcullis bench --audit`: what auditing costs a message — the time
 //! `Audit::write` takes per record to a JSON Lines file, plain and chained,
-//! against serializing the record alone in the same run — and the records
-//! per second each sustains.
+//! and to a webhook sink (its spool) whose receiver is down, against
+//! serializing the record alone in the same run — and the records per
+//! second each sustains.
 
 use super::{Stats, micros};
-use crate::audit::{Audit, AuditRecord, FileOptions, FileSink};
+use crate::audit::{Audit, AuditRecord, FileOptions, FileSink, WebhookOptions, WebhookSink};
 use crate::bindings::Agent;
 use anyhow::Result;
 use std::time::{Duration, Instant};
@@ -52,6 +53,26 @@ pub fn run(records: usize) -> Result<()> {
             micros(stats.p50.saturating_sub(baseline.0.p50))
         );
     }
+    // A webhook whose receiver is down: every record stays spooled, which
+    // is what the message path pays whatever the receiver does.
+    let options = WebhookOptions {
+        url: "http://127.0.0.1:9/unreachable".into(),
+        secret: Some("bench".into()),
+        headers: Default::default(),
+        batch_records: 500,
+        batch_wait: Duration::from_secs(1),
+        spool_dir: dir.join("spool"),
+        spool_max_bytes: u64::MAX,
+        drop_when_full: false,
+    };
+    let audit = Audit::with_sinks(vec![Box::new(WebhookSink::open(options)?)]);
+    let (stats, per_second) = measure(records, || audit.write(&record))?;
+    println!(
+        "{}  {:>9.0} records/s  (+{} p50 over serializing)",
+        stats.line("webhook, receiver down"),
+        per_second,
+        micros(stats.p50.saturating_sub(baseline.0.p50))
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
