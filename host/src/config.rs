@@ -465,8 +465,13 @@ pub enum SinkConfig {
     /// Batches POSTed to an HTTP(S) endpoint, signed, spooled on disk until
     /// delivered.
     Webhook {
-        /// Where batches (JSON arrays of records) are POSTed.
+        /// Where batches are POSTed (for `otlp`, a collector's
+        /// `/v1/logs`).
         url: String,
+        /// `json` (an array of records, default) or `otlp` (OpenTelemetry
+        /// logs over OTLP/HTTP, protobuf).
+        #[serde(default)]
+        format: BatchFormat,
         /// HMAC-SHA256 key for the `X-Portcullis-Signature` header; may be
         /// a `${env:NAME}` or `${file:PATH}` reference.
         secret: Option<String>,
@@ -528,6 +533,17 @@ impl SinkConfig {
             | SinkConfig::Stderr { only, redact } => (only, redact),
         }
     }
+}
+
+/// How a delivering sink encodes a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchFormat {
+    /// A JSON array of the records.
+    #[default]
+    Json,
+    /// An OTLP/HTTP logs export (protobuf).
+    Otlp,
 }
 
 /// What a delivering sink does when its spool is full.

@@ -228,3 +228,71 @@ def test_a_webhook_that_goes_down_gets_every_record_in_order_and_a_slow_one_hold
     assert done == 20 and during == before, "the hot path never waited on the hung sink"
     assert receiver.bad_signatures == 0
     assert receiver.ids() == written, "every record, in order, once after de-duplication"
+
+
+def test_an_otel_collector_gets_decisions_as_otlp_logs_with_their_fields_as_attributes(tmp_path: Path,
+                                                                                       sandbox: Path):
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    exports: list[ExportLogsServiceRequest] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self):
+            assert self.path == "/v1/logs" and self.headers["Content-Type"] == "application/x-protobuf"
+            request = ExportLogsServiceRequest()
+            request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
+            exports.append(request)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    sink = (f'\n[[audit.sinks]]\ntype = "webhook"\nformat = "otlp"\nbatch_ms = 50\n'
+            f'url = "http://127.0.0.1:{collector.server_address[1]}/v1/logs"\n')
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm")], sink)
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "trail.jsonl", sandbox) as session:
+            await session.list_tools()
+            await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            with pytest.raises(MCPError):
+                await session.call_tool("write_file", {"path": str(sandbox / "x.txt"), "content": "x"})
+
+    asyncio.run(scenario())
+
+    def logs():
+        for export in exports:
+            for resource_logs in export.resource_logs:
+                for scope_logs in resource_logs.scope_logs:
+                    for record in scope_logs.log_records:
+                        yield resource_logs.resource, scope_logs.scope, record
+
+    def attributes(record) -> dict:
+        values = {}
+        for attribute in record.attributes:
+            value = attribute.value
+            values[attribute.key] = getattr(value, value.WhichOneof("value"))
+        return values
+
+    deadline = time.monotonic() + 30
+    written = read_audit(tmp_path / "trail.jsonl")
+    while len(list(logs())) < len(written) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    collector.shutdown()
+    received = list(logs())
+    assert [attributes(r)["portcullis.id"] for _, _, r in received] == [r["id"] for r in written]
+    resource, scope, denied = next(entry for entry in received
+                                   if attributes(entry[2]).get("portcullis.outcome") == "deny")
+    fields = attributes(denied)
+    assert {a.key: a.value.string_value for a in resource.attributes} == {"service.name": "portcullis"}
+    assert scope.name == "portcullis.audit"
+    assert fields["portcullis.tool"] == "write_file" and fields["portcullis.agent"] == "e2e-agent"
+    assert fields["portcullis.decided_by"] == "read-only" and fields["portcullis.code"] == -32001
+    assert denied.severity_text == "WARN" and denied.severity_number == 13
+    assert denied.body.string_value.startswith("deny write_file agent=e2e-agent server=stdio")
+    assert denied.time_unix_nano > 1_700_000_000 * 10**9
+    assert json.loads(fields["portcullis.policies"])[0]["verdict"] == "deny"

@@ -4,6 +4,7 @@
 //! written stops the message (fail-closed); it is never silently lost.
 
 pub mod chain;
+mod otlp;
 mod select;
 mod sinks;
 mod spool;
@@ -413,6 +414,7 @@ impl Audit {
                 }
                 SinkConfig::Webhook {
                     url,
+                    format,
                     secret,
                     headers,
                     batch_records,
@@ -425,6 +427,7 @@ impl Audit {
                     let resolve = |v: &str| crate::config::resolve_secret(v, base);
                     let options = WebhookOptions {
                         url: url.clone(),
+                        format: *format,
                         secret: secret.as_deref().map(resolve).transpose()?,
                         headers: headers
                             .iter()

@@ -1,5 +1,5 @@
-//! The webhook sink: records are POSTed in batches (a JSON array) to an
-//! HTTP(S) endpoint, signed with HMAC-SHA256 (`X-Portcullis-Signature:
+//! The webhook sink: records are POSTed in batches (a JSON array, or an
+//! OTLP logs export for an OpenTelemetry collector) to an HTTP(S) endpoint, signed with HMAC-SHA256 (`X-Portcullis-Signature:
 //! sha256=HEX` over the body), from a delivery thread of their own. Writing
 //! a record only appends it to the sink's [`Spool`]; the thread sends what
 //! the spool holds, in order, in batches of up to `batch_records` (waiting up
@@ -12,6 +12,7 @@
 
 use super::Sink;
 use super::spool::Spool;
+use crate::config::BatchFormat;
 use crate::outbound::{self, HttpClient};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -33,6 +34,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct WebhookOptions {
     /// Where batches are POSTed.
     pub url: String,
+    /// How a batch is encoded.
+    pub format: BatchFormat,
     /// The HMAC-SHA256 key signing each body, if any.
     pub secret: Option<String>,
     /// Extra request headers (e.g. an Authorization).
@@ -185,7 +188,10 @@ fn deliver(delivery: &Weak<Delivery>, options: &WebhookOptions) {
             continue;
         }
         waiting_since = None;
-        let body = format!("[{}]", batch.join(","));
+        let body = match options.format {
+            BatchFormat::Json => format!("[{}]", batch.join(",")).into_bytes(),
+            BatchFormat::Otlp => super::otlp::export(&batch),
+        };
         match runtime.block_on(post(&client, options, body)) {
             Ok(()) => {
                 backoff = Duration::ZERO;
@@ -207,15 +213,19 @@ fn deliver(delivery: &Weak<Delivery>, options: &WebhookOptions) {
 }
 
 /// POSTs one batch.
-async fn post(client: &HttpClient, options: &WebhookOptions, body: String) -> Result<()> {
+async fn post(client: &HttpClient, options: &WebhookOptions, body: Vec<u8>) -> Result<()> {
+    let kind = match options.format {
+        BatchFormat::Json => "application/json",
+        BatchFormat::Otlp => "application/x-protobuf",
+    };
     let mut request = Request::builder()
         .method(Method::POST)
         .uri(&options.url)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, kind)
         .header(hyper::header::USER_AGENT, "portcullis");
     if let Some(secret) = &options.secret {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-        let signature = crate::engine::hex(ring::hmac::sign(&key, body.as_bytes()).as_ref());
+        let signature = crate::engine::hex(ring::hmac::sign(&key, &body).as_ref());
         request = request.header("x-portcullis-signature", format!("sha256={signature}"));
     }
     for (name, value) in &options.headers {

@@ -7,6 +7,7 @@
 use super::{Stats, micros};
 use crate::audit::{Audit, AuditRecord, FileOptions, FileSink, WebhookOptions, WebhookSink};
 use crate::bindings::Agent;
+use crate::config::BatchFormat;
 use anyhow::Result;
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,7 @@ pub fn run(records: usize) -> Result<()> {
     // is what the message path pays whatever the receiver does.
     let options = WebhookOptions {
         url: "http://127.0.0.1:9/unreachable".into(),
+        format: BatchFormat::Json,
         secret: Some("bench".into()),
         headers: Default::default(),
         batch_records: 500,
