@@ -455,6 +455,9 @@ pub enum SinkConfig {
         /// Rotate once the file is this many seconds old (0: never).
         #[serde(default)]
         rotate_secs: u64,
+        /// Flush each record to the disk before its message goes on.
+        #[serde(default)]
+        fsync: bool,
         /// Which records it gets (default: all).
         #[serde(default)]
         only: RecordFilter,
@@ -520,6 +523,7 @@ impl SinkConfig {
             chain: false,
             rotate_bytes: 0,
             rotate_secs: 0,
+            fsync: false,
             only: RecordFilter::default(),
             redact: Vec::new(),
         }

@@ -403,12 +403,14 @@ impl Audit {
                     chain,
                     rotate_bytes,
                     rotate_secs,
+                    fsync,
                     ..
                 } => {
                     let options = FileOptions {
                         chain: *chain,
                         rotate_bytes: *rotate_bytes,
                         rotate_secs: *rotate_secs,
+                        fsync: *fsync,
                     };
                     Box::new(FileSink::open_with(path, options)?)
                 }

@@ -27,6 +27,9 @@ pub struct FileOptions {
     pub rotate_bytes: u64,
     /// Rotate once the file is this many seconds old (0: never).
     pub rotate_secs: u64,
+    /// Flush each record to the disk before the message goes on (survives
+    /// a power loss, at the disk's pace).
+    pub fsync: bool,
 }
 
 /// Appends JSON Lines to a file. With chaining or rotation, every process
@@ -150,6 +153,15 @@ impl FileSink {
         })
     }
 
+    /// Flushes `file` to the disk if the options say so.
+    fn sync(&self, file: &File) -> Result<()> {
+        if self.options.fsync {
+            file.sync_data()
+                .with_context(|| format!("cannot fsync {}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
     fn rotation_due(&self, file: &File) -> Result<bool> {
         let FileOptions {
             rotate_bytes,
@@ -201,11 +213,13 @@ impl Sink for FileSink {
         let Some(lock) = open.lock.as_ref().map(File::try_clone).transpose()? else {
             // One write of the whole line to an O_APPEND file: records never interleave.
             open.file.write_all(line.as_bytes())?;
-            return Ok(());
+            return self.sync(&open.file);
         };
         lock.lock()
             .with_context(|| format!("cannot lock {}", lock_path(&self.path).display()))?;
-        let written = self.write_guarded(&mut open, line);
+        let written = self
+            .write_guarded(&mut open, line)
+            .and_then(|()| self.sync(&open.file));
         let _ = lock.unlock();
         written
     }
@@ -293,7 +307,7 @@ mod tests {
         let options = FileOptions {
             chain: true,
             rotate_bytes: 2_000,
-            rotate_secs: 0,
+            ..FileOptions::default()
         };
         // Two writers, as two processes would be.
         let a = FileSink::open_with(&path, options).unwrap();
