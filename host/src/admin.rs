@@ -250,14 +250,7 @@ impl Admin {
                 None
             }
         };
-        let mut response = Response::new(http::full(Bytes::from(
-            crate::metrics::global().render(pending),
-        )));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        response
+        exposition(pending)
     }
 
     /// Takes `approver`'s decision on `id`.
@@ -369,6 +362,47 @@ impl Admin {
             .await
             .context("the store task failed")?
     }
+}
+
+/// This process' metrics as a Prometheus scrape answer.
+fn exposition(pending: Option<u64>) -> Response<Body> {
+    let text = crate::metrics::global().render(pending);
+    let mut response = Response::new(http::full(Bytes::from(text)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves only `GET /metrics` on `addr`, from a thread of its own (a stdio
+/// proxy's optional metrics listener).
+pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the metrics listener")?;
+    let socket = runtime.block_on(http::bind(addr))?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let served = runtime.block_on(http::serve(
+                socket,
+                std::future::pending(),
+                |request, _| async move {
+                    match (request.method(), request.uri().path()) {
+                        (&Method::GET, "/metrics") => exposition(None),
+                        _ => http::plain(StatusCode::NOT_FOUND, "only /metrics here"),
+                    }
+                },
+            ));
+            if let Err(e) = served {
+                tracing::error!("metrics listener: {e:#}");
+            }
+        })
+        .context("cannot start the metrics listener")?;
+    tracing::info!(%addr, "metrics listening");
+    Ok(())
 }
 
 /// An approval as the API shows it to one approver.

@@ -42,6 +42,9 @@ enum Commands {
         /// `stdio` when the command is given after `--`).
         #[arg(long)]
         server: Option<String>,
+        /// Serve this process' Prometheus metrics at `/metrics` here.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// The server command and its arguments (default: from the config).
         #[arg(last = true)]
         command: Vec<String>,
@@ -181,8 +184,14 @@ fn run(cli: Cli) -> Result<i32> {
             config,
             audit_file,
             server,
+            metrics_listen,
             command,
-        } => run_stdio(config, audit_file, server, command),
+        } => {
+            if let Some(addr) = metrics_listen {
+                portcullis::admin::serve_metrics(addr)?;
+            }
+            run_stdio(config, audit_file, server, command)
+        }
         Commands::Serve { config, audit_file } => run_serve(config, audit_file),
         Commands::Admin { config, listen } => run_admin(&config, listen),
         Commands::Check { config } => Ok(portcullis::check::run(&config)),

@@ -92,13 +92,15 @@ def sandbox(tmp_path: Path) -> Path:
 
 @asynccontextmanager
 async def proxied_filesystem(config: Path, audit: Path, root: Path, stderr_path: Path | None = None,
-                             env: dict[str, str] | None = None, elicitation_callback=None):
+                             env: dict[str, str] | None = None, elicitation_callback=None,
+                             flags: list[str] | None = None):
     """An initialized official-SDK client session to the filesystem server
     through `portcullis stdio` (one that can ask its user, given an
-    `elicitation_callback`)."""
+    `elicitation_callback`), `flags` given to `portcullis stdio`."""
     params = StdioServerParameters(
         command=str(PORTCULLIS),
-        args=["stdio", "--config", str(config), "--audit-file", str(audit), "--", "node", str(FS_SERVER), str(root)],
+        args=["stdio", "--config", str(config), "--audit-file", str(audit), *(flags or []), "--", "node",
+              str(FS_SERVER), str(root)],
         env={"PORTCULLIS_LOG": "info", **(env or {})},
     )
     errlog = open(stderr_path or os.devnull, "w")

@@ -13,9 +13,11 @@ import hashlib
 import hmac
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -296,3 +298,24 @@ def test_an_otel_collector_gets_decisions_as_otlp_logs_with_their_fields_as_attr
     assert denied.body.string_value.startswith("deny write_file agent=e2e-agent server=stdio")
     assert denied.time_unix_nano > 1_700_000_000 * 10**9
     assert json.loads(fields["portcullis.policies"])[0]["verdict"] == "deny"
+
+
+def test_a_stdio_proxy_serves_its_metrics_when_asked(tmp_path: Path, sandbox: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm")])
+
+    async def scenario():
+        flags = ["--metrics-listen", f"127.0.0.1:{port}"]
+        async with proxied_filesystem(config, tmp_path / "trail.jsonl", sandbox, flags=flags) as session:
+            await session.list_tools()
+            await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                return response.read().decode().splitlines()
+
+    metrics = dict(line.rsplit(" ", 1) for line in asyncio.run(scenario()) if not line.startswith("#"))
+    # initialize, initialized, tools/list and its answer, the call and its answer
+    assert int(metrics['portcullis_decisions_total{server="stdio",outcome="allow"}']) >= 4
+    assert int(metrics['portcullis_policy_verdicts_total{policy="read-only",verdict="allow"}']) >= 4
+    assert int(metrics["portcullis_chain_latency_microseconds_count"]) >= 5
