@@ -7,9 +7,6 @@
 
 use crate::approvals::Approval;
 use crate::outbound::{self, HttpClient};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request};
 use serde_json::{Value, json};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -18,6 +15,10 @@ use std::time::Duration;
 const ATTEMPTS: u32 = 4;
 /// How long one attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The wait before the first retry; it doubles after each.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts.
+const MAX_RETRY: Duration = Duration::from_secs(8);
 
 /// One notice to deliver.
 struct Notice {
@@ -79,15 +80,8 @@ pub fn body(approval: &Approval, page: Option<&str>) -> Value {
 }
 
 fn deliver_all(queue: &mpsc::Receiver<Notice>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => return tracing::error!("approval notices cannot be sent: {e}"),
-    };
-    let client = match outbound::client() {
-        Ok(client) => client,
+    let (runtime, client) = match outbound::sender() {
+        Ok(sender) => sender,
         Err(e) => return tracing::error!("approval notices cannot be sent: {e:#}"),
     };
     while let Ok(notice) = queue.recv() {
@@ -99,39 +93,21 @@ fn deliver_all(queue: &mpsc::Receiver<Notice>) {
 
 /// POSTs `body` to `url`, retrying with exponential backoff and jitter.
 async fn deliver(client: &HttpClient, url: &str, body: &str) {
-    let mut failure = String::new();
+    let mut failure = None;
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
-            let backoff = Duration::from_millis(500 << attempt);
-            let jitter = Duration::from_millis(rand::random::<u64>() % 250);
-            tokio::time::sleep(backoff + jitter).await;
+            tokio::time::sleep(outbound::backoff(attempt, FIRST_RETRY, MAX_RETRY)).await;
         }
-        match post(client, url, body).await {
+        let body = body.as_bytes().to_vec();
+        match outbound::post(client, url, "application/json", &[], body, ATTEMPT_TIMEOUT).await {
             Ok(()) => return,
-            Err(e) => failure = e,
+            Err(e) => failure = Some(e),
         }
     }
-    tracing::warn!(
-        url,
-        "could not deliver an approval notice after {ATTEMPTS} attempts: {failure}"
-    );
-}
-
-async fn post(client: &HttpClient, url: &str, body: &str) -> Result<(), String> {
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(url)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::USER_AGENT, "portcullis")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let sent = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(request)).await;
-    let response = sent
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    if response.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("HTTP {}", response.status()))
+    if let Some(e) = failure {
+        tracing::warn!(
+            url,
+            "could not deliver an approval notice after {ATTEMPTS} attempts: {e:#}"
+        );
     }
 }

@@ -15,15 +15,14 @@ use super::spool::Spool;
 use crate::config::BatchFormat;
 use crate::outbound::{self, HttpClient};
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+/// The wait before the first retry; it doubles after each.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long one attempt may take.
@@ -155,18 +154,11 @@ pub fn flush(within: Duration) {
 
 /// The delivery thread: sends what the spool holds until the sink is gone.
 fn deliver(delivery: &Weak<Delivery>, options: &WebhookOptions) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => return tracing::error!("webhook sink cannot start: {e}"),
-    };
-    let client = match outbound::client() {
-        Ok(client) => client,
+    let (runtime, client) = match outbound::sender() {
+        Ok(sender) => sender,
         Err(e) => return tracing::error!("webhook sink cannot start: {e:#}"),
     };
-    let mut backoff = Duration::ZERO;
+    let mut failures = 0;
     let mut waiting_since: Option<Instant> = None;
     loop {
         let Some(delivery) = delivery.upgrade() else {
@@ -194,7 +186,7 @@ fn deliver(delivery: &Weak<Delivery>, options: &WebhookOptions) {
         };
         match runtime.block_on(post(&client, options, body)) {
             Ok(()) => {
-                backoff = Duration::ZERO;
+                failures = 0;
                 crate::metrics::global().audit_delivered(&options.url, batch.len() as u64);
                 if let Err(e) = delivery.spool.commit(end) {
                     tracing::error!(url = %options.url, "cannot move the spool's cursor: {e:#}");
@@ -202,41 +194,30 @@ fn deliver(delivery: &Weak<Delivery>, options: &WebhookOptions) {
             }
             Err(e) => {
                 crate::metrics::global().audit_delivery_failed(&options.url);
-                backoff = (backoff * 2).clamp(Duration::from_millis(250), MAX_BACKOFF);
-                let jitter = Duration::from_millis(rand::random::<u64>() % 250);
-                tracing::warn!(url = %options.url, retry_in = ?backoff, "webhook delivery failed: {e:#}");
+                failures += 1;
+                let wait = outbound::backoff(failures, FIRST_RETRY, MAX_BACKOFF);
+                tracing::warn!(url = %options.url, retry_in = ?wait, "webhook delivery failed: {e:#}");
                 drop(delivery);
-                std::thread::sleep(backoff + jitter);
+                std::thread::sleep(wait);
             }
         }
     }
 }
 
-/// POSTs one batch.
+/// POSTs one batch, signed when there is a secret.
 async fn post(client: &HttpClient, options: &WebhookOptions, body: Vec<u8>) -> Result<()> {
     let kind = match options.format {
         BatchFormat::Json => "application/json",
         BatchFormat::Otlp => "application/x-protobuf",
     };
-    let mut request = Request::builder()
-        .method(Method::POST)
-        .uri(&options.url)
-        .header(hyper::header::CONTENT_TYPE, kind)
-        .header(hyper::header::USER_AGENT, "portcullis");
+    let mut headers: Vec<(String, String)> = options.headers.clone().into_iter().collect();
     if let Some(secret) = &options.secret {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
         let signature = crate::engine::hex(ring::hmac::sign(&key, &body).as_ref());
-        request = request.header("x-portcullis-signature", format!("sha256={signature}"));
+        headers.push((
+            "x-portcullis-signature".into(),
+            format!("sha256={signature}"),
+        ));
     }
-    for (name, value) in &options.headers {
-        request = request.header(name, value);
-    }
-    let request = request.body(Full::new(Bytes::from(body)))?;
-    let response = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(request))
-        .await
-        .context("timed out")??;
-    if !response.status().is_success() {
-        bail!("HTTP {}", response.status());
-    }
-    Ok(())
+    outbound::post(client, &options.url, kind, &headers, body, ATTEMPT_TIMEOUT).await
 }
