@@ -691,6 +691,11 @@ pub struct ApprovalRule {
     pub elicit: bool,
 }
 
+fn is_http_url(url: &str) -> bool {
+    let uri = url.parse::<hyper::Uri>().ok();
+    crate::outbound::supports(uri.as_ref().and_then(|u| u.scheme_str()))
+}
+
 fn is_sha256_hex(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -1073,8 +1078,7 @@ impl Config {
             }
         }
         for url in &self.approvals.notify {
-            let scheme = url.parse::<hyper::Uri>().ok();
-            if !crate::outbound::supports(scheme.as_ref().and_then(|u| u.scheme_str())) {
+            if !is_http_url(url) {
                 bail!("approvals.notify: '{url}' is not an http(s) URL");
             }
         }
@@ -1082,6 +1086,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        for (i, sink) in self.audit.sinks.iter().enumerate() {
+            if let SinkConfig::Webhook { url, .. } = sink
+                && !is_http_url(url)
+            {
+                bail!("audit.sinks[{i}]: '{url}' is not an http(s) URL");
+            }
+        }
         let engine = &self.engine;
         if engine.timeout_ms == 0 {
             bail!("engine.timeout_ms: must be at least 1");
@@ -1325,5 +1336,20 @@ mod tests {
         let config = parse(&format!("[agents.bot]\napi_key_sha256 = \"{hash}\"\n")).unwrap();
         assert_eq!(config.agents["bot"].servers, vec!["*"]);
         assert_eq!(config.serve.listen.to_string(), "127.0.0.1:8808");
+    }
+
+    #[test]
+    fn a_delivering_sink_needs_an_http_url_and_a_known_field() {
+        let err = parse("[[audit.sinks]]\ntype = \"webhook\"\nurl = \"ftp://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("audit.sinks[0]: 'ftp://x' is not an http(s) URL"),
+            "{err}"
+        );
+        let err = parse("[[audit.sinks]]\ntype = \"stderr\"\nonly = { outcome = [\"deny\"] }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `outcome`"), "{err}");
     }
 }
