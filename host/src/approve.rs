@@ -249,29 +249,14 @@ mod tests {
     use super::*;
 
     fn approval(state: State) -> Approval {
-        Approval {
-            id: "0192f0aa-0000-7000-8000-000000000001".into(),
-            created_ms: 10_000,
-            expires_ms: 70_000,
-            call: crate::approvals::Call {
-                agent: "ci-bot".into(),
-                server: "fs".into(),
-                method: "tools/call".into(),
-                tool: Some("write_file".into()),
-                arguments_sha256: "abc".into(),
-                arguments: r#"{"path":"/srv/a","content":"x"}"#.into(),
-                policy: "approval-gate".into(),
-                reason: "tool 'write_file' is destructive".into(),
-                tags: vec!["risk:destructive".into()],
-            },
-            terms: crate::approvals::Terms::default(),
-            votes: Vec::new(),
-            state,
-            decided_by: None,
-            decided_ms: None,
-            comment: None,
-            holder: "1:1".into(),
-        }
+        let mut approval = crate::approvals::tests::approval();
+        approval.id = "0192f0aa-0000-7000-8000-000000000001".into();
+        (approval.created_ms, approval.expires_ms) = (10_000, 70_000);
+        approval.call.agent = "ci-bot".into();
+        approval.call.tool = Some("write_file".into());
+        approval.call.arguments = r#"{"path":"/srv/a","content":"x"}"#.into();
+        approval.state = state;
+        approval
     }
 
     #[test]

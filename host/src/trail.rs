@@ -3,12 +3,12 @@
 //! `query` it by time, agent, server, tool, outcome or event — as readable
 //! tables or as JSON Lines.
 
-use crate::audit::chain;
+use crate::audit::{self, chain};
 use crate::config::{Config, SinkConfig};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use wildmatch::WildMatch;
 
@@ -147,7 +147,7 @@ impl Trail {
         let mut files = Vec::new();
         for sink in &config.audit.sinks {
             if let SinkConfig::File { path, .. } = sink {
-                files.extend(rotated(path)?);
+                files.extend(audit::rotated_files(path));
                 files.push(path.clone());
             }
         }
@@ -156,38 +156,6 @@ impl Trail {
         }
         Ok(files)
     }
-}
-
-/// The files rotated out of `path` (`STEM.TIME.EXT`), oldest first (by
-/// when they were last written: nothing is written to a file once rotated).
-fn rotated(path: &Path) -> Result<Vec<PathBuf>> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-    let ext = path
-        .extension()
-        .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(Vec::new());
-    };
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.len() > stem.len() + ext.len() + 1
-                && name.starts_with(&format!("{stem}."))
-                && name.ends_with(&ext)
-                && !name.ends_with(".lock")
-                && p != path
-        })
-        .collect();
-    found.sort_by_key(|p| {
-        let written = std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        (written, p.clone())
-    });
-    Ok(found)
 }
 
 /// Every record of `files`, in order; unreadable lines are skipped.

@@ -14,7 +14,7 @@ pub use webhook::{WebhookOptions, WebhookSink, flush};
 
 use select::{Selected, Selection};
 
-pub use sinks::{FileOptions, FileSink, Sink, StderrSink};
+pub use sinks::{FileOptions, FileSink, Sink, StderrSink, rotated_files};
 
 use crate::config::{Config, OnFull, SinkConfig};
 use crate::drift::ToolDrift;

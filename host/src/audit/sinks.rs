@@ -183,11 +183,7 @@ impl FileSink {
 
     /// Renames the file aside as `STEM.TIME.EXT`; returns the new name.
     fn rotate(&self) -> Result<PathBuf> {
-        let stem = self.path.file_stem().unwrap_or_default().to_string_lossy();
-        let ext = self
-            .path
-            .extension()
-            .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+        let (stem, ext) = stem_and_extension(&self.path);
         let time = humantime::format_rfc3339_micros(std::time::SystemTime::now())
             .to_string()
             .replace(':', "");
@@ -227,6 +223,45 @@ impl Sink for FileSink {
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
     }
+}
+
+/// `STEM` and `.EXT` of a trail file's name (`.EXT` empty without one).
+fn stem_and_extension(path: &Path) -> (String, String) {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = path
+        .extension()
+        .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+    (stem.into_owned(), ext)
+}
+
+/// The files a file sink rotated out of `path` (`STEM.TIME.EXT`), oldest
+/// first (by when they were last written: nothing is written to a file once
+/// rotated).
+pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (stem, ext) = stem_and_extension(path);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.len() > stem.len() + ext.len() + 1
+                && name.starts_with(&format!("{stem}."))
+                && name.ends_with(&ext)
+                && !name.ends_with(".lock")
+                && p != path
+        })
+        .collect();
+    found.sort_by_key(|p| {
+        let written = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        (written, p.clone())
+    });
+    found
 }
 
 fn append(path: &Path) -> Result<File> {
@@ -317,12 +352,9 @@ mod tests {
             sink.write(&format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(40)))
                 .unwrap();
         }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| !p.to_string_lossy().ends_with(".lock"))
-            .collect();
-        assert!(files.len() > 3, "rotated: {files:?}");
+        let mut files = rotated_files(&path);
+        assert!(files.len() > 2, "rotated: {files:?}");
+        files.push(path.clone());
         files.reverse();
         let verified = chain::verify(&files).unwrap().unwrap();
         let checkpoints = files.len() as u64 - 1;

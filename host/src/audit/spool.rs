@@ -13,6 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A spool is emptied once delivered up to its end and at least this big.
 const COMPACT_BYTES: u64 = 4 << 20;
@@ -23,6 +24,9 @@ pub struct Spool {
     /// Held for the life of the process: the slot is ours.
     _owner: File,
     file: Mutex<File>,
+    /// Where delivery has got to; the `cursor` file keeps it for the next
+    /// owner, and only the owner moves it.
+    cursor: AtomicU64,
     max_bytes: u64,
 }
 
@@ -46,10 +50,15 @@ impl Spool {
                 .append(true)
                 .read(true)
                 .open(dir.join("spool.jsonl"))?;
+            let mut text = String::new();
+            if let Ok(mut saved) = File::open(dir.join("cursor")) {
+                saved.read_to_string(&mut text)?;
+            }
             return Ok(Self {
                 dir,
                 _owner: owner,
                 file: Mutex::new(file),
+                cursor: AtomicU64::new(text.trim().parse().unwrap_or(0)),
                 max_bytes,
             });
         }
@@ -69,7 +78,7 @@ impl Spool {
     /// Up to `max` whole records from the cursor on, and the offset after
     /// them.
     pub fn peek(&self, max: usize) -> Result<(Vec<String>, u64)> {
-        let cursor = self.cursor();
+        let cursor = self.cursor.load(Ordering::Acquire);
         let mut reader = BufReader::new(File::open(self.dir.join("spool.jsonl"))?);
         reader.seek(SeekFrom::Start(cursor))?;
         let (mut lines, mut end) = (Vec::new(), cursor);
@@ -105,21 +114,14 @@ impl Spool {
             .expect("spool lock poisoned")
             .metadata()
             .map_or(0, |m| m.len());
-        len.saturating_sub(self.cursor())
-    }
-
-    fn cursor(&self) -> u64 {
-        let mut text = String::new();
-        File::open(self.dir.join("cursor"))
-            .and_then(|mut f| f.read_to_string(&mut text))
-            .ok();
-        text.trim().parse().unwrap_or(0)
+        len.saturating_sub(self.cursor.load(Ordering::Acquire))
     }
 
     fn set_cursor(&self, offset: u64) -> Result<()> {
         let partial = self.dir.join("cursor.partial");
         std::fs::write(&partial, offset.to_string())?;
         std::fs::rename(&partial, self.dir.join("cursor"))?;
+        self.cursor.store(offset, Ordering::Release);
         Ok(())
     }
 }
