@@ -45,17 +45,7 @@ pub fn run(path: &Path) -> i32 {
         .iter()
         .filter(|p| !report_policy(&engine, &config, p))
         .count();
-    for sink in &config.audit.sinks {
-        match sink {
-            SinkConfig::File { path, chain, .. } => println!(
-                "audit    file {}{}",
-                path.display(),
-                if *chain { " (chained)" } else { "" }
-            ),
-            SinkConfig::Webhook { url, .. } => println!("audit    webhook {url}"),
-            SinkConfig::Stderr { .. } => println!("audit    stderr"),
-        }
-    }
+    let sinks_ok = report_sinks(&config);
     let lock_ok = report_lock(&config);
     if !config.rate_limits.is_empty() {
         println!("limits   {} rate limits", config.rate_limits.len());
@@ -65,6 +55,9 @@ pub fn run(path: &Path) -> i32 {
     if !lock_ok {
         println!("result   FAILED: the lock file did not load");
         1
+    } else if !sinks_ok {
+        println!("result   FAILED: an audit sink did not load");
+        1
     } else if failed == 0 {
         println!("result   ok: {total} policies loaded");
         0
@@ -72,6 +65,47 @@ pub fn run(path: &Path) -> i32 {
         println!("result   FAILED: {failed} of {total} policies did not load");
         1
     }
+}
+
+/// Prints the audit sinks; a component sink is compiled, started and
+/// configured (nothing is sent). False when one did not load.
+fn report_sinks(config: &Config) -> bool {
+    let base = config.path.parent().unwrap_or(Path::new("."));
+    let mut ok = true;
+    for sink in &config.audit.sinks {
+        match sink {
+            SinkConfig::File { path, chain, .. } => println!(
+                "audit    file {}{}",
+                path.display(),
+                if *chain { " (chained)" } else { "" }
+            ),
+            SinkConfig::Webhook { url, .. } => println!("audit    webhook {url}"),
+            SinkConfig::Component {
+                module,
+                allow_hosts,
+                ..
+            } => {
+                let name = sink.component_name().unwrap_or_default();
+                match crate::audit::load_component(sink, base).map(drop) {
+                    Ok(()) => println!(
+                        "audit    component {name} ({}), may reach: {}",
+                        module.display(),
+                        if allow_hosts.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            allow_hosts.join(", ")
+                        }
+                    ),
+                    Err(e) => {
+                        ok = false;
+                        println!("audit    component {name} FAILED\n  {e:#}");
+                    }
+                }
+            }
+            SinkConfig::Stderr { .. } => println!("audit    stderr"),
+        }
+    }
+    ok
 }
 
 /// Loads the lock file, when `[pinning]` is configured, and prints what it

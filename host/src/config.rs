@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// The whole config file.
@@ -423,6 +423,16 @@ pub struct AuditConfig {
     pub sinks: Vec<SinkConfig>,
 }
 
+impl AuditConfig {
+    /// The modules of its component sinks.
+    pub fn sink_modules(&self) -> impl Iterator<Item = &PathBuf> {
+        self.sinks.iter().filter_map(|sink| match sink {
+            SinkConfig::Component { module, .. } => Some(module),
+            _ => None,
+        })
+    }
+}
+
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
@@ -468,11 +478,11 @@ pub enum SinkConfig {
     /// Batches POSTed to an HTTP(S) endpoint, signed, spooled on disk until
     /// delivered.
     Webhook {
-        /// Where batches are POSTed (for `otlp`, a collector's
-        /// `/v1/logs`).
+        /// Where batches are POSTed.
         url: String,
-        /// `json` (an array of records, default) or `otlp` (OpenTelemetry
-        /// logs over OTLP/HTTP, protobuf).
+        /// `json` (an array of records, default), `otlp` (OpenTelemetry
+        /// logs over OTLP/HTTP, protobuf; `url` is a collector's
+        /// `/v1/logs`) or `otlp-traces` (a span per decision; `/v1/traces`).
         #[serde(default)]
         format: BatchFormat,
         /// HMAC-SHA256 key for the `X-Portcullis-Signature` header; may be
@@ -495,6 +505,49 @@ pub enum SinkConfig {
         spool_max_bytes: u64,
         /// When the spool is full: `refuse` the messages (default; nothing
         /// is lost) or `drop` their records (counted).
+        #[serde(default)]
+        on_full: OnFull,
+        /// Which records it gets (default: all).
+        #[serde(default)]
+        only: RecordFilter,
+        /// Fields removed from its records.
+        #[serde(default)]
+        redact: Vec<String>,
+    },
+    /// Batches handed to a WebAssembly sink component (`wit/sink`), which
+    /// may send HTTP requests to the hosts granted here and nothing else;
+    /// spooled on disk until delivered.
+    Component {
+        /// The component (relative to the config file).
+        module: PathBuf,
+        /// Its name, unique among component sinks: its spool and metrics go
+        /// by it (default: the module's file name without `.wasm`).
+        name: Option<String>,
+        /// The hosts it may send requests to: `host` (any port) or
+        /// `host:port`.
+        #[serde(default)]
+        allow_hosts: Vec<String>,
+        /// Its settings, passed to its `configure`; values may hold
+        /// `${env:NAME}` / `${file:PATH}` references.
+        #[serde(default)]
+        settings: BTreeMap<String, String>,
+        /// The most memory it may use, in MiB.
+        #[serde(default = "default_sink_memory_mb")]
+        max_memory_mb: u64,
+        /// Records per batch, at most.
+        #[serde(default = "default_batch_records")]
+        batch_records: usize,
+        /// How long a batch waits to fill, in ms.
+        #[serde(default = "default_batch_ms")]
+        batch_ms: u64,
+        /// Where undelivered records wait (default: `NAME.spool` beside the
+        /// config).
+        spool_dir: Option<PathBuf>,
+        /// The most the spool holds, in bytes.
+        #[serde(default = "default_spool_max_bytes")]
+        spool_max_bytes: u64,
+        /// When the spool is full: `refuse` the messages (default) or
+        /// `drop` their records (counted).
         #[serde(default)]
         on_full: OnFull,
         /// Which records it gets (default: all).
@@ -529,11 +582,22 @@ impl SinkConfig {
         }
     }
 
+    /// A component sink's name: the configured one, else its module's file
+    /// name without `.wasm`.
+    pub fn component_name(&self) -> Option<String> {
+        let SinkConfig::Component { module, name, .. } = self else {
+            return None;
+        };
+        let stem = || module.file_stem().unwrap_or_default().to_string_lossy();
+        Some(name.clone().unwrap_or_else(|| stem().into_owned()))
+    }
+
     /// Which records it gets, and the fields removed from them.
     pub fn selection(&self) -> (&RecordFilter, &[String]) {
         match self {
             SinkConfig::File { only, redact, .. }
             | SinkConfig::Webhook { only, redact, .. }
+            | SinkConfig::Component { only, redact, .. }
             | SinkConfig::Stderr { only, redact } => (only, redact),
         }
     }
@@ -546,8 +610,12 @@ pub enum BatchFormat {
     /// A JSON array of the records.
     #[default]
     Json,
-    /// An OTLP/HTTP logs export (protobuf).
+    /// An OTLP/HTTP logs export (protobuf): a log record per record.
     Otlp,
+    /// An OTLP/HTTP traces export (protobuf): a span per decision, with a
+    /// child span per policy.
+    #[serde(rename = "otlp-traces")]
+    OtlpTraces,
 }
 
 /// What a delivering sink does when its spool is full.
@@ -571,6 +639,10 @@ fn default_batch_ms() -> u64 {
 
 fn default_spool_max_bytes() -> u64 {
     1 << 30
+}
+
+fn default_sink_memory_mb() -> u64 {
+    64
 }
 
 /// Which records a sink gets; every list given must match (empty: any).
@@ -694,6 +766,12 @@ pub struct ApprovalRule {
 fn is_http_url(url: &str) -> bool {
     let uri = url.parse::<hyper::Uri>().ok();
     crate::outbound::supports(uri.as_ref().and_then(|u| u.scheme_str()))
+}
+
+/// Whether `grant` is a host name or address, with an optional port.
+fn is_host_grant(grant: &str) -> bool {
+    let authority = grant.parse::<hyper::http::uri::Authority>().ok();
+    authority.is_some_and(|a| !a.host().is_empty() && !grant.contains('@'))
 }
 
 fn is_sha256_hex(text: &str) -> bool {
@@ -979,15 +1057,18 @@ impl Config {
             }
         }
         let default_spool = self.beside("spool");
+        let spool = |dir: &mut Option<PathBuf>| {
+            *dir = Some(dir.as_ref().map_or(default_spool.clone(), |d| base.join(d)));
+        };
         for sink in &mut self.audit.sinks {
             match sink {
                 SinkConfig::File { path, .. } => *path = base.join(&*path),
-                SinkConfig::Webhook { spool_dir, .. } => {
-                    *spool_dir = Some(
-                        spool_dir
-                            .as_ref()
-                            .map_or(default_spool.clone(), |d| base.join(d)),
-                    );
+                SinkConfig::Webhook { spool_dir, .. } => spool(spool_dir),
+                SinkConfig::Component {
+                    module, spool_dir, ..
+                } => {
+                    *module = base.join(&*module);
+                    spool(spool_dir);
                 }
                 SinkConfig::Stderr { .. } => {}
             }
@@ -1086,11 +1167,24 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        let mut components = HashSet::new();
         for (i, sink) in self.audit.sinks.iter().enumerate() {
-            if let SinkConfig::Webhook { url, .. } = sink
-                && !is_http_url(url)
-            {
-                bail!("audit.sinks[{i}]: '{url}' is not an http(s) URL");
+            match sink {
+                SinkConfig::Webhook { url, .. } if !is_http_url(url) => {
+                    bail!("audit.sinks[{i}]: '{url}' is not an http(s) URL");
+                }
+                SinkConfig::Component { allow_hosts, .. } => {
+                    let name = sink.component_name().unwrap_or_default();
+                    if !components.insert(name.clone()) {
+                        bail!(
+                            "audit.sinks[{i}]: another component sink is named '{name}'; give each its own `name`"
+                        );
+                    }
+                    if let Some(bad) = allow_hosts.iter().find(|h| !is_host_grant(h)) {
+                        bail!("audit.sinks[{i}].allow_hosts: '{bad}' is not `host` or `host:port`");
+                    }
+                }
+                _ => {}
             }
         }
         let engine = &self.engine;

@@ -347,14 +347,7 @@ impl PolicyState {
     /// What the policy wrote to its captured stderr, on one line and without
     /// runtime hints — e.g. a Rust panic message before the trap it causes.
     pub fn stderr_text(&self) -> Option<String> {
-        let bytes = self.stderr.as_ref()?.contents();
-        let text = String::from_utf8_lossy(&bytes);
-        let lines: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
-            .collect();
-        (!lines.is_empty()).then(|| lines.join(" "))
+        stderr_summary(&self.stderr.as_ref()?.contents())
     }
 
     /// The lines logged since the last call, leaving none.
@@ -458,6 +451,18 @@ impl bindings::portcullis::policy::store::Host for PolicyState {
         let ttl = ttl_ms.map(Duration::from_millis);
         Ok(self.store.increment(&self.policy, &key, delta, ttl)?)
     }
+}
+
+/// What a guest wrote to stderr, on one line and without runtime hints
+/// (`None` if nothing).
+pub fn stderr_summary(bytes: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect();
+    (!lines.is_empty()).then(|| lines.join(" "))
 }
 
 /// The longest prefix of `text` of at most `max` bytes on a char boundary.

@@ -1,6 +1,7 @@
 //! What this process has decided, as Prometheus metrics: decisions by
 //! server and outcome, each policy's verdicts and evaluation time, the
-//! chain's latency, reloads, approval endings and audit failures. Counting
+//! chain's latency, reloads, approval endings, audit failures, and each
+//! delivering sink's deliveries, failures, drops and spool size. Counting
 //! takes a short lock on the message path; the text exposition is rendered
 //! when scraped (`GET /metrics` on the admin listener).
 
@@ -69,7 +70,7 @@ struct Counts {
     reloads: BTreeMap<String, u64>,
     approvals: BTreeMap<&'static str, u64>,
     audit_failures: u64,
-    /// By delivering sink (its URL).
+    /// By delivering sink (its URL or name).
     deliveries: BTreeMap<String, DeliveryCounts>,
 }
 
@@ -78,6 +79,8 @@ struct DeliveryCounts {
     delivered: u64,
     failures: u64,
     dropped: u64,
+    /// Bytes in the spool waiting to be delivered.
+    backlog: u64,
 }
 
 #[derive(Debug, Default)]
@@ -163,22 +166,28 @@ impl Metrics {
             .audit_failures += 1;
     }
 
-    /// `records` delivered by the sink for `url`.
-    pub fn audit_delivered(&self, url: &str, records: u64) {
+    /// `records` delivered by the delivering sink `sink`.
+    pub fn audit_delivered(&self, sink: &str, records: u64) {
         let mut counts = self.counts.lock().expect("metrics lock poisoned");
-        entry(&mut counts.deliveries, url).delivered += records;
+        entry(&mut counts.deliveries, sink).delivered += records;
     }
 
-    /// A failed delivery attempt of the sink for `url`.
-    pub fn audit_delivery_failed(&self, url: &str) {
+    /// A failed delivery attempt of `sink`.
+    pub fn audit_delivery_failed(&self, sink: &str) {
         let mut counts = self.counts.lock().expect("metrics lock poisoned");
-        entry(&mut counts.deliveries, url).failures += 1;
+        entry(&mut counts.deliveries, sink).failures += 1;
     }
 
-    /// A record the sink for `url` dropped (its spool was full).
-    pub fn audit_dropped(&self, url: &str) {
+    /// A record `sink` dropped (its spool was full).
+    pub fn audit_dropped(&self, sink: &str) {
         let mut counts = self.counts.lock().expect("metrics lock poisoned");
-        entry(&mut counts.deliveries, url).dropped += 1;
+        entry(&mut counts.deliveries, sink).dropped += 1;
+    }
+
+    /// The bytes waiting in `sink`'s spool now.
+    pub fn audit_backlog(&self, sink: &str, bytes: u64) {
+        let mut counts = self.counts.lock().expect("metrics lock poisoned");
+        entry(&mut counts.deliveries, sink).backlog = bytes;
     }
 
     /// The Prometheus text exposition, with `pending` approvals waiting in
@@ -256,25 +265,34 @@ impl Metrics {
         let help = "Audit records that could not be written (their messages were refused).";
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", counts.audit_failures);
-        let families: [(&str, &str, Count); 3] = [
+        let families: [(&str, &str, &str, Count); 4] = [
             (
                 "portcullis_audit_delivered_total",
+                "counter",
                 "Records a delivering sink delivered.",
                 |d| d.delivered,
             ),
             (
                 "portcullis_audit_delivery_failures_total",
+                "counter",
                 "Failed delivery attempts, by sink.",
                 |d| d.failures,
             ),
             (
                 "portcullis_audit_dropped_total",
+                "counter",
                 "Records dropped because a sink's spool was full.",
                 |d| d.dropped,
             ),
+            (
+                "portcullis_audit_spool_bytes",
+                "gauge",
+                "Bytes of records waiting in a delivering sink's spool (its queue).",
+                |d| d.backlog,
+            ),
         ];
-        for (name, help, value) in families {
-            header(&mut out, name, "counter", help);
+        for (name, kind, help, value) in families {
+            header(&mut out, name, kind, help);
             for (sink, counted) in &counts.deliveries {
                 let _ = writeln!(
                     out,

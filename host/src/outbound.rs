@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -42,6 +42,61 @@ pub fn sender() -> Result<(tokio::runtime::Runtime, HttpClient)> {
     Ok((runtime, client()?))
 }
 
+/// An answer: status, headers and (at most [`MAX_ANSWER`] bytes of) body.
+pub struct Answer {
+    /// The status code.
+    pub status: hyper::StatusCode,
+    /// The headers.
+    pub headers: hyper::HeaderMap,
+    /// The body, cut at [`MAX_ANSWER`] bytes.
+    pub body: Bytes,
+}
+
+/// The most of an answer's body kept.
+pub const MAX_ANSWER: usize = 1 << 20;
+
+/// Sends a `method` request to `url` with `headers` and `body`, and reads
+/// the answer, whatever its status, within `timeout`.
+pub async fn send(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<Answer> {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(url)
+        .header(hyper::header::USER_AGENT, "portcullis");
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let request = request.body(Full::new(Bytes::from(body)))?;
+    let exchange = async {
+        let response = client.request(request).await?;
+        let (parts, mut body) = response.into_parts();
+        let mut kept = Vec::new();
+        while kept.len() < MAX_ANSWER {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            if let Ok(data) = frame?.into_data() {
+                let room = MAX_ANSWER - kept.len();
+                kept.extend_from_slice(&data[..data.len().min(room)]);
+            }
+        }
+        anyhow::Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: Bytes::from(kept),
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .context("timed out")?
+}
+
 /// POSTs `body` to `url` as `content_type` with `headers`; fails unless a
 /// 2xx answer comes within `timeout`.
 pub async fn post(
@@ -52,20 +107,11 @@ pub async fn post(
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<()> {
-    let mut request = Request::builder()
-        .method(Method::POST)
-        .uri(url)
-        .header(hyper::header::CONTENT_TYPE, content_type)
-        .header(hyper::header::USER_AGENT, "portcullis");
-    for (name, value) in headers {
-        request = request.header(name, value);
-    }
-    let request = request.body(Full::new(Bytes::from(body)))?;
-    let response = tokio::time::timeout(timeout, client.request(request))
-        .await
-        .context("timed out")??;
-    if !response.status().is_success() {
-        bail!("HTTP {}", response.status());
+    let mut headers = headers.to_vec();
+    headers.push((hyper::header::CONTENT_TYPE.to_string(), content_type.into()));
+    let answer = send(client, Method::POST, url, &headers, body, timeout).await?;
+    if !answer.status.is_success() {
+        bail!("HTTP {}", answer.status);
     }
     Ok(())
 }

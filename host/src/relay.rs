@@ -844,6 +844,10 @@ impl Relay {
         record.method = Some(exchange.method.clone()).filter(|m| !m.is_empty());
         record.tool = exchange.tool.clone();
         record.jsonrpc_id = message.id.map(ToOwned::to_owned);
+        record.trace = exchange
+            .params
+            .as_deref()
+            .and_then(crate::audit::traceparent);
         match kind {
             MessageKind::Request | MessageKind::Notification => {
                 if let Some((digest, value)) = arguments.and_then(canonical_digest) {

@@ -90,6 +90,9 @@ impl Generation {
         for policy in guard.policies() {
             fingerprint.update(policy.sha256.as_bytes());
         }
+        for module in config.audit.sink_modules() {
+            fingerprint.update(std::fs::read(module).unwrap_or_default());
+        }
         Ok(Self {
             number,
             config,
@@ -111,6 +114,7 @@ impl Generation {
             .chain(policies.flat_map(|p| &p.fixtures))
             .chain(self.config.jwt.iter().filter_map(|j| j.jwks_file.as_ref()))
             .chain(self.config.pinning.iter().filter_map(|p| p.lock.as_ref()))
+            .chain(self.config.audit.sink_modules())
             .filter_map(|p| std::path::absolute(p).ok())
             .collect()
     }

@@ -18,13 +18,15 @@ import subprocess
 import threading
 import time
 import urllib.request
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import PORTCULLIS, notes_calls, notes_server, policy, proxied_filesystem, read_audit, write_config
+from conftest import (POLICIES, PORTCULLIS, notes_calls, notes_server, policy, proxied_filesystem, read_audit,
+                      toml_value, write_config)
 
 CALLS = 400
 
@@ -300,6 +302,72 @@ def test_an_otel_collector_gets_decisions_as_otlp_logs_with_their_fields_as_attr
     assert json.loads(fields["portcullis.policies"])[0]["verdict"] == "deny"
 
 
+def test_an_otel_collector_gets_a_span_per_decision_joining_the_agents_trace(tmp_path: Path, sandbox: Path):
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+    exports: list[ExportTraceServiceRequest] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self):
+            assert self.path == "/v1/traces" and self.headers["Content-Type"] == "application/x-protobuf"
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
+            exports.append(request)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    sink = (f'\n[[audit.sinks]]\ntype = "webhook"\nformat = "otlp-traces"\nbatch_ms = 50\n'
+            f'url = "http://127.0.0.1:{collector.server_address[1]}/v1/traces"\n')
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm")], sink)
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "trail.jsonl", sandbox) as session:
+            await session.list_tools()
+            meta = {"traceparent": f"00-{trace_id}-{parent}-01"}
+            await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")}, meta=meta)
+            with pytest.raises(MCPError):
+                await session.call_tool("write_file", {"path": str(sandbox / "x.txt"), "content": "x"})
+
+    asyncio.run(scenario())
+    written = [r for r in read_audit(tmp_path / "trail.jsonl") if "outcome" in r]
+
+    def spans() -> list[Span]:
+        return [span for export in exports for resource in export.resource_spans
+                for scope in resource.scope_spans for span in scope.spans]
+
+    def decisions() -> list[Span]:
+        return [span for span in spans() if not span.name.startswith("policy ")]
+
+    deadline = time.monotonic() + 30
+    while len(decisions()) < len(written) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    collector.shutdown()
+    attributes = {span.span_id: {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
+                  for span in spans()}
+    assert [attributes[s.span_id]["portcullis.id"] for s in decisions()] == [r["id"] for r in written]
+    call, answer = [s for s in decisions() if s.name == "tools/call read_text_file"]
+    assert call.trace_id.hex() == trace_id and call.parent_span_id.hex() == parent, "the agent's trace"
+    assert answer.trace_id.hex() == trace_id, "its answer's decision too"
+    assert attributes[call.span_id]["mcp.method.name"] == "tools/call"
+    assert attributes[call.span_id]["gen_ai.tool.name"] == "read_text_file"
+    assert call.kind == Span.SPAN_KIND_INTERNAL and call.end_time_unix_nano >= call.start_time_unix_nano
+    denied = next(s for s in decisions() if s.name == "tools/call write_file")
+    record = next(r for r in written if r["id"] == attributes[denied.span_id]["portcullis.id"])
+    assert denied.trace_id == bytes.fromhex(record["id"].replace("-", "")), "a trace of its own"
+    assert denied.status.code == Status.STATUS_CODE_ERROR and "read-only" in denied.status.message
+    assert denied.end_time_unix_nano - denied.start_time_unix_nano == record["latency_us"] * 1000
+    policy_span = next(s for s in spans() if s.parent_span_id == denied.span_id)
+    assert policy_span.name == "policy read-only" and policy_span.trace_id == denied.trace_id
+    assert attributes[policy_span.span_id]["portcullis.verdict"] == "deny"
+
+
 def test_a_stdio_proxy_serves_its_metrics_when_asked(tmp_path: Path, sandbox: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -319,3 +387,152 @@ def test_a_stdio_proxy_serves_its_metrics_when_asked(tmp_path: Path, sandbox: Pa
     assert int(metrics['portcullis_decisions_total{server="stdio",outcome="allow"}']) >= 4
     assert int(metrics['portcullis_policy_verdicts_total{policy="read-only",verdict="allow"}']) >= 4
     assert int(metrics["portcullis_chain_latency_microseconds_count"]) >= 5
+
+
+def component_sink(name: str, module: str, **fields) -> str:
+    """An `[[audit.sinks]]` entry for the sink component `module` (a file
+    name in the components' build dir)."""
+    entry = {"type": "component", "name": name, "module": str(POLICIES / module), **fields}
+    return "\n[[audit.sinks]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.items())
+
+
+class Hec:
+    """A Splunk HTTP Event Collector stand-in: takes a batch of events (JSON
+    objects one after another) when the token is right, as Splunk does."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.batches: list[list[dict]] = []
+        self.requests = 0
+        self.refused = 0
+        hec = self
+
+        class Collector(BaseHTTPRequestHandler):
+            def do_POST(self):
+                hec.requests += 1
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                if (self.path != "/services/collector/event"
+                        or self.headers.get("Authorization") != f"Splunk {hec.token}"):
+                    hec.refused += 1
+                    return self.answer(403, {"text": "Invalid token", "code": 4})
+                events, decoder, at = [], json.JSONDecoder(), 0
+                while at < len(body):
+                    event, at = decoder.raw_decode(body, at)
+                    events.append(event)
+                    at = len(body) - len(body[at:].lstrip())
+                hec.batches.append(events)
+                self.answer(200, {"text": "Success", "code": 0})
+
+            def answer(self, status: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{self.address}/services/collector/event"
+
+    def events(self) -> list[dict]:
+        return [event for batch in self.batches for event in batch]
+
+
+def test_a_wasm_sink_component_carries_batches_to_a_siem_and_reaches_only_the_hosts_granted(
+        tmp_path: Path, sandbox: Path):
+    splunk, elsewhere = Hec("hec-token-7"), Hec("hec-token-7")
+    trail, stderr = tmp_path / "trail.jsonl", tmp_path / "stderr.log"
+    sinks = (f'\n[[audit.sinks]]\ntype = "file"\npath = "{trail}"\n'
+             + component_sink("splunk", "splunk_hec_sink.wasm", allow_hosts=[splunk.address],
+                              batch_records=4, batch_ms=50,
+                              settings={"url": splunk.url, "token": "${env:HEC_TOKEN}", "index": "mcp"})
+             # The same grant, but it tries another host: refused before any connection.
+             + component_sink("sneaky", "misbehave_sink.wasm", allow_hosts=[splunk.address], batch_ms=50,
+                              settings={"mode": "connect", "url": elsewhere.url}))
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm")], sinks)
+    checked = subprocess.run([str(PORTCULLIS), "check", str(config)], capture_output=True,
+                             text=True, env={"HEC_TOKEN": "hec-token-7"})
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"audit    component splunk ({POLICIES / 'splunk_hec_sink.wasm'}), may reach: {splunk.address}" \
+        in checked.stdout
+
+    async def scenario():
+        env = {"HEC_TOKEN": "hec-token-7"}
+        async with proxied_filesystem(config, tmp_path / "extra.jsonl", sandbox, stderr, env=env) as session:
+            await session.list_tools()
+            for _ in range(6):
+                await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            with pytest.raises(MCPError):
+                await session.call_tool("write_file", {"path": str(sandbox / "x.txt"), "content": "x"})
+
+    asyncio.run(scenario())
+    written = read_audit(trail)
+    deadline = time.monotonic() + 30
+    while len(splunk.events()) < len(written) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    splunk.server.shutdown()
+    elsewhere.server.shutdown()
+    events = splunk.events()
+    assert [e["event"]["id"] for e in events] == [r["id"] for r in written], "every record, in order"
+    assert splunk.refused == 0 and max(len(b) for b in splunk.batches) > 1
+    assert all(len(batch) <= 4 for batch in splunk.batches)
+    denied = next(e for e in events if e["event"]["outcome"] == "deny")
+    assert denied["event"]["tool"] == "write_file" and denied["event"]["decided_by"] == "read-only"
+    assert {(e["index"], e["sourcetype"], e["source"]) for e in events} == {("mcp", "portcullis:audit", "portcullis")}
+    first = datetime.fromisoformat(written[0]["time"]).timestamp()
+    assert abs(events[0]["time"] - first) < 1e-3, "the record's own time"
+    assert elsewhere.requests == 0, "a host not granted is never reached"
+    assert f"{elsewhere.address} is not granted to this sink" in stderr.read_text()
+
+
+def test_a_sink_component_that_loops_traps_or_hoards_memory_holds_nothing_up_and_loses_nothing(
+        tmp_path: Path, sandbox: Path):
+    trail, stderr = tmp_path / "trail.jsonl", tmp_path / "stderr.log"
+    sinks = f'\n[[audit.sinks]]\ntype = "file"\npath = "{trail}"\n' + "".join(
+        component_sink(mode, "misbehave_sink.wasm", max_memory_mb=16, batch_ms=50, settings={"mode": mode})
+        for mode in ["loop", "alloc", "trap"])
+    config = write_config(tmp_path, [], sinks)
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "extra.jsonl", sandbox, stderr) as session:
+            for _ in range(5):
+                await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            # Let each sink fail at least once.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and stderr.read_text().count("audit delivery failed") < 3:
+                await asyncio.sleep(0.1)
+            return True
+
+    assert asyncio.run(scenario()), "every call was answered"
+    log = stderr.read_text()
+    assert "ran out of fuel" in log
+    assert "misbehave-sink was told to trap" in log
+    assert "memory" in log or "allocation" in log, log
+    ids = [r["id"] for r in read_audit(trail)]
+    assert len(ids) >= 10
+    spools = sorted((tmp_path / "portcullis.spool").glob("*/0/spool.jsonl"))
+    assert len(spools) == 3
+    for spool in spools:
+        assert [r["id"] for r in read_audit(spool)] == ids, "every record waits in each sink's spool"
+
+
+def test_a_bad_sink_component_or_settings_fail_the_config_with_a_clear_error(tmp_path: Path):
+    corrupt = tmp_path / "corrupt.wasm"
+    corrupt.write_bytes(b"\0asm\x0d\0\x01\0garbage")
+
+    def check(sink: str) -> str:
+        config = write_config(tmp_path, [], sink)
+        result = subprocess.run([str(PORTCULLIS), "check", str(config)], capture_output=True, text=True)
+        assert result.returncode == 1, result.stdout
+        return result.stdout
+
+    entry = f'\n[[audit.sinks]]\ntype = "component"\nmodule = "{corrupt}"\n'
+    assert "is not a valid component" in check(entry)
+    refused = check(component_sink("splunk", "splunk_hec_sink.wasm", settings={"url": "http://127.0.0.1:1/"}))
+    assert "refused its settings" in refused and "token" in refused
+    assert "does not export portcullis:sink/deliver" in check(component_sink("p", "read_only.wasm")), "a policy"

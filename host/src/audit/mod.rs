@@ -4,13 +4,18 @@
 //! written stops the message (fail-closed); it is never silently lost.
 
 pub mod chain;
+mod component;
+mod delivery;
 mod otlp;
 mod select;
 mod sinks;
 mod spool;
 mod webhook;
 
-pub use webhook::{WebhookOptions, WebhookSink, flush};
+pub use component::{ComponentOptions, ComponentSink};
+pub use delivery::{DeliveringSink, DeliveryOptions, flush};
+pub use otlp::traces::traceparent;
+pub use webhook::{Webhook, WebhookOptions};
 
 use select::{Selected, Selection};
 
@@ -20,7 +25,7 @@ use crate::config::{Config, OnFull, SinkConfig};
 use crate::drift::ToolDrift;
 use crate::engine::hex;
 use crate::guard::PolicyVerdict;
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -93,6 +98,11 @@ pub struct AuditRecord {
     pub policies: Vec<PolicyVerdict>,
     /// Time spent in the policy chain, in µs.
     pub latency_us: u64,
+    /// The W3C `traceparent` the agent sent in the message's
+    /// `params._meta` (for an answer: in its request's), when valid: the
+    /// trace the decision's span joins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl AuditRecord {
@@ -121,6 +131,7 @@ impl AuditRecord {
             drift: Vec::new(),
             policies: Vec::new(),
             latency_us: 0,
+            trace: None,
         }
     }
 
@@ -381,6 +392,76 @@ pub fn value_digest(value: &Value) -> String {
     hex(&Sha256::digest(value.to_string().as_bytes()))
 }
 
+/// Compiles, starts and configures the component sink `sink` configures.
+pub fn load_component(sink: &SinkConfig, base: &Path) -> Result<ComponentSink> {
+    let SinkConfig::Component {
+        module,
+        allow_hosts,
+        settings,
+        max_memory_mb,
+        ..
+    } = sink
+    else {
+        bail!("not a component sink");
+    };
+    ComponentSink::load(ComponentOptions {
+        module: module.clone(),
+        allow_hosts: allow_hosts.clone(),
+        settings: resolve_all(settings, base)?.into_iter().collect(),
+        max_memory: usize::try_from(max_memory_mb.saturating_mul(1 << 20))?,
+    })
+    .with_context(|| format!("component sink {}", module.display()))
+}
+
+/// `values` with their `${env:}` / `${file:}` references resolved.
+fn resolve_all(values: &BTreeMap<String, String>, base: &Path) -> Result<BTreeMap<String, String>> {
+    values
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), crate::config::resolve_secret(v, base)?)))
+        .collect()
+}
+
+/// The delivering sink `sink` configures, carried by `transport`.
+fn delivering(
+    sink: &SinkConfig,
+    base: &Path,
+    transport: Box<dyn delivery::Transport>,
+) -> Result<Box<dyn Sink>> {
+    let (kind, name) = match sink {
+        SinkConfig::Webhook { url, .. } => ("webhook", url.clone()),
+        other => ("component", other.component_name().unwrap_or_default()),
+    };
+    let (SinkConfig::Webhook {
+        batch_records,
+        batch_ms,
+        spool_dir,
+        spool_max_bytes,
+        on_full,
+        ..
+    }
+    | SinkConfig::Component {
+        batch_records,
+        batch_ms,
+        spool_dir,
+        spool_max_bytes,
+        on_full,
+        ..
+    }) = sink
+    else {
+        bail!("not a delivering sink");
+    };
+    let options = DeliveryOptions {
+        kind,
+        name,
+        batch_records: (*batch_records).max(1),
+        batch_wait: std::time::Duration::from_millis(*batch_ms),
+        spool_dir: spool_dir.clone().unwrap_or_else(|| base.join("spool")),
+        spool_max_bytes: *spool_max_bytes,
+        drop_when_full: *on_full == OnFull::Drop,
+    };
+    Ok(Box::new(DeliveringSink::open(options, transport)?))
+}
+
 /// The configured sinks and what goes into records.
 pub struct Audit {
     sinks: Vec<Box<dyn Sink>>,
@@ -419,29 +500,20 @@ impl Audit {
                     format,
                     secret,
                     headers,
-                    batch_records,
-                    batch_ms,
-                    spool_dir,
-                    spool_max_bytes,
-                    on_full,
                     ..
                 } => {
                     let resolve = |v: &str| crate::config::resolve_secret(v, base);
-                    let options = WebhookOptions {
+                    let webhook = Webhook::new(WebhookOptions {
                         url: url.clone(),
                         format: *format,
                         secret: secret.as_deref().map(resolve).transpose()?,
-                        headers: headers
-                            .iter()
-                            .map(|(k, v)| Ok((k.clone(), resolve(v)?)))
-                            .collect::<Result<_>>()?,
-                        batch_records: (*batch_records).max(1),
-                        batch_wait: std::time::Duration::from_millis(*batch_ms),
-                        spool_dir: spool_dir.clone().unwrap_or_else(|| base.join("spool")),
-                        spool_max_bytes: *spool_max_bytes,
-                        drop_when_full: *on_full == OnFull::Drop,
-                    };
-                    Box::new(WebhookSink::open(options)?)
+                        headers: resolve_all(headers, base)?,
+                    });
+                    delivering(sink, base, Box::new(webhook))?
+                }
+                SinkConfig::Component { .. } => {
+                    let component = load_component(sink, base)?;
+                    delivering(sink, base, Box::new(component))?
                 }
                 SinkConfig::Stderr { .. } => Box::new(StderrSink),
             };

@@ -5,7 +5,10 @@
 //! second each sustains.
 
 use super::{Stats, micros};
-use crate::audit::{Audit, AuditRecord, FileOptions, FileSink, WebhookOptions, WebhookSink};
+use crate::audit::{
+    Audit, AuditRecord, DeliveringSink, DeliveryOptions, FileOptions, FileSink, Webhook,
+    WebhookOptions,
+};
 use crate::bindings::Agent;
 use crate::config::BatchFormat;
 use anyhow::Result;
@@ -69,18 +72,23 @@ pub fn run(records: usize) -> Result<()> {
     }
     // A webhook whose receiver is down: every record stays spooled, which
     // is what the message path pays whatever the receiver does.
-    let options = WebhookOptions {
+    let webhook = Webhook::new(WebhookOptions {
         url: "http://127.0.0.1:9/unreachable".into(),
         format: BatchFormat::Json,
         secret: Some("bench".into()),
         headers: Default::default(),
+    });
+    let options = DeliveryOptions {
+        kind: "webhook",
+        name: "http://127.0.0.1:9/unreachable".into(),
         batch_records: 500,
         batch_wait: Duration::from_secs(1),
         spool_dir: dir.join("spool"),
         spool_max_bytes: u64::MAX,
         drop_when_full: false,
     };
-    let audit = Audit::with_sinks(vec![Box::new(WebhookSink::open(options)?)]);
+    let sink = DeliveringSink::open(options, Box::new(webhook))?;
+    let audit = Audit::with_sinks(vec![Box::new(sink)]);
     let (stats, per_second) = measure(records, || audit.write(&record))?;
     println!(
         "{}  {:>9.0} records/s  (+{} p50 over serializing)",
