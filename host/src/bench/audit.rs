@@ -1,6 +1,7 @@
 //! `portcullis bench --audit`: what auditing costs a message — the time
 //! `Audit::write` takes per record to a JSON Lines file, plain and chained,
-//! and to a webhook sink (its spool) whose receiver is down, against
+//! with fsync per record (alone, and 16 writers sharing fsyncs by group
+//! commit), and to a webhook sink (its spool) whose receiver is down, against
 //! serializing the record alone in the same run — and the records per
 //! second each sustains.
 
@@ -70,6 +71,22 @@ pub fn run(records: usize) -> Result<()> {
             micros(stats.p50.saturating_sub(baseline.0.p50))
         );
     }
+    // Writers at once (a serve process' sessions): group commit lets one
+    // fsync cover the records of all that wrote while the last one ran.
+    let path = dir.join("audit-concurrent.jsonl");
+    let options = FileOptions {
+        fsync: true,
+        ..FileOptions::default()
+    };
+    let audit = Audit::with_sinks(vec![Box::new(FileSink::open_with(&path, options)?)]);
+    let per_writer = (records / 200 / WRITERS).max(10);
+    let (stats, per_second) = measure_concurrent(per_writer, || audit.write(&record))?;
+    println!(
+        "{}  {:>9.0} records/s  (+{} p50 over serializing)",
+        stats.line(&format!("fsync, {WRITERS} writers")),
+        per_second,
+        micros(stats.p50.saturating_sub(baseline.0.p50))
+    );
     // A webhook whose receiver is down: every record stays spooled, which
     // is what the message path pays whatever the receiver does.
     let webhook = Webhook::new(WebhookOptions {
@@ -113,6 +130,39 @@ fn measure(records: usize, mut write: impl FnMut() -> Result<()>) -> Result<(Sta
         samples.push(at.elapsed());
     }
     let per_second = records as f64 / started.elapsed().as_secs_f64();
+    Ok((Stats::of(&mut samples), per_second))
+}
+
+/// Writers at once in the concurrent measurement.
+const WRITERS: usize = 16;
+
+/// Per-call percentiles of `write` called `per_writer` times by each of
+/// [`WRITERS`] threads at once, and calls per second over the run.
+fn measure_concurrent(
+    per_writer: usize,
+    write: impl Fn() -> Result<()> + Sync,
+) -> Result<(Stats, f64)> {
+    let started = Instant::now();
+    let samples: Vec<Result<Vec<Duration>>> = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..per_writer)
+                        .map(|_| {
+                            let at = Instant::now();
+                            write().map(|()| at.elapsed())
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        writers
+            .into_iter()
+            .map(|w| w.join().expect("writer panicked"))
+            .collect()
+    });
+    let per_second = (WRITERS * per_writer) as f64 / started.elapsed().as_secs_f64();
+    let mut samples: Vec<Duration> = samples.into_iter().collect::<Result<Vec<_>>>()?.concat();
     Ok((Stats::of(&mut samples), per_second))
 }
 
