@@ -102,6 +102,7 @@ fn report_sinks(config: &Config) -> bool {
                     }
                 }
             }
+            SinkConfig::Stdout { .. } => println!("audit    stdout (not in stdio mode)"),
             SinkConfig::Stderr { .. } => println!("audit    stderr"),
         }
     }

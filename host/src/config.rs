@@ -557,6 +557,16 @@ pub enum SinkConfig {
         #[serde(default)]
         redact: Vec<String>,
     },
+    /// JSON Lines on Portcullis' stdout (`serve` and `admin` only: in
+    /// `stdio` mode stdout carries the MCP messages).
+    Stdout {
+        /// Which records it gets (default: all).
+        #[serde(default)]
+        only: RecordFilter,
+        /// Fields removed from its records.
+        #[serde(default)]
+        redact: Vec<String>,
+    },
     /// JSON Lines on Portcullis' stderr.
     Stderr {
         /// Which records it gets (default: all).
@@ -598,6 +608,7 @@ impl SinkConfig {
             SinkConfig::File { only, redact, .. }
             | SinkConfig::Webhook { only, redact, .. }
             | SinkConfig::Component { only, redact, .. }
+            | SinkConfig::Stdout { only, redact }
             | SinkConfig::Stderr { only, redact } => (only, redact),
         }
     }
@@ -1070,7 +1081,7 @@ impl Config {
                     *module = base.join(&*module);
                     spool(spool_dir);
                 }
-                SinkConfig::Stderr { .. } => {}
+                SinkConfig::Stdout { .. } | SinkConfig::Stderr { .. } => {}
             }
         }
         if let Some(file) = self.jwt.as_mut().and_then(|jwt| jwt.jwks_file.as_mut()) {

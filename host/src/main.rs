@@ -240,6 +240,7 @@ fn run_stdio(
     command: Vec<String>,
 ) -> Result<i32> {
     let config = Config::load(&config_path)?;
+    portcullis::audit::stdout_carries_mcp();
     let (name, server) = pick_server(&config, server, command)?;
     let engine = Arc::new(PolicyEngine::new(&config.engine)?);
     let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1)?;

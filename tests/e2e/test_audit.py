@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -536,3 +537,35 @@ def test_a_bad_sink_component_or_settings_fail_the_config_with_a_clear_error(tmp
     refused = check(component_sink("splunk", "splunk_hec_sink.wasm", settings={"url": "http://127.0.0.1:1/"}))
     assert "refused its settings" in refused and "token" in refused
     assert "does not export portcullis:sink/deliver" in check(component_sink("p", "read_only.wasm")), "a policy"
+
+
+def test_records_go_to_stdout_where_it_is_free_and_stdio_mode_refuses_that(tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sink = ('\n[[audit.sinks]]\ntype = "stdout"\nonly = { events = ["admin-credentials-refused"] }\n'
+            f'\n[approvers.alice]\napi_key_sha256 = "{hashlib.sha256(b"alice-key").hexdigest()}"\n')
+    config = write_config(tmp_path, [], sink)
+    admin = subprocess.Popen([str(PORTCULLIS), "admin", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/me", timeout=5)
+            except urllib.error.HTTPError as refused:
+                assert refused.code == 401
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the admin listener never came up"
+                time.sleep(0.1)
+        record = json.loads(admin.stdout.readline())
+    finally:
+        admin.terminate()
+        admin.wait(10)
+    assert record["event"] == "admin-credentials-refused" and record["endpoint"] == "/api/me"
+
+    stdio = subprocess.run([str(PORTCULLIS), "stdio", "--config", str(config), "--", "true"],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert stdio.returncode != 0 and stdio.stdout == ""
+    assert "its stdout carries the MCP messages" in stdio.stderr

@@ -19,7 +19,7 @@ pub use webhook::{Webhook, WebhookOptions};
 
 use select::{Selected, Selection};
 
-pub use sinks::{FileOptions, FileSink, Sink, StderrSink, rotated_files};
+pub use sinks::{Console, FileOptions, FileSink, Sink, rotated_files};
 
 use crate::config::{Config, OnFull, SinkConfig};
 use crate::drift::ToolDrift;
@@ -32,6 +32,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 /// One audited message.
@@ -392,6 +393,15 @@ pub fn value_digest(value: &Value) -> String {
     hex(&Sha256::digest(value.to_string().as_bytes()))
 }
 
+/// Set when this process' stdout carries MCP messages (`portcullis stdio`):
+/// no stdout sink may open then.
+static STDOUT_CARRIES_MCP: AtomicBool = AtomicBool::new(false);
+
+/// Marks stdout as carrying MCP messages for the life of the process.
+pub fn stdout_carries_mcp() {
+    STDOUT_CARRIES_MCP.store(true, Ordering::Relaxed);
+}
+
 /// Compiles, starts and configures the component sink `sink` configures.
 pub fn load_component(sink: &SinkConfig, base: &Path) -> Result<ComponentSink> {
     let SinkConfig::Component {
@@ -515,7 +525,13 @@ impl Audit {
                     let component = load_component(sink, base)?;
                     delivering(sink, base, Box::new(component))?
                 }
-                SinkConfig::Stderr { .. } => Box::new(StderrSink),
+                SinkConfig::Stdout { .. } if STDOUT_CARRIES_MCP.load(Ordering::Relaxed) => {
+                    bail!(
+                        "a stdout audit sink cannot be used by `portcullis stdio`: its stdout carries the MCP messages (use stderr or a file)"
+                    )
+                }
+                SinkConfig::Stdout { .. } => Box::new(Console::Stdout),
+                SinkConfig::Stderr { .. } => Box::new(Console::Stderr),
             };
             let (only, redact) = sink.selection();
             sinks.push(match Selection::new(only, redact) {

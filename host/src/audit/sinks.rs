@@ -392,17 +392,28 @@ fn last_line(path: &Path) -> Result<Option<String>> {
     Ok(Some(String::from_utf8_lossy(last).into_owned()))
 }
 
-/// Writes JSON Lines to stderr.
-pub struct StderrSink;
+/// Writes JSON Lines to the process' standard output or error.
+pub enum Console {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
 
-impl Sink for StderrSink {
+impl Sink for Console {
     fn write(&self, line: &str) -> Result<()> {
-        std::io::stderr().lock().write_all(line.as_bytes())?;
+        match self {
+            Console::Stdout => std::io::stdout().lock().write_all(line.as_bytes())?,
+            Console::Stderr => std::io::stderr().lock().write_all(line.as_bytes())?,
+        }
         Ok(())
     }
 
     fn describe(&self) -> String {
-        "stderr".into()
+        match self {
+            Console::Stdout => "stdout".into(),
+            Console::Stderr => "stderr".into(),
+        }
     }
 }
 
