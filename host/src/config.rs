@@ -485,6 +485,11 @@ pub enum SinkConfig {
         /// `/v1/logs`) or `otlp-traces` (a span per decision; `/v1/traces`).
         #[serde(default)]
         format: BatchFormat,
+        /// `http` (default) or, for the `otlp` formats, `grpc`: OTLP/gRPC
+        /// to a collector's address (`url` without a path, e.g.
+        /// `http://collector:4317`).
+        #[serde(default)]
+        protocol: Protocol,
         /// HMAC-SHA256 key for the `X-Portcullis-Signature` header; may be
         /// a `${env:NAME}` or `${file:PATH}` reference.
         secret: Option<String>,
@@ -627,6 +632,17 @@ pub enum BatchFormat {
     /// child span per policy.
     #[serde(rename = "otlp-traces")]
     OtlpTraces,
+}
+
+/// How a webhook sink sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// An HTTP POST per batch.
+    #[default]
+    Http,
+    /// A unary gRPC call per batch (OTLP/gRPC).
+    Grpc,
 }
 
 /// What a delivering sink does when its spool is full.
@@ -1184,6 +1200,23 @@ impl Config {
                 SinkConfig::Webhook { url, .. } if !is_http_url(url) => {
                     bail!("audit.sinks[{i}]: '{url}' is not an http(s) URL");
                 }
+                SinkConfig::Webhook {
+                    url,
+                    format,
+                    protocol: Protocol::Grpc,
+                    ..
+                } => {
+                    if *format == BatchFormat::Json {
+                        bail!(
+                            "audit.sinks[{i}]: protocol = \"grpc\" needs format = \"otlp\" or \"otlp-traces\""
+                        );
+                    }
+                    if !matches!(url.parse::<hyper::Uri>().map(|u| u.path().len()), Ok(0 | 1)) {
+                        bail!(
+                            "audit.sinks[{i}]: for gRPC, url is the collector's address without a path (e.g. http://collector:4317), not '{url}'"
+                        );
+                    }
+                }
                 SinkConfig::Component { allow_hosts, .. } => {
                     let name = sink.component_name().unwrap_or_default();
                     if !components.insert(name.clone()) {
@@ -1456,5 +1489,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `outcome`"), "{err}");
+    }
+
+    #[test]
+    fn grpc_is_for_otlp_to_a_collectors_address_and_components_are_named_apart() {
+        let sink = |fields: &str| {
+            parse(&format!("[[audit.sinks]]\ntype = \"webhook\"\n{fields}"))
+                .err()
+                .map(|e| e.to_string())
+        };
+        let grpc = "protocol = \"grpc\"\n";
+        let json = sink(&format!("url = \"http://c:4317\"\n{grpc}")).unwrap();
+        assert!(json.contains("needs format = \"otlp\""), "{json}");
+        let otlp = "format = \"otlp-traces\"\n";
+        let path = sink(&format!("url = \"http://c:4317/v1/traces\"\n{grpc}{otlp}")).unwrap();
+        assert!(path.contains("without a path"), "{path}");
+        assert_eq!(
+            sink(&format!("url = \"http://c:4317\"\n{grpc}{otlp}")),
+            None
+        );
+
+        let component = "[[audit.sinks]]\ntype = \"component\"\nmodule = \"sinks/hec.wasm\"\n";
+        let twice = parse(&format!("{component}{component}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            twice.contains("another component sink is named 'hec'"),
+            "{twice}"
+        );
+        let granted = format!("{component}allow_hosts = [\"https://siem\"]\n");
+        let err = parse(&granted).unwrap_err().to_string();
+        assert!(err.contains("is not `host` or `host:port`"), "{err}");
     }
 }

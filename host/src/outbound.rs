@@ -1,6 +1,6 @@
 //! The HTTP(S) client Portcullis reaches out with: remote MCP servers, JWKS
 //! URLs, and the POSTs of notices and delivering audit sinks (with their
-//! retry pacing). TLS is rustls, trusting the platform's root certificates;
+//! retry pacing), and unary gRPC calls over HTTP/2 for OTLP/gRPC. TLS is rustls, trusting the platform's root certificates;
 //! `SSL_CERT_FILE` / `SSL_CERT_DIR` replace them, as they do for OpenSSL.
 
 use anyhow::{Context, Result, bail};
@@ -16,15 +16,27 @@ use std::time::Duration;
 /// A client for `http://` and `https://` URLs.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// A new client; fails when no root certificate can be loaded.
+/// A new HTTP/1.1 client; fails when no root certificate can be loaded.
 pub fn client() -> Result<HttpClient> {
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    let connector = connector()?.enable_http1().build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// A new HTTP/2-only client, as gRPC needs (`http://`: HTTP/2 without TLS,
+/// by prior knowledge; `https://`: negotiated by ALPN).
+pub fn grpc_client() -> Result<HttpClient> {
+    let connector = connector()?.enable_http2().build();
+    Ok(Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(connector))
+}
+
+fn connector()
+-> Result<hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsProtocols1>> {
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()
         .context("cannot load the platform's TLS root certificates (see SSL_CERT_FILE)")?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
+        .https_or_http())
 }
 
 /// Whether `scheme` is one the client speaks.
@@ -32,14 +44,18 @@ pub fn supports(scheme: Option<&str>) -> bool {
     matches!(scheme, Some("http" | "https"))
 }
 
-/// A current-thread runtime and a client, for a thread that sends on its
-/// own (off the message path).
-pub fn sender() -> Result<(tokio::runtime::Runtime, HttpClient)> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// A current-thread runtime, for a thread that sends on its own (off the
+/// message path).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start a runtime for sending")?;
-    Ok((runtime, client()?))
+        .context("cannot start a runtime for sending")
+}
+
+/// A runtime and an HTTP/1.1 client, for a thread that sends on its own.
+pub fn sender() -> Result<(tokio::runtime::Runtime, HttpClient)> {
+    Ok((runtime()?, client()?))
 }
 
 /// An answer: status, headers and (at most [`MAX_ANSWER`] bytes of) body.
@@ -50,6 +66,8 @@ pub struct Answer {
     pub headers: hyper::HeaderMap,
     /// The body, cut at [`MAX_ANSWER`] bytes.
     pub body: Bytes,
+    /// The trailers, if any came.
+    pub trailers: hyper::HeaderMap,
 }
 
 /// The most of an answer's body kept.
@@ -76,20 +94,24 @@ pub async fn send(
     let exchange = async {
         let response = client.request(request).await?;
         let (parts, mut body) = response.into_parts();
-        let mut kept = Vec::new();
+        let (mut kept, mut trailers) = (Vec::new(), hyper::HeaderMap::new());
         while kept.len() < MAX_ANSWER {
             let Some(frame) = body.frame().await else {
                 break;
             };
-            if let Ok(data) = frame?.into_data() {
-                let room = MAX_ANSWER - kept.len();
-                kept.extend_from_slice(&data[..data.len().min(room)]);
+            match frame?.into_data() {
+                Ok(data) => {
+                    let room = MAX_ANSWER - kept.len();
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                }
+                Err(frame) => trailers.extend(frame.into_trailers().unwrap_or_default()),
             }
         }
         anyhow::Ok(Answer {
             status: parts.status,
             headers: parts.headers,
             body: Bytes::from(kept),
+            trailers,
         })
     };
     tokio::time::timeout(timeout, exchange)
@@ -114,6 +136,43 @@ pub async fn post(
         bail!("HTTP {}", answer.status);
     }
     Ok(())
+}
+
+/// Calls the unary gRPC method at `url` (`http(s)://HOST:PORT/SERVICE/METHOD`)
+/// with `message` (protobuf) and `headers`, on an HTTP/2 client; fails
+/// unless the call ends with status 0 (OK) within `timeout`.
+pub async fn grpc_call(
+    client: &HttpClient,
+    url: &str,
+    headers: &[(String, String)],
+    message: &[u8],
+    timeout: Duration,
+) -> Result<()> {
+    // A length-prefixed message: not compressed, then its length.
+    let mut body = Vec::with_capacity(message.len() + 5);
+    body.push(0);
+    body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+    body.extend_from_slice(message);
+    let mut headers = headers.to_vec();
+    headers.push(("content-type".into(), "application/grpc".into()));
+    headers.push(("te".into(), "trailers".into()));
+    let answer = send(client, Method::POST, url, &headers, body, timeout).await?;
+    if !answer.status.is_success() {
+        bail!("HTTP {}", answer.status);
+    }
+    // In the trailers, or in the headers of an answer without a body.
+    let field = |name: &str| {
+        let value = answer.trailers.get(name).or(answer.headers.get(name))?;
+        Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+    };
+    match field("grpc-status").as_deref() {
+        Some("0") => Ok(()),
+        Some(code) => bail!(
+            "gRPC status {code}: {}",
+            field("grpc-message").unwrap_or_default()
+        ),
+        None => bail!("the answer carries no gRPC status"),
+    }
 }
 
 /// How long to wait before retry `retry` (1 for the first): doubling from

@@ -369,6 +369,48 @@ def test_an_otel_collector_gets_a_span_per_decision_joining_the_agents_trace(tmp
     assert attributes[policy_span.span_id]["portcullis.verdict"] == "deny"
 
 
+def test_an_otel_collector_over_grpc_gets_the_logs_after_it_comes_up_late(tmp_path: Path, sandbox: Path):
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    received: list[str] = []
+
+    class Collector(logs_service_pb2_grpc.LogsServiceServicer):
+        def Export(self, request, context):
+            for resource_logs in request.resource_logs:
+                for scope_logs in resource_logs.scope_logs:
+                    for record in scope_logs.log_records:
+                        received.extend(a.value.string_value for a in record.attributes if a.key == "portcullis.id")
+            return logs_service_pb2.ExportLogsServiceResponse()
+
+    sink = (f'\n[[audit.sinks]]\ntype = "webhook"\nformat = "otlp"\nprotocol = "grpc"\nbatch_ms = 50\n'
+            f'url = "http://127.0.0.1:{port}"\n')
+    config = write_config(tmp_path, [], sink)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Collector(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "trail.jsonl", sandbox) as session:
+            await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            await asyncio.sleep(0.5)  # nobody listens yet: the batch waits in the spool
+            server.start()
+            await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+
+    asyncio.run(scenario())
+    written = [r["id"] for r in read_audit(tmp_path / "trail.jsonl")]
+    deadline = time.monotonic() + 30
+    while len(set(received)) < len(written) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.stop(0)
+    assert list(dict.fromkeys(received)) == written, "every record, in order, over gRPC"
+
+
 def test_a_stdio_proxy_serves_its_metrics_when_asked(tmp_path: Path, sandbox: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

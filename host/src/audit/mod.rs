@@ -508,6 +508,7 @@ impl Audit {
                 SinkConfig::Webhook {
                     url,
                     format,
+                    protocol,
                     secret,
                     headers,
                     ..
@@ -516,6 +517,7 @@ impl Audit {
                     let webhook = Webhook::new(WebhookOptions {
                         url: url.clone(),
                         format: *format,
+                        protocol: *protocol,
                         secret: secret.as_deref().map(resolve).transpose()?,
                         headers: resolve_all(headers, base)?,
                     });

@@ -11,7 +11,7 @@ use crate::audit::{
     WebhookOptions,
 };
 use crate::bindings::Agent;
-use crate::config::BatchFormat;
+use crate::config::{BatchFormat, Protocol};
 use anyhow::Result;
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,7 @@ pub fn run(records: usize) -> Result<()> {
     let webhook = Webhook::new(WebhookOptions {
         url: "http://127.0.0.1:9/unreachable".into(),
         format: BatchFormat::Json,
+        protocol: Protocol::Http,
         secret: Some("bench".into()),
         headers: Default::default(),
     });
