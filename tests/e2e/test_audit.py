@@ -564,6 +564,52 @@ def test_a_sink_component_that_loops_traps_or_hoards_memory_holds_nothing_up_and
         assert [r["id"] for r in read_audit(spool)] == ids, "every record waits in each sink's spool"
 
 
+def test_a_changed_sink_component_config_is_swapped_in_and_delivers_what_waited(tmp_path: Path, sandbox: Path):
+    bodies: list[str] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{receiver.server_address[1]}"
+    trail = tmp_path / "trail.jsonl"
+
+    def config(mode: str) -> Path:
+        sink = component_sink("siem", "misbehave_sink.wasm", allow_hosts=[address], batch_ms=50,
+                              settings={"mode": mode, "url": f"http://{address}/ingest"})
+        return write_config(tmp_path, [], f'\n[[audit.sinks]]\ntype = "file"\npath = "{trail}"\n' + sink)
+
+    def delivered() -> list[str]:
+        return [json.loads(line)["id"] for body in bodies for line in body.splitlines()]
+
+    async def scenario():
+        async with proxied_filesystem(config("trap"), tmp_path / "extra.jsonl", sandbox) as session:
+            for _ in range(3):
+                await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            config("connect")  # the fix: the watcher reloads it
+            deadline = time.monotonic() + 30
+            while not any(r.get("event") == "reload" and r["result"] == "ok" for r in read_audit(trail)):
+                assert time.monotonic() < deadline, "no reload"
+                await asyncio.sleep(0.1)
+            await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+            written = [r["id"] for r in read_audit(trail)]
+            while delivered()[-1:] != written[-1:] and time.monotonic() < deadline + 30:
+                await asyncio.sleep(0.1)
+            return written
+
+    written = asyncio.run(scenario())
+    receiver.shutdown()
+    assert list(dict.fromkeys(delivered()))[:len(written)] == written, \
+        "what waited while the sink trapped, then the rest, in order"
+
+
 def test_a_bad_sink_component_or_settings_fail_the_config_with_a_clear_error(tmp_path: Path):
     corrupt = tmp_path / "corrupt.wasm"
     corrupt.write_bytes(b"\0asm\x0d\0\x01\0garbage")
