@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ from mcp.shared.exceptions import MCPError
 
 from conftest import (POLICIES, PORTCULLIS, notes_calls, notes_server, policy, proxied_filesystem, read_audit,
                       toml_value, write_config)
+from test_serve import free_port
 
 CALLS = 400
 
@@ -235,16 +235,15 @@ def test_a_webhook_that_goes_down_gets_every_record_in_order_and_a_slow_one_hold
     assert receiver.ids() == written, "every record, in order, once after de-duplication"
 
 
-def test_an_otel_collector_gets_decisions_as_otlp_logs_with_their_fields_as_attributes(tmp_path: Path,
-                                                                                       sandbox: Path):
-    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-
-    exports: list[ExportLogsServiceRequest] = []
+def otlp_collector(path: str, request_type) -> tuple[ThreadingHTTPServer, list]:
+    """An OTLP/HTTP collector taking `request_type` exports (protobuf) at
+    `path`, and the list it keeps them in."""
+    exports = []
 
     class Collector(BaseHTTPRequestHandler):
         def do_POST(self):
-            assert self.path == "/v1/logs" and self.headers["Content-Type"] == "application/x-protobuf"
-            request = ExportLogsServiceRequest()
+            assert self.path == path and self.headers["Content-Type"] == "application/x-protobuf"
+            request = request_type()
             request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
             exports.append(request)
             self.send_response(200)
@@ -256,6 +255,14 @@ def test_an_otel_collector_gets_decisions_as_otlp_logs_with_their_fields_as_attr
 
     collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
+    return collector, exports
+
+
+def test_an_otel_collector_gets_decisions_as_otlp_logs_with_their_fields_as_attributes(tmp_path: Path,
+                                                                                       sandbox: Path):
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    collector, exports = otlp_collector("/v1/logs", ExportLogsServiceRequest)
     sink = (f'\n[[audit.sinks]]\ntype = "webhook"\nformat = "otlp"\nbatch_ms = 50\n'
             f'url = "http://127.0.0.1:{collector.server_address[1]}/v1/logs"\n')
     config = write_config(tmp_path, [policy("read-only", "read_only.wasm")], sink)
@@ -307,22 +314,7 @@ def test_an_otel_collector_gets_a_span_per_decision_joining_the_agents_trace(tmp
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-    exports: list[ExportTraceServiceRequest] = []
-
-    class Collector(BaseHTTPRequestHandler):
-        def do_POST(self):
-            assert self.path == "/v1/traces" and self.headers["Content-Type"] == "application/x-protobuf"
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
-            exports.append(request)
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    collector, exports = otlp_collector("/v1/traces", ExportTraceServiceRequest)
     sink = (f'\n[[audit.sinks]]\ntype = "webhook"\nformat = "otlp-traces"\nbatch_ms = 50\n'
             f'url = "http://127.0.0.1:{collector.server_address[1]}/v1/traces"\n')
     config = write_config(tmp_path, [policy("read-only", "read_only.wasm")], sink)
@@ -375,9 +367,7 @@ def test_an_otel_collector_over_grpc_gets_the_logs_after_it_comes_up_late(tmp_pa
     import grpc
     from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     received: list[str] = []
 
     class Collector(logs_service_pb2_grpc.LogsServiceServicer):
@@ -412,9 +402,7 @@ def test_an_otel_collector_over_grpc_gets_the_logs_after_it_comes_up_late(tmp_pa
 
 
 def test_a_stdio_proxy_serves_its_metrics_when_asked(tmp_path: Path, sandbox: Path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = write_config(tmp_path, [policy("read-only", "read_only.wasm")])
 
     async def scenario():
@@ -628,9 +616,7 @@ def test_a_bad_sink_component_or_settings_fail_the_config_with_a_clear_error(tmp
 
 
 def test_records_go_to_stdout_where_it_is_free_and_stdio_mode_refuses_that(tmp_path: Path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     sink = ('\n[[audit.sinks]]\ntype = "stdout"\nonly = { events = ["admin-credentials-refused"] }\n'
             f'\n[approvers.alice]\napi_key_sha256 = "{hashlib.sha256(b"alice-key").hexdigest()}"\n')
     config = write_config(tmp_path, [], sink)
