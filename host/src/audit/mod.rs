@@ -12,7 +12,7 @@ mod sinks;
 mod spool;
 mod webhook;
 
-pub use component::{ComponentOptions, ComponentSink};
+use component::{ComponentOptions, ComponentSink};
 pub use delivery::{DeliveringSink, DeliveryOptions, flush};
 pub use otlp::traces::traceparent;
 pub use webhook::{Webhook, WebhookOptions};
@@ -439,7 +439,8 @@ fn delivering(
 ) -> Result<Box<dyn Sink>> {
     let (kind, name) = match sink {
         SinkConfig::Webhook { url, .. } => ("webhook", url.clone()),
-        other => ("component", other.component_name().unwrap_or_default()),
+        SinkConfig::Component { .. } => ("component", sink.component_name().unwrap_or_default()),
+        _ => bail!("not a delivering sink"),
     };
     let (SinkConfig::Webhook {
         batch_records,
