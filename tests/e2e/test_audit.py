@@ -235,9 +235,9 @@ def test_a_webhook_that_goes_down_gets_every_record_in_order_and_a_slow_one_hold
     assert receiver.ids() == written, "every record, in order, once after de-duplication"
 
 
-def otlp_collector(path: str, request_type) -> tuple[ThreadingHTTPServer, list]:
+def otlp_collector(path: str, request_type, port: int = 0) -> tuple[ThreadingHTTPServer, list]:
     """An OTLP/HTTP collector taking `request_type` exports (protobuf) at
-    `path`, and the list it keeps them in."""
+    `path` (on `port`, or a free one), and the list it keeps them in."""
     exports = []
 
     class Collector(BaseHTTPRequestHandler):
@@ -253,7 +253,7 @@ def otlp_collector(path: str, request_type) -> tuple[ThreadingHTTPServer, list]:
         def log_message(self, *args):
             pass
 
-    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    collector = ThreadingHTTPServer(("127.0.0.1", port), Collector)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     return collector, exports
 
@@ -399,6 +399,54 @@ def test_an_otel_collector_over_grpc_gets_the_logs_after_it_comes_up_late(tmp_pa
         time.sleep(0.1)
     server.stop(0)
     assert list(dict.fromkeys(received)) == written, "every record, in order, over gRPC"
+
+
+def test_one_trail_goes_to_a_file_a_webhook_and_a_collector_at_once_and_survives_their_outages(
+        tmp_path: Path, sandbox: Path):
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    webhook, collector_port = Receiver("fan-out"), free_port()
+    webhook.mode = "down"
+    trail = tmp_path / "trail.jsonl"
+    sinks = (f'\n[[audit.sinks]]\ntype = "file"\npath = "{trail}"\nchain = true\n'
+             f'\n[[audit.sinks]]\ntype = "webhook"\nurl = "{webhook.url}"\nsecret = "fan-out"\nbatch_ms = 50\n'
+             f'\n[[audit.sinks]]\ntype = "webhook"\nformat = "otlp"\nbatch_ms = 50\n'
+             f'url = "http://127.0.0.1:{collector_port}/v1/logs"\n')
+    config = write_config(tmp_path, [policy("read-only", "read_only.wasm")], sinks)
+    collected: list = []
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "extra.jsonl", sandbox) as session:
+            await session.list_tools()
+            for n in range(10):  # both receivers are down: nothing waits on them
+                await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+                if n % 3 == 0:
+                    with pytest.raises(MCPError):
+                        await session.call_tool("write_file", {"path": str(sandbox / "x.txt"), "content": "x"})
+            collector, exports = otlp_collector("/v1/logs", ExportLogsServiceRequest, collector_port)
+            collected.append((collector, exports))
+            webhook.mode = "up"
+            for _ in range(5):
+                await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+
+    asyncio.run(scenario())
+    collector, exports = collected[0]
+
+    def otlp_ids() -> list[str]:
+        ids = [attribute.value.string_value for export in exports for resource in export.resource_logs
+               for scope in resource.scope_logs for record in scope.log_records
+               for attribute in record.attributes if attribute.key == "portcullis.id"]
+        return list(dict.fromkeys(ids))
+
+    written = [r["id"] for r in read_audit(trail) if r.get("event") != "checkpoint"]
+    deadline = time.monotonic() + 30
+    while (webhook.ids() != written or otlp_ids() != written) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    webhook.server.shutdown()
+    collector.shutdown()
+    assert len(written) > 30 and audit("verify", str(trail)).returncode == 0
+    assert webhook.ids() == written and webhook.bad_signatures == 0, "the webhook: every decision, in order"
+    assert otlp_ids() == written, "the collector: every decision, in order"
 
 
 def test_a_stdio_proxy_serves_its_metrics_when_asked(tmp_path: Path, sandbox: Path):
