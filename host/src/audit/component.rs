@@ -17,11 +17,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use bindings::portcullis::sink::outbound::{Request, Response};
 use hyper::http::uri::Authority;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// Fuel (about one unit per wasm instruction) for `configure`.
@@ -33,7 +34,7 @@ const DELIVER_FUEL: u64 = 1_000_000_000;
 const FUEL_PER_RECORD: u64 = 10_000_000;
 /// How long one outbound request may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
-/// The most of its stderr kept to explain a trap.
+/// The most of a call's stderr kept to explain its failure: the end of it.
 const MAX_STDERR: usize = 4096;
 
 /// What a sink component is and may do.
@@ -141,6 +142,7 @@ impl ComponentSink {
 impl Transport for ComponentSink {
     fn send(&mut self, batch: &[String]) -> Result<()> {
         let live = self.live()?;
+        live.store.data().stderr.clear();
         let fuel = DELIVER_FUEL.saturating_add(FUEL_PER_RECORD.saturating_mul(batch.len() as u64));
         live.store.set_fuel(fuel)?;
         let delivered = live
@@ -160,8 +162,8 @@ impl Transport for ComponentSink {
     }
 }
 
-/// Why a call trapped, on one line, with what the component wrote to
-/// stderr.
+/// Why a call trapped, on one line, with the end of what the component
+/// wrote to stderr during the call.
 fn failure(store: &Store<SinkState>, trap: &wasmtime::Error) -> String {
     let why = match trap.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::OutOfFuel) => "it ran out of fuel (a loop?)".to_string(),
@@ -171,7 +173,7 @@ fn failure(store: &Store<SinkState>, trap: &wasmtime::Error) -> String {
             .collect::<Vec<_>>()
             .join(" "),
     };
-    match crate::engine::stderr_summary(&store.data().stderr.contents()) {
+    match crate::engine::stderr_summary(&store.data().stderr.tail()) {
         Some(stderr) => format!("{why} (stderr: {stderr})"),
         None => why,
     }
@@ -183,7 +185,7 @@ struct SinkState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
-    stderr: MemoryOutputPipe,
+    stderr: Stderr,
     allow_hosts: Vec<String>,
     /// Made at the first request.
     sender: Option<(tokio::runtime::Runtime, HttpClient)>,
@@ -191,7 +193,7 @@ struct SinkState {
 
 impl SinkState {
     fn new(options: &ComponentOptions) -> Self {
-        let stderr = MemoryOutputPipe::new(MAX_STDERR);
+        let stderr = Stderr::default();
         let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
         Self {
             wasi,
@@ -255,6 +257,91 @@ impl SinkState {
     }
 }
 
+/// A sink's stderr: keeps the last [`MAX_STDERR`] bytes written since it
+/// was cleared, and never refuses a write — an instance lives for many
+/// calls, and a full pipe would make its every later write (a Rust
+/// `eprintln!`, say) fail.
+#[derive(Clone, Default)]
+struct Stderr(Arc<Mutex<Vec<u8>>>);
+
+impl Stderr {
+    fn keep(&self, bytes: &[u8]) {
+        let mut kept = self.0.lock().expect("stderr poisoned");
+        kept.extend_from_slice(bytes);
+        let over = kept.len().saturating_sub(MAX_STDERR);
+        kept.drain(..over);
+    }
+
+    fn tail(&self) -> Vec<u8> {
+        self.0.lock().expect("stderr poisoned").clone()
+    }
+
+    fn clear(&self) {
+        self.0.lock().expect("stderr poisoned").clear();
+    }
+}
+
+impl IsTerminal for Stderr {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Stderr {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for Stderr {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
+        self.keep(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(MAX_STDERR)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Stderr {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for Stderr {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.keep(bytes);
+        std::task::Poll::Ready(Ok(bytes.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// Whether `host:port` is one of `grants` (`host` grants any port).
 fn granted(grants: &[String], host: &str, port: u16) -> bool {
     grants.iter().any(|grant| {
@@ -293,6 +380,21 @@ mod tests {
         assert!(!granted(&grants, "evil.example.com", 443));
         assert!(!granted(&grants, "siem.example.com.evil.net", 443));
         assert!(!granted(&[], "siem.example.com", 443), "nothing by default");
+    }
+
+    #[test]
+    fn a_chatty_sink_keeps_writing_to_stderr_and_its_failure_shows_the_end() {
+        let mut stderr = Stderr::default();
+        for n in 0..100 {
+            let line = format!("batch {n}: {}\n", "x".repeat(100));
+            assert!(stderr.check_write().unwrap() > 0);
+            OutputStream::write(&mut stderr, line.into()).unwrap();
+        }
+        let tail = String::from_utf8(stderr.tail()).unwrap();
+        assert_eq!(tail.len(), MAX_STDERR);
+        assert!(tail.ends_with(&format!("batch 99: {}\n", "x".repeat(100))));
+        stderr.clear();
+        assert!(stderr.tail().is_empty());
     }
 
     fn state(grants: &[&str]) -> SinkState {
