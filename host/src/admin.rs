@@ -15,7 +15,7 @@
 //! | GET | `/api/events` | SSE: a snapshot each time anything changes |
 //! | GET | `/metrics` | Prometheus metrics (no key: bind the listener privately) |
 
-use crate::approvals::{Approval, Approvals, Refused, State, Verdict, now_ms};
+use crate::approvals::{Ambiguous, Approval, Approvals, Refused, State, Verdict, now_ms};
 use crate::audit::{AccessRecord, Audit};
 use crate::config::{ApproverEntry, Config};
 use crate::http::{self, Body};
@@ -24,7 +24,6 @@ use crate::reload::Current;
 use crate::status::{self, Status};
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -120,6 +119,7 @@ pub struct Admin {
     store_path: PathBuf,
     config_path: PathBuf,
     store: Mutex<Option<Arc<Approvals>>>,
+    guard: http::Guard,
 }
 
 impl Admin {
@@ -130,6 +130,7 @@ impl Admin {
             store_path: config.approvals_store(),
             config_path: config.path.clone(),
             store: Mutex::new(None),
+            guard: http::Guard::of(&config.serve),
         }
     }
 
@@ -141,7 +142,8 @@ impl Admin {
     ) -> Result<()> {
         let addr = socket.local_addr()?;
         tracing::info!(%addr, "portcullis admin (approvals) listening");
-        http::serve(socket, shutdown, move |request, peer| {
+        let guard = self.guard;
+        http::serve(socket, guard, shutdown, move |request, peer| {
             let admin = self.clone();
             async move { admin.respond(request, peer).await }
         })
@@ -169,6 +171,11 @@ impl Admin {
             return http::plain(StatusCode::NOT_FOUND, "nothing here");
         };
         if !same_origin(request.headers()) {
+            let origin = request.headers().get(header::ORIGIN).map(|o| o.as_bytes());
+            let origin = String::from_utf8_lossy(origin.unwrap_or_default());
+            let mut record = AccessRecord::new("admin-origin-refused", None, &path, peer);
+            record.reason = Some(format!("Origin '{origin:.200}' is not the admin page's"));
+            self.deployment.audit(&record);
             return http::plain(StatusCode::FORBIDDEN, "cross-origin requests are refused");
         }
         let authorization = request
@@ -207,11 +214,14 @@ impl Admin {
             }
             (Method::GET, ["approvals", id]) => {
                 let id = id.to_string();
-                match self.blocking(move |store| store.get(&id)).await {
+                match self.blocking(move |store| store.find(&id)).await {
                     Ok(Some(Some(approval))) => {
                         json(StatusCode::OK, &Shown::new(approval, &approver))
                     }
                     Ok(_) => http::plain(StatusCode::NOT_FOUND, "no such approval"),
+                    Err(e) if e.is::<Ambiguous>() => {
+                        json(StatusCode::BAD_REQUEST, &json!({ "error": e.to_string() }))
+                    }
                     Err(e) => failure(&e),
                 }
             }
@@ -222,9 +232,19 @@ impl Admin {
                     _ => return http::plain(StatusCode::NOT_FOUND, "approve or deny"),
                 };
                 let id = id.to_string();
-                let body = Limited::new(request.into_body(), MAX_BODY).collect().await;
-                let Ok(body) = body.map(|b| b.to_bytes()) else {
-                    return http::plain(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+                let body =
+                    http::read_body(request.into_body(), MAX_BODY, self.guard.body_timeout).await;
+                let body = match body {
+                    Ok(body) => body,
+                    Err(http::BodyError::TooLarge) => {
+                        return http::plain(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+                    }
+                    Err(http::BodyError::TooSlow) => {
+                        return http::plain(StatusCode::REQUEST_TIMEOUT, "body not sent in time");
+                    }
+                    Err(http::BodyError::Failed(_)) => {
+                        return http::plain(StatusCode::BAD_REQUEST, "the body could not be read");
+                    }
                 };
                 let comment = match comment(&body) {
                     Ok(comment) => comment,
@@ -272,7 +292,8 @@ impl Admin {
             Ok(Err(refused)) => {
                 let status = match &refused {
                     Refused::Unknown(_) => StatusCode::NOT_FOUND,
-                    Refused::NotAllowed { .. } => StatusCode::FORBIDDEN,
+                    Refused::Ambiguous(_) => StatusCode::BAD_REQUEST,
+                    Refused::NotAllowed { .. } | Refused::NotAskable(_) => StatusCode::FORBIDDEN,
                     Refused::AlreadyApproved(_) | Refused::Ended(_) => StatusCode::CONFLICT,
                     Refused::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 };
@@ -386,8 +407,10 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
+            let guard = http::Guard::of(&crate::config::ServeConfig::default());
             let served = runtime.block_on(http::serve(
                 socket,
+                guard,
                 std::future::pending(),
                 |request, _| async move {
                     match (request.method(), request.uri().path()) {

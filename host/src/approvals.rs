@@ -6,18 +6,21 @@
 //! server, tool and the sha256 of the canonical arguments: the call that runs
 //! is exactly the call that was shown. The rule that matched the call is
 //! stored with it — who may decide, how many must approve, how long an
-//! approval may be reused — so every way of deciding (the CLI, the admin
-//! API and page) is held to the same rule by [`Approvals::decide`].
+//! approval may be reused, whether the client's own user may decide it —
+//! so every way of deciding (the CLI, the admin API and page) is held to the
+//! same rule by [`Approvals::decide`], and the client's user only where the
+//! rule let it ([`Approvals::answer_by_user`]). An approval that a client
+//! carried back as a receipt runs its call once ([`Approvals::consume`]);
+//! the store keeps the key those receipts are sealed with, so every process
+//! sharing it honours them. One agent may have only so many approvals
+//! pending at once ([`Request::max_pending`]).
 
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
-
-/// How often a held call looks for its decision.
-pub const POLL: Duration = Duration::from_millis(200);
 
 /// Where an approval stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -129,7 +132,50 @@ pub struct Request {
     pub expires_in: Duration,
     /// Who holds the call (this process), to tell orphans apart.
     pub holder: String,
+    /// Whether the client's own user may decide it (the rule says `elicit`).
+    pub elicit: bool,
+    /// How many approvals the agent may have pending at once; the request is
+    /// refused with [`TooManyPending`] past it. 0: no limit.
+    pub max_pending: u32,
 }
+
+/// A request for approval refused because its agent has too many pending.
+#[derive(Debug)]
+pub struct TooManyPending {
+    /// The agent.
+    pub agent: String,
+    /// How many it may have.
+    pub limit: u32,
+}
+
+impl std::fmt::Display for TooManyPending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "agent '{}' already has {} calls waiting for approval (approvals.max_pending_per_agent); \
+             this one is refused until some are decided",
+            self.agent, self.limit
+        )
+    }
+}
+
+impl std::error::Error for TooManyPending {}
+
+/// An id prefix that more than one approval starts with.
+#[derive(Debug)]
+pub struct Ambiguous(pub String);
+
+impl std::fmt::Display for Ambiguous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "'{}' names more than one approval; give more of the id",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Ambiguous {}
 
 /// One approver's approval, while more are needed and after.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -167,6 +213,10 @@ pub enum Refused {
     AlreadyApproved(Box<Approval>),
     /// It is no longer pending.
     Ended(Box<Approval>),
+    /// Its rule does not let the client's user decide it.
+    NotAskable(String),
+    /// The id prefix names more than one approval.
+    Ambiguous(String),
     /// The store failed.
     Store(anyhow::Error),
 }
@@ -198,6 +248,12 @@ impl std::fmt::Display for Refused {
                     .as_deref()
                     .map_or_else(String::new, |by| format!(" (by {by})"))
             ),
+            Refused::NotAskable(id) => write!(
+                f,
+                "{id} may not be decided by the client's user: its rule does not say elicit, \
+                 or names its approvers"
+            ),
+            Refused::Ambiguous(id) => Ambiguous(id.clone()).fmt(f),
             Refused::Store(e) => write!(f, "{e:#}"),
         }
     }
@@ -207,7 +263,10 @@ impl std::error::Error for Refused {}
 
 impl From<anyhow::Error> for Refused {
     fn from(e: anyhow::Error) -> Self {
-        Refused::Store(e)
+        match e.downcast::<Ambiguous>() {
+            Ok(ambiguous) => Refused::Ambiguous(ambiguous.0),
+            Err(e) => Refused::Store(e),
+        }
     }
 }
 
@@ -244,12 +303,21 @@ pub struct Approval {
     pub comment: Option<String>,
     /// The process holding the call.
     pub holder: String,
+    /// Whether the client's own user may decide it.
+    pub elicit: bool,
+    /// When a client's receipt for it ran its call, in ms since the epoch:
+    /// a receipt runs its call once.
+    pub used_ms: Option<u64>,
 }
 
 /// The shared approvals store.
 pub struct Approvals {
     path: PathBuf,
     db: Mutex<Connection>,
+    /// The key receipts for its approvals are sealed with.
+    receipt_key: [u8; 32],
+    /// Told after each change made through this handle.
+    on_change: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 const SCHEMA: &str = "
@@ -291,9 +359,19 @@ CREATE INDEX approvals_reuse ON approvals (agent, server, arguments_sha256, stat
 PRAGMA user_version = 1;
 ";
 
+/// Version 2: who may decide through the client, single-use receipts and
+/// their key, and counting an agent's pending approvals.
+const SCHEMA_2: &str = "
+ALTER TABLE approvals ADD COLUMN elicit INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE approvals ADD COLUMN used_ms INTEGER;
+CREATE TABLE keys (name TEXT PRIMARY KEY, key BLOB NOT NULL);
+CREATE INDEX approvals_agent ON approvals (agent, state);
+PRAGMA user_version = 2;
+";
+
 const COLUMNS: &str = "id, created_ms, expires_ms, agent, server, method, tool, arguments_sha256, \
      arguments, policy, reason, tags, state, decided_by, decided_ms, comment, holder, \
-     approvers, required, reuse_ms";
+     approvers, required, reuse_ms, elicit, used_ms";
 
 impl Approvals {
     /// Opens (creating if need be) the store at `path`, readable and
@@ -311,10 +389,33 @@ impl Approvals {
             .context("cannot switch the approvals store to WAL")?;
         migrate(&mut db)
             .with_context(|| format!("{} is not an approvals store", path.display()))?;
+        let receipt_key = receipt_key(&db)
+            .with_context(|| format!("cannot read the receipt key of {}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
             db: Mutex::new(db),
+            receipt_key,
+            on_change: OnceLock::new(),
         })
+    }
+
+    /// The key receipts for this store's approvals are sealed with, the same
+    /// for every process sharing it (and as secret as the store, which
+    /// whoever can read can approve anyway).
+    pub fn receipt_key(&self) -> &[u8; 32] {
+        &self.receipt_key
+    }
+
+    /// Calls `hook` after each change made through this handle (once: a
+    /// second hook is ignored).
+    pub fn on_change(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(hook));
+    }
+
+    fn changed(&self) {
+        if let Some(hook) = self.on_change.get() {
+            hook();
+        }
     }
 
     /// Where the store is.
@@ -333,9 +434,25 @@ impl Approvals {
             .as_ref()
             .map(serde_json::to_string)
             .transpose()?;
-        let db = self.db();
-        db.execute(
-                &format!("INSERT INTO approvals ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'pending', NULL, NULL, NULL, ?13, ?14, ?15, ?16)"),
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if request.max_pending > 0 {
+            let pending: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM approvals WHERE agent = ?1 AND state = 'pending' \
+                 AND expires_ms > ?2",
+                params![call.agent, now as i64],
+                |r| r.get(0),
+            )?;
+            if pending >= i64::from(request.max_pending) {
+                return Err(TooManyPending {
+                    agent: call.agent.clone(),
+                    limit: request.max_pending,
+                }
+                .into());
+            }
+        }
+        tx.execute(
+                &format!("INSERT INTO approvals ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'pending', NULL, NULL, NULL, ?13, ?14, ?15, ?16, ?17, NULL)"),
                 params![
                     request.id,
                     now as i64,
@@ -352,15 +469,27 @@ impl Approvals {
                     request.holder,
                     approvers,
                     terms.required,
-                    terms.reuse_ms as i64
+                    terms.reuse_ms as i64,
+                    request.elicit
                 ],
             )
             .context("cannot record the approval")?;
-        fetch(&db, &request.id)?.context("the approval vanished as it was recorded")
+        let recorded =
+            fetch(&tx, &request.id)?.context("the approval vanished as it was recorded")?;
+        tx.commit()?;
+        drop(db);
+        self.changed();
+        Ok(recorded)
     }
 
-    /// The approval `id`, or the only one whose id starts with it.
+    /// The approval `id`, exactly.
     pub fn get(&self, id: &str) -> Result<Option<Approval>> {
+        fetch(&self.db(), id)
+    }
+
+    /// The approval `id`, or the only one whose id starts with it (as people
+    /// type ids); [`Ambiguous`] when several do.
+    pub fn find(&self, id: &str) -> Result<Option<Approval>> {
         let db = self.db();
         if let Some(exact) = fetch(&db, id)? {
             return Ok(Some(exact));
@@ -376,8 +505,31 @@ impl Approvals {
         match found.as_slice() {
             [] => Ok(None),
             [one] => fetch(&db, one),
-            _ => bail!("'{id}' names more than one approval; give more of the id"),
+            _ => Err(Ambiguous(id.to_string()).into()),
         }
+    }
+
+    /// Of the approvals `ids`, those no longer pending.
+    pub fn ended_among(&self, ids: &[String]) -> Result<Vec<Approval>> {
+        let db = self.db();
+        let mut query = db.prepare(&format!(
+            "SELECT {COLUMNS} FROM approvals WHERE state != 'pending' \
+             AND id IN (SELECT value FROM json_each(?1))"
+        ))?;
+        let rows = query.query_map([serde_json::to_string(ids)?], read)?;
+        let approvals: Vec<Approval> = rows.map(|r| r?).collect::<Result<_>>()?;
+        approvals.into_iter().map(|a| with_votes(&db, a)).collect()
+    }
+
+    /// Marks approved approval `id` as used by the receipt a client carried
+    /// back; false if it was used before (a receipt runs its call once).
+    pub fn consume(&self, id: &str) -> Result<bool> {
+        let used = self.db().execute(
+            "UPDATE approvals SET used_ms = ?2 WHERE id = ?1 AND state = 'approved' \
+             AND used_ms IS NULL",
+            params![id, now_ms() as i64],
+        )?;
+        Ok(used == 1)
     }
 
     /// Approvals in `state` (all when `None`), newest first, at most `limit`.
@@ -386,11 +538,14 @@ impl Approvals {
     /// `input_required` that never came back has nobody looking).
     pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Approval>> {
         let db = self.db();
-        db.execute(
+        let expired = db.execute(
             "UPDATE approvals SET state = 'expired', decided_by = 'portcullis', \
              decided_ms = expires_ms, comment = ?2 WHERE state = 'pending' AND expires_ms <= ?1",
             params![now_ms() as i64, EXPIRED],
         )?;
+        if expired > 0 {
+            self.changed();
+        }
         let mut query = db.prepare(&format!(
             "SELECT {COLUMNS} FROM approvals WHERE ?1 IS NULL OR state = ?1 \
              ORDER BY created_ms DESC, id DESC LIMIT ?2"
@@ -449,7 +604,7 @@ impl Approvals {
         comment: Option<&str>,
     ) -> Result<Approval, Refused> {
         let approval = self
-            .get(id)?
+            .find(id)?
             .ok_or_else(|| Refused::Unknown(id.to_string()))?;
         if let Some(approvers) = &approval.terms.approvers
             && !approvers.iter().any(|a| a == by)
@@ -502,6 +657,8 @@ impl Approvals {
         let decided =
             fetch(&tx, &current.id)?.context("the approval vanished as it was decided")?;
         tx.commit()?;
+        drop(db);
+        self.changed();
         Ok(decided)
     }
 
@@ -529,7 +686,30 @@ impl Approvals {
         };
         let db = self.db();
         end(&db, &approval.id, state, by, comment, now)?;
-        fetch(&db, &approval.id)?.context("the approval vanished as it was decided")
+        let settled = fetch(&db, &approval.id)?.context("the approval vanished as it was decided");
+        drop(db);
+        self.changed();
+        settled
+    }
+
+    /// The decision of the client's own user on approval `id` (asked through
+    /// elicitation, or `input_required`): taken only where its rule says
+    /// `elicit` and leaves the decision to anyone (no named approvers, one
+    /// approval); see [`Approvals::settle`] for an approval that ended.
+    pub fn answer_by_user(
+        &self,
+        id: &str,
+        state: State,
+        by: &str,
+        comment: Option<&str>,
+    ) -> Result<Approval, Refused> {
+        let approval = self
+            .get(id)?
+            .ok_or_else(|| Refused::Unknown(id.to_string()))?;
+        if !approval.elicit || approval.terms.approvers.is_some() || approval.terms.required > 1 {
+            return Err(Refused::NotAskable(approval.id));
+        }
+        Ok(self.settle(id, state, by, comment)?)
     }
 
     /// Pending approvals held by a holder `alive` says is gone: their calls
@@ -566,8 +746,25 @@ fn migrate(db: &mut Connection) -> Result<()> {
     if version < 1 {
         tx.execute_batch(SCHEMA_1)?;
     }
+    if version < 2 {
+        tx.execute_batch(SCHEMA_2)?;
+    }
     tx.commit()?;
     Ok(())
+}
+
+/// The store's receipt key, made on first use.
+fn receipt_key(db: &Connection) -> Result<[u8; 32]> {
+    let fresh: [u8; 32] = rand::random();
+    db.execute(
+        "INSERT OR IGNORE INTO keys (name, key) VALUES ('receipts', ?1)",
+        [&fresh[..]],
+    )?;
+    let key: Vec<u8> = db.query_row("SELECT key FROM keys WHERE name = 'receipts'", [], |r| {
+        r.get(0)
+    })?;
+    key.try_into()
+        .map_err(|_| anyhow::anyhow!("the receipt key is not 32 bytes"))
 }
 
 /// Ends pending approval `id` as `state`.
@@ -630,6 +827,8 @@ fn read(row: &Row) -> rusqlite::Result<Result<Approval>> {
     let state: String = text(12)?;
     let approvers: Option<String> = row.get(17)?;
     let terms = (row.get::<_, i64>(18)?, row.get::<_, i64>(19)?);
+    let elicit: bool = row.get(20)?;
+    let used_ms: Option<i64> = row.get(21)?;
     let approval = (|| {
         Ok(Approval {
             id: text(0)?,
@@ -660,6 +859,8 @@ fn read(row: &Row) -> rusqlite::Result<Result<Approval>> {
                 reuse_ms: terms.1 as u64,
             },
             votes: Vec::new(),
+            elicit,
+            used_ms: used_ms.map(|v| v as u64),
         })
     })();
     Ok(approval)
@@ -691,6 +892,8 @@ pub(crate) mod tests {
             decided_ms: None,
             comment: None,
             holder: request.holder,
+            elicit: false,
+            used_ms: None,
         }
     }
 
@@ -711,6 +914,8 @@ pub(crate) mod tests {
             terms: Terms::default(),
             expires_in,
             holder: "host-1".into(),
+            elicit: false,
+            max_pending: 0,
         }
     }
 
@@ -729,7 +934,7 @@ pub(crate) mod tests {
         assert_eq!(pending.state, State::Pending);
         assert_eq!(pending.call.tags, ["risk:destructive"]);
         let approved = store
-            .settle("0192-a", State::Approved, "alice", Some("ok"))
+            .settle("0192-aaaa", State::Approved, "alice", Some("ok"))
             .unwrap();
         assert_eq!(approved.state, State::Approved);
         assert_eq!(approved.decided_by.as_deref(), Some("alice"));
@@ -760,13 +965,18 @@ pub(crate) mod tests {
         let mut other = request("same-2", Duration::from_secs(60));
         other.holder = "host-2".into();
         store.request(&other).unwrap();
+        let ambiguous = store.find("same").unwrap_err();
         assert!(
-            store
-                .get("same")
-                .unwrap_err()
-                .to_string()
-                .contains("more than one")
+            ambiguous.downcast_ref::<Ambiguous>().is_some(),
+            "{ambiguous}"
         );
+        assert!(ambiguous.to_string().contains("more than one"));
+        assert!(
+            store.get("same").unwrap().is_none(),
+            "get takes exact ids only"
+        );
+        let refused = store.decide("same", Verdict::Approve, "alice", None);
+        assert!(matches!(refused, Err(Refused::Ambiguous(_))), "{refused:?}");
         let cancelled = store.cancel_orphans(|holder| holder == "host-2").unwrap();
         assert_eq!(cancelled.len(), 1);
         assert_eq!(cancelled[0].id, "same-1");
@@ -877,6 +1087,114 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_receipt_runs_its_call_once() {
+        let (_dir, store) = store();
+        store
+            .request(&request("once-1", Duration::from_secs(60)))
+            .unwrap();
+        assert!(!store.consume("once-1").unwrap(), "pending: nothing to use");
+        store
+            .settle("once-1", State::Approved, "alice", None)
+            .unwrap();
+        assert!(store.consume("once-1").unwrap());
+        assert!(!store.consume("once-1").unwrap(), "used once already");
+        assert!(store.get("once-1").unwrap().unwrap().used_ms.is_some());
+    }
+
+    #[test]
+    fn an_agent_may_have_only_so_many_pending() {
+        let (_dir, store) = store();
+        for i in 0..3 {
+            let mut held = request(&format!("cap-{i}"), Duration::from_secs(60));
+            held.max_pending = 3;
+            store.request(&held).unwrap();
+        }
+        let mut fourth = request("cap-3", Duration::from_secs(60));
+        fourth.max_pending = 3;
+        let refused = store.request(&fourth).unwrap_err();
+        assert!(
+            refused.downcast_ref::<TooManyPending>().is_some(),
+            "{refused}"
+        );
+        let mut other = fourth.clone();
+        other.id = "cap-other".into();
+        other.call.agent = "another-bot".into();
+        store
+            .request(&other)
+            .expect("another agent has its own count");
+        store.settle("cap-0", State::Denied, "alice", None).unwrap();
+        store.request(&fourth).expect("one ended, so there is room");
+        let mut expired = request("cap-x", Duration::ZERO);
+        expired.call.agent = "third-bot".into();
+        expired.max_pending = 1;
+        store.request(&expired).unwrap();
+        let mut after = request("cap-y", Duration::from_secs(60));
+        after.call.agent = "third-bot".into();
+        after.max_pending = 1;
+        store
+            .request(&after)
+            .expect("an expired approval does not count");
+    }
+
+    #[test]
+    fn the_clients_user_decides_only_where_the_rule_lets_it() {
+        let (_dir, store) = store();
+        store
+            .request(&request("plain-1", Duration::from_secs(60)))
+            .unwrap();
+        let refused = store.answer_by_user("plain-1", State::Approved, "user", None);
+        assert!(
+            matches!(refused, Err(Refused::NotAskable(_))),
+            "{refused:?}"
+        );
+        let mut named = request("named-1", Duration::from_secs(60));
+        named.elicit = true;
+        named.terms.approvers = Some(vec!["alice".into()]);
+        store.request(&named).unwrap();
+        let refused = store.answer_by_user("named-1", State::Approved, "user", None);
+        assert!(
+            matches!(refused, Err(Refused::NotAskable(_))),
+            "{refused:?}"
+        );
+        let mut two = request("two-2", Duration::from_secs(60));
+        two.elicit = true;
+        two.terms.required = 2;
+        store.request(&two).unwrap();
+        assert!(
+            store
+                .answer_by_user("two-2", State::Approved, "user", None)
+                .is_err()
+        );
+        let mut asked = request("asked-1", Duration::from_secs(60));
+        asked.elicit = true;
+        store.request(&asked).unwrap();
+        let approved = store
+            .answer_by_user("asked-1", State::Approved, "user", None)
+            .unwrap();
+        assert_eq!(approved.state, State::Approved);
+        assert_eq!(
+            store.get("named-1").unwrap().unwrap().state,
+            State::Pending,
+            "untouched"
+        );
+    }
+
+    #[test]
+    fn waiting_approvals_that_ended_are_found_together() {
+        let (_dir, store) = store();
+        for id in ["w-1", "w-2", "w-3"] {
+            store
+                .request(&request(id, Duration::from_secs(60)))
+                .unwrap();
+        }
+        store.settle("w-2", State::Denied, "bob", None).unwrap();
+        let ids = ["w-1", "w-2", "w-3", "w-4"].map(String::from);
+        let ended = store.ended_among(&ids).unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, "w-2");
+    }
+
+    #[test]
     fn the_store_is_shared_between_handles_and_private() {
         use std::os::unix::fs::PermissionsExt;
         let (dir, store) = store();
@@ -885,6 +1203,11 @@ pub(crate) mod tests {
             .request(&request("shared-1", Duration::from_secs(60)))
             .unwrap();
         let other = Approvals::open(&path).unwrap();
+        assert_eq!(
+            other.receipt_key(),
+            store.receipt_key(),
+            "receipts are honoured by every process sharing the store"
+        );
         other
             .settle("shared-1", State::Denied, "bob", Some("no"))
             .unwrap();

@@ -105,7 +105,7 @@ pub fn run(config: &Path, approver: Option<&str>, action: &Action) -> Result<i32
 
 fn find(store: &Approvals, id: &str) -> Result<Approval> {
     store
-        .get(id)?
+        .find(id)?
         .with_context(|| format!("no approval '{id}' in {}", store.path().display()))
 }
 

@@ -9,7 +9,7 @@
 use crate::bindings::Exchange;
 use crate::config::{DriftAction, PinningConfig};
 use crate::drift::{self, ToolDrift};
-use crate::jsonrpc::DENIED;
+use crate::jsonrpc::{DENIED, INVALID_PARAMS};
 use crate::ratelimit::{Buckets, Caller};
 use crate::reload::Generation;
 use crate::schema::Schemas;
@@ -21,8 +21,6 @@ use std::time::Instant;
 
 /// JSON-RPC: a request over its rate limit.
 pub const RATE_LIMITED: i32 = -32004;
-/// JSON-RPC: invalid params.
-pub const INVALID_PARAMS: i32 = -32602;
 /// Requests a quarantined server still answers.
 const LIFECYCLE: &[&str] = &["initialize", "ping"];
 

@@ -270,6 +270,25 @@ pub struct ServeConfig {
     /// How long a request to a server may take, in seconds.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// How long a session may go unused before it expires (its client then
+    /// gets 404 and initializes again), in seconds.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_secs: u64,
+    /// How many sessions one agent may have open at once; `initialize` past
+    /// it is refused (HTTP 429). 0: no limit.
+    #[serde(default = "default_max_sessions_per_agent")]
+    pub max_sessions_per_agent: usize,
+    /// How many connections a listener (MCP and admin alike) serves at
+    /// once; more wait in the kernel's queue until one closes. Read at start.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and how long
+    /// an idle kept-alive connection stays open, in seconds. Read at start.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// How long a client may take to send a request's body, in seconds.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_secs: u64,
 }
 
 impl Default for ServeConfig {
@@ -279,8 +298,33 @@ impl Default for ServeConfig {
             allowed_origins: Vec::new(),
             separator: default_separator(),
             request_timeout_secs: default_request_timeout(),
+            session_idle_secs: default_session_idle(),
+            max_sessions_per_agent: default_max_sessions_per_agent(),
+            max_connections: default_max_connections(),
+            header_timeout_secs: default_header_timeout(),
+            body_timeout_secs: default_body_timeout(),
         }
     }
+}
+
+fn default_session_idle() -> u64 {
+    1800
+}
+
+fn default_max_sessions_per_agent() -> usize {
+    128
+}
+
+fn default_max_connections() -> usize {
+    512
+}
+
+fn default_header_timeout() -> u64 {
+    30
+}
+
+fn default_body_timeout() -> u64 {
+    30
 }
 
 fn default_listen() -> std::net::SocketAddr {
@@ -737,10 +781,19 @@ pub struct ApprovalsConfig {
     /// approval, with a link to the admin page.
     #[serde(default)]
     pub notify: Vec<String>,
+    /// How many calls one agent may have waiting for approval at once,
+    /// across the processes sharing the store; past it a call that needs
+    /// approval is refused at once. 0: no limit.
+    #[serde(default = "default_max_pending_per_agent")]
+    pub max_pending_per_agent: u32,
 }
 
 fn default_expiry_secs() -> u64 {
     300
+}
+
+fn default_max_pending_per_agent() -> u32 {
+    16
 }
 
 impl Default for ApprovalsConfig {
@@ -750,6 +803,7 @@ impl Default for ApprovalsConfig {
             expiry_secs: default_expiry_secs(),
             rules: Vec::new(),
             notify: Vec::new(),
+            max_pending_per_agent: default_max_pending_per_agent(),
         }
     }
 }
@@ -1286,6 +1340,17 @@ impl Config {
         }
         if self.serve.separator.is_empty() {
             bail!("serve.separator: must not be empty");
+        }
+        let serve = &self.serve;
+        for (name, value) in [
+            ("session_idle_secs", serve.session_idle_secs),
+            ("max_connections", serve.max_connections as u64),
+            ("header_timeout_secs", serve.header_timeout_secs),
+            ("body_timeout_secs", serve.body_timeout_secs),
+        ] {
+            if value == 0 {
+                bail!("serve.{name}: must be at least 1");
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, policy) in self.policies.iter().enumerate() {

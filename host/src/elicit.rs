@@ -3,9 +3,10 @@
 //! Portcullis sends the client an `elicitation/create` request of its own
 //! (its id says it is Portcullis') showing the call, and reads the user's
 //! answer as a decision. A client of the stateless 2026-07-28 revision is
-//! answered `input_required` instead, carrying the same question and the
-//! approval's id as `requestState`; it asks its user and sends the request
-//! again with the answer in `inputResponses`. The approval stays in the store meanwhile, so an
+//! answered `input_required` instead, carrying the same question and a
+//! sealed receipt for the approval as `requestState` ([`crate::receipt`]);
+//! it asks its user and sends the request again with the answer in
+//! `inputResponses`. The approval stays in the store meanwhile, so an
 //! approver may still decide it on the page or in a terminal; whichever
 //! comes first counts. The client is trusted to have asked its user, which
 //! is why a rule must opt in.
@@ -47,20 +48,21 @@ pub fn request(approval: &Approval) -> (String, String) {
 }
 
 /// The answer to request `id` asking the client to put `approval` to its
-/// user and send the request again (2026-07-28 `input_required`).
-pub fn input_required(id: Option<&RawValue>, approval: &Approval) -> String {
+/// user and send the request again with `receipt` (2026-07-28
+/// `input_required`).
+pub fn input_required(id: Option<&RawValue>, approval: &Approval, receipt: &str) -> String {
     let result = json!({
         "resultType": "input_required",
         "inputRequests": {
             INPUT_KEY: { "method": "elicitation/create", "params": question(approval) }
         },
-        "requestState": approval.id
+        "requestState": receipt
     });
     let id = id.map_or("null", RawValue::get);
     format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
 }
 
-/// The approval a request sent again names (its `requestState`).
+/// The receipt a request sent again carries (its `requestState`).
 pub fn request_state(params: &Value) -> Option<&str> {
     params["requestState"].as_str()
 }
@@ -182,18 +184,19 @@ mod tests {
     fn a_request_sent_again_carries_the_answer_and_the_approval_it_resumes() {
         let approval = crate::approvals::tests::approval();
         let id = RawValue::from_string("7".into()).unwrap();
-        let asked: Value = serde_json::from_str(&input_required(Some(&id), &approval)).unwrap();
+        let asked: Value =
+            serde_json::from_str(&input_required(Some(&id), &approval, "pcr1.x.y")).unwrap();
         assert_eq!(asked["result"]["resultType"], "input_required");
-        assert_eq!(asked["result"]["requestState"], approval.id);
+        assert_eq!(asked["result"]["requestState"], "pcr1.x.y");
         let question = &asked["result"]["inputRequests"][INPUT_KEY];
         assert_eq!(question["method"], "elicitation/create");
         let again = json!({
             "name": "delete",
             "arguments": {"path": "/x"},
-            "requestState": approval.id,
+            "requestState": "pcr1.x.y",
             "inputResponses": { INPUT_KEY: { "action": "accept", "content": {"approve": true} } }
         });
-        assert_eq!(request_state(&again), Some(approval.id.as_str()));
+        assert_eq!(request_state(&again), Some("pcr1.x.y"));
         assert_eq!(input_answer(&again).unwrap()["action"], "accept");
         assert_eq!(
             without_input(&again).unwrap(),

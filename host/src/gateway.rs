@@ -7,21 +7,25 @@
 //! through the session's [`Relay`] for that server, so it is judged (with the
 //! real server and tool names) and audited exactly as in stdio mode.
 
+use crate::audit::AccessRecord;
 use crate::bindings::Direction;
 use crate::config::Config;
 use crate::framing::Frame;
 use crate::identity::Identity;
-use crate::jsonrpc::{self, INTERNAL_ERROR, INVALID_REQUEST, Message, error_response};
-use crate::relay::{Asking, Relay};
+use crate::jsonrpc::{
+    self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Message, error_response,
+};
+use crate::relay::{Asking, Delivery, Relay};
 use crate::reload::Current;
 use crate::session::Session;
+use crate::sessions::{ClientSession, Scope, Sessions, TooManySessions};
 use crate::stateless;
 use crate::upstream::{Health, Upstream};
 use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Protocol revisions a client may choose; the first is the default.
 pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
@@ -31,31 +35,6 @@ pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26
 const MERGE_WAIT: Duration = Duration::from_secs(5);
 /// JSON-RPC: the method does not exist (here).
 const METHOD_NOT_FOUND: i32 = -32601;
-/// JSON-RPC: invalid params (e.g. an unknown tool name).
-const INVALID_PARAMS: i32 = -32602;
-
-/// Which servers a session reaches.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Scope {
-    /// Every server the agent may use, merged.
-    All,
-    /// One server, names untouched.
-    Server(String),
-}
-
-/// One client session.
-pub struct ClientSession {
-    /// Its `Mcp-Session-Id`.
-    pub id: String,
-    /// Who opened it.
-    pub identity: Identity,
-    /// What it reaches.
-    pub scope: Scope,
-    /// The protocol revision it speaks.
-    pub protocol: String,
-    relays: BTreeMap<String, Arc<Relay>>,
-    resources: Mutex<HashMap<String, String>>,
-}
 
 /// The servers, the sessions, and the naming of merged lists.
 pub struct Gateway {
@@ -64,10 +43,10 @@ pub struct Gateway {
     prefixes: BTreeMap<String, String>,
     separator: String,
     timeout: Duration,
-    sessions: Mutex<HashMap<String, Arc<ClientSession>>>,
-    /// The session each agent's stateless (2026-07-28) requests share per
-    /// scope, so what its servers listed is known when it calls.
-    standing: Mutex<HashMap<(String, Scope), Arc<ClientSession>>>,
+    /// The sessions opened with `initialize`, and the one each agent's
+    /// stateless (2026-07-28) requests share per scope, so what its servers
+    /// listed is known when it calls.
+    sessions: Sessions,
 }
 
 /// One list the aggregated endpoint merges.
@@ -133,8 +112,7 @@ impl Gateway {
             prefixes,
             separator: config.serve.separator.clone(),
             timeout: Duration::from_secs(config.serve.request_timeout_secs),
-            sessions: Mutex::new(HashMap::new()),
-            standing: Mutex::new(HashMap::new()),
+            sessions: Sessions::default(),
         }
     }
 
@@ -158,55 +136,65 @@ impl Gateway {
 
     /// The session `id`, if it exists and belongs to `identity`'s agent.
     pub fn session(&self, id: &str, identity: &Identity) -> Option<Arc<ClientSession>> {
-        let sessions = self.sessions.lock().expect("sessions lock poisoned");
-        sessions
-            .get(id)
-            .filter(|s| s.identity.agent.id == identity.agent.id)
-            .cloned()
+        self.sessions.get(id, &identity.agent.id)
     }
 
     /// Ends session `id` (the client's DELETE), cancelling the calls it
     /// holds; false if it was not there.
     pub fn end(&self, id: &str, identity: &Identity) -> bool {
-        let ended = {
-            let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
-            let owned = sessions
-                .get(id)
-                .is_some_and(|s| s.identity.agent.id == identity.agent.id);
-            if owned { sessions.remove(id) } else { None }
-        };
-        let Some(session) = ended else {
+        let Some(session) = self.sessions.remove(id, &identity.agent.id) else {
             return false;
         };
-        for relay in session.relays.values() {
-            relay.cancel_held("the client ended its session");
-        }
+        session.cancel_held("the client ended its session");
         true
     }
 
     /// Cancels every call a session holds for approval (Portcullis is
     /// stopping): nothing of theirs runs later.
     pub fn cancel_held(&self, why: &str) {
-        let sessions: Vec<Arc<ClientSession>> = {
-            let open = self.sessions.lock().expect("sessions lock poisoned");
-            let standing = self.standing.lock().expect("standing lock poisoned");
-            open.values().chain(standing.values()).cloned().collect()
-        };
-        for session in sessions {
-            for relay in session.relays.values() {
-                relay.cancel_held(why);
+        for session in self.sessions.all() {
+            session.cancel_held(why);
+        }
+    }
+
+    /// Expires the sessions idle for longer than `serve.session_idle_secs`
+    /// (none a request or stream is using), each audited.
+    pub fn expire_idle(&self) {
+        let generation = self.current.get();
+        let idle = Duration::from_secs(generation.config.serve.session_idle_secs);
+        for session in self.sessions.expire(idle) {
+            session.cancel_held("the session expired");
+            let endpoint = session.scope.endpoint();
+            let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+            let mut record = AccessRecord::new(
+                "session-expired",
+                Some(&session.identity.agent),
+                &endpoint,
+                peer,
+            );
+            record.reason = Some(format!("idle for over {}s", idle.as_secs()));
+            if let Err(e) = generation.audit.write(&record) {
+                tracing::error!("cannot audit an expired session: {e:#}");
             }
         }
     }
 
+    /// How many sessions are open: opened with `initialize`, and standing.
+    pub fn session_count(&self) -> (usize, usize) {
+        self.sessions.count()
+    }
+
     /// Answers an `initialize` request: opens a session for `identity` on
-    /// `scope` and returns it with the answer.
+    /// `scope` and returns it with the answer; refused when the agent has
+    /// as many sessions open as it may.
     pub async fn initialize(
         &self,
         identity: Identity,
         scope: Scope,
         message: &Message<'_>,
-    ) -> (Option<Arc<ClientSession>>, String) {
+    ) -> Result<(Option<Arc<ClientSession>>, String), TooManySessions> {
+        let limit = self.current.get().config.serve.max_sessions_per_agent;
+        self.sessions.room_for(&identity.agent.id, limit)?;
         let requested = message.params_value()["protocolVersion"]
             .as_str()
             .map(str::to_string);
@@ -222,7 +210,7 @@ impl Gateway {
                 }
                 Err(e) => {
                     let why = format!("Portcullis: {e:#}");
-                    return (None, error_response(message.id, INTERNAL_ERROR, &why, None));
+                    return Ok((None, error_response(message.id, INTERNAL_ERROR, &why, None)));
                 }
             },
             Scope::All => json!({
@@ -233,13 +221,10 @@ impl Gateway {
             }),
         };
         let session = self.open(identity, scope, protocol);
-        self.sessions
-            .lock()
-            .expect("sessions lock poisoned")
-            .insert(session.id.clone(), session.clone());
+        self.sessions.insert(session.clone(), limit)?;
         let id = message.id.map_or("null", |id| id.get());
         let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
-        (Some(session), answer)
+        Ok((Some(session), answer))
     }
 
     /// A new session of `identity` on `scope`, with a relay per server.
@@ -255,44 +240,39 @@ impl Gateway {
                 (server, Arc::new(Relay::new(self.current.clone(), session)))
             })
             .collect();
-        Arc::new(ClientSession {
-            id: uuid_like(),
+        Arc::new(ClientSession::new(
+            uuid_like(),
             identity,
             scope,
             protocol,
             relays,
-            resources: Mutex::new(HashMap::new()),
-        })
+        ))
     }
 
     /// The session `identity`'s stateless requests on `scope` share; a new
     /// one when the agent comes with other rights or attributes (another
     /// token, a reloaded config).
     pub fn standing(&self, identity: &Identity, scope: &Scope) -> Arc<ClientSession> {
-        let key = (identity.agent.id.clone(), scope.clone());
-        let mut standing = self.standing.lock().expect("standing lock poisoned");
-        match standing.get(&key) {
-            Some(session) if session.identity.same_as(identity) => session.clone(),
-            _ => {
-                let protocol = stateless::VERSION.to_string();
-                let session = self.open(identity.clone(), scope.clone(), protocol);
-                standing.insert(key, session.clone());
-                session
-            }
-        }
+        self.sessions.standing(identity, scope, || {
+            let protocol = stateless::VERSION.to_string();
+            self.open(identity.clone(), scope.clone(), protocol)
+        })
     }
 
     /// The notifications `session`'s servers send all their clients, each
     /// judged by the session's relay for that server, from now until the
     /// receiver is dropped.
-    pub fn notices(&self, session: &ClientSession) -> mpsc::Receiver<String> {
+    /// The session is in use (it does not expire) while the stream lasts.
+    pub fn notices(&self, session: &Arc<ClientSession>) -> mpsc::Receiver<String> {
         let (sender, receiver) = mpsc::channel(16);
         for (server, relay) in &session.relays {
             let Some(mut notices) = self.upstreams[server].notices() else {
                 continue;
             };
             let (sender, relay) = (sender.clone(), relay.clone());
+            let in_use = session.clone();
             tokio::spawn(async move {
+                let _in_use = in_use;
                 loop {
                     let notice = tokio::select! {
                         notice = notices.recv() => notice,
@@ -577,9 +557,13 @@ impl Gateway {
                 None,
             ),
         };
-        judge(relay, Direction::ServerToClient, answer, Asking::Connection)
-            .await
-            .forward
+        let judged = judge(relay, Direction::ServerToClient, answer, Asking::Connection).await;
+        // A request is always answered: an answer the relay dropped (it
+        // could not be matched to this request) becomes an error.
+        judged.forward.or_else(|| {
+            let why = "Portcullis: the server's answer could not be relayed";
+            Some(error_response(message.id, INTERNAL_ERROR, why, None))
+        })
     }
 }
 
@@ -617,11 +601,30 @@ struct Judged {
 /// blocking thread, off the async workers.
 async fn judge(relay: Arc<Relay>, direction: Direction, text: String, asking: Asking) -> Judged {
     let judging = relay.clone();
-    let mut delivery = tokio::task::spawn_blocking(move || {
+    let judged = tokio::task::spawn_blocking(move || {
         judging.handle_asking(direction, Frame::Line(text.into_bytes()), asking)
     })
-    .await
-    .unwrap_or_default();
+    .await;
+    let mut delivery = match judged {
+        Ok(delivery) => delivery,
+        // The relay turns its own failures into refusals; this is the task
+        // itself failing (the runtime stopping).
+        Err(e) => {
+            tracing::error!("judging a message did not finish: {e}");
+            let why = format!("Portcullis could not judge this message: {e}");
+            let error = error_response(None, INTERNAL_ERROR, &why, None).into_bytes();
+            match direction {
+                Direction::ClientToServer => Delivery {
+                    reply: Some(error),
+                    ..Delivery::default()
+                },
+                Direction::ServerToClient => Delivery {
+                    forward: Some(error),
+                    ..Delivery::default()
+                },
+            }
+        }
+    };
     // A held call (serve mode has no batches, so at most one) waits here for
     // its decision, and what it settles to replaces the delivery. Should the
     // client go away meanwhile (its HTTP request is dropped), the call is
@@ -631,9 +634,11 @@ async fn judge(relay: Arc<Relay>, direction: Direction, text: String, asking: As
             relay: Some(relay.clone()),
             key: held.key.clone(),
         };
-        delivery = tokio::task::spawn_blocking(move || relay.resolve(held))
-            .await
-            .unwrap_or_default();
+        let (settled, decision) = oneshot::channel();
+        relay.on_decision(held, move |delivery| {
+            let _ = settled.send(delivery);
+        });
+        delivery = decision.await.unwrap_or_default();
         abandoned.disarm();
     }
     let text = |bytes: Option<Vec<u8>>| bytes.and_then(|b| String::from_utf8(b).ok());

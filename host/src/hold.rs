@@ -1,10 +1,11 @@
 //! This process' side of approvals: the store it holds calls in (opened on
 //! the first hold, so a deployment that never holds a call never creates
-//! one), the rule a held call falls under, telling people it waits, who this process is as a holder,
-//! waiting for a decision, and cancelling the approvals of calls a previous
-//! process held when it ended.
+//! one), the rule a held call falls under, telling people it waits, who
+//! this process is as a holder, waiting for decisions ([`Awaiting`]), and
+//! cancelling the approvals of calls a previous process held when it ended.
 
-use crate::approvals::{Approval, Approvals, Call, POLL, State, Terms};
+use crate::approvals::{Approval, Approvals, Call, Terms};
+use crate::awaiting::{Awaiting, Then};
 use crate::config::{AdminConfig, ApprovalRule, ApprovalsConfig, Config};
 use crate::notify::Notifier;
 use anyhow::{Result, anyhow};
@@ -18,6 +19,7 @@ pub struct Holding {
     path: PathBuf,
     holder: String,
     store: OnceLock<Result<Arc<Approvals>, String>>,
+    awaiting: OnceLock<Result<Arc<Awaiting>, String>>,
     notifier: OnceLock<Notifier>,
 }
 
@@ -70,6 +72,7 @@ impl Holding {
             path: config.approvals_store(),
             holder: this_process(),
             store: OnceLock::new(),
+            awaiting: OnceLock::new(),
             notifier: OnceLock::new(),
         }
     }
@@ -104,26 +107,29 @@ impl Holding {
         &self.holder
     }
 
-    /// Waits until approval `id` is no longer pending (expiring it when its
-    /// time is up) and returns it as it ended.
-    pub fn wait(&self, id: &str) -> Result<Approval> {
-        let store = self.store()?;
-        loop {
-            let approval = store
-                .get(id)?
-                .ok_or_else(|| anyhow!("approval '{id}' vanished from the store"))?;
-            if approval.state != State::Pending {
-                return Ok(approval);
+    /// Calls `then` once approval `id` (expiring at `expires_ms`) has
+    /// ended; no thread waits meanwhile. When nothing can watch the store,
+    /// `then` is given back with the reason.
+    pub fn on_end(
+        &self,
+        id: &str,
+        expires_ms: u64,
+        then: Then,
+    ) -> Result<(), (anyhow::Error, Then)> {
+        let awaiting = self
+            .awaiting
+            .get_or_init(|| {
+                self.store()
+                    .and_then(Awaiting::start)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .clone();
+        match awaiting {
+            Ok(awaiting) => {
+                awaiting.on_end(id, expires_ms, then);
+                Ok(())
             }
-            if crate::approvals::now_ms() >= approval.expires_ms {
-                return store.settle(
-                    id,
-                    State::Expired,
-                    "portcullis",
-                    Some(crate::approvals::EXPIRED),
-                );
-            }
-            std::thread::sleep(POLL);
+            Err(e) => Err((anyhow!(e), then)),
         }
     }
 

@@ -6,14 +6,20 @@
 //! one-event SSE stream for a client that accepts only that). Requests of the
 //! stateless 2026-07-28 revision, chosen by their `MCP-Protocol-Version`,
 //! need no session. `/healthz`
-//! reports the upstream servers. Deciding is left to the [`Gateway`].
+//! reports the upstream servers' state (nothing more: it needs no key).
+//! Deciding is left to the [`Gateway`]. Every listener guards itself
+//! ([`Guard`]): it serves at most so many connections at once, drops a
+//! client that does not send its headers or body in time, and keeps
+//! accepting through errors such as running out of file descriptors. What
+//! it refuses at the door is audited.
 
 use crate::audit::AccessRecord;
-use crate::gateway::{Gateway, Scope};
+use crate::gateway::Gateway;
 use crate::identity::{self, Identity};
 use crate::jsonrpc::{self, Message};
 use crate::relay::Asking;
 use crate::reload::Current;
+use crate::sessions::Scope;
 use crate::stateless;
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -23,6 +29,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
+use sse_stream::Sse;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -60,21 +67,52 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 pub async fn run(
     listener: Arc<Listener>,
     socket: tokio::net::TcpListener,
+    guard: Guard,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let addr = socket.local_addr()?;
     tracing::info!(%addr, "portcullis serving MCP over Streamable HTTP");
-    serve(socket, shutdown, move |request, peer| {
+    serve(socket, guard, shutdown, move |request, peer| {
         let listener = listener.clone();
         async move { listener.respond(request, peer).await }
     })
     .await
 }
 
+/// How a listener guards itself against clients that never finish.
+#[derive(Debug, Clone, Copy)]
+pub struct Guard {
+    /// Connections served at once; more wait in the kernel's queue.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (and how
+    /// long a kept-alive connection may idle).
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: Duration,
+}
+
+impl Guard {
+    /// The guard `[serve]` configures.
+    pub fn of(serve: &crate::config::ServeConfig) -> Self {
+        Self {
+            max_connections: serve.max_connections,
+            header_timeout: Duration::from_secs(serve.header_timeout_secs),
+            body_timeout: Duration::from_secs(serve.body_timeout_secs),
+        }
+    }
+}
+
+/// The first pause after a failed `accept`; it doubles up to
+/// [`ACCEPT_BACKOFF_MAX`] while accepting keeps failing.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Answers every HTTP/1 request on `socket` with `respond` until `shutdown`
-/// completes.
+/// completes, as `guard` says. A failed `accept` (say, no file descriptor
+/// left) is logged and counted, and accepting goes on after a pause.
 pub async fn serve<R, F>(
     socket: tokio::net::TcpListener,
+    guard: Guard,
     shutdown: impl Future<Output = ()>,
     respond: R,
 ) -> Result<()>
@@ -83,25 +121,80 @@ where
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(guard.max_connections));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = socket.accept() => accepted.context("accepting a connection")?,
+        // A free slot first: past the cap, connections wait in the kernel's
+        // queue and cost this process nothing.
+        if slots.available_permits() == 0 {
+            crate::metrics::global().listener("at-capacity");
+        }
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.context("the connection slots closed")?,
             () = &mut shutdown => return Ok(()),
         };
+        let (stream, peer) = tokio::select! {
+            accepted = socket.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    crate::metrics::global().listener("accept-error");
+                    tracing::warn!("cannot accept a connection: {e}; retrying in {backoff:?}");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut shutdown => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        backoff = ACCEPT_BACKOFF_MIN;
         let respond = respond.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request| {
                 let answer = respond(request, peer);
                 async move { Ok::<_, Infallible>(answer.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(guard.header_timeout)
                 .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!("connection closed: {e}");
+                .await;
+            if let Err(e) = served {
+                if e.is_timeout() {
+                    crate::metrics::global().listener("slow-client");
+                }
+                tracing::debug!(%peer, "connection closed: {e}");
             }
         });
+    }
+}
+
+/// Why a request body could not be read whole.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyError {
+    /// Larger than the limit.
+    TooLarge,
+    /// Not sent in time.
+    TooSlow,
+    /// The connection failed.
+    Failed(String),
+}
+
+/// A request's whole body, at most `max` bytes, sent within `timeout`.
+pub async fn read_body(body: Incoming, max: usize, timeout: Duration) -> Result<Bytes, BodyError> {
+    let collected = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await;
+    match collected {
+        Err(_) => {
+            crate::metrics::global().listener("slow-client");
+            Err(BodyError::TooSlow)
+        }
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Ok(Err(e)) => Err(BodyError::Failed(e.to_string())),
     }
 }
 
@@ -124,23 +217,35 @@ impl Listener {
                 _ => return plain(StatusCode::NOT_FOUND, "no MCP endpoint here"),
             },
         };
+        let door = Door {
+            current: self.current.clone(),
+            path: path.clone(),
+            peer,
+        };
         let generation = self.current.get();
-        let config = &generation.config;
         if let Some(origin) = request.headers().get(header::ORIGIN)
-            && !config
+            && !generation
+                .config
                 .serve
                 .allowed_origins
                 .iter()
                 .any(|allowed| allowed.as_bytes() == origin.as_bytes())
         {
+            let origin = String::from_utf8_lossy(origin.as_bytes());
+            let why = format!("Origin '{origin:.200}' is not in serve.allowed_origins");
+            door.refused("origin-refused", None, why);
             return plain(StatusCode::FORBIDDEN, "origin not allowed");
         }
         let authorization = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
+        let limits = BodyLimits {
+            max: generation.config.limits.max_message_bytes,
+            timeout: Duration::from_secs(generation.config.serve.body_timeout_secs),
+        };
         let identity = match identity::authenticate(
-            config,
+            &generation.config,
             generation.jwt.as_ref(),
             authorization,
             unix_now(),
@@ -149,11 +254,7 @@ impl Listener {
         {
             Ok(identity) => identity,
             Err(refusal) => {
-                let mut record = AccessRecord::new("credentials-refused", None, &path, peer);
-                record.reason = Some(refusal.explanation().to_string());
-                if let Err(e) = generation.audit.write(&record) {
-                    tracing::error!("cannot audit refused credentials: {e:#}");
-                }
+                door.refused("credentials-refused", None, refusal.explanation().into());
                 let mut response = plain(StatusCode::UNAUTHORIZED, refusal.explanation());
                 response.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
@@ -166,28 +267,33 @@ impl Listener {
             && !identity.may_use(server)
         {
             // A server the agent may not use does not exist for it.
+            let why = format!(
+                "agent '{}' may not use server '{server}'",
+                identity.agent.id
+            );
+            door.refused("server-refused", Some(&identity), why);
             return plain(StatusCode::NOT_FOUND, "no MCP endpoint here");
         }
-        let max_body = config.limits.max_message_bytes;
         drop(generation);
         match *request.method() {
-            Method::POST => {
-                let from = (path.as_str(), peer);
-                self.post(request, identity, scope, max_body, from).await
-            }
+            Method::POST => self.post(request, identity, scope, limits, &door).await,
             Method::DELETE => match session_id(request.headers()) {
                 Some(id) if self.gateway.end(id, &identity) => {
-                    let record =
-                        AccessRecord::new("session-ended", Some(&identity.agent), &path, peer);
-                    if let Err(e) = self.current.get().audit.write(&record) {
-                        tracing::error!("cannot audit the end of a session: {e:#}");
-                    }
+                    door.record(AccessRecord::new(
+                        "session-ended",
+                        Some(&identity.agent),
+                        &path,
+                        peer,
+                    ));
                     plain(StatusCode::OK, "session ended")
                 }
-                Some(_) => plain(StatusCode::NOT_FOUND, "unknown session"),
+                Some(_) => {
+                    door.unknown_session(&identity);
+                    plain(StatusCode::NOT_FOUND, "unknown session")
+                }
                 None => plain(StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required"),
             },
-            Method::GET => self.events(request.headers(), &identity, &scope),
+            Method::GET => self.events(request.headers(), &identity, &scope, &door),
             _ => {
                 let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use POST, GET or DELETE");
                 response
@@ -203,75 +309,68 @@ impl Listener {
         request: Request<Incoming>,
         identity: Identity,
         scope: Scope,
-        max_body: usize,
-        (path, peer): (&str, SocketAddr),
+        limits: BodyLimits,
+        door: &Door,
     ) -> Response<Body> {
         let headers = request.headers().clone();
-        let body = match Limited::new(request.into_body(), max_body).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(_) => {
+        let body = match read_body(request.into_body(), limits.max, limits.timeout).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
                 let why = format!(
-                    "message exceeds the size limit of {max_body} bytes (limits.max_message_bytes)"
+                    "message exceeds the size limit of {} bytes (limits.max_message_bytes)",
+                    limits.max
                 );
+                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None);
                 return rpc_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     jsonrpc::INVALID_REQUEST,
                     &why,
                 );
             }
+            Err(BodyError::TooSlow) => {
+                let why = format!(
+                    "the message was not sent within {}s (serve.body_timeout_secs)",
+                    limits.timeout.as_secs()
+                );
+                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None);
+                return rpc_error(StatusCode::REQUEST_TIMEOUT, jsonrpc::INVALID_REQUEST, &why);
+            }
+            Err(BodyError::Failed(e)) => {
+                tracing::debug!("reading a request body failed: {e}");
+                return plain(StatusCode::BAD_REQUEST, "the body could not be read");
+            }
         };
         let Ok(text) = std::str::from_utf8(&body) else {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                jsonrpc::PARSE_ERROR,
-                "Parse error: body is not UTF-8",
-            );
+            let why = "Parse error: body is not UTF-8";
+            door.message_refused(&identity, jsonrpc::PARSE_ERROR, why, Some(&body));
+            return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, why);
         };
         if jsonrpc::is_batch(text) {
             let why = "Invalid Request: batches are not supported by this protocol revision";
+            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body));
             return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::INVALID_REQUEST, why);
         }
         let message = match Message::parse(text) {
             Ok(message) => message,
-            Err(e) => {
-                let why = format!("Parse error: {e}");
-                return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, &why);
+            Err(unreadable) => {
+                let why = &unreadable.message;
+                door.message_refused(&identity, unreadable.code, why, Some(&body));
+                let id = jsonrpc::leading_id(&body);
+                let answer = jsonrpc::error_response(id.as_deref(), unreadable.code, why, None);
+                return json_response(StatusCode::BAD_REQUEST, answer);
             }
         };
         if let Some(version) = headers.get(VERSION_HEADER)
             && stateless::is_stateless(version.as_bytes())
         {
             return self
-                .stateless(&headers, identity, scope, &message, text)
+                .stateless(&headers, identity, scope, &message, text, door)
                 .await;
         }
         if message.method.as_deref() == Some("initialize") && message.id.is_some() {
-            let mut access = AccessRecord::new("session-opened", Some(&identity.agent), path, peer);
-            let (session, answer) = self.gateway.initialize(identity, scope, &message).await;
-            if let Some(session) = &session {
-                let params = message.params_value();
-                let info = &params["clientInfo"];
-                access.client = info["name"]
-                    .as_str()
-                    .map(|name| format!("{name}/{}", info["version"].as_str().unwrap_or("?")));
-                access.protocol_version = serde_json::from_str::<Value>(&answer)
-                    .ok()
-                    .and_then(|a| a["result"]["protocolVersion"].as_str().map(str::to_string));
-                // No session the trail does not know of.
-                if let Err(e) = self.current.get().audit.write(&access) {
-                    tracing::error!("cannot audit a new session: {e:#}");
-                    self.gateway.end(&session.id, &session.identity);
-                    let why = format!("the audit trail cannot record the session: {e:#}");
-                    return rpc_error(StatusCode::SERVICE_UNAVAILABLE, jsonrpc::AUDIT_FAILED, &why);
-                }
-            }
-            let mut response = answer_response(&headers, answer);
-            if let Some(session) = session
-                && let Ok(value) = HeaderValue::from_str(&session.id)
-            {
-                response.headers_mut().insert(SESSION_HEADER, value);
-            }
-            return response;
+            return self
+                .initialize(&headers, identity, scope, &message, door)
+                .await;
         }
         let Some(id) = session_id(&headers) else {
             return plain(
@@ -284,15 +383,15 @@ impl Listener {
             .session(id, &identity)
             .filter(|s| s.scope == scope)
         else {
+            door.unknown_session(&identity);
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
         if let Some(version) = headers.get(VERSION_HEADER)
             && version.as_bytes() != session.protocol.as_bytes()
         {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "MCP-Protocol-Version is not the revision this session negotiated",
-            );
+            let why = "MCP-Protocol-Version is not the revision this session negotiated";
+            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body));
+            return plain(StatusCode::BAD_REQUEST, why);
         }
         match self
             .gateway
@@ -304,10 +403,69 @@ impl Listener {
         }
     }
 
+    /// An `initialize` request: a new session, recorded in the trail before
+    /// its id is given out; refused when the agent has its fill of them.
+    async fn initialize(
+        &self,
+        headers: &HeaderMap,
+        identity: Identity,
+        scope: Scope,
+        message: &Message<'_>,
+        door: &Door,
+    ) -> Response<Body> {
+        let mut access = AccessRecord::new(
+            "session-opened",
+            Some(&identity.agent),
+            &door.path,
+            door.peer,
+        );
+        let refused_identity = identity.clone();
+        let (session, answer) = match self.gateway.initialize(identity, scope, message).await {
+            Ok(opened) => opened,
+            Err(too_many) => {
+                let why = too_many.to_string();
+                door.refused("session-refused", Some(&refused_identity), why.clone());
+                let answer =
+                    jsonrpc::error_response(message.id, jsonrpc::INVALID_REQUEST, &why, None);
+                return json_response(StatusCode::TOO_MANY_REQUESTS, answer);
+            }
+        };
+        if let Some(session) = &session {
+            let params = message.params_value();
+            let info = &params["clientInfo"];
+            access.client = info["name"]
+                .as_str()
+                .map(|name| format!("{name}/{}", info["version"].as_str().unwrap_or("?")));
+            access.protocol_version = serde_json::from_str::<Value>(&answer)
+                .ok()
+                .and_then(|a| a["result"]["protocolVersion"].as_str().map(str::to_string));
+            // No session the trail does not know of.
+            if let Err(e) = self.current.get().audit.write(&access) {
+                tracing::error!("cannot audit a new session: {e:#}");
+                self.gateway.end(&session.id, &session.identity);
+                let why = format!("the audit trail cannot record the session: {e:#}");
+                return rpc_error(StatusCode::SERVICE_UNAVAILABLE, jsonrpc::AUDIT_FAILED, &why);
+            }
+        }
+        let mut response = answer_response(headers, answer);
+        if let Some(session) = session
+            && let Ok(value) = HeaderValue::from_str(&session.id)
+        {
+            response.headers_mut().insert(SESSION_HEADER, value);
+        }
+        response
+    }
+
     /// The server-to-client stream of a session (GET, revisions up to
     /// 2025-11-25): the notifications its servers send all their clients,
     /// as SSE events. Servers' own requests are not relayed to agents.
-    fn events(&self, headers: &HeaderMap, identity: &Identity, scope: &Scope) -> Response<Body> {
+    fn events(
+        &self,
+        headers: &HeaderMap,
+        identity: &Identity,
+        scope: &Scope,
+        door: &Door,
+    ) -> Response<Body> {
         if !accepts(headers, "text/event-stream") {
             return plain(StatusCode::NOT_ACCEPTABLE, "GET streams text/event-stream");
         }
@@ -326,6 +484,7 @@ impl Listener {
             .session(id, identity)
             .filter(|s| &s.scope == scope)
         else {
+            door.unknown_session(identity);
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
         event_stream("message", self.gateway.notices(&session))
@@ -341,6 +500,7 @@ impl Listener {
         scope: Scope,
         message: &Message<'_>,
         text: &str,
+        door: &Door,
     ) -> Response<Body> {
         let (Some(method), Some(id)) = (message.method.as_deref(), message.id) else {
             // A notification (e.g. a cancellation) or a stray response.
@@ -348,6 +508,8 @@ impl Listener {
         };
         let params = message.params_value();
         if let Err(rejection) = stateless::check(headers, method, &params) {
+            let why = &rejection.message;
+            door.message_refused(&identity, rejection.code, why, Some(text.as_bytes()));
             let answer = jsonrpc::error_response(
                 Some(id),
                 rejection.code,
@@ -402,9 +564,72 @@ impl Listener {
         response
     }
 
+    /// Each server's state and restarts: enough for a health check, nothing
+    /// an unauthenticated caller should learn (pids, errors; `portcullis
+    /// status` has those).
     fn health(&self) -> Response<Body> {
-        let servers = self.gateway.health();
+        let servers: serde_json::Map<String, Value> = self
+            .gateway
+            .health()
+            .into_iter()
+            .map(|(name, health)| {
+                let shown = json!({ "state": health.state, "restarts": health.restarts });
+                (name, shown)
+            })
+            .collect();
         json_response(StatusCode::OK, json!({ "servers": servers }).to_string())
+    }
+}
+
+/// The limits on a request's body.
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    max: usize,
+    timeout: Duration,
+}
+
+/// Where a request came in: refusals there are audited as access events.
+struct Door {
+    current: Arc<Current>,
+    path: String,
+    peer: SocketAddr,
+}
+
+impl Door {
+    fn record(&self, record: AccessRecord) {
+        if let Err(e) = self.current.get().audit.write(&record) {
+            tracing::error!(event = record.event, "cannot audit an access: {e:#}");
+        }
+    }
+
+    /// `event` refused (by `identity`, once known), for `why`.
+    fn refused(&self, event: &'static str, identity: Option<&Identity>, why: String) {
+        let agent = identity.map(|i| &i.agent);
+        let mut record = AccessRecord::new(event, agent, &self.path, self.peer);
+        record.reason = Some(why);
+        self.record(record);
+    }
+
+    /// A session id this agent has no session by (another agent's, an
+    /// expired or made-up one).
+    fn unknown_session(&self, identity: &Identity) {
+        let why = "no session with this Mcp-Session-Id for this agent".into();
+        self.refused("session-unknown", Some(identity), why);
+    }
+
+    /// A message refused before any relay judged it, with its code and the
+    /// sha256 of its bytes when they were read.
+    fn message_refused(&self, identity: &Identity, code: i32, why: &str, bytes: Option<&[u8]>) {
+        let mut record = AccessRecord::new(
+            "message-refused",
+            Some(&identity.agent),
+            &self.path,
+            self.peer,
+        );
+        record.reason = Some(why.to_string());
+        record.code = Some(code);
+        record.message_sha256 = bytes.map(crate::audit::bytes_digest);
+        self.record(record);
     }
 }
 
@@ -448,7 +673,7 @@ impl hyper::body::Body for EventStream {
             match notices.poll_recv(cx) {
                 Poll::Ready(Some(notice)) => {
                     let event = sse_event(this.name, &notice);
-                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))));
+                    return Poll::Ready(Some(Ok(Frame::data(event))));
                 }
                 // No server sends notices: keep the stream, without them.
                 Poll::Ready(None) => this.notices = None,
@@ -464,9 +689,20 @@ impl hyper::body::Body for EventStream {
     }
 }
 
-/// One JSON text as an SSE event named `name`.
-fn sse_event(name: &str, message: &str) -> String {
-    format!("event: {name}\ndata: {message}\n\n")
+/// One JSON text as an SSE event named `name`. Each of its lines (a
+/// pretty-printed JSON text has several) goes on a `data:` line of its own,
+/// which the client joins back: the same JSON.
+pub fn sse_event(name: &'static str, message: &str) -> Bytes {
+    Sse::default()
+        .event(name)
+        .data(message)
+        .encode()
+        .unwrap_or_else(|e| {
+            // Only an event name with a line break fails, and names are
+            // constants.
+            tracing::error!("cannot encode an SSE event: {e}");
+            Bytes::new()
+        })
 }
 
 /// A whole body.
@@ -500,9 +736,9 @@ fn answer_response(headers: &HeaderMap, answer: String) -> Response<Body> {
     let (body, kind) = if sse {
         (sse_event("message", &answer), "text/event-stream")
     } else {
-        (answer, "application/json")
+        (Bytes::from(answer), "application/json")
     };
-    let mut response = Response::new(full(Bytes::from(body)));
+    let mut response = Response::new(full(body));
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
@@ -535,4 +771,24 @@ fn empty(status: StatusCode) -> Response<Body> {
     let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pretty_printed_answer_is_one_event_the_client_reads_back_whole() {
+        let answer = "{\n  \"jsonrpc\": \"2.0\",\r\n  \"id\": 1,\r  \"result\": {}\n}";
+        let event = sse_event("message", answer);
+        let text = std::str::from_utf8(&event).unwrap();
+        assert!(text.ends_with("\n\n") && !text.contains('\r'), "{text:?}");
+        assert_eq!(text.matches("\n\n").count(), 1, "one event: {text:?}");
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .collect();
+        let read: Value = serde_json::from_str(&data.join("\n")).unwrap();
+        assert_eq!(read, json!({"jsonrpc": "2.0", "id": 1, "result": {}}));
+    }
 }

@@ -30,6 +30,12 @@ impl Identity {
         }
     }
 
+    /// An agent `id` granted every server, for tests.
+    #[cfg(test)]
+    pub fn for_tests(id: &str) -> Self {
+        Self::new(id.into(), BTreeMap::new(), &["*".into()])
+    }
+
     /// Whether `other` is the same agent with the same attributes and rights.
     pub fn same_as(&self, other: &Identity) -> bool {
         self.agent.id == other.agent.id

@@ -4,6 +4,7 @@
 //! responses Portcullis sends, and payload replacement for `modify` verdicts.
 
 use crate::bindings::MessageKind;
+use crate::strict_json;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -14,6 +15,8 @@ use std::borrow::Cow;
 pub const PARSE_ERROR: i32 = -32700;
 /// Valid JSON, but not a JSON-RPC message (or too large).
 pub const INVALID_REQUEST: i32 = -32600;
+/// The params are not what the method takes.
+pub const INVALID_PARAMS: i32 = -32602;
 /// Something went wrong inside Portcullis or upstream.
 pub const INTERNAL_ERROR: i32 = -32603;
 /// A policy refused the message (the default code of a denial).
@@ -43,10 +46,44 @@ pub struct Message<'a> {
     pub error: Option<&'a RawValue>,
 }
 
+/// Why a message cannot be judged: the error to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// [`PARSE_ERROR`] for text that is not JSON Portcullis reads as every
+    /// peer does, [`INVALID_REQUEST`] for JSON that is not a message.
+    pub code: i32,
+    /// What the sender is told.
+    pub message: String,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Unreadable {}
+
 impl<'a> Message<'a> {
-    /// Parses one message (not a batch).
-    pub fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(text)
+    /// Parses one message (not a batch), refusing any text a peer could
+    /// read differently ([`strict_json::check`]): what is judged is what
+    /// the receiver reads.
+    pub fn parse(text: &'a str) -> Result<Self, Unreadable> {
+        if let Err(refusal) = strict_json::check(text) {
+            let (code, kind) = if refusal.syntax {
+                (PARSE_ERROR, "Parse error")
+            } else {
+                (INVALID_REQUEST, "Invalid Request")
+            };
+            return Err(Unreadable {
+                code,
+                message: format!("{kind}: {refusal}"),
+            });
+        }
+        serde_json::from_str(text).map_err(|e| Unreadable {
+            code: INVALID_REQUEST,
+            message: format!("Invalid Request: {e}"),
+        })
     }
 
     /// The JSON-RPC shape, or `None` if this is not a valid message.
@@ -76,20 +113,48 @@ impl<'a> Message<'a> {
             .unwrap_or_default()
     }
 
-    /// For `tools/call`: the tool's name and its arguments.
-    pub fn tool_call(&self) -> Option<(String, Option<&'a RawValue>)> {
+    /// For `tools/call`: the tool's name and its arguments, or why its
+    /// params do not name a tool as the protocol says (a string `name`;
+    /// `arguments`, if any, an object). A call Portcullis cannot attribute
+    /// to a tool is refused, never judged as a call of no tool.
+    pub fn tool_call(&self) -> Option<Result<ToolCall<'a>, String>> {
         #[derive(Deserialize)]
         struct CallParams<'a> {
-            name: String,
+            name: Option<Cow<'a, str>>,
             #[serde(borrow, default)]
             arguments: Option<&'a RawValue>,
         }
         if self.method.as_deref() != Some("tools/call") {
             return None;
         }
-        let params: CallParams<'a> = serde_json::from_str(self.params?.get()).ok()?;
-        Some((params.name, params.arguments))
+        let invalid = |why: &str| Some(Err(format!("Invalid params: tools/call {why}")));
+        let Some(params) = self.params else {
+            return invalid("has no params");
+        };
+        let Ok(params) = serde_json::from_str::<CallParams<'a>>(params.get()) else {
+            return invalid("params must be an object with a string 'name'");
+        };
+        let Some(name) = params.name else {
+            return invalid("params must name the tool ('name')");
+        };
+        let arguments = params.arguments.filter(|a| a.get() != "null");
+        if arguments.is_some_and(|a| !a.get().starts_with('{')) {
+            return invalid("arguments must be an object");
+        }
+        Some(Ok(ToolCall {
+            name: name.into_owned(),
+            arguments,
+        }))
     }
+}
+
+/// A `tools/call` request's tool and arguments.
+#[derive(Debug)]
+pub struct ToolCall<'a> {
+    /// The tool's name.
+    pub name: String,
+    /// Its arguments (an object), as raw JSON.
+    pub arguments: Option<&'a RawValue>,
 }
 
 /// True if `text` is a JSON array (a batch) rather than a single message.
@@ -154,7 +219,7 @@ pub fn leading_id(prefix: &[u8]) -> Option<Box<RawValue>> {
     let mut found = None;
     let mut deserializer = serde_json::Deserializer::from_slice(prefix);
     let _ = FindId(&mut found).deserialize(&mut deserializer);
-    found.filter(|id| id.get() != "null")
+    found.filter(|id| usable_id(id))
 }
 
 /// Finds a top-level `id` written last in a message too large to parse
@@ -178,7 +243,12 @@ pub fn trailing_id(suffix: &[u8]) -> Option<Box<RawValue>> {
             end = quote;
         }
     } else {
-        body.rfind(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c)))? + 1
+        // The start of the number or literal: just after the last
+        // character that cannot be part of one (which may be multi-byte).
+        body.char_indices()
+            .rev()
+            .find(|(_, c)| !(c.is_ascii_alphanumeric() || "+-.".contains(*c)))
+            .map(|(i, c)| i + c.len_utf8())?
     };
     let key = body[..start]
         .trim_end()
@@ -190,7 +260,16 @@ pub fn trailing_id(suffix: &[u8]) -> Option<Box<RawValue>> {
     }
     serde_json::from_str::<Box<RawValue>>(&body[start..])
         .ok()
-        .filter(|id| id.get() != "null")
+        .filter(|id| usable_id(id))
+}
+
+/// Whether an id found in part of a message may be answered and audited: a
+/// string or a number every peer reads alike (not `null`).
+fn usable_id(id: &RawValue) -> bool {
+    let text = id.get();
+    (text.starts_with('"')
+        || text.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']))
+        && strict_json::check(text).is_ok()
 }
 
 #[cfg(test)]
@@ -226,9 +305,52 @@ mod tests {
     #[test]
     fn reads_tool_calls() {
         let m = Message::parse(r#"{"id":1,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/a"}}}"#).unwrap();
-        let (name, args) = m.tool_call().unwrap();
-        assert_eq!(name, "read_file");
-        assert_eq!(args.unwrap().get(), r#"{"path":"/a"}"#);
+        let call = m.tool_call().unwrap().unwrap();
+        assert_eq!(call.name, "read_file");
+        assert_eq!(call.arguments.unwrap().get(), r#"{"path":"/a"}"#);
+        let listed = Message::parse(r#"{"id":1,"method":"tools/list"}"#).unwrap();
+        assert!(listed.tool_call().is_none());
+    }
+
+    #[test]
+    fn a_call_that_names_no_tool_is_invalid_not_toolless() {
+        for params in [
+            "",
+            r#","params":{}"#,
+            r#","params":{"name":7}"#,
+            r#","params":[]"#,
+            r#","params":{"name":"x","arguments":"rm -rf"}"#,
+            r#","params":{"name":"x","arguments":[1]}"#,
+        ] {
+            let text = format!(r#"{{"id":1,"method":"tools/call"{params}}}"#);
+            let m = Message::parse(&text).unwrap();
+            let why = m.tool_call().unwrap().unwrap_err();
+            assert!(why.starts_with("Invalid params"), "{text}: {why}");
+        }
+        let escaped = Message::parse(
+            r#"{"id":1,"method":"tools/call","params":{"name":"wr\u0069te","arguments":null}}"#,
+        )
+        .unwrap();
+        let call = escaped.tool_call().unwrap().unwrap();
+        assert_eq!(call.name, "write");
+        assert!(call.arguments.is_none());
+    }
+
+    #[test]
+    fn ambiguous_messages_are_refused_before_they_are_read() {
+        let twice = Message::parse(
+            r#"{"id":1,"method":"tools/call","params":{"name":"read","name":"write"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(twice.code, INVALID_REQUEST);
+        assert!(
+            twice.message.contains("'name' appears more than once"),
+            "{twice}"
+        );
+        let huge = Message::parse(r#"{"id":1,"method":"x","params":{"pad":1e400}}"#).unwrap_err();
+        assert_eq!(huge.code, PARSE_ERROR);
+        let not_a_message = Message::parse(r#"{"id":1,"method":5}"#).unwrap_err();
+        assert_eq!(not_a_message.code, INVALID_REQUEST);
     }
 
     #[test]
@@ -273,6 +395,39 @@ mod tests {
         assert_eq!(tail(r#"xx","id":null}"#), None);
         assert_eq!(tail(r#"xx","valid":3}"#), None);
         assert_eq!(tail("garbage"), None);
+        assert_eq!(
+            tail(r#"xx","id":1e400}"#),
+            None,
+            "unreadable ids are not used"
+        );
+        assert_eq!(tail(r#"xx","id":"\ud800"}"#), None);
+    }
+
+    #[test]
+    fn a_multibyte_character_before_the_id_does_not_panic() {
+        for text in [
+            "\"b\":é1}",
+            "é1}",
+            "xé}",
+            "\"id\":é}",
+            ",\"id\":\u{1F600}7}",
+            "€",
+        ] {
+            let _ = trailing_id(text.as_bytes());
+        }
+        assert_eq!(
+            trailing_id("\"a\":\"é\",\"id\":5}".as_bytes())
+                .map(|id| id.get().to_string())
+                .as_deref(),
+            Some("5")
+        );
+        // Cut inside a character: the lossy decoding must not shift indices.
+        let mut cut = "ééé".as_bytes()[1..].to_vec();
+        cut.extend_from_slice(b",\"id\":9}");
+        assert_eq!(
+            trailing_id(&cut).map(|id| id.get().to_string()).as_deref(),
+            Some("9")
+        );
     }
 
     #[test]
@@ -284,5 +439,6 @@ mod tests {
         assert_eq!(id.get(), r#""s""#);
         assert!(leading_id(br#"{"jsonrpc":"2.0","result":{"content":"aaaa"#).is_none());
         assert!(leading_id(b"garbage").is_none());
+        assert!(leading_id(br#"{"id":1e400,"result":{"#).is_none());
     }
 }

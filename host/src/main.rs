@@ -307,6 +307,20 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
         gateway: gateway.clone(),
         current: current.clone(),
     });
+    // Idle sessions expire, checked a few times per idle period.
+    let sweeping = gateway.clone();
+    let sweep = std::time::Duration::from_secs((config.serve.session_idle_secs / 4).clamp(1, 60));
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(sweep);
+        loop {
+            ticks.tick().await;
+            let gateway = sweeping.clone();
+            // Expiring cancels held calls and writes the trail: off the
+            // async workers.
+            let _ = tokio::task::spawn_blocking(move || gateway.expire_idle()).await;
+        }
+    });
+    let guard = http::Guard::of(&config.serve);
     let served = runtime.block_on(async {
         let socket = http::bind(config.serve.listen).await?;
         if let Some(settings) = &config.admin {
@@ -318,7 +332,7 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
             // It ends with the runtime, after the MCP listener.
             tokio::spawn(admin.run(socket, std::future::pending()));
         }
-        http::run(listener, socket, shutdown_signal()).await
+        http::run(listener, socket, guard, shutdown_signal()).await
     });
     gateway.cancel_held("Portcullis was stopped");
     for upstream in gateway.upstreams().values() {

@@ -70,6 +70,8 @@ struct Counts {
     reloads: BTreeMap<String, u64>,
     approvals: BTreeMap<&'static str, u64>,
     audit_failures: u64,
+    /// What the HTTP listeners refused or survived, by event.
+    listener: BTreeMap<&'static str, u64>,
     /// By delivering sink (its URL or name).
     deliveries: BTreeMap<String, DeliveryCounts>,
 }
@@ -164,6 +166,19 @@ impl Metrics {
             .lock()
             .expect("metrics lock poisoned")
             .audit_failures += 1;
+    }
+
+    /// Something an HTTP listener refused or survived: `accept-error`
+    /// (e.g. out of file descriptors), `slow-client` (headers or body not
+    /// sent in time), `at-capacity` (a connection waited for a free slot).
+    pub fn listener(&self, event: &'static str) {
+        *self
+            .counts
+            .lock()
+            .expect("metrics lock poisoned")
+            .listener
+            .entry(event)
+            .or_default() += 1;
     }
 
     /// `records` delivered by the delivering sink `sink`.
@@ -265,6 +280,12 @@ impl Metrics {
         let help = "Audit records that could not be written (their messages were refused).";
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", counts.audit_failures);
+        let name = "portcullis_listener_events_total";
+        let help = "What the HTTP listeners refused or survived, by event.";
+        header(&mut out, name, "counter", help);
+        for (event, n) in &counts.listener {
+            let _ = writeln!(out, "{name}{{event=\"{event}\"}} {n}");
+        }
         let families: [(&str, &str, &str, Count); 4] = [
             (
                 "portcullis_audit_delivered_total",
@@ -351,6 +372,7 @@ mod tests {
         metrics.decision("fs\"x", "deny", 4, std::iter::empty());
         metrics.reload("ok");
         metrics.approval("approved");
+        metrics.listener("accept-error");
         let text = metrics.render(Some(2));
         for line in [
             "portcullis_decisions_total{server=\"fs\",outcome=\"allow\"} 2",
@@ -364,6 +386,7 @@ mod tests {
             "portcullis_reloads_total{result=\"ok\"} 1",
             "portcullis_approvals_total{state=\"approved\"} 1",
             "portcullis_approvals_pending 2",
+            "portcullis_listener_events_total{event=\"accept-error\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

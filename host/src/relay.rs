@@ -6,8 +6,9 @@
 //! only move bytes and wait; every decision is made here, so all transports
 //! decide alike.
 
-use crate::approvals::{self, Approval, State};
+use crate::approvals::{self, Approval, State, TooManyPending};
 use crate::audit::{ApprovalRecord, AuditRecord, canonical_digest, value_digest};
+use crate::awaiting::Then;
 use crate::bindings::{Direction, Exchange, MessageKind};
 use crate::boundary::{self, Listing, Stop};
 use crate::drift::ToolDrift;
@@ -16,10 +17,11 @@ use crate::framing::Frame;
 use crate::guard::{Decided, Decision, Refusal};
 use crate::hold;
 use crate::jsonrpc::{
-    self, AUDIT_FAILED, DENIED, INTERNAL_ERROR, INVALID_REQUEST, Message, PARSE_ERROR,
-    error_response,
+    self, AUDIT_FAILED, DENIED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Message,
+    PARSE_ERROR, error_response,
 };
 use crate::metrics;
+use crate::receipt;
 use crate::reload::{Current, Generation};
 use crate::session::Session;
 use serde_json::json;
@@ -27,7 +29,7 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// What to send after judging one frame. Frames carry no newline.
 #[derive(Debug, Default)]
@@ -43,10 +45,12 @@ pub struct Delivery {
 
 /// What asking for approval came to.
 enum Asked {
-    /// The call is held; its approval is bound to these arguments (sha256),
-    /// and the client's user is asked `question` (an elicitation request).
+    /// The call is held; its approval (expiring at `expires_ms`) is bound
+    /// to these arguments (sha256), and the client's user is asked
+    /// `question` (an elicitation request).
     Held {
         digest: String,
+        expires_ms: u64,
         question: Option<String>,
     },
     /// The client is to ask its user and send the request again: approval
@@ -57,6 +61,8 @@ enum Asked {
     Approved(String, &'static str),
     /// Its approval ended without approving it: the id, and why.
     Refused(String, String),
+    /// The receipt (`requestState`) it came back with is not honoured: why.
+    BadReceipt(String),
 }
 
 /// How the client of a request can be asked about it, should it be held.
@@ -82,6 +88,8 @@ pub struct Held {
     text: String,
     /// sha256 of the canonical arguments the approval is bound to.
     arguments_sha256: String,
+    /// When its approval expires, in ms since the epoch.
+    expires_ms: u64,
     exchange: Exchange,
 }
 
@@ -158,8 +166,36 @@ impl Relay {
     }
 
     /// Judges one frame as [`Relay::handle`] does, its client reachable for
-    /// approval questions as `asking` says.
+    /// approval questions as `asking` says. Should judging fail inside
+    /// Portcullis (a bug, never an input's due), the message is refused,
+    /// audited and logged as an error, and the connection goes on.
     pub fn handle_asking(&self, direction: Direction, frame: Frame, asking: Asking) -> Delivery {
+        let judged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.judge(direction, frame, asking)
+        }));
+        judged.unwrap_or_else(|panic| self.failed(direction, &panic_message(&*panic)))
+    }
+
+    /// A message whose judging failed inside Portcullis (`why`): refused,
+    /// never relayed.
+    fn failed(&self, direction: Direction, why: &str) -> Delivery {
+        tracing::error!(
+            direction = direction.as_str(),
+            "judging a message failed inside Portcullis: {why}; the message was refused"
+        );
+        let g = self.current();
+        let why =
+            format!("Portcullis failed while judging this message, so it was not relayed: {why}");
+        let refused = self.reject(&g, direction, Unjudged::new(INTERNAL_ERROR, why.clone()));
+        let mut delivery = into_delivery(refused);
+        if direction == Direction::ServerToClient && delivery.forward.is_none() {
+            // Whoever waits for the answer learns that it will not come.
+            delivery.forward = Some(error_response(None, INTERNAL_ERROR, &why, None).into_bytes());
+        }
+        delivery
+    }
+
+    fn judge(&self, direction: Direction, frame: Frame, asking: Asking) -> Delivery {
         let generation = self.current();
         let g = &*generation;
         let bytes = match frame {
@@ -171,13 +207,9 @@ impl Relay {
             } => return self.oversized(g, direction, len, &prefix, &suffix),
         };
         let Ok(text) = std::str::from_utf8(&bytes) else {
-            return into_delivery(self.reject(
-                g,
-                direction,
-                None,
-                PARSE_ERROR,
-                "Parse error: message is not UTF-8".into(),
-            ));
+            let why = "Parse error: message is not UTF-8";
+            let unjudged = Unjudged::new(PARSE_ERROR, why.into()).text(&bytes);
+            return into_delivery(self.reject(g, direction, unjudged));
         };
         if jsonrpc::is_batch(text) {
             return self.batch(g, direction, text);
@@ -198,23 +230,13 @@ impl Relay {
         let members: Vec<&RawValue> = match serde_json::from_str(text) {
             Ok(members) => members,
             Err(e) => {
-                return into_delivery(self.reject(
-                    g,
-                    direction,
-                    None,
-                    PARSE_ERROR,
-                    format!("Parse error: {e}"),
-                ));
+                let unjudged = Unjudged::new(PARSE_ERROR, format!("Parse error: {e}"));
+                return into_delivery(self.reject(g, direction, unjudged.text(text.as_bytes())));
             }
         };
         if members.is_empty() {
-            return into_delivery(self.reject(
-                g,
-                direction,
-                None,
-                INVALID_REQUEST,
-                "Invalid Request: empty batch".into(),
-            ));
+            let unjudged = Unjudged::new(INVALID_REQUEST, "Invalid Request: empty batch".into());
+            return into_delivery(self.reject(g, direction, unjudged));
         }
         let steps: Vec<Step> = members
             .iter()
@@ -252,22 +274,41 @@ impl Relay {
     ) -> Step<'a> {
         let message = match Message::parse(text) {
             Ok(message) => message,
-            Err(e) => {
-                return self.reject(g, direction, None, PARSE_ERROR, format!("Parse error: {e}"));
+            Err(unreadable) => {
+                let id = jsonrpc::leading_id(text.as_bytes());
+                let unjudged = Unjudged::new(unreadable.code, unreadable.message)
+                    .id(id.as_deref())
+                    .text(text.as_bytes());
+                return self.reject(g, direction, unjudged);
             }
         };
         let Some(kind) = message.kind() else {
             let why = "Invalid Request: not a JSON-RPC 2.0 request, notification or response";
-            return self.reject(g, direction, message.id, INVALID_REQUEST, why.into());
+            let unjudged = Unjudged::new(INVALID_REQUEST, why.into())
+                .id(message.id)
+                .text(text.as_bytes());
+            return self.reject(g, direction, unjudged);
         };
         if self.answered_by_user(direction, kind, &message) {
             return Step::default();
         }
         // A tool call's params are read once: the name for the exchange, the
-        // arguments for the boundary's checks and the audit record.
-        let call = message.tool_call();
-        let tool = call.as_ref().map(|(name, _)| name.clone());
-        let call_arguments = call.as_ref().and_then(|(_, arguments)| *arguments);
+        // arguments for the boundary's checks and the audit record. A call
+        // whose tool cannot be told is refused: judged as a call of no tool,
+        // it would slip past every tool-scoped rule.
+        let call = match message.tool_call() {
+            Some(Err(why)) => {
+                let unjudged = Unjudged::new(INVALID_PARAMS, why)
+                    .id(message.id)
+                    .method(message.method.as_deref())
+                    .text(text.as_bytes());
+                return self.reject(g, direction, unjudged);
+            }
+            Some(Ok(call)) => Some(call),
+            None => None,
+        };
+        let tool = call.as_ref().map(|call| call.name.clone());
+        let call_arguments = call.as_ref().and_then(|call| call.arguments);
         let arguments = if call.is_some() {
             call_arguments
         } else {
@@ -319,7 +360,7 @@ impl Relay {
             record.tags.push(stop.tag.into());
         }
         record.drift = drift;
-        let (mut bound, mut question) = (String::new(), None);
+        let (mut bound, mut expires_ms, mut question) = (String::new(), 0, None);
         if let Decided::Hold(refusal, payload) = &decision.outcome {
             let refusal = refusal.clone();
             let asked = self.ask(
@@ -333,9 +374,10 @@ impl Relay {
             let (outcome, tag) = match asked {
                 Ok(Asked::Held {
                     digest,
+                    expires_ms: expires,
                     question: q,
                 }) => {
-                    (bound, question) = (digest, q);
+                    (bound, expires_ms, question) = (digest, expires, q);
                     (None, None)
                 }
                 Ok(Asked::InputRequired(approval, answer)) => {
@@ -367,6 +409,18 @@ impl Relay {
                     record.approval = Some(approval);
                     let step = refuse(kind, message.id, DENIED, &why, Some(data));
                     return audited(g, &record, kind, message.id, step);
+                }
+                Ok(Asked::BadReceipt(why)) => {
+                    let why = format!("Invalid params: {why}");
+                    record.deny(INVALID_PARAMS, why.clone(), Some(&refusal.policy));
+                    record.tags.push("approval:bad-receipt".into());
+                    let data = json!({ "policy": &*refusal.policy, "decision": record.id });
+                    let step = refuse(kind, message.id, INVALID_PARAMS, &why, Some(data));
+                    return audited(g, &record, kind, message.id, step);
+                }
+                Err(e) if e.is::<TooManyPending>() => {
+                    record.tags.push("approval:too-many".into());
+                    (Some(refused(&mut record, &refusal, e.to_string())), None)
                 }
                 Err(e) => {
                     let why = format!(
@@ -428,7 +482,7 @@ impl Relay {
                     .unwrap_or_default();
                 self.held
                     .lock()
-                    .expect("held lock poisoned")
+                    .unwrap_or_else(PoisonError::into_inner)
                     .insert(key.clone(), record.id.clone());
                 Step {
                     held: Some(Held {
@@ -436,6 +490,7 @@ impl Relay {
                         key,
                         text,
                         arguments_sha256: bound,
+                        expires_ms,
                         exchange,
                     }),
                     reply: question,
@@ -498,11 +553,14 @@ impl Relay {
             terms: rule.terms,
             expires_in: rule.expires_in,
             holder: holding.holder().to_string(),
+            elicit: rule.elicit,
+            max_pending: g.config.approvals.max_pending_per_agent,
         };
         let approval = store.request(&request)?;
         holding.announce(&g.config, &approval);
         if rule.elicit && answerable {
-            let answer = elicit::input_required(message.id, &approval);
+            let receipt = receipt::seal(store.receipt_key(), &approval);
+            let answer = elicit::input_required(message.id, &approval, &receipt);
             return Ok(Asked::InputRequired(approval.id, answer));
         }
         // The client's own user is asked too, where the rule and the client
@@ -511,17 +569,23 @@ impl Relay {
             let (id, text) = elicit::request(&approval);
             self.eliciting
                 .lock()
-                .expect("eliciting lock poisoned")
+                .unwrap_or_else(PoisonError::into_inner)
                 .insert(id, approval.id.clone());
             text
         });
-        Ok(Asked::Held { digest, question })
+        Ok(Asked::Held {
+            digest,
+            expires_ms: approval.expires_ms,
+            question,
+        })
     }
 
     /// A request sent again with its user's answer (2026-07-28): the
-    /// approval its `requestState` names, which must be of this very call,
-    /// takes the answer, and the request runs, is refused, or is asked about
-    /// again while the approval is still pending. Its ending is audited.
+    /// receipt it carries (`requestState`) must open for this very agent and
+    /// call, and name an approval its rule lets the client's user decide.
+    /// The approval takes the answer, and the request runs (once: a receipt
+    /// is used up when its call runs), is refused, or is asked about again
+    /// while the approval is still pending. Its ending is audited.
     fn resume(
         &self,
         g: &Generation,
@@ -531,29 +595,47 @@ impl Relay {
         params: &serde_json::Value,
         id: Option<&RawValue>,
     ) -> anyhow::Result<Asked> {
-        let approval = store
-            .get(state)?
-            .filter(|a| a.id == state && a.call.same_call(call))
-            .ok_or_else(|| anyhow::anyhow!("its requestState names no approval of this call"))?;
+        let key = store.receipt_key();
+        let claims = match receipt::open(key, state, call, approvals::now_ms()) {
+            Ok(claims) => claims,
+            Err(invalid) => return Ok(Asked::BadReceipt(invalid.to_string())),
+        };
+        let Some(approval) = store
+            .get(&claims.approval)?
+            .filter(|a| a.elicit && a.call.same_call(call))
+        else {
+            let why = "requestState names no approval of this call that its user may decide";
+            return Ok(Asked::BadReceipt(why.into()));
+        };
         let answer = elicit::input_answer(params);
         let approval = match (approval.state, answer.as_ref()) {
             (State::Pending, Some(answer)) => {
                 let by = elicit::decider(&call.agent);
-                match elicit::answer(Some(answer), None) {
-                    elicit::Answer::Approved(comment) => {
-                        store.settle(&approval.id, State::Approved, &by, comment.as_deref())?
+                let decided = match elicit::answer(Some(answer), None) {
+                    elicit::Answer::Approved(comment) => Some((State::Approved, comment)),
+                    elicit::Answer::Denied(why) => Some((State::Denied, Some(why))),
+                    elicit::Answer::Undecided(_) => None,
+                };
+                match decided {
+                    Some((state, comment)) => {
+                        store.answer_by_user(&approval.id, state, &by, comment.as_deref())?
                     }
-                    elicit::Answer::Denied(why) => {
-                        store.settle(&approval.id, State::Denied, &by, Some(&why))?
-                    }
-                    elicit::Answer::Undecided(_) => approval,
+                    None => approval,
                 }
             }
             _ => approval,
         };
         if approval.state == State::Pending {
-            let answer = elicit::input_required(id, &approval);
+            let receipt = receipt::seal(key, &approval);
+            let answer = elicit::input_required(id, &approval, &receipt);
             return Ok(Asked::InputRequired(approval.id, answer));
+        }
+        if approval.state == State::Approved && !store.consume(&approval.id)? {
+            let why = format!(
+                "approval {} was used already: a receipt runs its call once; send the call again without requestState to ask anew",
+                approval.id
+            );
+            return Ok(Asked::Refused(approval.id, why));
         }
         let ending = ApprovalRecord::new(&approval, id.map(|i| i.get().to_string()), true);
         metrics::global().approval(ending.state);
@@ -580,7 +662,7 @@ impl Relay {
         let approval = self
             .eliciting
             .lock()
-            .expect("eliciting lock poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(id.get());
         // A late answer, after an approver decided, is dropped too.
         let Some(approval) = approval else {
@@ -592,7 +674,7 @@ impl Relay {
         let agent = self
             .session
             .lock()
-            .expect("session lock poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .agent()
             .id
             .clone();
@@ -605,12 +687,8 @@ impl Relay {
             }
         };
         let decided = self.current.holding.store().and_then(|store| {
-            store.settle(
-                &approval,
-                state,
-                &elicit::decider(&agent),
-                comment.as_deref(),
-            )
+            let by = elicit::decider(&agent);
+            Ok(store.answer_by_user(&approval, state, &by, comment.as_deref())?)
         });
         if let Err(e) = decided {
             tracing::error!(approval, "cannot record the user's decision: {e:#}");
@@ -618,11 +696,16 @@ impl Relay {
         true
     }
 
-    /// Waits (blocking) until a person decides on `held`, its approval
-    /// expires or it is cancelled, and settles it.
-    pub fn resolve(&self, held: Held) -> Delivery {
-        let ended = self.current.holding.wait(&held.approval);
-        self.settle(held, ended)
+    /// Calls `then` with what `held` settles to once a person decides on
+    /// it, its approval expires or it is cancelled. No thread waits
+    /// meanwhile: `then` runs on the approvals watcher's thread.
+    pub fn on_decision(self: &Arc<Self>, held: Held, then: impl FnOnce(Delivery) + Send + 'static) {
+        let relay = self.clone();
+        let (approval, expires_ms) = (held.approval.clone(), held.expires_ms);
+        let settle: Then = Box::new(move |ended| then(relay.settle(held, ended)));
+        if let Err((e, settle)) = self.current.holding.on_end(&approval, expires_ms, settle) {
+            settle(Err(e));
+        }
     }
 
     /// A held request whose approval ended as `ended` says: relayed if
@@ -633,14 +716,14 @@ impl Relay {
         let settled = self
             .held
             .lock()
-            .expect("held lock poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(&held.key);
         if settled.is_none() {
             return Delivery::default();
         }
         self.eliciting
             .lock()
-            .expect("eliciting lock poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, approval| *approval != held.approval);
         let g = self.current();
         let id = RawValue::from_string(held.key.clone()).ok();
@@ -677,7 +760,7 @@ impl Relay {
         match (approval.state, bound) {
             (State::Approved, true) => {
                 if let Some(id) = &id {
-                    let mut session = self.session.lock().expect("session lock poisoned");
+                    let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
                     session.forwarded(Direction::ClientToServer, id, &held.exchange);
                 }
                 Delivery {
@@ -696,7 +779,7 @@ impl Relay {
         let held: Vec<String> = self
             .held
             .lock()
-            .expect("held lock poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .keys()
             .cloned()
             .collect();
@@ -720,7 +803,11 @@ impl Relay {
     /// once (its waiting thread then finds it settled): the process may end
     /// before that thread would look again.
     pub fn cancel(&self, key: &str, why: &str) {
-        let approval = self.held.lock().expect("held lock poisoned").remove(key);
+        let approval = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
         let Some(approval) = approval else {
             return;
         };
@@ -750,7 +837,7 @@ impl Relay {
         message: &Message,
         tool: Option<String>,
     ) -> (Exchange, Vec<ToolDrift>) {
-        let mut session = self.session.lock().expect("session lock poisoned");
+        let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
         let (exchange, listed) = match kind {
             MessageKind::Request | MessageKind::Notification => {
                 (session.exchange(direction, kind, message, tool), None)
@@ -794,7 +881,7 @@ impl Relay {
         let boundary = &self.current.boundary;
         match (direction, kind) {
             (Direction::ClientToServer, MessageKind::Request) => {
-                let session = self.session.lock().expect("session lock poisoned");
+                let session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
                 boundary.request(g, &session, exchange, arguments, drift)?;
                 Ok(None)
             }
@@ -820,7 +907,7 @@ impl Relay {
         text: Cow<'a, str>,
     ) -> Step<'a> {
         if let (MessageKind::Request, Some(id)) = (kind, message.id) {
-            let mut session = self.session.lock().expect("session lock poisoned");
+            let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
             session.forwarded(direction, id, exchange);
         }
         Step::forward(text)
@@ -885,20 +972,22 @@ impl Relay {
     }
 
     /// A message that could not be read: audited, and answered when possible.
-    fn reject<'a>(
-        &self,
-        g: &Generation,
-        direction: Direction,
-        id: Option<&RawValue>,
-        code: i32,
-        why: String,
-    ) -> Step<'a> {
+    fn reject<'a>(&self, g: &Generation, direction: Direction, unjudged: Unjudged) -> Step<'a> {
+        let Unjudged {
+            id,
+            code,
+            why,
+            method,
+            text,
+        } = unjudged;
         let (agent, server) = {
-            let session = self.session.lock().expect("session lock poisoned");
+            let session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
             (session.agent().clone(), session.server().to_string())
         };
         let mut record = AuditRecord::new(&agent, &server, direction.as_str());
         record.jsonrpc_id = id.map(ToOwned::to_owned);
+        record.method = method.map(str::to_string);
+        record.message_sha256 = text.map(crate::audit::bytes_digest);
         record.deny(code, why.clone(), None);
         count(&record);
         if let Err(e) = g.audit.write(&record) {
@@ -912,7 +1001,7 @@ impl Relay {
                 let pending = self
                     .session
                     .lock()
-                    .expect("session lock poisoned")
+                    .unwrap_or_else(PoisonError::into_inner)
                     .answered(direction, id);
                 match pending {
                     Some(_) => {
@@ -944,7 +1033,50 @@ impl Relay {
         let id = jsonrpc::leading_id(prefix).or_else(|| jsonrpc::trailing_id(suffix));
         let why =
             format!("message of {len} bytes exceeds the size limit (limits.max_message_bytes)");
-        into_delivery(self.reject(g, direction, id.as_deref(), INVALID_REQUEST, why))
+        let unjudged = Unjudged::new(INVALID_REQUEST, why).id(id.as_deref());
+        into_delivery(self.reject(g, direction, unjudged))
+    }
+}
+
+/// A message refused before the chain could judge it: unreadable, ambiguous,
+/// too large, or not the message its method says.
+struct Unjudged<'t> {
+    /// Its id, when one could be read.
+    id: Option<&'t RawValue>,
+    /// The JSON-RPC error code it is refused with.
+    code: i32,
+    /// Why.
+    why: String,
+    /// Its method, when it could be read.
+    method: Option<&'t str>,
+    /// The message as received: the record keeps its sha256.
+    text: Option<&'t [u8]>,
+}
+
+impl<'t> Unjudged<'t> {
+    fn new(code: i32, why: String) -> Self {
+        Self {
+            id: None,
+            code,
+            why,
+            method: None,
+            text: None,
+        }
+    }
+
+    fn id(self, id: Option<&'t RawValue>) -> Self {
+        Self { id, ..self }
+    }
+
+    fn method(self, method: Option<&'t str>) -> Self {
+        Self { method, ..self }
+    }
+
+    fn text(self, text: &'t [u8]) -> Self {
+        Self {
+            text: Some(text),
+            ..self
+        }
     }
 }
 
@@ -963,6 +1095,15 @@ fn refuse<'a>(
         MessageKind::Notification => Step::default(),
         MessageKind::Result | MessageKind::Error => Step::forward(Cow::Owned(error())),
     }
+}
+
+/// What a panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 fn into_delivery(step: Step) -> Delivery {
@@ -1035,5 +1176,165 @@ fn held_arguments(exchange: &Exchange) -> serde_json::Value {
             .cloned()
             .unwrap_or_else(|| json!({})),
         None => params,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bindings::Agent;
+    use crate::engine::PolicyEngine;
+    use serde_json::Value;
+
+    /// A relay with no policies whose trail is a file in `dir`.
+    fn relay(dir: &std::path::Path, limits: &str) -> Relay {
+        let config = dir.join("portcullis.toml");
+        let text = format!("[engine]\ncache_dir = \"cache\"\n{limits}");
+        std::fs::write(&config, text).unwrap();
+        let loaded = crate::config::Config::load(&config).unwrap();
+        let engine = PolicyEngine::new(&loaded.engine).unwrap();
+        let trail = dir.join("audit.jsonl");
+        let generation = Generation::load(&engine, &config, Some(&trail), 1).unwrap();
+        let agent = Agent {
+            id: "bot".into(),
+            attributes: vec![],
+        };
+        Relay::new(
+            Arc::new(Current::new(generation)),
+            Session::new("fs".into(), agent),
+        )
+    }
+
+    fn trail(dir: &std::path::Path) -> Vec<Value> {
+        std::fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("every record reads back"))
+            .collect()
+    }
+
+    fn from_client(relay: &Relay, text: &str) -> Delivery {
+        relay.handle(
+            Direction::ClientToServer,
+            Frame::Line(text.as_bytes().to_vec()),
+        )
+    }
+
+    fn reply(delivery: &Delivery) -> Value {
+        serde_json::from_slice(delivery.reply.as_deref().expect("a reply")).unwrap()
+    }
+
+    #[test]
+    fn a_call_naming_its_tool_twice_is_refused_not_relayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path(), "");
+        let twice = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"read_text_file","arguments":{"path":"/a"},"name":"write_file"}}"#;
+        let delivery = from_client(&relay, twice);
+        assert!(delivery.forward.is_none(), "never reaches the server");
+        let answer = reply(&delivery);
+        assert_eq!(answer["id"], 5);
+        assert_eq!(answer["error"]["code"], INVALID_REQUEST);
+        let [record] = trail(dir.path()).try_into().unwrap();
+        assert_eq!(record["outcome"], "deny");
+        assert_eq!(record["jsonrpc_id"], 5);
+        assert_eq!(
+            record["message_sha256"],
+            crate::audit::bytes_digest(twice.as_bytes())
+        );
+    }
+
+    #[test]
+    fn arguments_another_parser_reads_differently_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path(), "");
+        for arguments in [
+            r#"{"path":"/x","pad":1e400}"#,
+            r#"{"path":"/x","content":"\ud800"}"#,
+        ] {
+            let call = format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"write_file","arguments":{arguments}}}}}"#
+            );
+            let delivery = from_client(&relay, &call);
+            assert!(delivery.forward.is_none(), "{call}");
+            assert_eq!(reply(&delivery)["error"]["code"], PARSE_ERROR);
+        }
+        let toolless =
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":["write_file"]}}"#;
+        let delivery = from_client(&relay, toolless);
+        assert!(delivery.forward.is_none());
+        assert_eq!(reply(&delivery)["error"]["code"], INVALID_PARAMS);
+        let records = trail(dir.path());
+        assert_eq!(records.len(), 3);
+        assert!(records.iter().all(|r| r["outcome"] == "deny"));
+        assert_eq!(records[2]["method"], "tools/call");
+    }
+
+    #[test]
+    fn an_unreadable_id_never_reaches_the_trail() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path(), "[limits]\nmax_message_bytes = 1024\n");
+        from_client(&relay, r#"{"jsonrpc":"2.0","id":1e400,"method":"ping"}"#);
+        let big = format!(
+            r#"{{"jsonrpc":"2.0","id":1e400,"method":"x","params":"{}"}}"#,
+            "a".repeat(2000)
+        );
+        let oversized = crate::framing::FrameReader::new(big.as_bytes(), 1024)
+            .read_frame()
+            .unwrap()
+            .unwrap();
+        relay.handle(Direction::ClientToServer, oversized);
+        let records = trail(dir.path());
+        assert_eq!(records.len(), 2);
+        assert!(
+            records.iter().all(|r| r.get("jsonrpc_id").is_none()),
+            "{records:?}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_line_ending_in_a_multibyte_character_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path(), "[limits]\nmax_message_bytes = 1024\n");
+        let mut line = format!(
+            r#"{{"jsonrpc":"2.0","method":"x","params":{{"a":"{}","#,
+            "z".repeat(2000)
+        );
+        line.push_str(r#""b":é1}}"#);
+        let frame = crate::framing::FrameReader::new(line.as_bytes(), 1024)
+            .read_frame()
+            .unwrap()
+            .unwrap();
+        let delivery = relay.handle(Direction::ClientToServer, frame);
+        assert_eq!(reply(&delivery)["error"]["code"], INVALID_REQUEST);
+        // The relay goes on judging.
+        let ping = from_client(&relay, r#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#);
+        assert!(ping.forward.is_some());
+    }
+
+    #[test]
+    fn a_failure_inside_portcullis_refuses_the_message_and_is_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path(), "");
+        let refused = relay.failed(Direction::ClientToServer, "index out of bounds");
+        assert!(refused.forward.is_none());
+        assert_eq!(reply(&refused)["error"]["code"], INTERNAL_ERROR);
+        let answer = relay.failed(Direction::ServerToClient, "index out of bounds");
+        let error: Value = serde_json::from_slice(&answer.forward.unwrap()).unwrap();
+        assert_eq!(
+            error["error"]["code"], INTERNAL_ERROR,
+            "whoever waits learns of it"
+        );
+        let records = trail(dir.path());
+        assert_eq!(records.len(), 2);
+        assert!(
+            records[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("index out of bounds")
+        );
+        assert_eq!(
+            panic_message(&*std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err()),
+            "boom 7"
+        );
     }
 }

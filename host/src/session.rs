@@ -16,8 +16,11 @@ use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Requests remembered per direction before the oldest are forgotten.
+/// Requests remembered before they are all forgotten (their answers are
+/// then judged without knowing what they answer).
 const MAX_PENDING: usize = 65_536;
+/// The most bytes of params the remembered requests may hold together.
+const MAX_PENDING_BYTES: usize = 64 << 20;
 
 /// A request forwarded and not yet answered.
 #[derive(Debug, Clone)]
@@ -30,11 +33,19 @@ pub struct Pending {
     pub params: Option<String>,
 }
 
+impl Pending {
+    fn size(&self) -> usize {
+        self.params.as_ref().map_or(0, String::len)
+    }
+}
+
 /// Per-connection state.
 pub struct Session {
     server: String,
     agent: Agent,
     pending: HashMap<(&'static str, String), Pending>,
+    /// Bytes of params the pending requests hold.
+    pending_bytes: usize,
     tools: HashMap<String, KnownTool>,
 }
 
@@ -54,6 +65,7 @@ impl Session {
             server,
             agent,
             pending: HashMap::new(),
+            pending_bytes: 0,
             tools: HashMap::new(),
         }
     }
@@ -133,20 +145,26 @@ impl Session {
 
     /// Remembers a request forwarded in `direction`.
     pub fn forwarded(&mut self, direction: Direction, id: &RawValue, exchange: &Exchange) {
-        if self.pending.len() >= MAX_PENDING {
+        let size = exchange.params.as_ref().map_or(0, String::len);
+        if self.pending.len() >= MAX_PENDING || self.pending_bytes + size > MAX_PENDING_BYTES {
             tracing::warn!(
                 server = %self.server,
-                "over {MAX_PENDING} unanswered requests; forgetting them all"
+                "over {MAX_PENDING} unanswered requests or {MAX_PENDING_BYTES} bytes of them; \
+                 forgetting them all"
             );
             self.pending.clear();
+            self.pending_bytes = 0;
         }
         let pending = Pending {
             method: exchange.method.clone(),
             tool: exchange.tool.clone(),
             params: exchange.params.clone(),
         };
-        self.pending
+        self.pending_bytes += size;
+        let replaced = self
+            .pending
             .insert((direction.as_str(), id.get().to_string()), pending);
+        self.pending_bytes -= replaced.map_or(0, |p| p.size());
     }
 
     /// Takes the request an answer travelling `direction` answers: it was
@@ -156,8 +174,11 @@ impl Session {
             Direction::ClientToServer => Direction::ServerToClient,
             Direction::ServerToClient => Direction::ClientToServer,
         };
-        self.pending
-            .remove(&(asked.as_str(), id?.get().to_string()))
+        let answered = self
+            .pending
+            .remove(&(asked.as_str(), id?.get().to_string()))?;
+        self.pending_bytes -= answered.size();
+        Some(answered)
     }
 
     /// The input schema `tool` was listed with.
@@ -259,7 +280,10 @@ mod tests {
             Direction::ClientToServer,
             MessageKind::Request,
             &list_req,
-            list_req.tool_call().map(|(name, _)| name),
+            list_req
+                .tool_call()
+                .and_then(Result::ok)
+                .map(|call| call.name),
         );
         s.forwarded(Direction::ClientToServer, list_req.id.unwrap(), &ex);
 
@@ -276,7 +300,7 @@ mod tests {
             Direction::ClientToServer,
             MessageKind::Request,
             &call,
-            call.tool_call().map(|(name, _)| name),
+            call.tool_call().and_then(Result::ok).map(|call| call.name),
         );
         assert_eq!(ex.tool.as_deref(), Some("read_file"));
         assert_eq!(ex.annotations.as_ref().unwrap().read_only_hint, Some(true));
@@ -311,7 +335,10 @@ mod tests {
             Direction::ServerToClient,
             MessageKind::Request,
             &from_server,
-            from_server.tool_call().map(|(name, _)| name),
+            from_server
+                .tool_call()
+                .and_then(Result::ok)
+                .map(|call| call.name),
         );
         s.forwarded(Direction::ServerToClient, from_server.id.unwrap(), &ex);
         let id = from_server.id;

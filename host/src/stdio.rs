@@ -42,7 +42,13 @@ enum Ending {
     ClientClosed,
     ServerClosed,
     Signal(i32),
+    /// A relay thread failed (a bug): the proxy stops rather than carry on
+    /// with one direction deaf.
+    Failed(String),
 }
+
+/// The exit code of a proxy whose relay thread failed (EX_SOFTWARE).
+const FAILED: i32 = 70;
 
 /// One side's input stream, shared by the two directions' threads; `None`
 /// once closed.
@@ -118,8 +124,22 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
         std::thread::Builder::new()
             .name(format!("portcullis-{}", direction.as_str()))
             .spawn(move || {
-                pump(&relay, direction, input, max_message_bytes, onward, back);
-                let _ = endings.send(ended);
+                let pumped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pump(&relay, direction, input, max_message_bytes, onward, back);
+                }));
+                let ending = match pumped {
+                    Ok(()) => ended,
+                    Err(panic) => Ending::Failed(format!(
+                        "the {} relay thread failed: {}",
+                        direction.as_str(),
+                        panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default()
+                    )),
+                };
+                let _ = endings.send(ending);
             })
             .context("cannot start a relay thread")?;
     }
@@ -142,6 +162,14 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
             drain(&ending);
             status
         }
+        Ending::Failed(why) => {
+            tracing::error!("{why}; stopping the proxy and its server");
+            relay.cancel_held("Portcullis failed");
+            to_server.close();
+            to_client.close();
+            wait_with_grace(&mut child)?;
+            return Ok(FAILED);
+        }
     };
     Ok(exit_code(status))
 }
@@ -160,7 +188,8 @@ fn drain(ending: &mpsc::Receiver<Ending>) {
 
 /// Reads frames from one side, judges them and sends the results on, until
 /// end of stream or until the onward side is gone. A request held for
-/// approval waits on its own thread, so the traffic behind it flows.
+/// approval is sent on when its approval ends, without holding up the
+/// traffic behind it (or any thread).
 fn pump(
     relay: &Arc<Relay>,
     direction: Direction,
@@ -181,21 +210,15 @@ fn pump(
         };
         let delivery = relay.handle(direction, frame);
         for held in delivery.held {
-            let (relay, onward, back) = (relay.clone(), onward.clone(), back.clone());
-            let waiting = std::thread::Builder::new()
-                .name("portcullis-held".into())
-                .spawn(move || {
-                    let settled = relay.resolve(held);
-                    if let Some(reply) = settled.reply {
-                        back.send(reply);
-                    }
-                    if let Some(forward) = settled.forward {
-                        onward.send(forward);
-                    }
-                });
-            if let Err(e) = waiting {
-                tracing::error!("cannot start a thread for a held call: {e}");
-            }
+            let (onward, back) = (onward.clone(), back.clone());
+            relay.on_decision(held, move |settled| {
+                if let Some(reply) = settled.reply {
+                    back.send(reply);
+                }
+                if let Some(forward) = settled.forward {
+                    onward.send(forward);
+                }
+            });
         }
         if let Some(reply) = delivery.reply {
             back.send(reply);

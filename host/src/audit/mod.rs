@@ -69,6 +69,10 @@ pub struct AuditRecord {
     /// The arguments themselves, unless `audit.include_arguments = false`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<Value>,
+    /// For a message refused before it could be judged (unreadable,
+    /// ambiguous, malformed): sha256 of its bytes as received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_sha256: Option<String>,
     /// sha256 of the canonical JSON of an answer's result or error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result_sha256: Option<String>,
@@ -122,6 +126,7 @@ impl AuditRecord {
             jsonrpc_id: None,
             arguments_sha256: None,
             arguments: None,
+            message_sha256: None,
             result_sha256: None,
             outcome: "allow",
             code: None,
@@ -335,9 +340,15 @@ pub struct AccessRecord {
     /// The protocol revision agreed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<String>,
-    /// Why credentials were refused (never the credentials).
+    /// Why access was refused (never the credentials).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For `message-refused`: the JSON-RPC error code it was refused with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// For `message-refused`: sha256 of the message's bytes as received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_sha256: Option<String>,
 }
 
 impl AccessRecord {
@@ -361,6 +372,8 @@ impl AccessRecord {
             client: None,
             protocol_version: None,
             reason: None,
+            code: None,
+            message_sha256: None,
         }
     }
 }
@@ -385,6 +398,11 @@ fn decision_id() -> String {
 pub fn canonical_digest(json: &RawValue) -> Option<(String, Value)> {
     let value: Value = serde_json::from_str(json.get()).ok()?;
     Some((value_digest(&value), value))
+}
+
+/// sha256 of bytes as received (a message that could not be read as JSON).
+pub fn bytes_digest(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 /// sha256 of a JSON value's canonical form (its text: serde_json keeps

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const KEY: &str = "bench-agent-key";
+pub(super) const KEY: &str = "bench-agent-key";
 /// How long each throughput measurement runs.
 const THROUGHPUT_RUN: Duration = Duration::from_secs(3);
 
@@ -47,13 +47,20 @@ pub fn run(
     runtime.block_on(measure(config, tool, arguments, calls, clients))
 }
 
-async fn measure(
-    config_path: &Path,
-    tool: &str,
-    arguments: &Value,
-    calls: usize,
-    clients: usize,
-) -> Result<()> {
+/// An in-process fast server and `portcullis serve` in front of it.
+pub(super) struct Started {
+    /// The server, called directly.
+    pub server_url: String,
+    /// The server through the gateway.
+    pub gateway_url: String,
+    /// The generation in charge of the gateway.
+    pub current: Arc<Current>,
+}
+
+/// Starts the fast server offering `tool`, and the gateway in front of it
+/// with the chain and audit sinks of the config at `config_path` and one
+/// agent (key [`KEY`]).
+pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
     let server = bind().await?;
     let server_url = format!("http://{}/mcp", server.local_addr()?);
     tokio::spawn(serve_fast(server, tool.to_string()));
@@ -94,8 +101,31 @@ async fn measure(
     let gateway = Arc::new(Gateway::new(&generation.config, current.clone(), upstreams));
     let socket = bind().await?;
     let gateway_url = format!("http://{}/servers/fast/mcp", socket.local_addr()?);
-    let listener = Arc::new(Listener { gateway, current });
-    tokio::spawn(http::run(listener, socket, std::future::pending()));
+    let guard = http::Guard::of(&generation.config.serve);
+    let listener = Arc::new(Listener {
+        gateway,
+        current: current.clone(),
+    });
+    tokio::spawn(http::run(listener, socket, guard, std::future::pending()));
+    Ok(Started {
+        server_url,
+        gateway_url,
+        current,
+    })
+}
+
+async fn measure(
+    config_path: &Path,
+    tool: &str,
+    arguments: &Value,
+    calls: usize,
+    clients: usize,
+) -> Result<()> {
+    let Started {
+        server_url,
+        gateway_url,
+        ..
+    } = start(config_path, tool).await?;
 
     let call = json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call",
                        "params": { "name": tool, "arguments": arguments } })
@@ -169,7 +199,7 @@ async fn throughput(url: &str, key: Option<&str>, call: &str, clients: usize) ->
 }
 
 /// One MCP session over Streamable HTTP, as a bench client.
-struct Session {
+pub(super) struct Session {
     client: Client<HttpConnector, Full<Bytes>>,
     url: String,
     key: Option<String>,
@@ -177,7 +207,7 @@ struct Session {
 }
 
 impl Session {
-    async fn open(url: &str, key: Option<&str>) -> Result<Self> {
+    pub(super) async fn open(url: &str, key: Option<&str>) -> Result<Self> {
         let mut session = Self {
             client: Client::builder(TokioExecutor::new()).build_http(),
             url: url.to_string(),
@@ -219,8 +249,27 @@ impl Session {
         Ok(response)
     }
 
+    /// Ends the session (DELETE).
+    pub(super) async fn end(&self) -> Result<()> {
+        let mut request = Request::delete(&self.url);
+        if let Some(key) = &self.key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        if let Some(session) = &self.session {
+            request = request.header("mcp-session-id", session);
+        }
+        let response = self
+            .client
+            .request(request.body(Full::new(Bytes::new()))?)
+            .await?;
+        if !response.status().is_success() {
+            bail!("ending the session answered HTTP {}", response.status());
+        }
+        Ok(())
+    }
+
     /// One call and its answer, timed; an error answer fails the bench.
-    async fn time(&self, call: &str) -> Result<Duration> {
+    pub(super) async fn time(&self, call: &str) -> Result<Duration> {
         let started = Instant::now();
         let body = self
             .post(call)

@@ -2,10 +2,12 @@
 //! the policy chain on one `tools/call` with fresh and with reused instances,
 //! and the stdio relay's round trip against the same server spoken to
 //! directly, or ([`gateway`]) `portcullis serve` against the same HTTP server
-//! — and prints medians, percentiles and ratios.
+//! — and prints medians, percentiles and ratios; and ([`soak`]) a long run
+//! through `serve` that must leave memory flat and the trail verifiable.
 
 mod audit;
 mod gateway;
+mod soak;
 
 use crate::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
 use crate::config::{Config, EngineConfig, InstanceMode};
@@ -64,9 +66,15 @@ pub struct BenchArgs {
     /// in-process HTTP MCP server, against that server called directly.
     #[arg(long, requires = "config")]
     gateway: bool,
-    /// With `--gateway`: concurrent sessions for the throughput run.
+    /// With `--gateway` or `--soak`: concurrent sessions.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// A soak run of this many calls through `portcullis serve` with the
+    /// config's chain and audit sinks (one must be a chained file):
+    /// resident memory after the warm-up and at the end, errors, and
+    /// whether the trail verifies.
+    #[arg(long, requires = "config", value_name = "CALLS")]
+    soak: Option<u64>,
     /// Measure what auditing costs per record (file sink, plain and
     /// chained) and the records per second it sustains.
     #[arg(long)]
@@ -141,6 +149,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let Some(config_path) = &args.config else {
         return Ok(());
     };
+    if let Some(calls) = args.soak {
+        return soak::run(config_path, &args.tool, &arguments, calls, args.clients);
+    }
     if args.gateway {
         return gateway::run(
             config_path,

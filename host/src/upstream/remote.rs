@@ -2,18 +2,22 @@
 //! client: it initializes once (keeping the server's `Mcp-Session-Id`),
 //! sends each request as a POST with the server's own credential headers from
 //! the config (never an agent's), and reads the answer from a JSON body or an
-//! SSE stream. A lost session or connection is re-established on the next
+//! SSE stream (decoded as the SSE standard says — CRLF, multi-line `data:` —
+//! by `sse-stream`, up to the answer, within the size limit and the request
+//! timeout). A lost session or connection is re-established on the next
 //! request. `https://` uses the platform's root certificates.
 
 use super::{Health, INITIALIZED, UPSTREAM_PROTOCOL, initialize_request, not_available};
-use crate::jsonrpc::Message;
+use crate::jsonrpc::{self, Message};
 use crate::outbound::{self, HttpClient};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
 use serde_json::Value;
+use sse_stream::SseStream;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -227,12 +231,25 @@ impl Inner {
             request = request.header(name, value);
         }
         let request = request.body(Full::new(Bytes::from(text.to_string())))?;
-        let response = tokio::time::timeout(wait, self.client.request(request))
+        tokio::time::timeout(wait, self.send(request, id))
             .await
             .with_context(|| format!("no answer within {wait:?}"))?
+    }
+
+    /// Sends `request` and reads the answer to `id` (if it is a request).
+    async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+        id: Option<String>,
+    ) -> Result<(Option<HeaderValue>, Option<String>)> {
+        let session = request.headers().contains_key("mcp-session-id");
+        let response = self
+            .client
+            .request(request)
+            .await
             .with_context(|| format!("POST {}", self.url))?;
         let status = response.status();
-        if status == StatusCode::NOT_FOUND && session.is_some() {
+        if status == StatusCode::NOT_FOUND && session {
             return Err(SessionLost.into());
         }
         if !status.is_success() {
@@ -243,57 +260,109 @@ impl Inner {
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let body = Limited::new(response.into_body(), self.max_message_bytes)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
-            .to_bytes();
-        let body = String::from_utf8(body.to_vec()).context("the answer is not UTF-8")?;
+        let body = Limited::new(response.into_body(), self.max_message_bytes);
         let Some(id) = id else {
             return Ok((new_session, None));
         };
         let answer = if sse {
-            answer_in_events(&body, &id)
+            let body = body.map_err(body_error);
+            answer_in_events(Box::pin(SseStream::new(body)), &id).await?
         } else {
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+                .to_bytes();
+            let body = String::from_utf8(body.to_vec()).context("the answer is not UTF-8")?;
             Some(body).filter(|b| !b.trim().is_empty())
         };
         Ok((new_session, answer))
     }
 }
 
-/// The answer to request `id` among the messages of an SSE stream.
-fn answer_in_events(stream: &str, id: &str) -> Option<String> {
-    stream
-        .split("\n\n")
-        .map(|event| {
-            event
-                .lines()
-                .filter_map(|line| line.strip_prefix("data:"))
-                .map(|data| data.strip_prefix(' ').unwrap_or(data))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .find(|data| {
-            Message::parse(data).is_ok_and(|m| {
-                m.method.is_none() && m.id.is_some_and(|answered| answered.get() == id)
-            })
-        })
+/// A failure reading a body, as an I/O error (which the SSE decoder takes).
+fn body_error(e: Box<dyn std::error::Error + Send + Sync>) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// The answer to request `id` among the events of an SSE stream, read
+/// until it comes (the stream may stay open after it). An answer Portcullis
+/// cannot read is still taken, by its id, for the relay to refuse.
+async fn answer_in_events<S>(mut events: S, id: &str) -> Result<Option<String>>
+where
+    S: Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Unpin,
+{
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|e| anyhow::anyhow!("reading the answer's event stream: {e}"))?;
+        let Some(data) = event.data else {
+            continue;
+        };
+        let answers = match Message::parse(&data) {
+            Ok(m) => m.method.is_none() && m.id.is_some_and(|answered| answered.get() == id),
+            Err(_) => jsonrpc::leading_id(data.as_bytes()).is_some_and(|found| found.get() == id),
+        };
+        if answers {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The events of an SSE stream that arrives in `chunks`.
+    fn stream(
+        chunks: &[&'static str],
+    ) -> impl Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Unpin {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = chunks
+            .iter()
+            .map(|c| Ok(Bytes::from_static(c.as_bytes())))
+            .collect();
+        SseStream::from_bytes_stream(futures_util::stream::iter(chunks))
+    }
+
+    fn answer(chunks: &[&'static str], id: &str) -> Option<Value> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let found = runtime
+            .block_on(answer_in_events(stream(chunks), id))
+            .unwrap();
+        found.map(|text| serde_json::from_str(&text).unwrap())
+    }
+
     #[test]
     fn the_answer_is_found_among_other_events() {
-        let stream = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n\
+        let chunks = [
+            "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n\
                       id: 7\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":\"a\",\"result\":{}}\n\n\
-                      event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{\"ok\":true}}\n\n";
-        let answer = answer_in_events(stream, "3").unwrap();
-        assert_eq!(
-            serde_json::from_str::<Value>(&answer).unwrap()["result"]["ok"],
-            true
-        );
-        assert!(answer_in_events(stream, "4").is_none());
+                      event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{\"ok\":true}}\n\n",
+        ];
+        assert_eq!(answer(&chunks, "3").unwrap()["result"]["ok"], true);
+        assert!(answer(&chunks, "4").is_none());
+    }
+
+    #[test]
+    fn crlf_lines_multiline_data_and_split_chunks_are_read_as_sse_says() {
+        let chunks = [
+            "event: message\r\ndata: {\r\ndata:   \"jsonrpc\": \"2.0\",\r\n",
+            "data:   \"id\": 5,\r\ndata:   \"result\": {\"text\": \"two\\nlines\"}\r\ndata: }\r\n\r\n",
+        ];
+        let found = answer(&chunks, "5").unwrap();
+        assert_eq!(found["result"]["text"], "two\nlines");
+    }
+
+    #[test]
+    fn an_unreadable_answer_is_still_taken_by_its_id_for_the_relay_to_refuse() {
+        let chunks = ["data: {\"jsonrpc\":\"2.0\",\"id\":9,\"result\":{\"a\":1,\"a\":2}}\n\n"];
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let found = runtime
+            .block_on(answer_in_events(stream(&chunks), "9"))
+            .unwrap();
+        assert!(found.unwrap().contains(r#""a":1,"a":2"#));
     }
 }
