@@ -332,7 +332,7 @@ impl Admin {
                 }
             }
         });
-        http::event_stream("snapshot", receiver)
+        http::event_stream("snapshot", receiver, None)
     }
 
     /// Pending approvals, recent decisions and the policies serving, as

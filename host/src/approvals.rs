@@ -384,9 +384,8 @@ impl Approvals {
         let mut db = Connection::open(path)
             .with_context(|| format!("cannot open the approvals store {}", path.display()))?;
         restrict(path)?;
-        db.busy_timeout(Duration::from_secs(5))?;
-        db.pragma_update(None, "journal_mode", "WAL")
-            .context("cannot switch the approvals store to WAL")?;
+        db.busy_timeout(BUSY)?;
+        to_wal(&db).context("cannot switch the approvals store to WAL")?;
         migrate(&mut db)
             .with_context(|| format!("{} is not an approvals store", path.display()))?;
         let receipt_key = receipt_key(&db)
@@ -731,6 +730,29 @@ impl Approvals {
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().expect("approvals store poisoned")
+    }
+}
+
+/// How long a process waits for another that holds the store's lock.
+const BUSY: Duration = Duration::from_secs(5);
+
+/// Switches the store to write-ahead logging. The switch takes the store
+/// whole, which SQLite does not wait for: while another process is opening
+/// the store at the same moment, it is tried again, for as long as [`BUSY`].
+fn to_wal(db: &Connection) -> rusqlite::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        match db.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && started.elapsed() < BUSY =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done => return done,
+        }
     }
 }
 

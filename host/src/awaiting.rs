@@ -133,11 +133,21 @@ impl Awaiting {
         }
     }
 
-    /// Hands `ended` to those waiting on it.
+    /// Hands `ended` to those waiting on it. One that fails (a bug) is
+    /// logged, and the others are still told.
     fn deliver(&self, id: &str, ended: impl Fn() -> Result<Approval>) {
         let waiting = self.lock().by_approval.remove(id).unwrap_or_default();
         for waiter in waiting {
-            (waiter.then)(ended());
+            let ending = ended();
+            let told = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                (waiter.then)(ending);
+            }));
+            if told.is_err() {
+                tracing::error!(
+                    approval = id,
+                    "settling a held call failed inside Portcullis"
+                );
+            }
         }
     }
 

@@ -319,6 +319,9 @@ fn default_max_connections() -> usize {
     512
 }
 
+/// The most connections a listener may be configured to serve at once.
+const MAX_CONNECTIONS: usize = 1 << 20;
+
 fn default_header_timeout() -> u64 {
     30
 }
@@ -1351,6 +1354,9 @@ impl Config {
             if value == 0 {
                 bail!("serve.{name}: must be at least 1");
             }
+        }
+        if serve.max_connections > MAX_CONNECTIONS {
+            bail!("serve.max_connections: must be at most {MAX_CONNECTIONS}");
         }
         let mut names = std::collections::HashSet::new();
         for (i, policy) in self.policies.iter().enumerate() {

@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 const ID_PREFIX: &str = "portcullis-approval-";
 /// The key of Portcullis' question among a request's `inputRequests`.
 const INPUT_KEY: &str = "portcullis-approval";
-/// The most of the arguments shown in the question.
+/// The longest arguments (JSON text) a question shows. A call whose
+/// arguments are longer is not put to the client's user: they would approve
+/// what they were not shown.
 const MAX_SHOWN: usize = 2000;
 
 /// What the user answered.
@@ -88,19 +90,17 @@ pub fn without_input(params: &Value) -> Option<Value> {
     Some(Value::Object(kept))
 }
 
+/// Whether a call with these arguments (JSON text) can be put to the
+/// client's user whole.
+pub fn can_show(arguments: &str) -> bool {
+    arguments.len() <= MAX_SHOWN
+}
+
 /// The elicitation (form mode) putting `approval`'s call to the user.
 fn question(approval: &Approval) -> Value {
     let call = &approval.call;
     let what = call.tool.as_deref().unwrap_or(&call.method);
-    let mut arguments = call.arguments.clone();
-    if arguments.len() > MAX_SHOWN {
-        let cut = (0..=MAX_SHOWN)
-            .rev()
-            .find(|i| arguments.is_char_boundary(*i))
-            .unwrap_or(0);
-        arguments.truncate(cut);
-        arguments.push('…');
-    }
+    let arguments = &call.arguments;
     let message = format!(
         "Portcullis holds a call for your approval.\n\n{} wants to call {what} on {} with:\n{arguments}\n\n{}: {}\n\nApprove this call, exactly as shown?",
         call.agent, call.server, call.policy, call.reason
@@ -203,6 +203,12 @@ mod tests {
             json!({"name": "delete", "arguments": {"path": "/x"}})
         );
         assert_eq!(without_input(&json!({"name": "delete"})), None);
+    }
+
+    #[test]
+    fn arguments_too_long_to_show_whole_are_not_put_to_the_user() {
+        assert!(can_show(&"a".repeat(MAX_SHOWN)));
+        assert!(!can_show(&"a".repeat(MAX_SHOWN + 1)));
     }
 
     #[test]

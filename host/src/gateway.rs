@@ -24,6 +24,7 @@ use crate::upstream::{Health, Upstream};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -262,17 +263,14 @@ impl Gateway {
     /// The notifications `session`'s servers send all their clients, each
     /// judged by the session's relay for that server, from now until the
     /// receiver is dropped.
-    /// The session is in use (it does not expire) while the stream lasts.
-    pub fn notices(&self, session: &Arc<ClientSession>) -> mpsc::Receiver<String> {
+    pub fn notices(&self, session: &ClientSession) -> mpsc::Receiver<String> {
         let (sender, receiver) = mpsc::channel(16);
         for (server, relay) in &session.relays {
             let Some(mut notices) = self.upstreams[server].notices() else {
                 continue;
             };
             let (sender, relay) = (sender.clone(), relay.clone());
-            let in_use = session.clone();
             tokio::spawn(async move {
-                let _in_use = in_use;
                 loop {
                     let notice = tokio::select! {
                         notice = notices.recv() => notice,
@@ -288,6 +286,7 @@ impl Gateway {
                         Direction::ServerToClient,
                         text,
                         Asking::Connection,
+                        None,
                     )
                     .await;
                     if let Some(forward) = judged.forward
@@ -529,11 +528,16 @@ impl Gateway {
         asking: Asking,
     ) -> Option<String> {
         let relay = session.relays.get(server)?.clone();
+        // The request and its answer are one HTTP exchange with the server:
+        // they are judged as a pair, whatever ids clients sharing a session
+        // use.
+        let pair = Some(PAIRS.fetch_add(1, Ordering::Relaxed));
         let outbound = judge(
             relay.clone(),
             Direction::ClientToServer,
             text.to_string(),
             asking,
+            pair,
         )
         .await;
         if let Some(reply) = outbound.reply {
@@ -557,7 +561,14 @@ impl Gateway {
                 None,
             ),
         };
-        let judged = judge(relay, Direction::ServerToClient, answer, Asking::Connection).await;
+        let judged = judge(
+            relay,
+            Direction::ServerToClient,
+            answer,
+            Asking::Connection,
+            pair,
+        )
+        .await;
         // A request is always answered: an answer the relay dropped (it
         // could not be matched to this request) becomes an error.
         judged.forward.or_else(|| {
@@ -566,6 +577,9 @@ impl Gateway {
         })
     }
 }
+
+/// Names each request/answer pair the gateway relays.
+static PAIRS: AtomicU64 = AtomicU64::new(1);
 
 /// Portcullis as the server answering on the merged endpoint.
 fn portcullis_info() -> Value {
@@ -599,10 +613,20 @@ struct Judged {
 
 /// Runs the relay (policies are WebAssembly and may take milliseconds) on a
 /// blocking thread, off the async workers.
-async fn judge(relay: Arc<Relay>, direction: Direction, text: String, asking: Asking) -> Judged {
+async fn judge(
+    relay: Arc<Relay>,
+    direction: Direction,
+    text: String,
+    asking: Asking,
+    pair: Option<u64>,
+) -> Judged {
     let judging = relay.clone();
     let judged = tokio::task::spawn_blocking(move || {
-        judging.handle_asking(direction, Frame::Line(text.into_bytes()), asking)
+        let frame = Frame::Line(text.into_bytes());
+        match pair {
+            Some(pair) => judging.handle_paired(direction, frame, asking, pair),
+            None => judging.handle_asking(direction, frame, asking),
+        }
     })
     .await;
     let mut delivery = match judged {

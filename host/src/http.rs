@@ -487,7 +487,17 @@ impl Listener {
             door.unknown_session(identity);
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
-        event_stream("message", self.gateway.notices(&session))
+        let Some(stream) = session.open_stream() else {
+            return plain(
+                StatusCode::CONFLICT,
+                "this session has an event stream open already",
+            );
+        };
+        event_stream(
+            "message",
+            self.gateway.notices(&session),
+            Some(Box::new(stream)),
+        )
     }
 
     /// A request of the stateless 2026-07-28 revision: its envelope is
@@ -596,10 +606,15 @@ struct Door {
 }
 
 impl Door {
+    /// Writes `record` off the async workers (a sink may wait for the disk):
+    /// the refusal it records does not wait for it.
     fn record(&self, record: AccessRecord) {
-        if let Err(e) = self.current.get().audit.write(&record) {
-            tracing::error!(event = record.event, "cannot audit an access: {e:#}");
-        }
+        let current = self.current.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = current.get().audit.write(&record) {
+                tracing::error!(event = record.event, "cannot audit an access: {e:#}");
+            }
+        });
     }
 
     /// `event` refused (by `identity`, once known), for `why`.
@@ -635,10 +650,16 @@ impl Door {
 
 /// A `text/event-stream` response of `events` (JSON texts), each an SSE
 /// event named `name`.
-pub fn event_stream(name: &'static str, events: mpsc::Receiver<String>) -> Response<Body> {
+/// `kept` lives as long as the stream.
+pub fn event_stream(
+    name: &'static str,
+    events: mpsc::Receiver<String>,
+    kept: Option<Box<dyn Send + Sync>>,
+) -> Response<Body> {
     let stream = EventStream {
         name,
         notices: Some(events),
+        _kept: kept,
         keepalive: tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE),
     };
     let mut response = Response::new(stream.boxed());
@@ -656,6 +677,7 @@ pub fn event_stream(name: &'static str, events: mpsc::Receiver<String>) -> Respo
 /// only when the client goes away.
 struct EventStream {
     name: &'static str,
+    _kept: Option<Box<dyn Send + Sync>>,
     notices: Option<mpsc::Receiver<String>>,
     keepalive: tokio::time::Interval,
 }

@@ -80,10 +80,24 @@ impl<'a> Message<'a> {
                 message: format!("{kind}: {refusal}"),
             });
         }
-        serde_json::from_str(text).map_err(|e| Unreadable {
+        let invalid = |why: String| Unreadable {
             code: INVALID_REQUEST,
-            message: format!("Invalid Request: {e}"),
-        })
+            message: format!("Invalid Request: {why}"),
+        };
+        // serde would read a struct from an array, by position.
+        if !text.trim_start().starts_with('{') {
+            return Err(invalid("a message is a JSON object".into()));
+        }
+        let message: Self = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if let Some(id) = message.id
+            && !valid_id(id)
+        {
+            return Err(invalid(format!(
+                "id {} is not a string or an integer of at most 2^53 - 1",
+                id.get()
+            )));
+        }
+        Ok(message)
     }
 
     /// The JSON-RPC shape, or `None` if this is not a valid message.
@@ -155,6 +169,35 @@ pub struct ToolCall<'a> {
     pub name: String,
     /// Its arguments (an object), as raw JSON.
     pub arguments: Option<&'a RawValue>,
+}
+
+/// The largest integer every peer reads exactly (JavaScript's
+/// `Number.MAX_SAFE_INTEGER`).
+const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+
+/// Whether `id` is one every peer reads and writes back alike: a string, or
+/// an integer written plainly within ±(2^53 - 1). (JSON-RPC allows
+/// fractions, but `1.0` comes back from a JavaScript server as `1`.)
+fn valid_id(id: &RawValue) -> bool {
+    let text = id.get();
+    text.starts_with('"')
+        || text
+            .parse::<i64>()
+            .is_ok_and(|n| n.abs() <= MAX_SAFE_INTEGER)
+}
+
+/// An id as a key that two spellings of the same id share (`"\u0061"` and
+/// `"a"`, `-0` and `0`), so an answer is matched to its request as the
+/// peer that wrote it meant.
+pub fn id_key(id: &RawValue) -> String {
+    let text = id.get();
+    if let Ok(n) = text.parse::<i64>() {
+        return n.to_string();
+    }
+    serde_json::from_str::<String>(text)
+        .ok()
+        .and_then(|s| serde_json::to_string(&s).ok())
+        .unwrap_or_else(|| text.to_string())
 }
 
 /// True if `text` is a JSON array (a batch) rather than a single message.
@@ -264,12 +307,9 @@ pub fn trailing_id(suffix: &[u8]) -> Option<Box<RawValue>> {
 }
 
 /// Whether an id found in part of a message may be answered and audited: a
-/// string or a number every peer reads alike (not `null`).
+/// string or an integer every peer reads alike (not `null`).
 fn usable_id(id: &RawValue) -> bool {
-    let text = id.get();
-    (text.starts_with('"')
-        || text.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']))
-        && strict_json::check(text).is_ok()
+    valid_id(id) && strict_json::check(id.get()).is_ok()
 }
 
 #[cfg(test)]
@@ -351,6 +391,33 @@ mod tests {
         assert_eq!(huge.code, PARSE_ERROR);
         let not_a_message = Message::parse(r#"{"id":1,"method":5}"#).unwrap_err();
         assert_eq!(not_a_message.code, INVALID_REQUEST);
+        let by_position = Message::parse(r#"[1,"tools/call",{"name":"x"}]"#).unwrap_err();
+        assert_eq!(by_position.code, INVALID_REQUEST);
+    }
+
+    #[test]
+    fn ids_are_strings_or_safe_integers_and_match_however_spelled() {
+        for bad in [
+            r#"{"x":1}"#,
+            "[1]",
+            "1.0",
+            "1e2",
+            "true",
+            "9007199254740992",
+            "-9007199254740992",
+        ] {
+            let text = format!(r#"{{"jsonrpc":"2.0","id":{bad},"method":"ping"}}"#);
+            let refused = Message::parse(&text).unwrap_err();
+            assert_eq!(refused.code, INVALID_REQUEST, "{bad}");
+        }
+        for good in [r#""a""#, "0", "-7", "9007199254740991", r#""\ud83d\ude00""#] {
+            let text = format!(r#"{{"jsonrpc":"2.0","id":{good},"method":"ping"}}"#);
+            assert!(Message::parse(&text).is_ok(), "{good}");
+        }
+        let key = |text: &str| id_key(&RawValue::from_string(text.into()).unwrap());
+        assert_eq!(key(r#""\u0061""#), key(r#""a""#));
+        assert_eq!(key("-0"), key("0"));
+        assert_ne!(key("1"), key(r#""1""#));
     }
 
     #[test]

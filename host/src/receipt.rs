@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 
 /// What a receipt starts with: its format's version.
 const VERSION: &str = "pcr1";
-/// The longest text taken for a receipt (a real one is about 300 bytes).
-const MAX_LEN: usize = 2048;
+/// The longest text taken for a receipt (a real one is about 300 bytes and
+/// a third of the agent's id).
+const MAX_LEN: usize = 8192;
 
 /// What a receipt says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -82,8 +82,11 @@ pub enum Asking {
 pub struct Held {
     /// The approval it waits on.
     pub approval: String,
-    /// Its JSON-RPC id, as text.
+    /// The key it is held under (its JSON-RPC id, canonical, or the pair
+    /// its transport named).
     pub key: String,
+    /// Its JSON-RPC id, as sent.
+    id: Option<Box<RawValue>>,
     /// The request as it will be relayed if approved.
     text: String,
     /// sha256 of the canonical arguments the approval is bound to.
@@ -129,12 +132,21 @@ impl<'a> Step<'a> {
     }
 }
 
+/// What the relay keeps of a held request.
+struct HeldEntry {
+    /// Its approval.
+    approval: String,
+    /// Its JSON-RPC id, as text.
+    jsonrpc_id: Option<String>,
+}
+
 /// The decision path shared by every transport.
 pub struct Relay {
     current: Arc<Current>,
     session: Mutex<Session>,
-    /// Requests held for approval, by JSON-RPC id text: their approvals.
-    held: Mutex<HashMap<String, String>>,
+    /// Requests held for approval, by their in-flight key: their
+    /// approvals and JSON-RPC ids.
+    held: Mutex<HashMap<String, HeldEntry>>,
     /// Whether the client said it can ask its user (elicitation).
     elicits: AtomicBool,
     /// Portcullis' own questions to the client's user, by JSON-RPC id text:
@@ -170,32 +182,65 @@ impl Relay {
     /// Portcullis (a bug, never an input's due), the message is refused,
     /// audited and logged as an error, and the connection goes on.
     pub fn handle_asking(&self, direction: Direction, frame: Frame, asking: Asking) -> Delivery {
+        self.guarded(direction, frame, asking, None)
+    }
+
+    /// Judges one message of a request/answer pair that its transport
+    /// matches itself (serve: one HTTP exchange), named `pair` for both: the
+    /// answer is judged as the answer to that request whatever its JSON-RPC
+    /// id, so clients sharing a session may reuse ids.
+    pub fn handle_paired(
+        &self,
+        direction: Direction,
+        frame: Frame,
+        asking: Asking,
+        pair: u64,
+    ) -> Delivery {
+        self.guarded(direction, frame, asking, Some(pair))
+    }
+
+    fn guarded(
+        &self,
+        direction: Direction,
+        frame: Frame,
+        asking: Asking,
+        pair: Option<u64>,
+    ) -> Delivery {
         let judged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.judge(direction, frame, asking)
+            self.judge(direction, frame, asking, pair)
         }));
-        judged.unwrap_or_else(|panic| self.failed(direction, &panic_message(&*panic)))
+        judged.unwrap_or_else(|panic| self.failed(direction, &panic_message(&*panic), pair))
     }
 
     /// A message whose judging failed inside Portcullis (`why`): refused,
     /// never relayed.
-    fn failed(&self, direction: Direction, why: &str) -> Delivery {
+    fn failed(&self, direction: Direction, why: &str, pair: Option<u64>) -> Delivery {
         tracing::error!(
             direction = direction.as_str(),
             "judging a message failed inside Portcullis: {why}; the message was refused"
         );
         let g = self.current();
-        let why =
-            format!("Portcullis failed while judging this message, so it was not relayed: {why}");
-        let refused = self.reject(&g, direction, Unjudged::new(INTERNAL_ERROR, why.clone()));
-        let mut delivery = into_delivery(refused);
-        if direction == Direction::ServerToClient && delivery.forward.is_none() {
-            // Whoever waits for the answer learns that it will not come.
-            delivery.forward = Some(error_response(None, INTERNAL_ERROR, &why, None).into_bytes());
+        let record = format!("Portcullis failed while judging this message: {why}");
+        let unjudged = Unjudged::new(INTERNAL_ERROR, record).key(paired(pair));
+        let mut delivery = into_delivery(self.reject(&g, direction, unjudged));
+        // The sender learns that it failed, not how (that is in the trail);
+        // whoever waits for an answer learns that it will not come.
+        let why = "Portcullis failed while judging this message, so it was not relayed";
+        let error = || error_response(None, INTERNAL_ERROR, why, None).into_bytes();
+        match direction {
+            Direction::ClientToServer => delivery.reply = Some(error()),
+            Direction::ServerToClient => delivery.forward = Some(error()),
         }
         delivery
     }
 
-    fn judge(&self, direction: Direction, frame: Frame, asking: Asking) -> Delivery {
+    fn judge(
+        &self,
+        direction: Direction,
+        frame: Frame,
+        asking: Asking,
+        pair: Option<u64>,
+    ) -> Delivery {
         let generation = self.current();
         let g = &*generation;
         let bytes = match frame {
@@ -204,17 +249,19 @@ impl Relay {
                 len,
                 prefix,
                 suffix,
-            } => return self.oversized(g, direction, len, &prefix, &suffix),
+            } => return self.oversized(g, direction, len, (&prefix, &suffix), pair),
         };
         let Ok(text) = std::str::from_utf8(&bytes) else {
             let why = "Parse error: message is not UTF-8";
-            let unjudged = Unjudged::new(PARSE_ERROR, why.into()).text(&bytes);
+            let unjudged = Unjudged::new(PARSE_ERROR, why.into())
+                .text(&bytes)
+                .key(paired(pair));
             return into_delivery(self.reject(g, direction, unjudged));
         };
         if jsonrpc::is_batch(text) {
             return self.batch(g, direction, text);
         }
-        let step = self.message(g, direction, text, asking);
+        let step = self.message(g, direction, text, asking, pair);
         if step.unchanged() {
             return Delivery {
                 forward: Some(bytes),
@@ -240,7 +287,7 @@ impl Relay {
         }
         let steps: Vec<Step> = members
             .iter()
-            .map(|m| self.message(g, direction, m.get(), Asking::Connection))
+            .map(|m| self.message(g, direction, m.get(), Asking::Connection, None))
             .collect();
         if steps.iter().all(Step::unchanged) {
             return Delivery {
@@ -271,26 +318,44 @@ impl Relay {
         direction: Direction,
         text: &'a str,
         asking: Asking,
+        pair: Option<u64>,
     ) -> Step<'a> {
         let message = match Message::parse(text) {
             Ok(message) => message,
             Err(unreadable) => {
                 let id = jsonrpc::leading_id(text.as_bytes());
+                let key = paired(pair).or_else(|| id.as_deref().map(jsonrpc::id_key));
                 let unjudged = Unjudged::new(unreadable.code, unreadable.message)
                     .id(id.as_deref())
-                    .text(text.as_bytes());
+                    .text(text.as_bytes())
+                    .key(key);
                 return self.reject(g, direction, unjudged);
             }
         };
+        let key = paired(pair).or_else(|| message.id.map(jsonrpc::id_key));
         let Some(kind) = message.kind() else {
             let why = "Invalid Request: not a JSON-RPC 2.0 request, notification or response";
             let unjudged = Unjudged::new(INVALID_REQUEST, why.into())
                 .id(message.id)
-                .text(text.as_bytes());
+                .text(text.as_bytes())
+                .key(key);
             return self.reject(g, direction, unjudged);
         };
         if self.answered_by_user(direction, kind, &message) {
             return Step::default();
+        }
+        if let Some(why) = self.out_of_turn(direction, kind, &message, key.as_deref()) {
+            let unjudged = Unjudged::new(INVALID_REQUEST, why)
+                .id(message.id)
+                .method(message.method.as_deref())
+                .text(text.as_bytes())
+                .key(key);
+            let mut refused = self.reject(g, direction, unjudged);
+            if kind != MessageKind::Request {
+                // An answer is never answered: a stray one is dropped.
+                refused.reply = None;
+            }
+            return refused;
         }
         // A tool call's params are read once: the name for the exchange, the
         // arguments for the boundary's checks and the audit record. A call
@@ -314,7 +379,8 @@ impl Relay {
         } else {
             message.params
         };
-        let (mut exchange, drift) = self.exchange(g, direction, kind, &message, tool);
+        let (mut exchange, drift) =
+            self.exchange(g, direction, kind, (&message, key.as_deref()), tool);
         let crossing = self.cross(g, direction, kind, &exchange, call_arguments, &drift);
         if direction == Direction::ClientToServer {
             match exchange.method.as_str() {
@@ -423,8 +489,10 @@ impl Relay {
                     (Some(refused(&mut record, &refusal, e.to_string())), None)
                 }
                 Err(e) => {
+                    // The details (a store's path, say) are for the log.
+                    tracing::error!("cannot hold a call for approval: {e:#}");
                     let why = format!(
-                        "approval required ({}), but it cannot be asked for: {e:#}",
+                        "approval required ({}), but Portcullis cannot hold the call for it",
                         refusal.reason
                     );
                     (Some(refused(&mut record, &refusal, why)), None)
@@ -440,11 +508,11 @@ impl Relay {
             return audit_failed(&record, kind, message.id, &e);
         }
         match decision.outcome {
-            Decided::Allow => self.pass(direction, kind, &message, &exchange, Cow::Borrowed(text)),
+            Decided::Allow => self.pass(direction, kind, key, &exchange, Cow::Borrowed(text)),
             Decided::Modify(payload) => {
                 match jsonrpc::replace_member(text, message.payload(kind).0, &payload) {
                     Ok(modified) => {
-                        self.pass(direction, kind, &message, &exchange, Cow::Owned(modified))
+                        self.pass(direction, kind, key, &exchange, Cow::Owned(modified))
                     }
                     Err(e) => refuse(
                         kind,
@@ -476,18 +544,20 @@ impl Relay {
                         .unwrap_or_else(|_| text.to_string()),
                     None => text.to_string(),
                 };
-                let key = message
-                    .id
-                    .map(|id| id.get().to_string())
-                    .unwrap_or_default();
+                let key = key.unwrap_or_default();
+                let entry = HeldEntry {
+                    approval: record.id.clone(),
+                    jsonrpc_id: message.id.map(|id| id.get().to_string()),
+                };
                 self.held
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(key.clone(), record.id.clone());
+                    .insert(key.clone(), entry);
                 Step {
                     held: Some(Held {
                         approval: record.id,
                         key,
+                        id: message.id.map(ToOwned::to_owned),
                         text,
                         arguments_sha256: bound,
                         expires_ms,
@@ -547,25 +617,28 @@ impl Relay {
             return Ok(Asked::Approved(earlier.id, "approval:reused"));
         }
         let rule = hold::rule_for(&g.config.approvals, &call);
+        // The client's user is asked only where the rule says so and the
+        // call can be shown to them whole.
+        let elicit = rule.elicit && elicit::can_show(&call.arguments);
         let request = approvals::Request {
             id: record.id.clone(),
             call,
             terms: rule.terms,
             expires_in: rule.expires_in,
             holder: holding.holder().to_string(),
-            elicit: rule.elicit,
+            elicit,
             max_pending: g.config.approvals.max_pending_per_agent,
         };
         let approval = store.request(&request)?;
         holding.announce(&g.config, &approval);
-        if rule.elicit && answerable {
+        if elicit && answerable {
             let receipt = receipt::seal(store.receipt_key(), &approval);
             let answer = elicit::input_required(message.id, &approval, &receipt);
             return Ok(Asked::InputRequired(approval.id, answer));
         }
         // The client's own user is asked too, where the rule and the client
         // allow it.
-        let question = (rule.elicit && self.elicits.load(Ordering::Relaxed)).then(|| {
+        let question = (elicit && self.elicits.load(Ordering::Relaxed)).then(|| {
             let (id, text) = elicit::request(&approval);
             self.eliciting
                 .lock()
@@ -663,7 +736,7 @@ impl Relay {
             .eliciting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(id.get());
+            .remove(&jsonrpc::id_key(id));
         // A late answer, after an approver decided, is dropped too.
         let Some(approval) = approval else {
             return true;
@@ -713,12 +786,7 @@ impl Relay {
     /// ending is audited, once: a request already settled (e.g. cancelled
     /// when its client left) gives nothing.
     fn settle(&self, held: Held, ended: anyhow::Result<Approval>) -> Delivery {
-        let settled = self
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&held.key);
-        if settled.is_none() {
+        if self.unhold(&held.key, &held.approval).is_none() {
             return Delivery::default();
         }
         self.eliciting
@@ -726,7 +794,7 @@ impl Relay {
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, approval| *approval != held.approval);
         let g = self.current();
-        let id = RawValue::from_string(held.key.clone()).ok();
+        let id = held.id;
         let refused = |code: i32, why: &str, data: serde_json::Value| Delivery {
             reply: Some(error_response(id.as_deref(), code, why, Some(data)).into_bytes()),
             ..Delivery::default()
@@ -740,7 +808,8 @@ impl Relay {
             }
         };
         let bound = approval.call.arguments_sha256 == held.arguments_sha256;
-        let record = ApprovalRecord::new(&approval, Some(held.key.clone()), bound);
+        let jsonrpc_id = id.as_ref().map(|id| id.get().to_string());
+        let record = ApprovalRecord::new(&approval, jsonrpc_id, bound);
         metrics::global().approval(record.state);
         let written = g.audit.write(&record);
         let data = json!({
@@ -759,10 +828,8 @@ impl Relay {
         }
         match (approval.state, bound) {
             (State::Approved, true) => {
-                if let Some(id) = &id {
-                    let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-                    session.forwarded(Direction::ClientToServer, id, &held.exchange);
-                }
+                let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+                session.forwarded(Direction::ClientToServer, &held.key, &held.exchange);
                 Delivery {
                     forward: Some(held.text.into_bytes()),
                     ..Delivery::default()
@@ -771,6 +838,72 @@ impl Relay {
             (State::Cancelled, _) => Delivery::default(),
             _ => refused(DENIED, &record.message(), data),
         }
+    }
+
+    /// Why `message` cannot be judged now, if it cannot: an answer is judged
+    /// knowing the request it answers, so a request whose id is already in
+    /// flight (its answer could not be told from the other's), one past the
+    /// session's bound of requests in flight, and an answer to no request
+    /// in flight are refused.
+    fn out_of_turn(
+        &self,
+        direction: Direction,
+        kind: MessageKind,
+        message: &Message,
+        key: Option<&str>,
+    ) -> Option<String> {
+        let id = message.id.map_or("null", RawValue::get);
+        match (kind, key) {
+            (MessageKind::Request, Some(key)) => {
+                if self.in_flight(direction, key) {
+                    return Some(format!(
+                        "Invalid Request: id {id} is already in use by a request in flight"
+                    ));
+                }
+                let session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+                let params = message.params.map_or(0, |p| p.get().len());
+                (!session.has_room(params)).then(|| {
+                    "Invalid Request: too many requests in flight; wait for their answers".into()
+                })
+            }
+            (MessageKind::Result | MessageKind::Error, key) => {
+                let asked = match direction {
+                    Direction::ClientToServer => Direction::ServerToClient,
+                    Direction::ServerToClient => Direction::ClientToServer,
+                };
+                let session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+                let answers = key.is_some_and(|key| session.in_flight(asked, key));
+                (!answers).then(|| format!("Invalid Request: {id} answers no request in flight"))
+            }
+            _ => None,
+        }
+    }
+
+    /// Stops holding the request held under `key` for `approval` (and no
+    /// other approval that took its key since).
+    fn unhold(&self, key: &str, approval: &str) -> Option<HeldEntry> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.get(key).is_some_and(|e| e.approval == approval) {
+            held.remove(key)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a request is in flight under `key` in `direction`: forwarded
+    /// and unanswered, or held.
+    fn in_flight(&self, direction: Direction, key: &str) -> bool {
+        let held = direction == Direction::ClientToServer
+            && self
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(key);
+        held || self
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .in_flight(direction, key)
     }
 
     /// Cancels every request this connection holds (its client went away):
@@ -793,22 +926,32 @@ impl Relay {
     fn cancelled_by_client(&self, params: Option<&str>) {
         let request = params
             .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
-            .and_then(|p| p.get("requestId").map(ToString::to_string));
+            .and_then(|p| p.get("requestId").map(ToString::to_string))
+            .and_then(|id| RawValue::from_string(id).ok())
+            .map(|id| jsonrpc::id_key(&id));
         if let Some(key) = request {
+            self.session
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .forget(Direction::ClientToServer, &key);
             self.cancel(&key, "the client cancelled the request");
         }
     }
 
-    /// Cancels the held request `key` (its JSON-RPC id) and audits it at
+    /// Cancels the held request `key` (its in-flight key) and audits it at
     /// once (its waiting thread then finds it settled): the process may end
     /// before that thread would look again.
     pub fn cancel(&self, key: &str, why: &str) {
-        let approval = self
+        let entry = self
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(key);
-        let Some(approval) = approval else {
+        let Some(HeldEntry {
+            approval,
+            jsonrpc_id,
+        }) = entry
+        else {
             return;
         };
         let cancelled = self
@@ -817,7 +960,7 @@ impl Relay {
             .store()
             .and_then(|store| store.settle(&approval, State::Cancelled, "client", Some(why)))
             .and_then(|ended| {
-                let record = ApprovalRecord::new(&ended, Some(key.to_string()), true);
+                let record = ApprovalRecord::new(&ended, jsonrpc_id, true);
                 metrics::global().approval(record.state);
                 self.current().audit.write(&record)
             });
@@ -834,7 +977,7 @@ impl Relay {
         g: &Generation,
         direction: Direction,
         kind: MessageKind,
-        message: &Message,
+        (message, key): (&Message, Option<&str>),
         tool: Option<String>,
     ) -> (Exchange, Vec<ToolDrift>) {
         let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
@@ -843,7 +986,7 @@ impl Relay {
                 (session.exchange(direction, kind, message, tool), None)
             }
             MessageKind::Result | MessageKind::Error => {
-                let pending = session.answered(direction, message.id);
+                let pending = session.answered(direction, key);
                 let mut listed = None;
                 if let (Some(request), Some(result)) = (&pending, message.result)
                     && request.method == "tools/list"
@@ -902,13 +1045,13 @@ impl Relay {
         &self,
         direction: Direction,
         kind: MessageKind,
-        message: &Message,
+        key: Option<String>,
         exchange: &Exchange,
         text: Cow<'a, str>,
     ) -> Step<'a> {
-        if let (MessageKind::Request, Some(id)) = (kind, message.id) {
+        if let (MessageKind::Request, Some(key)) = (kind, key) {
             let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-            session.forwarded(direction, id, exchange);
+            session.forwarded(direction, &key, exchange);
         }
         Step::forward(text)
     }
@@ -979,6 +1122,7 @@ impl Relay {
             why,
             method,
             text,
+            key,
         } = unjudged;
         let (agent, server) = {
             let session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1002,7 +1146,7 @@ impl Relay {
                     .session
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .answered(direction, id);
+                    .answered(direction, key.as_deref());
                 match pending {
                     Some(_) => {
                         let message =
@@ -1027,13 +1171,16 @@ impl Relay {
         g: &Generation,
         direction: Direction,
         len: usize,
-        prefix: &[u8],
-        suffix: &[u8],
+        (prefix, suffix): (&[u8], &[u8]),
+        pair: Option<u64>,
     ) -> Delivery {
         let id = jsonrpc::leading_id(prefix).or_else(|| jsonrpc::trailing_id(suffix));
         let why =
             format!("message of {len} bytes exceeds the size limit (limits.max_message_bytes)");
-        let unjudged = Unjudged::new(INVALID_REQUEST, why).id(id.as_deref());
+        let key = paired(pair).or_else(|| id.as_deref().map(jsonrpc::id_key));
+        let unjudged = Unjudged::new(INVALID_REQUEST, why)
+            .id(id.as_deref())
+            .key(key);
         into_delivery(self.reject(g, direction, unjudged))
     }
 }
@@ -1051,6 +1198,8 @@ struct Unjudged<'t> {
     method: Option<&'t str>,
     /// The message as received: the record keeps its sha256.
     text: Option<&'t [u8]>,
+    /// The in-flight key of the request an answer answers, when known.
+    key: Option<String>,
 }
 
 impl<'t> Unjudged<'t> {
@@ -1061,7 +1210,12 @@ impl<'t> Unjudged<'t> {
             why,
             method: None,
             text: None,
+            key: None,
         }
+    }
+
+    fn key(self, key: Option<String>) -> Self {
+        Self { key, ..self }
     }
 
     fn id(self, id: Option<&'t RawValue>) -> Self {
@@ -1095,6 +1249,11 @@ fn refuse<'a>(
         MessageKind::Notification => Step::default(),
         MessageKind::Result | MessageKind::Error => Step::forward(Cow::Owned(error())),
     }
+}
+
+/// The in-flight key of the pair a transport named.
+fn paired(pair: Option<u64>) -> Option<String> {
+    pair.map(|pair| format!("#{pair}"))
 }
 
 /// What a panic said.
@@ -1315,10 +1474,10 @@ mod tests {
     fn a_failure_inside_portcullis_refuses_the_message_and_is_audited() {
         let dir = tempfile::tempdir().unwrap();
         let relay = relay(dir.path(), "");
-        let refused = relay.failed(Direction::ClientToServer, "index out of bounds");
+        let refused = relay.failed(Direction::ClientToServer, "index out of bounds", None);
         assert!(refused.forward.is_none());
         assert_eq!(reply(&refused)["error"]["code"], INTERNAL_ERROR);
-        let answer = relay.failed(Direction::ServerToClient, "index out of bounds");
+        let answer = relay.failed(Direction::ServerToClient, "index out of bounds", None);
         let error: Value = serde_json::from_slice(&answer.forward.unwrap()).unwrap();
         assert_eq!(
             error["error"]["code"], INTERNAL_ERROR,
@@ -1336,5 +1495,85 @@ mod tests {
             panic_message(&*std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err()),
             "boom 7"
         );
+    }
+
+    fn from_server(relay: &Relay, text: &str) -> Delivery {
+        relay.handle(
+            Direction::ServerToClient,
+            Frame::Line(text.as_bytes().to_vec()),
+        )
+    }
+
+    #[test]
+    fn an_answer_is_judged_as_the_answer_to_its_own_request_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path(), "");
+        let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"read_file","arguments":{}}}"#;
+        assert!(from_client(&relay, call).forward.is_some());
+        // The same id again while the first is in flight: whose would the
+        // answer be?
+        let again = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+        let refused = from_client(&relay, again);
+        assert!(refused.forward.is_none());
+        assert!(
+            reply(&refused)["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("already in use")
+        );
+        // An answer nobody asked for is dropped, never judged as no one's.
+        let stray = from_server(&relay, r#"{"jsonrpc":"2.0","id":8,"result":{}}"#);
+        assert!(stray.forward.is_none() && stray.reply.is_none());
+        // The answer to 7, however the server spells its id, is read_file's.
+        let answer = from_server(
+            &relay,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"content":[]}}"#,
+        );
+        assert!(answer.forward.is_some());
+        let records = trail(dir.path());
+        let answered = records.last().unwrap();
+        assert_eq!(answered["tool"], "read_file");
+        assert_eq!(answered["direction"], "server-to-client");
+        // Answered, the id is free again; a cancelled request's answer is
+        // dropped.
+        assert!(from_client(&relay, again).forward.is_some());
+        from_client(
+            &relay,
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":7}}"#,
+        );
+        let late = from_server(&relay, r#"{"jsonrpc":"2.0","id":7,"result":{}}"#);
+        assert!(late.forward.is_none());
+    }
+
+    #[test]
+    fn requests_and_answers_paired_by_their_transport_may_share_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path(), "");
+        let first = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{}}}"#;
+        let second = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+        let frame = |text: &str| Frame::Line(text.as_bytes().to_vec());
+        let c2s = Direction::ClientToServer;
+        assert!(
+            relay
+                .handle_paired(c2s, frame(first), Asking::Connection, 10)
+                .forward
+                .is_some()
+        );
+        assert!(
+            relay
+                .handle_paired(c2s, frame(second), Asking::Connection, 11)
+                .forward
+                .is_some()
+        );
+        let answer = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#;
+        let s2c = Direction::ServerToClient;
+        relay.handle_paired(s2c, frame(answer), Asking::Connection, 11);
+        relay.handle_paired(s2c, frame(answer), Asking::Connection, 10);
+        let tools: Vec<Value> = trail(dir.path())
+            .into_iter()
+            .filter(|r| r["direction"] == "server-to-client")
+            .map(|r| r["tool"].clone())
+            .collect();
+        assert_eq!(tools, ["echo", "read_file"]);
     }
 }

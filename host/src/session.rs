@@ -16,8 +16,7 @@ use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Requests remembered before they are all forgotten (their answers are
-/// then judged without knowing what they answer).
+/// Requests that may be in flight at once; past it, more are refused.
 const MAX_PENDING: usize = 65_536;
 /// The most bytes of params the remembered requests may hold together.
 const MAX_PENDING_BYTES: usize = 64 << 20;
@@ -143,18 +142,10 @@ impl Session {
         }
     }
 
-    /// Remembers a request forwarded in `direction`.
-    pub fn forwarded(&mut self, direction: Direction, id: &RawValue, exchange: &Exchange) {
+    /// Remembers a request forwarded in `direction` under `key` (its id,
+    /// canonical: [`crate::jsonrpc::id_key`]).
+    pub fn forwarded(&mut self, direction: Direction, key: &str, exchange: &Exchange) {
         let size = exchange.params.as_ref().map_or(0, String::len);
-        if self.pending.len() >= MAX_PENDING || self.pending_bytes + size > MAX_PENDING_BYTES {
-            tracing::warn!(
-                server = %self.server,
-                "over {MAX_PENDING} unanswered requests or {MAX_PENDING_BYTES} bytes of them; \
-                 forgetting them all"
-            );
-            self.pending.clear();
-            self.pending_bytes = 0;
-        }
         let pending = Pending {
             method: exchange.method.clone(),
             tool: exchange.tool.clone(),
@@ -163,22 +154,41 @@ impl Session {
         self.pending_bytes += size;
         let replaced = self
             .pending
-            .insert((direction.as_str(), id.get().to_string()), pending);
+            .insert((direction.as_str(), key.to_string()), pending);
         self.pending_bytes -= replaced.map_or(0, |p| p.size());
     }
 
-    /// Takes the request an answer travelling `direction` answers: it was
-    /// forwarded the other way.
-    pub fn answered(&mut self, direction: Direction, id: Option<&RawValue>) -> Option<Pending> {
-        let asked = match direction {
-            Direction::ClientToServer => Direction::ServerToClient,
-            Direction::ServerToClient => Direction::ClientToServer,
-        };
+    /// Whether one more request, with `params` bytes of params, may be in
+    /// flight: a session remembers every request until it is answered (an
+    /// answer is only judged knowing what it answers), so their number and
+    /// size are bounded instead.
+    pub fn has_room(&self, params: usize) -> bool {
+        self.pending.len() < MAX_PENDING && self.pending_bytes + params <= MAX_PENDING_BYTES
+    }
+
+    /// Forgets the request forwarded in `direction` under `key` (its sender
+    /// cancelled it: an answer that still comes is dropped).
+    pub fn forget(&mut self, direction: Direction, key: &str) {
+        if let Some(forgotten) = self.pending.remove(&(direction.as_str(), key.to_string())) {
+            self.pending_bytes -= forgotten.size();
+        }
+    }
+
+    /// Takes the request an answer travelling `direction` answers (under
+    /// `key`): it was forwarded the other way.
+    pub fn answered(&mut self, direction: Direction, key: Option<&str>) -> Option<Pending> {
         let answered = self
             .pending
-            .remove(&(asked.as_str(), id?.get().to_string()))?;
+            .remove(&(opposite(direction).as_str(), key?.to_string()))?;
         self.pending_bytes -= answered.size();
         Some(answered)
+    }
+
+    /// Whether a request forwarded in `direction` under `key` is still
+    /// unanswered.
+    pub fn in_flight(&self, direction: Direction, key: &str) -> bool {
+        self.pending
+            .contains_key(&(direction.as_str(), key.to_string()))
     }
 
     /// The input schema `tool` was listed with.
@@ -260,6 +270,14 @@ impl Session {
     }
 }
 
+/// The other direction.
+fn opposite(direction: Direction) -> Direction {
+    match direction {
+        Direction::ClientToServer => Direction::ServerToClient,
+        Direction::ServerToClient => Direction::ClientToServer,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,10 +303,12 @@ mod tests {
                 .and_then(Result::ok)
                 .map(|call| call.name),
         );
-        s.forwarded(Direction::ClientToServer, list_req.id.unwrap(), &ex);
+        s.forwarded(Direction::ClientToServer, "1", &ex);
+        assert!(s.in_flight(Direction::ClientToServer, "1"));
 
         let list = Message::parse(r#"{"id":1,"result":{"tools":[{"name":"read_file","annotations":{"readOnlyHint":true}},{"name":"write_file"}]}}"#).unwrap();
-        let pending = s.answered(Direction::ServerToClient, list.id).unwrap();
+        let pending = s.answered(Direction::ServerToClient, Some("1")).unwrap();
+        assert!(!s.in_flight(Direction::ClientToServer, "1"));
         assert_eq!(pending.method, "tools/list");
         s.learn_tools(&pending, list.result.unwrap(), None, &Schemas::default());
 
@@ -304,10 +324,10 @@ mod tests {
         );
         assert_eq!(ex.tool.as_deref(), Some("read_file"));
         assert_eq!(ex.annotations.as_ref().unwrap().read_only_hint, Some(true));
-        s.forwarded(Direction::ClientToServer, call.id.unwrap(), &ex);
+        s.forwarded(Direction::ClientToServer, r#""c""#, &ex);
 
         let result = Message::parse(r#"{"id":"c","result":{"content":[]}}"#).unwrap();
-        let pending = s.answered(Direction::ServerToClient, result.id);
+        let pending = s.answered(Direction::ServerToClient, Some(r#""c""#));
         let ex = s.answer_exchange(
             Direction::ServerToClient,
             MessageKind::Result,
@@ -322,7 +342,8 @@ mod tests {
         );
         assert_eq!(ex.result.as_deref(), Some(r#"{"content":[]}"#));
         assert!(
-            s.answered(Direction::ServerToClient, result.id).is_none(),
+            s.answered(Direction::ServerToClient, Some(r#""c""#))
+                .is_none(),
             "answered once"
         );
     }
@@ -340,11 +361,12 @@ mod tests {
                 .and_then(Result::ok)
                 .map(|call| call.name),
         );
-        s.forwarded(Direction::ServerToClient, from_server.id.unwrap(), &ex);
-        let id = from_server.id;
-        assert!(s.answered(Direction::ServerToClient, id).is_none());
+        s.forwarded(Direction::ServerToClient, "1", &ex);
+        assert!(s.answered(Direction::ServerToClient, Some("1")).is_none());
         assert_eq!(
-            s.answered(Direction::ClientToServer, id).unwrap().method,
+            s.answered(Direction::ClientToServer, Some("1"))
+                .unwrap()
+                .method,
             "roots/list"
         );
     }

@@ -4,12 +4,13 @@
 //! share per scope. Sessions cost memory, so none lives forever: one idle
 //! longer than `serve.session_idle_secs` is expired, unless a request or an
 //! event stream is using it, and one agent may have only
-//! `serve.max_sessions_per_agent` open at once.
+//! `serve.max_sessions_per_agent` open at once; a session has at most one
+//! event stream open.
 
 use crate::identity::Identity;
 use crate::relay::Relay;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -47,8 +48,10 @@ pub struct ClientSession {
     /// Which server listed each resource URI (the merged endpoint routes by
     /// it).
     pub resources: Mutex<HashMap<String, String>>,
-    /// When it was last used, in ms since [`epoch`].
+    /// When it was last used, in ms since [`since_epoch`]'s start.
     last_used: AtomicU64,
+    /// Whether its event stream (GET) is open: one at a time.
+    streaming: AtomicBool,
 }
 
 impl ClientSession {
@@ -68,7 +71,18 @@ impl ClientSession {
             relays,
             resources: Mutex::new(HashMap::new()),
             last_used: AtomicU64::new(since_epoch()),
+            streaming: AtomicBool::new(false),
         }
+    }
+
+    /// Its event stream, unless one is open already: the session is in use
+    /// (it does not expire) until the stream is dropped.
+    pub fn open_stream(self: &Arc<Self>) -> Option<Stream> {
+        let opened = self
+            .streaming
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        opened.then(|| Stream(self.clone()))
     }
 
     fn touch(&self) {
@@ -84,6 +98,15 @@ impl ClientSession {
         for relay in self.relays.values() {
             relay.cancel_held(why);
         }
+    }
+}
+
+/// A session's open event stream; dropping it closes the stream.
+pub struct Stream(Arc<ClientSession>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.streaming.store(false, Ordering::Release);
     }
 }
 
@@ -300,6 +323,24 @@ mod tests {
             .insert(session("s3", "bot"), 2)
             .expect("room again");
         assert_eq!(sessions.count(), (3, 0));
+    }
+
+    #[test]
+    fn a_session_has_one_event_stream_and_it_keeps_the_session() {
+        let sessions = Sessions::default();
+        sessions.insert(session("s", "bot"), 0).unwrap();
+        let streamed = sessions.get("s", "bot").unwrap();
+        let stream = streamed.open_stream().unwrap();
+        assert!(streamed.open_stream().is_none(), "one at a time");
+        drop(streamed);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            sessions.expire(Duration::from_millis(10)).is_empty(),
+            "streaming"
+        );
+        drop(stream);
+        let again = sessions.get("s", "bot").unwrap();
+        assert!(again.open_stream().is_some(), "closed, it may open again");
     }
 
     #[test]

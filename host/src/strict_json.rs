@@ -4,7 +4,8 @@
 //! twice (JavaScript and Python keep the last, a strict reader refuses),
 //! a `\u` escape of half a surrogate pair (JavaScript keeps it, Rust cannot
 //! hold it), a number beyond what a double holds (`1e400` is Infinity to
-//! JavaScript, an error to Rust). [`check`] walks a whole text once and
+//! JavaScript, an error to Rust) or of 2^63 and more (such a literal may be
+//! an integer that Python holds exactly and a double rounds). [`check`] walks a whole text once and
 //! refuses all of these, so that the policies, the audit trail and the
 //! server all see one message. It builds nothing: strings without escapes are
 //! borrowed, and only the member names of one object at a time are kept.
@@ -14,6 +15,9 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
+
+/// The smallest magnitude a 64-bit integer cannot hold (2^63).
+const BEYOND_64_BITS: f64 = 9_223_372_036_854_775_808.0;
 
 /// Objects with more members than this find duplicates with a hash set;
 /// smaller ones by comparing names (faster, and what messages hold).
@@ -39,8 +43,9 @@ impl std::error::Error for Refusal {}
 
 /// Checks that `text` is one JSON value that every conforming parser reads
 /// alike: no member name twice in an object (compared after unescaping), no
-/// unpaired surrogate escape, no number out of a double's range, nesting
-/// within serde_json's limit (128).
+/// unpaired surrogate escape, no number out of a double's range or of
+/// magnitude 2^63 and more (beyond `u64::MAX` for integers written as
+/// such), nesting within serde_json's limit (128).
 pub fn check(text: &str) -> Result<(), Refusal> {
     let path = RefCell::new(Vec::new());
     let mut deserializer = serde_json::Deserializer::from_str(text);
@@ -120,11 +125,17 @@ impl<'de> Visitor<'de> for Value<'_, 'de> {
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
         // serde_json refuses overflow itself; this keeps the rule explicit.
-        if v.is_finite() {
-            Ok(())
-        } else {
-            Err(E::custom("number out of range"))
+        if !v.is_finite() {
+            return Err(E::custom("number out of range"));
         }
+        // An integer too large for 64 bits reaches here rounded: a peer
+        // that reads integers exactly (Python) would read another number.
+        if v.fract() == 0.0 && v.abs() >= BEYOND_64_BITS {
+            return Err(E::custom(
+                "number out of range: an integer beyond 64 bits is read differently by different peers",
+            ));
+        }
+        Ok(())
     }
 
     fn visit_str<E>(self, _: &str) -> Result<(), E> {
@@ -216,8 +227,10 @@ mod tests {
             r#"[{"a":1},{"a":2}]"#,
             r#""\ud83d\ude00 paired surrogates are one character""#,
             r#"{"a":{"x":1},"b":{"x":2}}"#,
-            "1e308",
-            "12345678901234567890123",
+            "1.5e-300",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "0.1",
         ] {
             assert_eq!(check(text), Ok(()), "{text}");
         }
@@ -260,6 +273,9 @@ mod tests {
             r#"{"s":"\ud800"}"#,
             r#"{"s":"\udc00x"}"#,
             r#"{"s":"\ud800\u0041"}"#,
+            r#"{"n":12345678901234567890123}"#,
+            r#"{"n":-9223372036854775809}"#,
+            r#"{"n":1e19}"#,
         ] {
             assert!(refused(text).syntax, "{text}");
         }

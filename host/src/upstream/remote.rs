@@ -37,6 +37,9 @@ pub struct Remote {
 struct Inner {
     name: String,
     url: Uri,
+    /// The URL as errors show it (they may reach agents): its scheme and
+    /// host, never its path or query, which may carry a credential.
+    shown: String,
     headers: Vec<(HeaderName, HeaderValue)>,
     max_message_bytes: usize,
     client: HttpClient,
@@ -71,6 +74,7 @@ impl Remote {
         Ok(Self {
             inner: Arc::new(Inner {
                 name: name.to_string(),
+                shown: shown(&url),
                 url,
                 headers,
                 max_message_bytes,
@@ -136,6 +140,15 @@ impl Remote {
     }
 }
 
+/// `url` without its path and query.
+fn shown(url: &Uri) -> String {
+    let scheme = url.scheme_str().unwrap_or("http");
+    let host = url.authority().map_or("", |a| a.as_str());
+    // An authority may hold user:password@ too.
+    let host = host.rsplit('@').next().unwrap_or(host);
+    format!("{scheme}://{host}")
+}
+
 /// The server answered 404 to a request in a session: it no longer knows it.
 #[derive(Debug)]
 struct SessionLost;
@@ -167,7 +180,7 @@ impl Inner {
         };
         match handshake.await {
             Ok(established) => {
-                tracing::info!(server = %self.name, url = %self.url, "upstream ready");
+                tracing::info!(server = %self.name, url = %self.shown, "upstream ready");
                 self.set_health("ready", None);
                 let result = (established.session.clone(), established.initialized.clone());
                 *connection = Some(established);
@@ -247,13 +260,13 @@ impl Inner {
             .client
             .request(request)
             .await
-            .with_context(|| format!("POST {}", self.url))?;
+            .with_context(|| format!("POST {}", self.shown))?;
         let status = response.status();
         if status == StatusCode::NOT_FOUND && session {
             return Err(SessionLost.into());
         }
         if !status.is_success() {
-            bail!("POST {} answered HTTP {status}", self.url);
+            bail!("POST {} answered HTTP {status}", self.shown);
         }
         let new_session = response.headers().get("mcp-session-id").cloned();
         let sse = response
@@ -331,6 +344,14 @@ mod tests {
             .block_on(answer_in_events(stream(chunks), id))
             .unwrap();
         found.map(|text| serde_json::from_str(&text).unwrap())
+    }
+
+    #[test]
+    fn errors_show_a_url_without_what_may_be_a_credential() {
+        let url: Uri = "https://user:pw@mcp.example.com:8443/v1/SECRET/mcp?api_key=k"
+            .parse()
+            .unwrap();
+        assert_eq!(shown(&url), "https://mcp.example.com:8443");
     }
 
     #[test]
