@@ -56,6 +56,23 @@ pub struct Listener {
     pub current: Arc<Current>,
 }
 
+/// Threads for blocking work (judging with policies, writing the trail,
+/// the approvals store) per core, at most: tokio keeps the threads it
+/// started busy in turn, so a burst would otherwise leave its peak of
+/// threads (and their memory) behind for good. Past it, work waits its
+/// turn; the connection cap bounds how much can wait.
+const BLOCKING_THREADS_PER_CORE: usize = 16;
+
+/// The async runtime HTTP listeners run on.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS_PER_CORE * cores)
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// Binds the listening socket.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)

@@ -280,10 +280,7 @@ fn run_serve(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32> {
     let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1)?;
     let current = Arc::new(Current::new(generation));
     current.cancel_orphans();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = http::runtime()?;
     let upstreams = upstream::start_all(&config, None, runtime.handle())?;
     let gateway = Arc::new(Gateway::new(&config, current.clone(), upstreams));
     let reloader = Arc::new(Reloader::new(
@@ -365,10 +362,7 @@ fn run_admin(config_path: &std::path::Path, listen: Option<std::net::SocketAddr>
         &config,
         Deployment::File(ConfigFile::open(config_path)?),
     ));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = http::runtime()?;
     runtime.block_on(async {
         let socket = http::bind(listen).await?;
         admin.run(socket, shutdown_signal()).await

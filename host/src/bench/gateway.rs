@@ -41,9 +41,7 @@ pub fn run(
     calls: usize,
     clients: usize,
 ) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = crate::http::runtime()?;
     runtime.block_on(measure(config, tool, arguments, calls, clients))
 }
 
@@ -55,6 +53,8 @@ pub(super) struct Started {
     pub gateway_url: String,
     /// The generation in charge of the gateway.
     pub current: Arc<Current>,
+    /// The gateway.
+    pub gateway: Arc<Gateway>,
 }
 
 /// Starts the fast server offering `tool`, and the gateway in front of it
@@ -103,7 +103,7 @@ pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
     let gateway_url = format!("http://{}/servers/fast/mcp", socket.local_addr()?);
     let guard = http::Guard::of(&generation.config.serve);
     let listener = Arc::new(Listener {
-        gateway,
+        gateway: gateway.clone(),
         current: current.clone(),
     });
     tokio::spawn(http::run(listener, socket, guard, std::future::pending()));
@@ -111,6 +111,7 @@ pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
         server_url,
         gateway_url,
         current,
+        gateway,
     })
 }
 

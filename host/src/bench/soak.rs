@@ -16,8 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Calls before the starting memory is read.
-const WARM_UP: u64 = 20_000;
+/// Calls before the starting memory is read: enough for the process to
+/// reach its working size (the allocator's arenas, the blocking threads'
+/// pool, the trail's buffers).
+const WARM_UP: u64 = 100_000;
 /// Calls a client makes in one session before it ends it and opens another.
 const CALLS_PER_SESSION: u64 = 10_000;
 /// How often (in calls) the memory is sampled and progress printed.
@@ -25,9 +27,7 @@ const SAMPLE_EVERY: u64 = 100_000;
 
 /// Runs `calls` calls of `tool` with `arguments` from `clients` clients.
 pub fn run(config: &Path, tool: &str, arguments: &Value, calls: u64, clients: usize) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = crate::http::runtime()?;
     runtime.block_on(soak(config, tool, arguments, calls, clients))
 }
 
@@ -41,10 +41,10 @@ async fn soak(
     let Started {
         gateway_url,
         current,
+        gateway,
         ..
     } = gateway::start(config, tool).await?;
-    let trails = chained_trails(&current.get().config.audit.sinks);
-    if trails.is_empty() {
+    if chained_trails(&current.get().config.audit.sinks).is_empty() {
         bail!(
             "{}: --soak needs a chained file sink to verify",
             config.display()
@@ -95,6 +95,7 @@ async fn soak(
     let measured = counts.done() - done_then;
     let rate = measured as f64 / from.elapsed().as_secs_f64();
     let rss_end = rss_kib()?;
+    let rss_trimmed = trimmed_rss_kib()?;
     let rss_start = rss_start.context("the run ended before the warm-up")?;
     let errors = counts.errors.load(Ordering::Relaxed);
     println!(
@@ -109,9 +110,16 @@ async fn soak(
         (rss_end as f64 / rss_start as f64 - 1.0) * 100.0,
         rss_max / 1024
     );
+    println!(
+        "  at the end, once the allocator returned what it holds free: {} MiB",
+        rss_trimmed / 1024
+    );
+    let (opened, standing) = gateway.session_count();
+    println!("  sessions kept at the end: {opened} opened, {standing} standing");
     audit::flush(std::time::Duration::from_secs(10));
     let started = Instant::now();
-    for files in &trails {
+    // Listed now: the trail rotated while the run wrote it.
+    for files in &chained_trails(&current.get().config.audit.sinks) {
         match chain::verify(files)? {
             Ok(verified) => println!(
                 "  trail verifies: {} records in {} file(s), unbroken ({:.1} s to check)",
@@ -178,6 +186,18 @@ fn chained_trails(sinks: &[SinkConfig]) -> Vec<Vec<PathBuf>> {
             _ => None,
         })
         .collect()
+}
+
+/// This process' resident memory once the allocator has handed its free
+/// memory back to the system: what is still in use, apart from what the
+/// allocator keeps for reuse.
+fn trimmed_rss_kib() -> Result<u64> {
+    // SAFETY: malloc_trim only releases free memory the allocator holds;
+    // it takes no pointer and may be called at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    rss_kib()
 }
 
 /// This process' resident memory, in KiB.
