@@ -202,16 +202,28 @@ pub enum BodyError {
 }
 
 /// A request's whole body, at most `max` bytes, sent within `timeout`.
+/// A body that came whole with its headers (most do) is taken at once;
+/// only one still arriving is timed, sparing a timer per request.
 pub async fn read_body(body: Incoming, max: usize, timeout: Duration) -> Result<Bytes, BodyError> {
-    let collected = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await;
+    let mut collecting = std::pin::pin!(Limited::new(body, max).collect());
+    let first = {
+        let mut at_once = std::task::Context::from_waker(std::task::Waker::noop());
+        collecting.as_mut().poll(&mut at_once)
+    };
+    let collected = match first {
+        Poll::Ready(collected) => collected,
+        Poll::Pending => match tokio::time::timeout(timeout, collecting).await {
+            Ok(collected) => collected,
+            Err(_) => {
+                crate::metrics::global().listener("slow-client");
+                return Err(BodyError::TooSlow);
+            }
+        },
+    };
     match collected {
-        Err(_) => {
-            crate::metrics::global().listener("slow-client");
-            Err(BodyError::TooSlow)
-        }
-        Ok(Ok(body)) => Ok(body.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
-        Ok(Err(e)) => Err(BodyError::Failed(e.to_string())),
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(e) => Err(BodyError::Failed(e.to_string())),
     }
 }
 
@@ -250,7 +262,7 @@ impl Listener {
         {
             let origin = String::from_utf8_lossy(origin.as_bytes());
             let why = format!("Origin '{origin:.200}' is not in serve.allowed_origins");
-            door.refused("origin-refused", None, why);
+            door.refused("origin-refused", None, why).await;
             return plain(StatusCode::FORBIDDEN, "origin not allowed");
         }
         let authorization = request
@@ -271,7 +283,8 @@ impl Listener {
         {
             Ok(identity) => identity,
             Err(refusal) => {
-                door.refused("credentials-refused", None, refusal.explanation().into());
+                door.refused("credentials-refused", None, refusal.explanation().into())
+                    .await;
                 let mut response = plain(StatusCode::UNAUTHORIZED, refusal.explanation());
                 response.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
@@ -288,7 +301,7 @@ impl Listener {
                 "agent '{}' may not use server '{server}'",
                 identity.agent.id
             );
-            door.refused("server-refused", Some(&identity), why);
+            door.refused("server-refused", Some(&identity), why).await;
             return plain(StatusCode::NOT_FOUND, "no MCP endpoint here");
         }
         drop(generation);
@@ -296,21 +309,21 @@ impl Listener {
             Method::POST => self.post(request, identity, scope, limits, &door).await,
             Method::DELETE => match session_id(request.headers()) {
                 Some(id) if self.gateway.end(id, &identity) => {
-                    door.record(AccessRecord::new(
-                        "session-ended",
-                        Some(&identity.agent),
-                        &path,
-                        peer,
-                    ));
+                    let ended =
+                        AccessRecord::new("session-ended", Some(&identity.agent), &path, peer);
+                    door.record(ended).await;
                     plain(StatusCode::OK, "session ended")
                 }
                 Some(_) => {
-                    door.unknown_session(&identity);
+                    door.unknown_session(&identity).await;
                     plain(StatusCode::NOT_FOUND, "unknown session")
                 }
                 None => plain(StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required"),
             },
-            Method::GET => self.events(request.headers(), &identity, &scope, &door),
+            Method::GET => {
+                self.events(request.headers(), &identity, &scope, &door)
+                    .await
+            }
             _ => {
                 let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use POST, GET or DELETE");
                 response
@@ -337,7 +350,8 @@ impl Listener {
                     "message exceeds the size limit of {} bytes (limits.max_message_bytes)",
                     limits.max
                 );
-                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None);
+                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None)
+                    .await;
                 return rpc_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     jsonrpc::INVALID_REQUEST,
@@ -349,7 +363,8 @@ impl Listener {
                     "the message was not sent within {}s (serve.body_timeout_secs)",
                     limits.timeout.as_secs()
                 );
-                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None);
+                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None)
+                    .await;
                 return rpc_error(StatusCode::REQUEST_TIMEOUT, jsonrpc::INVALID_REQUEST, &why);
             }
             Err(BodyError::Failed(e)) => {
@@ -359,19 +374,22 @@ impl Listener {
         };
         let Ok(text) = std::str::from_utf8(&body) else {
             let why = "Parse error: body is not UTF-8";
-            door.message_refused(&identity, jsonrpc::PARSE_ERROR, why, Some(&body));
+            door.message_refused(&identity, jsonrpc::PARSE_ERROR, why, Some(&body))
+                .await;
             return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, why);
         };
         if jsonrpc::is_batch(text) {
             let why = "Invalid Request: batches are not supported by this protocol revision";
-            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body));
+            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body))
+                .await;
             return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::INVALID_REQUEST, why);
         }
         let message = match Message::parse(text) {
             Ok(message) => message,
             Err(unreadable) => {
                 let why = &unreadable.message;
-                door.message_refused(&identity, unreadable.code, why, Some(&body));
+                door.message_refused(&identity, unreadable.code, why, Some(&body))
+                    .await;
                 let id = jsonrpc::leading_id(&body);
                 let answer = jsonrpc::error_response(id.as_deref(), unreadable.code, why, None);
                 return json_response(StatusCode::BAD_REQUEST, answer);
@@ -400,14 +418,15 @@ impl Listener {
             .session(id, &identity)
             .filter(|s| s.scope == scope)
         else {
-            door.unknown_session(&identity);
+            door.unknown_session(&identity).await;
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
         if let Some(version) = headers.get(VERSION_HEADER)
             && version.as_bytes() != session.protocol.as_bytes()
         {
             let why = "MCP-Protocol-Version is not the revision this session negotiated";
-            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body));
+            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body))
+                .await;
             return plain(StatusCode::BAD_REQUEST, why);
         }
         match self
@@ -441,7 +460,8 @@ impl Listener {
             Ok(opened) => opened,
             Err(too_many) => {
                 let why = too_many.to_string();
-                door.refused("session-refused", Some(&refused_identity), why.clone());
+                door.refused("session-refused", Some(&refused_identity), why.clone())
+                    .await;
                 let answer =
                     jsonrpc::error_response(message.id, jsonrpc::INVALID_REQUEST, &why, None);
                 return json_response(StatusCode::TOO_MANY_REQUESTS, answer);
@@ -476,7 +496,7 @@ impl Listener {
     /// The server-to-client stream of a session (GET, revisions up to
     /// 2025-11-25): the notifications its servers send all their clients,
     /// as SSE events. Servers' own requests are not relayed to agents.
-    fn events(
+    async fn events(
         &self,
         headers: &HeaderMap,
         identity: &Identity,
@@ -501,7 +521,7 @@ impl Listener {
             .session(id, identity)
             .filter(|s| &s.scope == scope)
         else {
-            door.unknown_session(identity);
+            door.unknown_session(identity).await;
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
         let Some(stream) = session.open_stream() else {
@@ -536,7 +556,8 @@ impl Listener {
         let params = message.params_value();
         if let Err(rejection) = stateless::check(headers, method, &params) {
             let why = &rejection.message;
-            door.message_refused(&identity, rejection.code, why, Some(text.as_bytes()));
+            door.message_refused(&identity, rejection.code, why, Some(text.as_bytes()))
+                .await;
             let answer = jsonrpc::error_response(
                 Some(id),
                 rejection.code,
@@ -623,35 +644,46 @@ struct Door {
 }
 
 impl Door {
-    /// Writes `record` off the async workers (a sink may wait for the disk):
-    /// the refusal it records does not wait for it.
-    fn record(&self, record: AccessRecord) {
+    /// Writes `record` off the async workers (a sink may wait for the
+    /// disk); the refusal is answered once it is written, so a flood of
+    /// refused requests waits for the trail instead of queueing records.
+    async fn record(&self, record: AccessRecord) {
         let current = self.current.clone();
-        tokio::task::spawn_blocking(move || {
+        let written = tokio::task::spawn_blocking(move || {
             if let Err(e) = current.get().audit.write(&record) {
                 tracing::error!(event = record.event, "cannot audit an access: {e:#}");
             }
-        });
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::error!("auditing an access did not finish: {e}");
+        }
     }
 
     /// `event` refused (by `identity`, once known), for `why`.
-    fn refused(&self, event: &'static str, identity: Option<&Identity>, why: String) {
+    async fn refused(&self, event: &'static str, identity: Option<&Identity>, why: String) {
         let agent = identity.map(|i| &i.agent);
         let mut record = AccessRecord::new(event, agent, &self.path, self.peer);
         record.reason = Some(why);
-        self.record(record);
+        self.record(record).await;
     }
 
     /// A session id this agent has no session by (another agent's, an
     /// expired or made-up one).
-    fn unknown_session(&self, identity: &Identity) {
+    async fn unknown_session(&self, identity: &Identity) {
         let why = "no session with this Mcp-Session-Id for this agent".into();
-        self.refused("session-unknown", Some(identity), why);
+        self.refused("session-unknown", Some(identity), why).await;
     }
 
     /// A message refused before any relay judged it, with its code and the
     /// sha256 of its bytes when they were read.
-    fn message_refused(&self, identity: &Identity, code: i32, why: &str, bytes: Option<&[u8]>) {
+    async fn message_refused(
+        &self,
+        identity: &Identity,
+        code: i32,
+        why: &str,
+        bytes: Option<&[u8]>,
+    ) {
         let mut record = AccessRecord::new(
             "message-refused",
             Some(&identity.agent),
@@ -661,7 +693,7 @@ impl Door {
         record.reason = Some(why.to_string());
         record.code = Some(code);
         record.message_sha256 = bytes.map(crate::audit::bytes_digest);
-        self.record(record);
+        self.record(record).await;
     }
 }
 

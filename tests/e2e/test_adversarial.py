@@ -446,6 +446,40 @@ def test_sessions_are_capped_per_agent_and_idle_ones_expire(tmp_path: Path):
     assert events.count("session-unknown") >= 2
 
 
+def test_a_session_has_one_event_stream(tmp_path: Path):
+    serve = Serve(tmp_path, "")
+    try:
+        session = serve.initialize()
+        get = (f"GET /servers/echo/mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['admin']}\r\n"
+               f"Accept: text/event-stream\r\nMcp-Session-Id: {session}\r\n\r\n").encode()
+        first = socket.create_connection(("127.0.0.1", serve.port))
+        first.sendall(get)
+        first.settimeout(30)
+        opened = first.recv(4096)
+        second = socket.create_connection(("127.0.0.1", serve.port))
+        second.sendall(get)
+        second.settimeout(30)
+        refused = second.recv(4096)
+        second.close()
+        first.close()
+        # Closed, the session may stream again.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            third = socket.create_connection(("127.0.0.1", serve.port))
+            third.sendall(get)
+            third.settimeout(30)
+            again = third.recv(4096)
+            third.close()
+            if again.startswith(b"HTTP/1.1 200"):
+                break
+            time.sleep(0.2)
+    finally:
+        serve.stop()
+    assert opened.startswith(b"HTTP/1.1 200") and b"text/event-stream" in opened
+    assert refused.startswith(b"HTTP/1.1 409"), refused
+    assert again.startswith(b"HTTP/1.1 200")
+
+
 def test_slow_and_idle_connections_time_out_and_the_listener_keeps_serving(tmp_path: Path):
     serve = Serve(tmp_path, "max_connections = 20\nheader_timeout_secs = 1\nbody_timeout_secs = 1")
     try:
