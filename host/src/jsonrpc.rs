@@ -145,7 +145,13 @@ impl<'a> Message<'a> {
         let Some(params) = self.params else {
             return invalid("has no params");
         };
-        let Ok(params) = serde_json::from_str::<CallParams<'a>>(params.get()) else {
+        // A struct also deserializes from an array (`["write_file", {...}]`),
+        // which no MCP server reads as a call of that tool.
+        let object = params.get().starts_with('{');
+        let Some(params) = object
+            .then(|| serde_json::from_str::<CallParams<'a>>(params.get()).ok())
+            .flatten()
+        else {
             return invalid("params must be an object with a string 'name'");
         };
         let Some(name) = params.name else {
@@ -359,6 +365,8 @@ mod tests {
             r#","params":{}"#,
             r#","params":{"name":7}"#,
             r#","params":[]"#,
+            r#","params":[""]"#,
+            r#","params":["write_file",{"path":"/a"}]"#,
             r#","params":{"name":"x","arguments":"rm -rf"}"#,
             r#","params":{"name":"x","arguments":[1]}"#,
         ] {

@@ -227,7 +227,13 @@ impl Session {
             idempotent_hint: Option<bool>,
             open_world_hint: Option<bool>,
         }
-        let Ok(list) = serde_json::from_str::<ToolList>(result.get()) else {
+        // Structs also deserialize from arrays, which clients do not read as
+        // a listing or as annotations.
+        let object = result.get().starts_with('{');
+        let Some(list) = object
+            .then(|| serde_json::from_str::<ToolList>(result.get()).ok())
+            .flatten()
+        else {
             tracing::warn!(server = %self.server, "tools/list result is not a tool list");
             return Vec::new();
         };
@@ -251,8 +257,10 @@ impl Session {
             else {
                 continue;
             };
-            let a: Annotations =
-                serde_json::from_value(tool["annotations"].clone()).unwrap_or_default();
+            let a: Annotations = Some(&tool["annotations"])
+                .filter(|a| a.is_object())
+                .and_then(|a| serde_json::from_value(a.clone()).ok())
+                .unwrap_or_default();
             let known = KnownTool {
                 annotations: ToolAnnotations {
                     title: a.title,
@@ -288,6 +296,36 @@ mod tests {
             attributes: vec![],
         };
         Session::new("fs".into(), agent)
+    }
+
+    #[test]
+    fn listings_and_annotations_are_read_only_as_objects() {
+        let mut s = session();
+        let list_req = Message::parse(r#"{"id":1,"method":"tools/list"}"#).unwrap();
+        let learn = |s: &mut Session, id: &str, result: &str| {
+            let ex = s.exchange(
+                Direction::ClientToServer,
+                MessageKind::Request,
+                &list_req,
+                None,
+            );
+            s.forwarded(Direction::ClientToServer, id, &ex);
+            let pending = s.answered(Direction::ServerToClient, Some(id)).unwrap();
+            let result = RawValue::from_string(result.into()).unwrap();
+            s.learn_tools(&pending, &result, None, &Schemas::default());
+        };
+        learn(&mut s, "1", r#"[[{"name":"w"}],null]"#);
+        assert!(s.tools.is_empty(), "a listing by position is no listing");
+        learn(
+            &mut s,
+            "2",
+            r#"{"tools":[{"name":"w","annotations":["t",true]}]}"#,
+        );
+        let known = s.tools.get("w").expect("the object listing is learned");
+        assert_eq!(
+            known.annotations.read_only_hint, None,
+            "array annotations are not read"
+        );
     }
 
     #[test]
