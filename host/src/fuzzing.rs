@@ -5,9 +5,9 @@
 //! as one thing is read as the same thing by the peer it goes to.
 
 use crate::config::Config;
-use crate::framing::{Frame, FrameReader};
-use crate::jsonrpc::{self, Message};
-use crate::strict_json;
+use crate::protocol::framing::{Frame, FrameReader};
+use crate::protocol::jsonrpc::{self, Message};
+use crate::protocol::strict_json;
 use serde_json::Value;
 use std::future::Future;
 use std::path::Path;
@@ -122,7 +122,8 @@ pub fn jwt(data: &[u8]) {
     let config = Config::parse(&text, Path::new("/nonexistent/portcullis.toml"))
         .expect("the jwt target's config loads");
     let jwt = config.jwt.as_ref().expect("[jwt] is configured");
-    let verifier = crate::jwt::Verifier::new(jwt, Path::new("/")).expect("the secret is good");
+    let verifier =
+        crate::identity::jwt::Verifier::new(jwt, Path::new("/")).expect("the secret is good");
     let lossy = String::from_utf8_lossy(data);
     let authenticate = |token: &str| {
         let header = format!("Bearer {token}");
@@ -131,7 +132,7 @@ pub fn jwt(data: &[u8]) {
         ready(checked)
     };
     let _ = authenticate(&lossy);
-    let _ = crate::jwt::KeySet::from_jwks(&lossy);
+    let _ = crate::identity::jwt::KeySet::from_jwks(&lossy);
     let signed = signed_token(data);
     let _ = authenticate(&signed);
 }

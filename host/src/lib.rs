@@ -1,52 +1,35 @@
 //! Portcullis: a WebAssembly policy host for the Model Context Protocol.
 //!
-//! Every JSON-RPC message between an MCP client and server becomes an
-//! [`exchange`](session::Session) view, is judged by the [`guard`] chain of
-//! sandboxed policy components run by the [`engine`], and leaves one record in
-//! the [`audit`] trail. [`relay`] ties those together independently of the
-//! transport; [`stdio`] is the first transport.
+//! Every JSON-RPC message between an MCP client and server is read once,
+//! strictly ([`protocol`]), becomes an [`Exchange`](contract::Exchange) view,
+//! passes the checks of the [`surface`] (pinning, schemas, rate limits) and
+//! the chain of sandboxed policy components ([`policy`]), may wait for a
+//! person ([`approval`]), and leaves one record in the [`audit`] trail. The
+//! [`relay`] ties those together independently of the transport; the
+//! [`upstream`] module reaches the servers; the fronts are `portcullis stdio`
+//! ([`cli::stdio`]) and the HTTP [`gateway`] of `portcullis serve`, with the
+//! [`admin`] listener beside it; [`runtime`] reloads and reports.
+//!
+//! The modules are layered, each using only those listed before it
+//! (`scripts/check-layers` enforces it; ARCHITECTURE.md draws it):
+//! util, config → contract → protocol → policy → identity, surface,
+//! approval → audit → relay → upstream → runtime → http → gateway, admin →
+//! cli, fuzzing.
 
 pub mod admin;
-pub mod approvals;
-pub mod approve;
+pub mod approval;
 pub mod audit;
-pub mod awaiting;
-pub mod bench;
-pub mod bindings;
-pub mod boundary;
-pub mod check;
+pub mod cli;
 pub mod config;
-pub mod drift;
-pub mod elicit;
-pub mod engine;
-pub mod fixtures;
-pub mod framing;
+pub mod contract;
 pub mod fuzzing;
 pub mod gateway;
-pub mod guard;
-pub mod hold;
 pub mod http;
 pub mod identity;
-pub mod jsonrpc;
-pub mod jwt;
-pub mod lock;
-pub mod metrics;
-pub mod notify;
-pub mod outbound;
-pub mod pin;
 pub mod policy;
-pub mod ratelimit;
-pub mod receipt;
+pub mod protocol;
 pub mod relay;
-pub mod reload;
-pub mod scaffold;
-pub mod schema;
-pub mod session;
-pub mod sessions;
-pub mod stateless;
-pub mod status;
-pub mod stdio;
-pub mod store;
-pub mod strict_json;
-pub mod trail;
+pub mod runtime;
+pub mod surface;
 pub mod upstream;
+pub mod util;

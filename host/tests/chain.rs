@@ -4,10 +4,10 @@
 //! unless a later policy denies, monitor mode never enforces, failures follow
 //! the failure mode, and scopes select policies.
 
-use portcullis::bindings::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
 use portcullis::config::Config;
-use portcullis::engine::PolicyEngine;
-use portcullis::guard::{Decided, Decision, Guard};
+use portcullis::contract::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
+use portcullis::policy::chain::{Decided, Decision, Guard};
+use portcullis::policy::engine::PolicyEngine;
 use std::path::PathBuf;
 
 fn policies_dir() -> PathBuf {

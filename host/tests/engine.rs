@@ -2,7 +2,7 @@
 //! linked module per digest, and the on-disk compile cache.
 
 use portcullis::config::EngineConfig;
-use portcullis::engine::PolicyEngine;
+use portcullis::policy::engine::PolicyEngine;
 use std::path::PathBuf;
 use std::sync::Arc;
 

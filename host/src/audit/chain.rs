@@ -7,7 +7,7 @@
 //! somewhere an attacker cannot reach. [`verify`] walks a trail and names
 //! the first record that does not follow.
 
-use crate::engine::hex;
+use crate::util::encode::hex;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::Value;

@@ -12,7 +12,7 @@ mod bindings {
 }
 
 use super::delivery::Transport;
-use crate::outbound::{self, HttpClient};
+use crate::util::outbound::{self, HttpClient};
 use anyhow::{Context, Result, anyhow, bail};
 use bindings::portcullis::sink::outbound::{Request, Response};
 use hyper::http::uri::Authority;
@@ -173,7 +173,7 @@ fn failure(store: &Store<SinkState>, trap: &wasmtime::Error) -> String {
             .collect::<Vec<_>>()
             .join(" "),
     };
-    match crate::engine::stderr_summary(&store.data().stderr.tail()) {
+    match crate::policy::engine::stderr_summary(&store.data().stderr.tail()) {
         Some(stderr) => format!("{why} (stderr: {stderr})"),
         None => why,
     }

@@ -14,7 +14,7 @@
 
 use super::Sink;
 use super::spool::Spool;
-use crate::outbound;
+use crate::util::outbound;
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -89,7 +89,7 @@ impl DeliveringSink {
             *delivery.next.lock().expect("transport slot poisoned") = Some(transport);
             return Ok(Self { delivery });
         }
-        let root = options.spool_dir.join(crate::engine::hex(
+        let root = options.spool_dir.join(crate::util::encode::hex(
             &<sha2::Sha256 as sha2::Digest>::digest(options.name.as_bytes())[..8],
         ));
         let spool = Spool::open(&root, options.spool_max_bytes)?;
@@ -119,7 +119,7 @@ impl Sink for DeliveringSink {
         if delivery.options.drop_when_full {
             let dropped = delivery.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(sink = %name, dropped, "spool full: record dropped");
-            crate::metrics::global().audit_dropped(name);
+            crate::util::metrics::global().audit_dropped(name);
             return Ok(());
         }
         bail!(
@@ -165,7 +165,7 @@ fn deliver(delivery: &Weak<Delivery>, mut transport: Box<dyn Transport>) {
             return;
         };
         let options = &delivery.options;
-        let metrics = crate::metrics::global();
+        let metrics = crate::util::metrics::global();
         metrics.audit_backlog(&options.name, delivery.spool.backlog());
         let (batch, end) = match delivery.spool.peek(options.batch_records) {
             Ok(batch) => batch,

@@ -22,9 +22,9 @@ use select::{Selected, Selection};
 pub use sinks::{Console, FileOptions, FileSink, Sink, rotated_files};
 
 use crate::config::{Config, OnFull, SinkConfig};
-use crate::drift::ToolDrift;
-use crate::engine::hex;
-use crate::guard::PolicyVerdict;
+use crate::policy::chain::PolicyVerdict;
+use crate::surface::drift::ToolDrift;
+use crate::util::encode::hex;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use serde_json::Value;
@@ -112,7 +112,7 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     /// A record with a fresh id and time and no decision yet (`allow`).
-    pub fn new(agent: &crate::bindings::Agent, server: &str, direction: &'static str) -> Self {
+    pub fn new(agent: &crate::contract::Agent, server: &str, direction: &'static str) -> Self {
         Self {
             time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
             id: decision_id(),
@@ -248,7 +248,7 @@ pub struct ApprovalRecord {
     pub comment: Option<String>,
     /// Each approver's approval, when more than one was required.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub votes: Vec<crate::approvals::Vote>,
+    pub votes: Vec<crate::approval::store::Vote>,
     /// How long the call was held, in ms.
     pub held_ms: u64,
 }
@@ -258,11 +258,13 @@ impl ApprovalRecord {
     /// `jsonrpc_id`, when known); `bound` is false when the approval's
     /// arguments are not the held call's.
     pub fn new(
-        approval: &crate::approvals::Approval,
+        approval: &crate::approval::store::Approval,
         jsonrpc_id: Option<String>,
         bound: bool,
     ) -> Self {
-        let ended = approval.decided_ms.unwrap_or_else(crate::approvals::now_ms);
+        let ended = approval
+            .decided_ms
+            .unwrap_or_else(crate::util::clock::now_ms);
         Self {
             time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
             id: decision_id(),
@@ -355,7 +357,7 @@ impl AccessRecord {
     /// An access event with a fresh id and time, by `agent` if known.
     pub fn new(
         event: &'static str,
-        agent: Option<&crate::bindings::Agent>,
+        agent: Option<&crate::contract::Agent>,
         endpoint: &str,
         peer: std::net::SocketAddr,
     ) -> Self {
@@ -641,7 +643,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let audit = Audit::with_sinks(vec![Box::new(FileSink::open(&path).unwrap())]);
-        let agent = crate::bindings::Agent {
+        let agent = crate::contract::Agent {
             id: "bot".into(),
             attributes: vec![("team".into(), "infra".into())],
         };

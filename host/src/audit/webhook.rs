@@ -7,7 +7,7 @@
 
 use super::delivery::Transport;
 use crate::config::{BatchFormat, Protocol};
-use crate::outbound::{self, HttpClient};
+use crate::util::outbound::{self, HttpClient};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -77,7 +77,7 @@ impl Transport for Webhook {
         let mut headers: Vec<(String, String)> = options.headers.clone().into_iter().collect();
         if let Some(secret) = &options.secret {
             let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-            let signature = crate::engine::hex(ring::hmac::sign(&key, &body).as_ref());
+            let signature = crate::util::encode::hex(ring::hmac::sign(&key, &body).as_ref());
             headers.push((
                 "x-portcullis-signature".into(),
                 format!("sha256={signature}"),

@@ -9,8 +9,8 @@ pub mod process;
 pub mod remote;
 
 use crate::config::{Config, ServerConfig};
-use crate::stdio::ServerCommand;
 use anyhow::{Context, Result, anyhow, bail};
+use process::ServerCommand;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::borrow::Cow;

@@ -7,12 +7,12 @@
 //! code.
 
 use super::{Health, SHARED_NOTIFICATIONS, initialize_request, not_available};
-use crate::framing::{Frame, FrameReader};
-use crate::jsonrpc::{self, Message};
-use crate::stdio::ServerCommand;
+use crate::protocol::framing::{Frame, FrameReader};
+use crate::protocol::jsonrpc::{self, Message};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +20,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, oneshot, watch};
+
+/// The MCP server to run.
+#[derive(Debug, Clone)]
+pub struct ServerCommand {
+    /// Program.
+    pub program: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+}
 
 /// First restart delay; it doubles per failed start up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);

@@ -8,8 +8,8 @@
 //! request. `https://` uses the platform's root certificates.
 
 use super::{Health, INITIALIZED, UPSTREAM_PROTOCOL, initialize_request, not_available};
-use crate::jsonrpc::{self, Message};
-use crate::outbound::{self, HttpClient};
+use crate::protocol::jsonrpc::{self, Message};
+use crate::util::outbound::{self, HttpClient};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};

@@ -1,0 +1,87 @@
+//! `[approvals]`: which calls wait for a person, who may decide them, and
+//! the store they wait in.
+
+use super::*;
+
+/// Human approval of held calls.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// The approvals store, shared by every Portcullis process of the
+    /// deployment and `portcullis approvals` (default: beside the config,
+    /// `NAME.approvals.db` for `NAME.toml`); relative to the config file.
+    pub store: Option<PathBuf>,
+    /// How long a held call waits for a decision before it is refused.
+    #[serde(default = "default_expiry_secs")]
+    pub expiry_secs: u64,
+    /// Who may decide which held calls: the first rule matching a call
+    /// applies; a call no rule matches may be decided by anyone who may
+    /// decide at all, once.
+    #[serde(default)]
+    pub rules: Vec<ApprovalRule>,
+    /// Webhook URLs (e.g. a chat's incoming webhook) told of every pending
+    /// approval, with a link to the admin page.
+    #[serde(default)]
+    pub notify: Vec<String>,
+    /// How many calls one agent may have waiting for approval at once,
+    /// across the processes sharing the store; past it a call that needs
+    /// approval is refused at once. 0: no limit.
+    #[serde(default = "default_max_pending_per_agent")]
+    pub max_pending_per_agent: u32,
+}
+
+fn default_expiry_secs() -> u64 {
+    300
+}
+
+fn default_max_pending_per_agent() -> u32 {
+    16
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            store: None,
+            expiry_secs: default_expiry_secs(),
+            rules: Vec::new(),
+            notify: Vec::new(),
+            max_pending_per_agent: default_max_pending_per_agent(),
+        }
+    }
+}
+
+/// Who may decide the held calls it matches, and what it takes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRule {
+    /// Servers (globs) it applies to.
+    #[serde(default = "everything")]
+    pub servers: Vec<String>,
+    /// Tools (globs) it applies to; a request without a tool matches by its
+    /// method.
+    #[serde(default = "everything")]
+    pub tools: Vec<String>,
+    /// It applies only to calls tagged with one of these (empty: any call).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The policies (globs) whose require-approval it applies to.
+    #[serde(default = "everything")]
+    pub policies: Vec<String>,
+    /// The `[approvers]` who may decide (empty: any of them).
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// How many distinct approvers must approve (2 for a two-person rule);
+    /// one deny is enough to refuse.
+    #[serde(default = "one")]
+    pub required: u32,
+    /// How long a call may wait (default: `approvals.expiry_secs`).
+    pub expiry_secs: Option<u64>,
+    /// For how long an approved call may run again without asking — the same
+    /// agent, server, tool and arguments (default 0: every call asks).
+    #[serde(default)]
+    pub reuse_secs: u64,
+    /// Also ask the client's own user (MCP elicitation), when the client
+    /// supports it; an approver may still decide first.
+    #[serde(default)]
+    pub elicit: bool,
+}

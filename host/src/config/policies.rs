@@ -1,0 +1,164 @@
+//! `[[policies]]` and `[engine]`: which policy components run, on what,
+//! with what settings, grants and limits.
+
+use super::*;
+
+/// One policy in the chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Unique name, used in errors, logs and audit records.
+    pub name: String,
+    /// Path to the `.wasm` component (relative to the config file).
+    pub module: PathBuf,
+    /// Settings handed to the policy's `configure` as JSON.
+    #[serde(default = "empty_settings")]
+    pub settings: serde_json::Value,
+    /// Agent ids (globs) the policy applies to.
+    #[serde(default = "everything")]
+    pub agents: Vec<String>,
+    /// Server names (globs) the policy applies to.
+    #[serde(default = "everything")]
+    pub servers: Vec<String>,
+    /// JSON-RPC methods (globs) the policy applies to.
+    #[serde(default = "everything")]
+    pub methods: Vec<String>,
+    /// Tool names (globs) the policy applies to; messages without a tool
+    /// match only when this contains `*`.
+    #[serde(default = "everything")]
+    pub tools: Vec<String>,
+    /// What a failure of the policy means.
+    #[serde(default)]
+    pub failure: FailureMode,
+    /// Whether the verdict is enforced or only recorded.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Instance lifecycle.
+    #[serde(default)]
+    pub instances: InstanceMode,
+    /// With `instances = "reuse"`: an instance is replaced after this many
+    /// evaluations, bounding what state can build up in it.
+    #[serde(default = "default_recycle_after")]
+    pub recycle_after: u64,
+    /// Wall-clock deadline per evaluation (default: `engine.timeout_ms`).
+    pub timeout_ms: Option<u64>,
+    /// Linear-memory cap per instance (default: `engine.memory_mb`).
+    pub memory_mb: Option<u64>,
+    /// WASI capabilities granted to the policy (none by default).
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+    /// Fixture files the policy must pass before it serves (at start and at
+    /// every reload); relative to the config file.
+    #[serde(default)]
+    pub fixtures: Vec<PathBuf>,
+}
+
+fn default_recycle_after() -> u64 {
+    10_000
+}
+
+fn empty_settings() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+/// What happens when a policy traps, times out, runs out of memory or
+/// returns malformed output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Deny the message (the default).
+    #[default]
+    Closed,
+    /// Let the message through; the failure is still recorded.
+    Open,
+}
+
+/// Whether a policy's verdict counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The verdict is enforced (the default).
+    #[default]
+    Enforce,
+    /// The verdict is recorded in the audit trail but never enforced.
+    Monitor,
+}
+
+/// How policy instances are used across evaluations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceMode {
+    /// A new instance for every evaluation: no state can survive from one
+    /// call to the next, at the price of instantiating each time (about
+    /// 10 µs for a Rust policy).
+    Fresh,
+    /// Instances are kept and reused (the default): a call costs about 2 µs.
+    /// Memory and globals survive between calls; an instance is discarded
+    /// after any failure.
+    #[default]
+    Reuse,
+}
+
+/// A WASI capability a policy may be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// The real wall and monotonic clocks (otherwise they read zero).
+    Clock,
+    /// Real randomness (otherwise a fixed-seed generator, so verdicts are
+    /// reproducible).
+    Random,
+    /// The policy's stderr goes to Portcullis' stderr (otherwise discarded).
+    Stderr,
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Default deadline per evaluation, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Default linear-memory cap per instance, in MiB.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// The largest memory cap any policy may be given, in MiB (sizes the
+    /// pooling allocator's slots).
+    #[serde(default = "default_max_memory_mb")]
+    pub max_memory_mb: u64,
+    /// How many policy instances may be alive at once.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+    /// Where compiled policies are cached (default: the user's cache
+    /// directory); relative to the config file.
+    pub cache_dir: Option<PathBuf>,
+    /// Set to false to compile every policy at every start.
+    #[serde(default = "yes")]
+    pub cache: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: default_timeout_ms(),
+            memory_mb: default_memory_mb(),
+            max_memory_mb: default_max_memory_mb(),
+            max_instances: default_max_instances(),
+            cache_dir: None,
+            cache: true,
+        }
+    }
+}
+
+fn default_timeout_ms() -> u64 {
+    50
+}
+fn default_memory_mb() -> u64 {
+    16
+}
+fn default_max_memory_mb() -> u64 {
+    256
+}
+fn default_max_instances() -> u32 {
+    256
+}

@@ -1,0 +1,121 @@
+//! `[serve]` and `[admin]`: the listeners of `portcullis serve` and their
+//! limits (sessions, connections, timeouts).
+
+use super::*;
+
+/// The HTTP listener of `portcullis serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address and port to listen on (default: localhost only).
+    #[serde(default = "default_listen")]
+    pub listen: std::net::SocketAddr,
+    /// Browser origins allowed to call the endpoint; a request carrying any
+    /// other `Origin` is refused (requests without one are not browsers').
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Joins a server's prefix and a tool or prompt name on the aggregated
+    /// endpoint.
+    #[serde(default = "default_separator")]
+    pub separator: String,
+    /// How long a request to a server may take, in seconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// How long a session may go unused before it expires (its client then
+    /// gets 404 and initializes again), in seconds.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_secs: u64,
+    /// How many sessions one agent may have open at once; `initialize` past
+    /// it is refused (HTTP 429). 0: no limit.
+    #[serde(default = "default_max_sessions_per_agent")]
+    pub max_sessions_per_agent: usize,
+    /// How many connections a listener (MCP and admin alike) serves at
+    /// once; more wait in the kernel's queue until one closes. Read at start.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and how long
+    /// an idle kept-alive connection stays open, in seconds. Read at start.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// How long a client may take to send a request's body, in seconds.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_secs: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            allowed_origins: Vec::new(),
+            separator: default_separator(),
+            request_timeout_secs: default_request_timeout(),
+            session_idle_secs: default_session_idle(),
+            max_sessions_per_agent: default_max_sessions_per_agent(),
+            max_connections: default_max_connections(),
+            header_timeout_secs: default_header_timeout(),
+            body_timeout_secs: default_body_timeout(),
+        }
+    }
+}
+
+fn default_session_idle() -> u64 {
+    1800
+}
+
+fn default_max_sessions_per_agent() -> usize {
+    128
+}
+
+fn default_max_connections() -> usize {
+    512
+}
+
+/// The most connections a listener may be configured to serve at once.
+pub(super) const MAX_CONNECTIONS: usize = 1 << 20;
+
+fn default_header_timeout() -> u64 {
+    30
+}
+
+fn default_body_timeout() -> u64 {
+    30
+}
+
+fn default_listen() -> std::net::SocketAddr {
+    ([127, 0, 0, 1], 8808).into()
+}
+
+fn default_separator() -> String {
+    "__".into()
+}
+
+fn default_request_timeout() -> u64 {
+    120
+}
+
+/// The admin listener, apart from agent traffic: the approvals API and page.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address and port to listen on.
+    #[serde(default = "default_admin_listen")]
+    pub listen: std::net::SocketAddr,
+    /// The page's address as approvers reach it (e.g. behind a proxy), used
+    /// in notifications (default: `http://` + `listen`).
+    pub url: Option<String>,
+}
+
+fn default_admin_listen() -> std::net::SocketAddr {
+    ([127, 0, 0, 1], 8809).into()
+}
+
+impl AdminConfig {
+    /// Where approvers reach the page.
+    pub fn url(&self) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .trim_end_matches('/')
+            .to_string()
+    }
+}

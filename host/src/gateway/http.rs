@@ -1,0 +1,572 @@
+//! The Streamable HTTP transport of `portcullis serve`: one endpoint for
+//! every server the agent may use (`/mcp`) and one per server
+//! (`/servers/NAME/mcp`). It checks `Origin`, authenticates the agent,
+//! limits body size, keeps sessions (`Mcp-Session-Id`) and protocol versions
+//! (`MCP-Protocol-Version`), and answers each POSTed request with JSON (or a
+//! one-event SSE stream for a client that accepts only that). Requests of the
+//! stateless 2026-07-28 revision, chosen by their `MCP-Protocol-Version`,
+//! need no session. `/healthz`
+//! reports the upstream servers' state (nothing more: it needs no key).
+//! Deciding is left to the [`Gateway`]. Every listener guards itself
+//! ([`Guard`]): it serves at most so many connections at once, drops a
+//! client that does not send its headers or body in time, and keeps
+//! accepting through errors such as running out of file descriptors. What
+//! it refuses at the door is audited.
+
+use crate::audit::AccessRecord;
+use crate::gateway::Gateway;
+use crate::gateway::sessions::Scope;
+use crate::gateway::stateless;
+use crate::http::{
+    Body, BodyError, Guard, event_stream, full, json_response, plain, read_body, serve, sse_event,
+};
+use crate::identity::{self, Identity};
+use crate::protocol::jsonrpc::{self, Message};
+use crate::relay::Asking;
+use crate::relay::generation::Current;
+use anyhow::Result;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+
+/// What the listener needs besides the gateway.
+pub struct Listener {
+    /// The gateway deciding and routing.
+    pub gateway: Arc<Gateway>,
+    /// The generation in charge: agents, origins and limits are read from it
+    /// per request, so a reload rotates keys without a restart.
+    pub current: Arc<Current>,
+}
+
+/// Serves MCP on `socket` until `shutdown` completes.
+pub async fn run(
+    listener: Arc<Listener>,
+    socket: tokio::net::TcpListener,
+    guard: Guard,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let addr = socket.local_addr()?;
+    tracing::info!(%addr, "portcullis serving MCP over Streamable HTTP");
+    serve(socket, guard, shutdown, move |request, peer| {
+        let listener = listener.clone();
+        async move { listener.respond(request, peer).await }
+    })
+    .await
+}
+
+impl Listener {
+    /// Answers one HTTP request from `peer`.
+    pub async fn respond(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = request.uri().path().to_string();
+        if path == "/healthz" && request.method() == Method::GET {
+            return self.health();
+        }
+        let scope = match path.as_str() {
+            "/mcp" => Scope::All,
+            _ => match path
+                .strip_prefix("/servers/")
+                .and_then(|rest| rest.strip_suffix("/mcp"))
+            {
+                Some(server) if self.gateway.has_server(server) => {
+                    Scope::Server(server.to_string())
+                }
+                _ => return plain(StatusCode::NOT_FOUND, "no MCP endpoint here"),
+            },
+        };
+        let door = Door {
+            current: self.current.clone(),
+            path: path.clone(),
+            peer,
+        };
+        let generation = self.current.get();
+        if let Some(origin) = request.headers().get(header::ORIGIN)
+            && !generation
+                .config
+                .serve
+                .allowed_origins
+                .iter()
+                .any(|allowed| allowed.as_bytes() == origin.as_bytes())
+        {
+            let origin = String::from_utf8_lossy(origin.as_bytes());
+            let why = format!("Origin '{origin:.200}' is not in serve.allowed_origins");
+            door.refused("origin-refused", None, why).await;
+            return plain(StatusCode::FORBIDDEN, "origin not allowed");
+        }
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let limits = BodyLimits {
+            max: generation.config.limits.max_message_bytes,
+            timeout: Duration::from_secs(generation.config.serve.body_timeout_secs),
+        };
+        let identity = match identity::authenticate(
+            &generation.config,
+            generation.jwt.as_ref(),
+            authorization,
+            crate::util::clock::unix_now(),
+        )
+        .await
+        {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                door.refused("credentials-refused", None, refusal.explanation().into())
+                    .await;
+                let mut response = plain(StatusCode::UNAUTHORIZED, refusal.explanation());
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(refusal.challenge()),
+                );
+                return response;
+            }
+        };
+        if let Scope::Server(server) = &scope
+            && !identity.may_use(server)
+        {
+            // A server the agent may not use does not exist for it.
+            let why = format!(
+                "agent '{}' may not use server '{server}'",
+                identity.agent.id
+            );
+            door.refused("server-refused", Some(&identity), why).await;
+            return plain(StatusCode::NOT_FOUND, "no MCP endpoint here");
+        }
+        drop(generation);
+        match *request.method() {
+            Method::POST => self.post(request, identity, scope, limits, &door).await,
+            Method::DELETE => match session_id(request.headers()) {
+                Some(id) if self.gateway.end(id, &identity) => {
+                    let ended =
+                        AccessRecord::new("session-ended", Some(&identity.agent), &path, peer);
+                    door.record(ended).await;
+                    plain(StatusCode::OK, "session ended")
+                }
+                Some(_) => {
+                    door.unknown_session(&identity).await;
+                    plain(StatusCode::NOT_FOUND, "unknown session")
+                }
+                None => plain(StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required"),
+            },
+            Method::GET => {
+                self.events(request.headers(), &identity, &scope, &door)
+                    .await
+            }
+            _ => {
+                let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use POST, GET or DELETE");
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
+                response
+            }
+        }
+    }
+
+    async fn post(
+        &self,
+        request: Request<Incoming>,
+        identity: Identity,
+        scope: Scope,
+        limits: BodyLimits,
+        door: &Door,
+    ) -> Response<Body> {
+        let headers = request.headers().clone();
+        let body = match read_body(request.into_body(), limits.max, limits.timeout).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
+                let why = format!(
+                    "message exceeds the size limit of {} bytes (limits.max_message_bytes)",
+                    limits.max
+                );
+                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None)
+                    .await;
+                return rpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    jsonrpc::INVALID_REQUEST,
+                    &why,
+                );
+            }
+            Err(BodyError::TooSlow) => {
+                let why = format!(
+                    "the message was not sent within {}s (serve.body_timeout_secs)",
+                    limits.timeout.as_secs()
+                );
+                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None)
+                    .await;
+                return rpc_error(StatusCode::REQUEST_TIMEOUT, jsonrpc::INVALID_REQUEST, &why);
+            }
+            Err(BodyError::Failed(e)) => {
+                tracing::debug!("reading a request body failed: {e}");
+                return plain(StatusCode::BAD_REQUEST, "the body could not be read");
+            }
+        };
+        let Ok(text) = std::str::from_utf8(&body) else {
+            let why = "Parse error: body is not UTF-8";
+            door.message_refused(&identity, jsonrpc::PARSE_ERROR, why, Some(&body))
+                .await;
+            return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, why);
+        };
+        if jsonrpc::is_batch(text) {
+            let why = "Invalid Request: batches are not supported by this protocol revision";
+            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body))
+                .await;
+            return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::INVALID_REQUEST, why);
+        }
+        let message = match Message::parse(text) {
+            Ok(message) => message,
+            Err(unreadable) => {
+                let why = &unreadable.message;
+                door.message_refused(&identity, unreadable.code, why, Some(&body))
+                    .await;
+                let id = jsonrpc::leading_id(&body);
+                let answer = jsonrpc::error_response(id.as_deref(), unreadable.code, why, None);
+                return json_response(StatusCode::BAD_REQUEST, answer);
+            }
+        };
+        if let Some(version) = headers.get(VERSION_HEADER)
+            && stateless::is_stateless(version.as_bytes())
+        {
+            return self
+                .stateless(&headers, identity, scope, &message, text, door)
+                .await;
+        }
+        if message.method.as_deref() == Some("initialize") && message.id.is_some() {
+            return self
+                .initialize(&headers, identity, scope, &message, door)
+                .await;
+        }
+        let Some(id) = session_id(&headers) else {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "Mcp-Session-Id header is required (initialize first)",
+            );
+        };
+        let Some(session) = self
+            .gateway
+            .session(id, &identity)
+            .filter(|s| s.scope == scope)
+        else {
+            door.unknown_session(&identity).await;
+            return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
+        };
+        if let Some(version) = headers.get(VERSION_HEADER)
+            && version.as_bytes() != session.protocol.as_bytes()
+        {
+            let why = "MCP-Protocol-Version is not the revision this session negotiated";
+            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body))
+                .await;
+            return plain(StatusCode::BAD_REQUEST, why);
+        }
+        match self
+            .gateway
+            .handle(&session, text, Asking::Connection)
+            .await
+        {
+            Some(answer) => answer_response(&headers, answer),
+            None => empty(StatusCode::ACCEPTED),
+        }
+    }
+
+    /// An `initialize` request: a new session, recorded in the trail before
+    /// its id is given out; refused when the agent has its fill of them.
+    async fn initialize(
+        &self,
+        headers: &HeaderMap,
+        identity: Identity,
+        scope: Scope,
+        message: &Message<'_>,
+        door: &Door,
+    ) -> Response<Body> {
+        let mut access = AccessRecord::new(
+            "session-opened",
+            Some(&identity.agent),
+            &door.path,
+            door.peer,
+        );
+        let refused_identity = identity.clone();
+        let (session, answer) = match self.gateway.initialize(identity, scope, message).await {
+            Ok(opened) => opened,
+            Err(too_many) => {
+                let why = too_many.to_string();
+                door.refused("session-refused", Some(&refused_identity), why.clone())
+                    .await;
+                let answer =
+                    jsonrpc::error_response(message.id, jsonrpc::INVALID_REQUEST, &why, None);
+                return json_response(StatusCode::TOO_MANY_REQUESTS, answer);
+            }
+        };
+        if let Some(session) = &session {
+            let params = message.params_value();
+            let info = &params["clientInfo"];
+            access.client = info["name"]
+                .as_str()
+                .map(|name| format!("{name}/{}", info["version"].as_str().unwrap_or("?")));
+            access.protocol_version = serde_json::from_str::<Value>(&answer)
+                .ok()
+                .and_then(|a| a["result"]["protocolVersion"].as_str().map(str::to_string));
+            // No session the trail does not know of.
+            if let Err(e) = self.current.get().audit.write(&access) {
+                tracing::error!("cannot audit a new session: {e:#}");
+                self.gateway.end(&session.id, &session.identity);
+                let why = format!("the audit trail cannot record the session: {e:#}");
+                return rpc_error(StatusCode::SERVICE_UNAVAILABLE, jsonrpc::AUDIT_FAILED, &why);
+            }
+        }
+        let mut response = answer_response(headers, answer);
+        if let Some(session) = session
+            && let Ok(value) = HeaderValue::from_str(&session.id)
+        {
+            response.headers_mut().insert(SESSION_HEADER, value);
+        }
+        response
+    }
+
+    /// The server-to-client stream of a session (GET, revisions up to
+    /// 2025-11-25): the notifications its servers send all their clients,
+    /// as SSE events. Servers' own requests are not relayed to agents.
+    async fn events(
+        &self,
+        headers: &HeaderMap,
+        identity: &Identity,
+        scope: &Scope,
+        door: &Door,
+    ) -> Response<Body> {
+        if !accepts(headers, "text/event-stream") {
+            return plain(StatusCode::NOT_ACCEPTABLE, "GET streams text/event-stream");
+        }
+        let Some(id) = session_id(headers) else {
+            let mut response = plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a GET stream belongs to a session (Mcp-Session-Id)",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return response;
+        };
+        let Some(session) = self
+            .gateway
+            .session(id, identity)
+            .filter(|s| &s.scope == scope)
+        else {
+            door.unknown_session(identity).await;
+            return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
+        };
+        let Some(stream) = session.open_stream() else {
+            return plain(
+                StatusCode::CONFLICT,
+                "this session has an event stream open already",
+            );
+        };
+        event_stream(
+            "message",
+            self.gateway.notices(&session),
+            Some(Box::new(stream)),
+        )
+    }
+
+    /// A request of the stateless 2026-07-28 revision: its envelope is
+    /// checked, the agent's standing session judges and routes it, and the
+    /// answer gets the members this revision requires.
+    async fn stateless(
+        &self,
+        headers: &HeaderMap,
+        identity: Identity,
+        scope: Scope,
+        message: &Message<'_>,
+        text: &str,
+        door: &Door,
+    ) -> Response<Body> {
+        let (Some(method), Some(id)) = (message.method.as_deref(), message.id) else {
+            // A notification (e.g. a cancellation) or a stray response.
+            return empty(StatusCode::ACCEPTED);
+        };
+        let params = message.params_value();
+        if let Err(rejection) = stateless::check(headers, method, &params) {
+            let why = &rejection.message;
+            door.message_refused(&identity, rejection.code, why, Some(text.as_bytes()))
+                .await;
+            let answer = jsonrpc::error_response(
+                Some(id),
+                rejection.code,
+                &rejection.message,
+                rejection.data,
+            );
+            return json_response(rejection.status, answer);
+        }
+        if stateless::REMOVED.contains(&method) {
+            let why = format!(
+                "Method not found: {method} is not part of {}",
+                stateless::VERSION
+            );
+            let answer = jsonrpc::error_response(Some(id), stateless::METHOD_NOT_FOUND, &why, None);
+            return json_response(StatusCode::NOT_FOUND, answer);
+        }
+        let session = self.gateway.standing(&identity, &scope);
+        let (answer, server_info) = if method == "server/discover" {
+            match self.gateway.discover(&session).await {
+                Ok((result, info)) => (
+                    format!(r#"{{"jsonrpc":"2.0","id":{},"result":{result}}}"#, id.get()),
+                    info,
+                ),
+                Err(why) => (
+                    jsonrpc::error_response(Some(id), jsonrpc::INTERNAL_ERROR, &why, None),
+                    Value::Null,
+                ),
+            }
+        } else {
+            let text = match stateless::without_envelope(&params) {
+                Some(params) => jsonrpc::replace_member(text, "params", &params.to_string())
+                    .unwrap_or_else(|_| text.to_string()),
+                None => text.to_string(),
+            };
+            let asking = if stateless::elicits(&params) {
+                Asking::InputRequired
+            } else {
+                Asking::Connection
+            };
+            let answer = self
+                .gateway
+                .handle(&session, &text, asking)
+                .await
+                .unwrap_or_else(|| {
+                    jsonrpc::error_response(Some(id), jsonrpc::INTERNAL_ERROR, "no answer", None)
+                });
+            (answer, self.gateway.server_info(&scope).await)
+        };
+        let (answer, status) = stateless::complete(&answer, method, &server_info);
+        let mut response = answer_response(headers, answer);
+        *response.status_mut() = status;
+        response
+    }
+
+    /// Each server's state and restarts: enough for a health check, nothing
+    /// an unauthenticated caller should learn (pids, errors; `portcullis
+    /// status` has those).
+    fn health(&self) -> Response<Body> {
+        let servers: serde_json::Map<String, Value> = self
+            .gateway
+            .health()
+            .into_iter()
+            .map(|(name, health)| {
+                let shown = json!({ "state": health.state, "restarts": health.restarts });
+                (name, shown)
+            })
+            .collect();
+        json_response(StatusCode::OK, json!({ "servers": servers }).to_string())
+    }
+}
+
+/// The limits on a request's body.
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    max: usize,
+    timeout: Duration,
+}
+
+/// Where a request came in: refusals there are audited as access events.
+struct Door {
+    current: Arc<Current>,
+    path: String,
+    peer: SocketAddr,
+}
+
+impl Door {
+    /// Writes `record` off the async workers (a sink may wait for the
+    /// disk); the refusal is answered once it is written, so a flood of
+    /// refused requests waits for the trail instead of queueing records.
+    async fn record(&self, record: AccessRecord) {
+        let current = self.current.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            if let Err(e) = current.get().audit.write(&record) {
+                tracing::error!(event = record.event, "cannot audit an access: {e:#}");
+            }
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::error!("auditing an access did not finish: {e}");
+        }
+    }
+
+    /// `event` refused (by `identity`, once known), for `why`.
+    async fn refused(&self, event: &'static str, identity: Option<&Identity>, why: String) {
+        let agent = identity.map(|i| &i.agent);
+        let mut record = AccessRecord::new(event, agent, &self.path, self.peer);
+        record.reason = Some(why);
+        self.record(record).await;
+    }
+
+    /// A session id this agent has no session by (another agent's, an
+    /// expired or made-up one).
+    async fn unknown_session(&self, identity: &Identity) {
+        let why = "no session with this Mcp-Session-Id for this agent".into();
+        self.refused("session-unknown", Some(identity), why).await;
+    }
+
+    /// A message refused before any relay judged it, with its code and the
+    /// sha256 of its bytes when they were read.
+    async fn message_refused(
+        &self,
+        identity: &Identity,
+        code: i32,
+        why: &str,
+        bytes: Option<&[u8]>,
+    ) {
+        let mut record = AccessRecord::new(
+            "message-refused",
+            Some(&identity.agent),
+            &self.path,
+            self.peer,
+        );
+        record.reason = Some(why.to_string());
+        record.code = Some(code);
+        record.message_sha256 = bytes.map(crate::audit::bytes_digest);
+        self.record(record).await;
+    }
+}
+
+/// Whether the `Accept` header names `kind`.
+fn accepts(headers: &HeaderMap, kind: &str) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains(kind))
+}
+
+fn session_id(headers: &HeaderMap) -> Option<&str> {
+    headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
+}
+
+/// A JSON-RPC answer, as JSON, or as one SSE event for a client that
+/// accepts only an event stream.
+fn answer_response(headers: &HeaderMap, answer: String) -> Response<Body> {
+    let sse = accepts(headers, "text/event-stream") && !accepts(headers, "application/json");
+    let (body, kind) = if sse {
+        (sse_event("message", &answer), "text/event-stream")
+    } else {
+        (Bytes::from(answer), "application/json")
+    };
+    let mut response = Response::new(full(body));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    response
+}
+
+fn rpc_error(status: StatusCode, code: i32, why: &str) -> Response<Body> {
+    json_response(status, jsonrpc::error_response(None, code, why, None))
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}

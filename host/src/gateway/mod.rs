@@ -1,0 +1,708 @@
+//! The MCP server side of `portcullis serve`: client sessions, and the
+//! routing of each client message to the upstream server that serves it.
+//! A session either targets one server (its own path) or sees every server
+//! its agent may use, merged: tools and prompts get collision-free names
+//! (`prefix` + `separator` + name), resources keep their URIs and are routed
+//! by which server listed them. Every message to or from a server passes
+//! through the session's [`Relay`] for that server, so it is judged (with the
+//! real server and tool names) and audited exactly as in stdio mode.
+
+pub mod http;
+pub mod sessions;
+pub mod stateless;
+
+use crate::audit::AccessRecord;
+use crate::config::Config;
+use crate::contract::Direction;
+use crate::gateway::sessions::{ClientSession, Scope, Sessions, TooManySessions};
+use crate::identity::Identity;
+use crate::protocol::framing::Frame;
+use crate::protocol::jsonrpc::{
+    self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Message, error_response,
+};
+use crate::relay::generation::Current;
+use crate::relay::session::Session;
+use crate::relay::{Asking, Delivery, Relay};
+use crate::upstream::{Health, Upstream};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Protocol revisions a client may choose; the first is the default.
+pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
+/// How long a merged answer waits for a server that is not ready (starting
+/// or restarting) before leaving it out, so one server down does not hold up
+/// the agent's view of the others.
+const MERGE_WAIT: Duration = Duration::from_secs(5);
+/// JSON-RPC: the method does not exist (here).
+const METHOD_NOT_FOUND: i32 = -32601;
+
+/// The servers, the sessions, and the naming of merged lists.
+pub struct Gateway {
+    current: Arc<Current>,
+    upstreams: BTreeMap<String, Arc<Upstream>>,
+    prefixes: BTreeMap<String, String>,
+    separator: String,
+    timeout: Duration,
+    /// The sessions opened with `initialize`, and the one each agent's
+    /// stateless (2026-07-28) requests share per scope, so what its servers
+    /// listed is known when it calls.
+    sessions: Sessions,
+}
+
+/// One list the aggregated endpoint merges.
+struct Listing {
+    /// The server capability that offers it.
+    capability: &'static str,
+    /// The member of the result holding the items.
+    member: &'static str,
+    /// Whether item names are prefixed.
+    renamed: bool,
+}
+
+const LISTINGS: &[(&str, Listing)] = &[
+    (
+        "tools/list",
+        Listing {
+            capability: "tools",
+            member: "tools",
+            renamed: true,
+        },
+    ),
+    (
+        "prompts/list",
+        Listing {
+            capability: "prompts",
+            member: "prompts",
+            renamed: true,
+        },
+    ),
+    (
+        "resources/list",
+        Listing {
+            capability: "resources",
+            member: "resources",
+            renamed: false,
+        },
+    ),
+    (
+        "resources/templates/list",
+        Listing {
+            capability: "resources",
+            member: "resourceTemplates",
+            renamed: false,
+        },
+    ),
+];
+
+impl Gateway {
+    /// A gateway over `upstreams`, configured by `config`.
+    pub fn new(
+        config: &Config,
+        current: Arc<Current>,
+        upstreams: BTreeMap<String, Arc<Upstream>>,
+    ) -> Self {
+        let prefixes = config
+            .servers
+            .iter()
+            .map(|(name, server)| (name.clone(), server.prefix.clone().unwrap_or(name.clone())))
+            .collect();
+        Self {
+            current,
+            upstreams,
+            prefixes,
+            separator: config.serve.separator.clone(),
+            timeout: Duration::from_secs(config.serve.request_timeout_secs),
+            sessions: Sessions::default(),
+        }
+    }
+
+    /// The upstream servers, by name.
+    pub fn upstreams(&self) -> &BTreeMap<String, Arc<Upstream>> {
+        &self.upstreams
+    }
+
+    /// How each server is doing, by name.
+    pub fn health(&self) -> BTreeMap<String, Health> {
+        self.upstreams
+            .iter()
+            .map(|(name, upstream)| (name.clone(), upstream.health()))
+            .collect()
+    }
+
+    /// Whether `server` is configured.
+    pub fn has_server(&self, server: &str) -> bool {
+        self.upstreams.contains_key(server)
+    }
+
+    /// The session `id`, if it exists and belongs to `identity`'s agent.
+    pub fn session(&self, id: &str, identity: &Identity) -> Option<Arc<ClientSession>> {
+        self.sessions.get(id, &identity.agent.id)
+    }
+
+    /// Ends session `id` (the client's DELETE), cancelling the calls it
+    /// holds; false if it was not there.
+    pub fn end(&self, id: &str, identity: &Identity) -> bool {
+        let Some(session) = self.sessions.remove(id, &identity.agent.id) else {
+            return false;
+        };
+        session.cancel_held("the client ended its session");
+        true
+    }
+
+    /// Cancels every call a session holds for approval (Portcullis is
+    /// stopping): nothing of theirs runs later.
+    pub fn cancel_held(&self, why: &str) {
+        for session in self.sessions.all() {
+            session.cancel_held(why);
+        }
+    }
+
+    /// Expires the sessions idle for longer than `serve.session_idle_secs`
+    /// (none a request or stream is using), each audited.
+    pub fn expire_idle(&self) {
+        let generation = self.current.get();
+        let idle = Duration::from_secs(generation.config.serve.session_idle_secs);
+        for session in self.sessions.expire(idle) {
+            session.cancel_held("the session expired");
+            let endpoint = session.scope.endpoint();
+            let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+            let mut record = AccessRecord::new(
+                "session-expired",
+                Some(&session.identity.agent),
+                &endpoint,
+                peer,
+            );
+            record.reason = Some(format!("idle for over {}s", idle.as_secs()));
+            if let Err(e) = generation.audit.write(&record) {
+                tracing::error!("cannot audit an expired session: {e:#}");
+            }
+        }
+    }
+
+    /// How many sessions are open: opened with `initialize`, and standing.
+    pub fn session_count(&self) -> (usize, usize) {
+        self.sessions.count()
+    }
+
+    /// Answers an `initialize` request: opens a session for `identity` on
+    /// `scope` and returns it with the answer; refused when the agent has
+    /// as many sessions open as it may.
+    pub async fn initialize(
+        &self,
+        identity: Identity,
+        scope: Scope,
+        message: &Message<'_>,
+    ) -> Result<(Option<Arc<ClientSession>>, String), TooManySessions> {
+        let limit = self.current.get().config.serve.max_sessions_per_agent;
+        self.sessions.room_for(&identity.agent.id, limit)?;
+        let requested = message.params_value()["protocolVersion"]
+            .as_str()
+            .map(str::to_string);
+        let protocol = requested
+            .filter(|v| PROTOCOL_VERSIONS.contains(&v.as_str()))
+            .unwrap_or_else(|| PROTOCOL_VERSIONS[0].to_string());
+        let result = match &scope {
+            Scope::Server(server) => match self.upstreams[server].initialized(self.timeout).await {
+                Ok(upstream) => {
+                    let mut result = (*upstream).clone();
+                    result["protocolVersion"] = json!(protocol);
+                    result
+                }
+                Err(e) => {
+                    let why = format!("Portcullis: {e:#}");
+                    return Ok((None, error_response(message.id, INTERNAL_ERROR, &why, None)));
+                }
+            },
+            Scope::All => json!({
+                "protocolVersion": protocol,
+                "capabilities": self.merged_capabilities(&identity, true).await,
+                "serverInfo": portcullis_info(),
+                "instructions": self.merged_instructions(),
+            }),
+        };
+        let session = self.open(identity, scope, protocol);
+        self.sessions.insert(session.clone(), limit)?;
+        let id = message.id.map_or("null", |id| id.get());
+        let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
+        Ok((Some(session), answer))
+    }
+
+    /// A new session of `identity` on `scope`, with a relay per server.
+    fn open(&self, identity: Identity, scope: Scope, protocol: String) -> Arc<ClientSession> {
+        let servers = match &scope {
+            Scope::All => self.reachable(&identity),
+            Scope::Server(server) => vec![server.clone()],
+        };
+        let relays = servers
+            .into_iter()
+            .map(|server| {
+                let session = Session::new(server.clone(), identity.agent.clone());
+                (server, Arc::new(Relay::new(self.current.clone(), session)))
+            })
+            .collect();
+        Arc::new(ClientSession::new(
+            uuid_like(),
+            identity,
+            scope,
+            protocol,
+            relays,
+        ))
+    }
+
+    /// The session `identity`'s stateless requests on `scope` share; a new
+    /// one when the agent comes with other rights or attributes (another
+    /// token, a reloaded config).
+    pub fn standing(&self, identity: &Identity, scope: &Scope) -> Arc<ClientSession> {
+        self.sessions.standing(identity, scope, || {
+            let protocol = stateless::VERSION.to_string();
+            self.open(identity.clone(), scope.clone(), protocol)
+        })
+    }
+
+    /// The notifications `session`'s servers send all their clients, each
+    /// judged by the session's relay for that server, from now until the
+    /// receiver is dropped.
+    pub fn notices(&self, session: &ClientSession) -> mpsc::Receiver<String> {
+        let (sender, receiver) = mpsc::channel(16);
+        for (server, relay) in &session.relays {
+            let Some(mut notices) = self.upstreams[server].notices() else {
+                continue;
+            };
+            let (sender, relay) = (sender.clone(), relay.clone());
+            tokio::spawn(async move {
+                loop {
+                    let notice = tokio::select! {
+                        notice = notices.recv() => notice,
+                        () = sender.closed() => return,
+                    };
+                    let text = match notice {
+                        Ok(text) => text.to_string(),
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    let judged = judge(
+                        relay.clone(),
+                        Direction::ServerToClient,
+                        text,
+                        Asking::Connection,
+                        None,
+                    )
+                    .await;
+                    if let Some(forward) = judged.forward
+                        && sender.send(forward).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        receiver
+    }
+
+    /// The result of `server/discover` (2026-07-28) for `session`, and who
+    /// answers for it.
+    pub async fn discover(&self, session: &ClientSession) -> Result<(Value, Value), String> {
+        match &session.scope {
+            Scope::Server(server) => {
+                let upstream = self.upstreams[server]
+                    .initialized(self.timeout)
+                    .await
+                    .map_err(|e| format!("Portcullis: {e:#}"))?;
+                let capabilities = listed_capabilities(&upstream["capabilities"], false);
+                let result = stateless::discovery(capabilities, upstream["instructions"].as_str());
+                Ok((result, upstream["serverInfo"].clone()))
+            }
+            Scope::All => {
+                let capabilities = self.merged_capabilities(&session.identity, false).await;
+                let instructions = self.merged_instructions();
+                let result = stateless::discovery(capabilities, Some(&instructions));
+                Ok((result, portcullis_info()))
+            }
+        }
+    }
+
+    /// Who answers for `scope`: Portcullis for the merged endpoint, else the
+    /// server as it introduced itself.
+    pub async fn server_info(&self, scope: &Scope) -> Value {
+        match scope {
+            Scope::All => portcullis_info(),
+            Scope::Server(server) => match self.upstreams[server].initialized(MERGE_WAIT).await {
+                Ok(upstream) => upstream["serverInfo"].clone(),
+                Err(_) => json!({ "name": server, "version": "unknown" }),
+            },
+        }
+    }
+
+    /// The capabilities of the merged endpoint: the lists that at least one
+    /// of `identity`'s servers offers, and, with `changes`, whether one of
+    /// them tells when a list changed (on the GET stream).
+    async fn merged_capabilities(&self, identity: &Identity, changes: bool) -> Map<String, Value> {
+        let mut capabilities = Map::new();
+        for server in self.reachable(identity) {
+            let upstream = &self.upstreams[&server];
+            let Ok(init) = upstream.initialized(MERGE_WAIT).await else {
+                continue;
+            };
+            let relayed = changes && upstream.has_notices();
+            for (name, offer) in listed_capabilities(&init["capabilities"], relayed) {
+                let merged = capabilities.entry(name).or_insert_with(|| json!({}));
+                if offer["listChanged"] == json!(true) {
+                    merged["listChanged"] = json!(true);
+                }
+            }
+        }
+        capabilities
+    }
+
+    fn merged_instructions(&self) -> String {
+        "Tools and prompts of several MCP servers, named SERVER__NAME, behind Portcullis."
+            .replace("__", &self.separator)
+    }
+
+    /// The servers `identity` may use, in name order.
+    fn reachable(&self, identity: &Identity) -> Vec<String> {
+        self.upstreams
+            .keys()
+            .filter(|server| identity.may_use(server))
+            .cloned()
+            .collect()
+    }
+
+    /// Handles one message of `session` (not `initialize`); returns the
+    /// answer to send back, if the message was a request.
+    /// Its client can be asked about a held call as `asking` says.
+    pub async fn handle(
+        &self,
+        session: &ClientSession,
+        text: &str,
+        asking: Asking,
+    ) -> Option<String> {
+        let message = match Message::parse(text) {
+            Ok(message) => message,
+            Err(e) => {
+                let why = format!("Parse error: {e}");
+                return Some(error_response(None, jsonrpc::PARSE_ERROR, &why, None));
+            }
+        };
+        let method = message.method.as_deref().unwrap_or_default();
+        match (&session.scope, message.id) {
+            // Answers to server requests: the gateway never relays those.
+            (_, _) if message.method.is_none() => None,
+            (_, Some(id)) if method == "ping" => Some(format!(
+                r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
+                id.get()
+            )),
+            (_, None) if method == "notifications/initialized" => None,
+            (Scope::Server(server), _) => self.forward(session, server, text, asking).await,
+            (Scope::All, None) => None,
+            (Scope::All, Some(_)) => Some(self.aggregate(session, &message, text, asking).await),
+        }
+    }
+
+    /// A request on the aggregated endpoint.
+    async fn aggregate(
+        &self,
+        session: &ClientSession,
+        message: &Message<'_>,
+        text: &str,
+        asking: Asking,
+    ) -> String {
+        let method = message.method.as_deref().unwrap_or_default();
+        if let Some((_, listing)) = LISTINGS.iter().find(|(m, _)| *m == method) {
+            return self.merge(session, message, listing).await;
+        }
+        let params = message.params_value();
+        let target = match method {
+            "tools/call" | "prompts/get" => params["name"]
+                .as_str()
+                .and_then(|name| self.split(session, name))
+                .map(|(server, name)| {
+                    let mut params = params.clone();
+                    params["name"] = json!(name);
+                    (server, Some(params))
+                }),
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => params["uri"]
+                .as_str()
+                .and_then(|uri| {
+                    let resources = session.resources.lock().expect("resources lock poisoned");
+                    resources.get(uri).cloned()
+                })
+                .map(|server| (server, None)),
+            _ => {
+                let why = format!("Method not found: {method}");
+                return error_response(message.id, METHOD_NOT_FOUND, &why, None);
+            }
+        };
+        let Some((server, params)) = target else {
+            let what = params["name"]
+                .as_str()
+                .or(params["uri"].as_str())
+                .unwrap_or("");
+            let why = format!("Unknown name or resource: '{what}'");
+            return error_response(message.id, INVALID_PARAMS, &why, None);
+        };
+        let text = match params {
+            Some(params) => match jsonrpc::replace_member(text, "params", &params.to_string()) {
+                Ok(text) => text,
+                Err(e) => return error_response(message.id, INVALID_REQUEST, &e.to_string(), None),
+            },
+            None => text.to_string(),
+        };
+        self.forward(session, &server, &text, asking)
+            .await
+            .unwrap_or_else(|| error_response(message.id, INTERNAL_ERROR, "no answer", None))
+    }
+
+    /// The server and real name behind a merged tool or prompt name.
+    fn split(&self, session: &ClientSession, merged: &str) -> Option<(String, String)> {
+        session.relays.keys().find_map(|server| {
+            let prefix = format!("{}{}", self.prefixes[server], self.separator);
+            merged
+                .strip_prefix(&prefix)
+                .map(|name| (server.clone(), name.to_string()))
+        })
+    }
+
+    /// A list request sent to every server of the session that offers it; the
+    /// answers are merged. A server that fails is left out and logged.
+    async fn merge(
+        &self,
+        session: &ClientSession,
+        message: &Message<'_>,
+        listing: &Listing,
+    ) -> String {
+        let id = message.id.map_or("null", |id| id.get());
+        let request = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"{}"}}"#,
+            message.method.as_deref().unwrap_or_default()
+        );
+        let mut items = Vec::new();
+        for server in session.relays.keys() {
+            let offers = match self.upstreams[server].initialized(MERGE_WAIT).await {
+                Ok(init) => init["capabilities"].get(listing.capability).is_some(),
+                Err(e) => {
+                    tracing::warn!(server, "left out of a merged list: {e:#}");
+                    false
+                }
+            };
+            if !offers {
+                continue;
+            }
+            let Some(answer) = self
+                .forward(session, server, &request, Asking::Connection)
+                .await
+            else {
+                continue;
+            };
+            let mut answer: Value = serde_json::from_str(&answer).unwrap_or_default();
+            let Some(list) = answer["result"][listing.member].as_array_mut() else {
+                tracing::warn!(server, "left out of a merged list: {}", answer["error"]);
+                continue;
+            };
+            for mut item in list.drain(..) {
+                if listing.renamed
+                    && let Some(name) = item["name"].as_str()
+                {
+                    item["name"] =
+                        json!(format!("{}{}{name}", self.prefixes[server], self.separator));
+                }
+                if let Some(uri) = item["uri"].as_str() {
+                    let mut resources = session.resources.lock().expect("resources lock poisoned");
+                    resources.insert(uri.to_string(), server.clone());
+                }
+                items.push(item);
+            }
+        }
+        let result = json!({ listing.member: items });
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
+    }
+
+    /// Judges `text` on its way to `server`, sends it, and judges the answer
+    /// on its way back. Returns what the client gets, if anything.
+    async fn forward(
+        &self,
+        session: &ClientSession,
+        server: &str,
+        text: &str,
+        asking: Asking,
+    ) -> Option<String> {
+        let relay = session.relays.get(server)?.clone();
+        // The request and its answer are one HTTP exchange with the server:
+        // they are judged as a pair, whatever ids clients sharing a session
+        // use.
+        let pair = Some(PAIRS.fetch_add(1, Ordering::Relaxed));
+        let outbound = judge(
+            relay.clone(),
+            Direction::ClientToServer,
+            text.to_string(),
+            asking,
+            pair,
+        )
+        .await;
+        if let Some(reply) = outbound.reply {
+            return Some(reply);
+        }
+        let forward = outbound.forward?;
+        let upstream = &self.upstreams[server];
+        let message = Message::parse(&forward).ok()?;
+        if message.id.is_none() {
+            if let Err(e) = upstream.notify(&forward).await {
+                tracing::warn!(server, "notification not delivered: {e:#}");
+            }
+            return None;
+        }
+        let answer = match upstream.request(&forward, self.timeout).await {
+            Ok(answer) => answer,
+            Err(e) => error_response(
+                message.id,
+                INTERNAL_ERROR,
+                &format!("Portcullis: {e:#}"),
+                None,
+            ),
+        };
+        let judged = judge(
+            relay,
+            Direction::ServerToClient,
+            answer,
+            Asking::Connection,
+            pair,
+        )
+        .await;
+        // A request is always answered: an answer the relay dropped (it
+        // could not be matched to this request) becomes an error.
+        judged.forward.or_else(|| {
+            let why = "Portcullis: the server's answer could not be relayed";
+            Some(error_response(message.id, INTERNAL_ERROR, why, None))
+        })
+    }
+}
+
+/// Names each request/answer pair the gateway relays.
+static PAIRS: AtomicU64 = AtomicU64::new(1);
+
+/// Portcullis as the server answering on the merged endpoint.
+fn portcullis_info() -> Value {
+    json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
+}
+
+/// Of a server's capabilities, the lists Portcullis relays, with
+/// `listChanged` where the server offers it and `changes` are relayed.
+/// Subscriptions are not relayed.
+fn listed_capabilities(offered: &Value, changes: bool) -> Map<String, Value> {
+    LISTINGS
+        .iter()
+        .filter_map(|(_, listing)| {
+            let offer = offered.get(listing.capability)?;
+            let changing = changes && offer["listChanged"] == json!(true);
+            let capability = if changing {
+                json!({ "listChanged": true })
+            } else {
+                json!({})
+            };
+            Some((listing.capability.to_string(), capability))
+        })
+        .collect()
+}
+
+/// What the relay decided about one message, as text.
+struct Judged {
+    forward: Option<String>,
+    reply: Option<String>,
+}
+
+/// Runs the relay (policies are WebAssembly and may take milliseconds) on a
+/// blocking thread, off the async workers.
+async fn judge(
+    relay: Arc<Relay>,
+    direction: Direction,
+    text: String,
+    asking: Asking,
+    pair: Option<u64>,
+) -> Judged {
+    let judging = relay.clone();
+    let judged = tokio::task::spawn_blocking(move || {
+        let frame = Frame::Line(text.into_bytes());
+        match pair {
+            Some(pair) => judging.handle_paired(direction, frame, asking, pair),
+            None => judging.handle_asking(direction, frame, asking),
+        }
+    })
+    .await;
+    let mut delivery = match judged {
+        Ok(delivery) => delivery,
+        // The relay turns its own failures into refusals; this is the task
+        // itself failing (the runtime stopping).
+        Err(e) => {
+            tracing::error!("judging a message did not finish: {e}");
+            let why = format!("Portcullis could not judge this message: {e}");
+            let error = error_response(None, INTERNAL_ERROR, &why, None).into_bytes();
+            match direction {
+                Direction::ClientToServer => Delivery {
+                    reply: Some(error),
+                    ..Delivery::default()
+                },
+                Direction::ServerToClient => Delivery {
+                    forward: Some(error),
+                    ..Delivery::default()
+                },
+            }
+        }
+    };
+    // A held call (serve mode has no batches, so at most one) waits here for
+    // its decision, and what it settles to replaces the delivery. Should the
+    // client go away meanwhile (its HTTP request is dropped), the call is
+    // cancelled, never run.
+    if let Some(held) = delivery.held.pop() {
+        let abandoned = Abandoned {
+            relay: Some(relay.clone()),
+            key: held.key.clone(),
+        };
+        let (settled, decision) = oneshot::channel();
+        relay.on_decision(held, move |delivery| {
+            let _ = settled.send(delivery);
+        });
+        delivery = decision.await.unwrap_or_default();
+        abandoned.disarm();
+    }
+    let text = |bytes: Option<Vec<u8>>| bytes.and_then(|b| String::from_utf8(b).ok());
+    Judged {
+        forward: text(delivery.forward),
+        reply: text(delivery.reply),
+    }
+}
+
+/// Cancels a held call if dropped armed: the future waiting for it was
+/// dropped, because its client disconnected.
+struct Abandoned {
+    relay: Option<Arc<Relay>>,
+    key: String,
+}
+
+impl Abandoned {
+    fn disarm(mut self) {
+        self.relay = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(relay) = self.relay.take() {
+            let key = std::mem::take(&mut self.key);
+            // Cancelling writes to the store and the trail: off the async
+            // workers.
+            tokio::task::spawn_blocking(move || {
+                relay.cancel(&key, "the client disconnected");
+            });
+        }
+    }
+}
+
+/// A random session id (128 bits, hex).
+fn uuid_like() -> String {
+    let bytes: [u8; 16] = rand::random();
+    crate::util::encode::hex(&bytes)
+}

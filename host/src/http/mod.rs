@@ -1,0 +1,9 @@
+//! HTTP plumbing the gateway and the admin listener share: serving
+//! connections safely ([`server`]) and building responses ([`response`]).
+//! Nothing here knows MCP.
+
+pub mod response;
+pub mod server;
+
+pub use response::{Body, event_stream, full, json_response, plain, sse_event};
+pub use server::{BodyError, Guard, bind, read_body, runtime, serve};

@@ -1,0 +1,166 @@
+//! What judges messages: a [`Generation`] is everything one version of the
+//! config builds — the policy chain, the audit sinks, the JWT checker, the
+//! lock file in force and the rate limits — and [`Current`] is the one in
+//! charge, shared by every relay of the process, with what outlives
+//! generations (the boundary's memory, the calls held for approval).
+//! Building the next generation and swapping it in is `runtime::reload`'s.
+
+use crate::approval::hold::Holding;
+use crate::audit::{ApprovalRecord, Audit};
+use crate::config::Config;
+use crate::identity::jwt::Verifier;
+use crate::policy::chain::Guard;
+use crate::policy::engine::PolicyEngine;
+use crate::relay::boundary::Boundary;
+use crate::surface::lock::Pins;
+use crate::surface::ratelimit::RateRules;
+use crate::util::encode::hex;
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// The policy chain and audit sinks built from one version of the config.
+pub struct Generation {
+    /// 1 for the first, then one more per successful reload.
+    pub number: u64,
+    /// The config it was built from.
+    pub config: Config,
+    /// The policy chain.
+    pub guard: Guard,
+    /// The audit sinks.
+    pub audit: Audit,
+    /// The checker of agents' JWTs, when `[jwt]` is configured.
+    pub jwt: Option<Verifier>,
+    /// The lock file in force, when `[pinning]` is configured.
+    pub pins: Option<Pins>,
+    /// The rate limits.
+    pub rates: RateRules,
+    /// When it was built (RFC 3339).
+    pub loaded_at: String,
+    /// A digest of every file it was built from: equal digests, same
+    /// generation.
+    pub fingerprint: String,
+}
+
+impl Generation {
+    /// Reads the config at `path` and builds everything it names. Any error —
+    /// in the config, a module, its settings or its fixtures — fails the whole
+    /// generation.
+    pub fn load(
+        engine: &PolicyEngine,
+        path: &Path,
+        extra_audit: Option<&Path>,
+        number: u64,
+    ) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let config = Config::parse(&text, path)?;
+        let guard = Guard::load(engine, &config)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|jwt| Verifier::new(jwt, base))
+            .transpose()
+            .with_context(|| format!("{}", path.display()))?;
+        let pins = config.lock_path().map(Pins::load).transpose()?;
+        let rates = RateRules::new(&config.rate_limits);
+        let audit = Audit::open(&config, extra_audit.map(Path::to_path_buf))?;
+        let mut fingerprint = Sha256::new();
+        fingerprint.update(text.as_bytes());
+        if let Some(pins) = &pins {
+            fingerprint.update(pins.digest.as_bytes());
+        }
+        if let Some(file) = config.jwt.as_ref().and_then(|j| j.jwks_file.as_ref()) {
+            fingerprint.update(std::fs::read(file).unwrap_or_default());
+        }
+        for policy in guard.policies() {
+            fingerprint.update(policy.sha256.as_bytes());
+        }
+        for module in config.audit.sink_modules() {
+            fingerprint.update(std::fs::read(module).unwrap_or_default());
+        }
+        Ok(Self {
+            number,
+            config,
+            guard,
+            audit,
+            jwt,
+            pins,
+            rates,
+            loaded_at: crate::util::clock::rfc3339_now(),
+            fingerprint: hex(&fingerprint.finalize()),
+        })
+    }
+
+    /// The files whose change calls for a reload, as absolute paths.
+    pub fn watched_files(&self) -> HashSet<PathBuf> {
+        let policies = self.config.policies.iter();
+        std::iter::once(&self.config.path)
+            .chain(policies.clone().map(|p| &p.module))
+            .chain(policies.flat_map(|p| &p.fixtures))
+            .chain(self.config.jwt.iter().filter_map(|j| j.jwks_file.as_ref()))
+            .chain(self.config.pinning.iter().filter_map(|p| p.lock.as_ref()))
+            .chain(self.config.audit.sink_modules())
+            .filter_map(|p| std::path::absolute(p).ok())
+            .collect()
+    }
+}
+
+/// The generation in charge, shared by every relay of the process, and the
+/// boundary's memory, which outlives generations.
+pub struct Current {
+    generation: RwLock<Arc<Generation>>,
+    /// Rate buckets, quarantines and compiled schemas.
+    pub boundary: Boundary,
+    /// Where calls are held for approval.
+    pub holding: Holding,
+}
+
+impl Current {
+    /// `generation` in charge.
+    pub fn new(generation: Generation) -> Self {
+        Self {
+            holding: Holding::new(&generation.config),
+            generation: RwLock::new(Arc::new(generation)),
+            boundary: Boundary::default(),
+        }
+    }
+
+    /// Cancels the approvals that processes which have ended left pending
+    /// (their calls cannot run any more), auditing each.
+    pub fn cancel_orphans(&self) {
+        let cancelled = match self.holding.cancel_orphans() {
+            Ok(cancelled) => cancelled,
+            Err(e) => {
+                tracing::warn!("cannot look for orphaned approvals: {e:#}");
+                return;
+            }
+        };
+        let audit = &self.get().audit;
+        for approval in cancelled {
+            tracing::info!(approval = %approval.id, "cancelled an approval whose process ended");
+            crate::util::metrics::global().approval(approval.state.as_str());
+            if let Err(e) = audit.write(&ApprovalRecord::new(&approval, None, true)) {
+                tracing::error!("{e:#}");
+            }
+        }
+    }
+
+    /// The generation judging messages now.
+    pub fn get(&self) -> Arc<Generation> {
+        self.generation
+            .read()
+            .expect("generation lock poisoned")
+            .clone()
+    }
+
+    /// Puts `next` in charge, in one step: messages already being judged
+    /// finish with the generation they started with. Returns the previous one.
+    pub fn swap(&self, next: Generation) -> Arc<Generation> {
+        let mut current = self.generation.write().expect("generation lock poisoned");
+        std::mem::replace(&mut *current, Arc::new(next))
+    }
+}
