@@ -344,6 +344,9 @@ impl Config {
                 bail!("jwt: give exactly one of jwks_file, jwks_url and hs256_secret");
             }
         }
+        if let Some(why) = ambiguous_prefixes(&self.servers, &self.serve.separator) {
+            bail!(why);
+        }
         for (name, server) in &self.servers {
             if server.command.is_some() == server.url.is_some() {
                 bail!(
@@ -466,6 +469,31 @@ mod tests {
         );
         assert_eq!(config.policies[0].failure, FailureMode::Closed);
         assert_eq!(config.policies[0].mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn merged_names_must_name_one_server() {
+        let servers = |a: &str, b: &str, separator: &str| {
+            parse(&format!(
+                "[serve]\nseparator = \"{separator}\"\n\
+                 [servers.{a}]\ncommand = \"x\"\n[servers.{b}]\ncommand = \"x\"\n"
+            ))
+        };
+        let clash = servers("a", "\"a__b\"", "__").unwrap_err().to_string();
+        assert!(
+            clash.contains("servers.a__b") && clash.contains("servers.a's"),
+            "{clash}"
+        );
+        assert!(
+            servers("a", "ab", "").is_err(),
+            "no separator: 'a' begins 'ab'"
+        );
+        assert!(servers("a", "ab", "__").is_ok());
+        assert!(servers("files", "files2", "__").is_ok());
+        let renamed = parse(
+            "[servers.a]\ncommand = \"x\"\n[servers.\"a__b\"]\ncommand = \"x\"\nprefix = \"ab\"\n",
+        );
+        assert!(renamed.is_ok(), "{renamed:?}");
     }
 
     #[test]

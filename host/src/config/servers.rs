@@ -42,3 +42,41 @@ impl ServerConfig {
         resolve_all(&self.headers, base, "header")
     }
 }
+
+/// Each server's prefix for merged names on serve's aggregated endpoint:
+/// its `prefix`, or its name.
+pub fn prefixes(servers: &BTreeMap<String, ServerConfig>) -> BTreeMap<String, String> {
+    servers
+        .iter()
+        .map(|(name, server)| {
+            let prefix = server.prefix.clone().unwrap_or_else(|| name.clone());
+            (name.clone(), prefix)
+        })
+        .collect()
+}
+
+/// Why merged names could be read as two servers' (one prefix and the
+/// separator begin another's, as `a__` begins `a__b__`): a call meant for
+/// one server would be routed to the other.
+pub(super) fn ambiguous_prefixes(
+    servers: &BTreeMap<String, ServerConfig>,
+    separator: &str,
+) -> Option<String> {
+    let prefixes = prefixes(servers);
+    for (name, prefix) in &prefixes {
+        for (other, other_prefix) in &prefixes {
+            let (mine, theirs) = (
+                format!("{prefix}{separator}"),
+                format!("{other_prefix}{separator}"),
+            );
+            if name != other && theirs.starts_with(&mine) {
+                return Some(format!(
+                    "servers.{other}: its merged names ('{theirs}…') also begin with \
+                     servers.{name}'s ('{mine}…'), so a name could belong to either; \
+                     give one of them another prefix"
+                ));
+            }
+        }
+    }
+    None
+}

@@ -8,12 +8,14 @@
 //! real server and tool names) and audited exactly as in stdio mode.
 
 pub mod http;
+pub mod naming;
 pub mod sessions;
 pub mod stateless;
 
 use crate::audit::AccessRecord;
 use crate::config::Config;
 use crate::contract::Direction;
+use crate::gateway::naming::Naming;
 use crate::gateway::sessions::{ClientSession, Scope, Sessions, TooManySessions};
 use crate::identity::Identity;
 use crate::protocol::framing::Frame;
@@ -44,8 +46,7 @@ const METHOD_NOT_FOUND: i32 = -32601;
 pub struct Gateway {
     current: Arc<Current>,
     upstreams: BTreeMap<String, Arc<Upstream>>,
-    prefixes: BTreeMap<String, String>,
-    separator: String,
+    naming: Naming,
     timeout: Duration,
     /// The sessions opened with `initialize`, and the one each agent's
     /// stateless (2026-07-28) requests share per scope, so what its servers
@@ -105,16 +106,13 @@ impl Gateway {
         current: Arc<Current>,
         upstreams: BTreeMap<String, Arc<Upstream>>,
     ) -> Self {
-        let prefixes = config
-            .servers
-            .iter()
-            .map(|(name, server)| (name.clone(), server.prefix.clone().unwrap_or(name.clone())))
-            .collect();
         Self {
             current,
             upstreams,
-            prefixes,
-            separator: config.serve.separator.clone(),
+            naming: Naming::new(
+                crate::config::prefixes(&config.servers),
+                config.serve.separator.clone(),
+            ),
             timeout: Duration::from_secs(config.serve.request_timeout_secs),
             sessions: Sessions::default(),
         }
@@ -360,7 +358,7 @@ impl Gateway {
 
     fn merged_instructions(&self) -> String {
         "Tools and prompts of several MCP servers, named SERVER__NAME, behind Portcullis."
-            .replace("__", &self.separator)
+            .replace("__", self.naming.separator())
     }
 
     /// The servers `identity` may use, in name order.
@@ -419,7 +417,7 @@ impl Gateway {
         let target = match method {
             "tools/call" | "prompts/get" => params["name"]
                 .as_str()
-                .and_then(|name| self.split(session, name))
+                .and_then(|name| self.naming.split(session.relays.keys(), name))
                 .map(|(server, name)| {
                     let mut params = params.clone();
                     params["name"] = json!(name);
@@ -455,16 +453,6 @@ impl Gateway {
         self.forward(session, &server, &text, asking)
             .await
             .unwrap_or_else(|| error_response(message.id, INTERNAL_ERROR, "no answer", None))
-    }
-
-    /// The server and real name behind a merged tool or prompt name.
-    fn split(&self, session: &ClientSession, merged: &str) -> Option<(String, String)> {
-        session.relays.keys().find_map(|server| {
-            let prefix = format!("{}{}", self.prefixes[server], self.separator);
-            merged
-                .strip_prefix(&prefix)
-                .map(|name| (server.clone(), name.to_string()))
-        })
     }
 
     /// A list request sent to every server of the session that offers it; the
@@ -507,8 +495,7 @@ impl Gateway {
                 if listing.renamed
                     && let Some(name) = item["name"].as_str()
                 {
-                    item["name"] =
-                        json!(format!("{}{}{name}", self.prefixes[server], self.separator));
+                    item["name"] = json!(self.naming.merged(server, name));
                 }
                 if let Some(uri) = item["uri"].as_str() {
                     let mut resources = session.resources.lock().expect("resources lock poisoned");
