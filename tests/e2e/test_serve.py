@@ -726,3 +726,68 @@ by = ["agent"]
     assert refused == {("admin", "search", "portcullis:rate-limit"),
                        ("admin", "delete_everything", "portcullis:pinning")}
     assert any("drift:added" in r.get("tags", []) for r in records if r.get("method") == "tools/list")
+
+
+def test_the_readme_serve_quickstart_runs_as_written(tmp_path: Path, sandbox: Path):
+    """examples/serve-filesystem.toml with the README's request and key; only
+    the port, the server's command (no npx download) and the module's
+    directory are changed."""
+    port = free_port()
+    text = (ROOT / "examples" / "serve-filesystem.toml").read_text()
+    text = text.replace('listen = "127.0.0.1:8808"', f'listen = "127.0.0.1:{port}"')
+    text = text.replace('command = "npx"\nargs = ["-y", "@modelcontextprotocol/server-filesystem", "."]',
+                        f'command = "node"\nargs = ["{FS_SERVER}", "{sandbox}"]')
+    text = text.replace('"../policies/target/wasm32-wasip2/release/', f'"{POLICIES}/')
+    assert str(FS_SERVER) in text and str(POLICIES) in text and str(port) in text
+    config = tmp_path / "serve-filesystem.toml"
+    config.write_text(text)
+    audit = tmp_path / "audit.jsonl"
+    env = {**os.environ, "PORTCULLIS_STATUS_DIR": str(tmp_path / "status")}
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen([str(PORTCULLIS), "serve", "--config", str(config), "--audit-file", str(audit)],
+                                   stderr=log, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+                    if json.load(response)["servers"]["filesystem"]["state"] == "ready":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        # The README's curl request.
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}}}).encode()
+        request = urllib.request.Request(f"{url}/mcp", data=body, method="POST", headers={
+            "Authorization": "Bearer ci-bot-key", "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28",
+            "Mcp-Method": "server/discover"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            discovered = json.load(response)
+        assert "2026-07-28" in discovered["result"]["supportedVersions"], discovered
+
+        async def agent():
+            headers = {"Authorization": "Bearer ci-bot-key"}
+            async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+                async with streamable_http_client(f"{url}/mcp", http_client=http) as (read, write, *_):
+                    async with ClientSession(read, write) as session:
+                        await session.initialize()
+                        tools = names(await session.list_tools())
+                        try:
+                            await session.call_tool(
+                                "filesystem__write_file", {"path": str(sandbox / "x.txt"), "content": "x"})
+                            return tools, None
+                        except MCPError as refused:
+                            return tools, str(refused)
+
+        tools, refused = asyncio.run(agent())
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "filesystem__read_text_file" in tools and "filesystem__write_file" not in tools, tools
+    assert refused and "Denied by policy 'read-only'" in refused and not (sandbox / "x.txt").exists()
+    assert any(r.get("tool") == "write_file" and r["outcome"] == "deny" for r in read_audit(audit))
