@@ -356,7 +356,8 @@ def test_one_agent_may_hold_only_so_many_calls(tmp_path: Path, sandbox: Path):
 class Serve:
     """`portcullis serve` on a config text, with one echo server."""
 
-    def __init__(self, tmp_path: Path, serve: str, extra: str = "", limit_files: int | None = None):
+    def __init__(self, tmp_path: Path, serve: str, extra: str = "", limit_files: int | None = None,
+                 ready: tuple[str, ...] | None = None):
         self.port = free_port()
         self.audit = tmp_path / "audit.jsonl"
         self.config = tmp_path / "serve.toml"
@@ -387,7 +388,11 @@ cache_dir = "{tmp_path / 'cache'}"
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as response:
-                    if json.load(response)["servers"]["echo"]["state"] == "ready":
+                    # Every server up (or those named), a remote one
+                    # included: one still starting would refuse the test's
+                    # first request.
+                    servers = json.load(response)["servers"]
+                    if all(s["state"] == "ready" for n, s in servers.items() if ready is None or n in ready):
                         return
             except OSError:
                 pass
@@ -558,6 +563,24 @@ def sse_events(text: str) -> list[str]:
         elif raw.startswith("data:"):
             data.append(raw[5:][1:] if raw[5:].startswith(" ") else raw[5:])
     return events
+
+
+def test_a_remote_server_that_comes_up_late_is_reached_without_waiting_for_an_agent(tmp_path: Path):
+    port = free_port()
+    serve = Serve(tmp_path, "", f'\n[servers.late]\nurl = "http://127.0.0.1:{port}/mcp"\n', ready=("echo",))
+    server = None
+    try:
+        health = lambda: json.load(urllib.request.urlopen(f"{serve.url}/healthz", timeout=5))["servers"]["late"]
+        assert health()["state"] != "ready"
+        server = subprocess.Popen([sys.executable, str(DOUBLES / "pretty_sse_server.py"), str(port)])
+        deadline = time.monotonic() + 30
+        while health()["state"] != "ready":
+            assert time.monotonic() < deadline, health()
+            time.sleep(0.2)
+    finally:
+        serve.stop()
+        if server:
+            server.kill()
 
 
 def test_pretty_printed_answers_over_sse_reach_an_sse_only_client_whole(tmp_path: Path):

@@ -19,6 +19,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The first pause before a stdio server is restarted or a remote one is
+/// reached again; it doubles per failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// The protocol revision Portcullis asks its upstreams for.
 pub const UPSTREAM_PROTOCOL: &str = "2025-06-18";
 /// Server notifications that concern all of a server's clients alike, and

@@ -6,7 +6,9 @@
 //! child's pipes happen on plain threads; callers await answers from async
 //! code.
 
-use super::{Health, SHARED_NOTIFICATIONS, initialize_request, not_available};
+use super::{
+    FIRST_BACKOFF, Health, MAX_BACKOFF, SHARED_NOTIFICATIONS, initialize_request, not_available,
+};
 use crate::protocol::framing::{Frame, FrameReader};
 use crate::protocol::jsonrpc::{self, Message};
 use anyhow::{Context, Result, anyhow, bail};
@@ -32,9 +34,6 @@ pub struct ServerCommand {
     pub env: BTreeMap<String, String>,
 }
 
-/// First restart delay; it doubles per failed start up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A server that stayed up this long restarts without delay the next time.
 const STABLE: Duration = Duration::from_secs(30);
 /// How long a server may take to answer `initialize`.

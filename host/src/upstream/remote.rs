@@ -7,7 +7,10 @@
 //! timeout). A lost session or connection is re-established on the next
 //! request. `https://` uses the platform's root certificates.
 
-use super::{Health, INITIALIZED, UPSTREAM_PROTOCOL, initialize_request, not_available};
+use super::{
+    FIRST_BACKOFF, Health, INITIALIZED, MAX_BACKOFF, UPSTREAM_PROTOCOL, initialize_request,
+    not_available,
+};
 use crate::protocol::jsonrpc::{self, Message};
 use crate::util::outbound::{self, HttpClient};
 use anyhow::{Context, Result, bail};
@@ -85,12 +88,18 @@ impl Remote {
         })
     }
 
-    /// Starts the handshake now, so health is known before the first agent.
+    /// Starts the handshake now, so health is known before the first agent,
+    /// and tries again, backing off, until the server is reached: one that
+    /// comes up after Portcullis is ready when it is, not at the first
+    /// agent's request.
     pub fn connect_in_background(&self, runtime: &tokio::runtime::Handle) {
         let inner = self.inner.clone();
         runtime.spawn(async move {
-            if let Err(e) = inner.connection(Duration::from_secs(30)).await {
-                tracing::warn!(server = %inner.name, "not reachable yet: {e:#}");
+            let mut pause = FIRST_BACKOFF;
+            while let Err(e) = inner.connection(Duration::from_secs(30)).await {
+                tracing::warn!(server = %inner.name, "not reachable yet, trying again in {pause:?}: {e:#}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
             }
         });
     }
