@@ -187,30 +187,8 @@ fn watch(awaiting: &Weak<Awaiting>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::approval::store::{Call, Request, Terms};
+    use crate::approval::store::tests::request;
     use std::sync::mpsc;
-
-    fn request(id: &str, expires_in: Duration) -> Request {
-        Request {
-            id: id.into(),
-            call: Call {
-                agent: "bot".into(),
-                server: "fs".into(),
-                method: "tools/call".into(),
-                tool: Some("delete".into()),
-                arguments_sha256: "ab".into(),
-                arguments: "{}".into(),
-                policy: "gate".into(),
-                reason: "why".into(),
-                tags: Vec::new(),
-            },
-            terms: Terms::default(),
-            expires_in,
-            holder: "here".into(),
-            elicit: false,
-            max_pending: 0,
-        }
-    }
 
     fn waiting(awaiting: &Awaiting, approval: &Approval) -> mpsc::Receiver<Result<Approval>> {
         let (sender, receiver) = mpsc::channel();

@@ -23,7 +23,8 @@ pub(crate) fn approval() -> Approval {
     }
 }
 
-fn request(id: &str, expires_in: Duration) -> Request {
+/// A request to hold a destructive call, expiring in `expires_in`.
+pub(crate) fn request(id: &str, expires_in: Duration) -> Request {
     Request {
         id: id.into(),
         call: Call {
