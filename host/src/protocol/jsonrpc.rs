@@ -145,13 +145,7 @@ impl<'a> Message<'a> {
         let Some(params) = self.params else {
             return invalid("has no params");
         };
-        // A struct also deserializes from an array (`["write_file", {...}]`),
-        // which no MCP server reads as a call of that tool.
-        let object = params.get().starts_with('{');
-        let Some(params) = object
-            .then(|| serde_json::from_str::<CallParams<'a>>(params.get()).ok())
-            .flatten()
-        else {
+        let Some(params) = from_object::<CallParams<'a>>(params) else {
             return invalid("params must be an object with a string 'name'");
         };
         let Some(name) = params.name else {
@@ -166,6 +160,16 @@ impl<'a> Message<'a> {
             arguments,
         }))
     }
+}
+
+/// `raw` read as `T`, when it is a JSON object that fits. A struct also
+/// deserializes from an array, by position (`["write_file", {...}]`), which
+/// no MCP peer reads as that struct.
+pub fn from_object<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<T> {
+    raw.get()
+        .starts_with('{')
+        .then(|| serde_json::from_str(raw.get()).ok())
+        .flatten()
 }
 
 /// A `tools/call` request's tool and arguments.

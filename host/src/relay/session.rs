@@ -6,7 +6,7 @@
 //! parsed message into the [`Exchange`] a policy sees.
 
 use crate::contract::{Agent, Direction, Exchange, MessageKind, ToolAnnotations};
-use crate::protocol::jsonrpc::Message;
+use crate::protocol::jsonrpc::{self, Message};
 use crate::surface::drift::{self, ToolDrift};
 use crate::surface::lock::{Listing, Pinned};
 use crate::surface::schema::{Schema, Schemas};
@@ -227,13 +227,7 @@ impl Session {
             idempotent_hint: Option<bool>,
             open_world_hint: Option<bool>,
         }
-        // Structs also deserialize from arrays, which clients do not read as
-        // a listing or as annotations.
-        let object = result.get().starts_with('{');
-        let Some(list) = object
-            .then(|| serde_json::from_str::<ToolList>(result.get()).ok())
-            .flatten()
-        else {
+        let Some(list) = jsonrpc::from_object::<ToolList>(result) else {
             tracing::warn!(server = %self.server, "tools/list result is not a tool list");
             return Vec::new();
         };
@@ -257,6 +251,7 @@ impl Session {
             else {
                 continue;
             };
+            // Annotations written as an array are no annotations to a client.
             let a: Annotations = Some(&tool["annotations"])
                 .filter(|a| a.is_object())
                 .and_then(|a| serde_json::from_value(a.clone()).ok())
