@@ -89,7 +89,7 @@ pub fn checkpoint(head: &Head, previous_file: Option<&Path>) -> String {
         previous_file: Option<String>,
     }
     let record = Checkpoint {
-        time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+        time: crate::util::clock::rfc3339_now(),
         event: "checkpoint",
         head_seq: head.seq,
         head: &head.hash,

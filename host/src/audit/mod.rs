@@ -24,6 +24,7 @@ pub use sinks::{Console, FileOptions, FileSink, Sink, rotated_files};
 use crate::config::{Config, OnFull, SinkConfig};
 use crate::policy::chain::PolicyVerdict;
 use crate::surface::drift::ToolDrift;
+use crate::util::clock::rfc3339_now;
 use crate::util::encode::hex;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
@@ -114,7 +115,7 @@ impl AuditRecord {
     /// A record with a fresh id and time and no decision yet (`allow`).
     pub fn new(agent: &crate::contract::Agent, server: &str, direction: &'static str) -> Self {
         Self {
-            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            time: rfc3339_now(),
             id: decision_id(),
             agent: agent.id.clone(),
             agent_attributes: agent.attributes.iter().cloned().collect(),
@@ -194,7 +195,7 @@ impl ReloadRecord {
         policies: Vec<ReloadedPolicy>,
     ) -> Self {
         Self {
-            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            time: rfc3339_now(),
             id: decision_id(),
             event: "reload",
             trigger,
@@ -266,7 +267,7 @@ impl ApprovalRecord {
             .decided_ms
             .unwrap_or_else(crate::util::clock::now_ms);
         Self {
-            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            time: rfc3339_now(),
             id: decision_id(),
             event: "approval",
             approval: approval.id.clone(),
@@ -362,7 +363,7 @@ impl AccessRecord {
         peer: std::net::SocketAddr,
     ) -> Self {
         Self {
-            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            time: rfc3339_now(),
             id: decision_id(),
             event,
             agent: agent.map(|a| a.id.clone()),

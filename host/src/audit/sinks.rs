@@ -246,9 +246,7 @@ impl FileSink {
     /// Renames the file aside as `STEM.TIME.EXT`; returns the new name.
     fn rotate(&self) -> Result<PathBuf> {
         let (stem, ext) = stem_and_extension(&self.path);
-        let time = humantime::format_rfc3339_micros(std::time::SystemTime::now())
-            .to_string()
-            .replace(':', "");
+        let time = crate::util::clock::rfc3339_now().replace(':', "");
         let mut rotated = self.path.with_file_name(format!("{stem}.{time}{ext}"));
         for n in 1.. {
             if !rotated.exists() {
