@@ -10,9 +10,9 @@ wasmtime::component::bindgen!({
 });
 
 pub use exports::portcullis::policy::hooks::Guest as Hooks;
-pub use portcullis::policy::log::Level;
-pub use portcullis::policy::surface::{DriftKind as Drifted, ToolDrift};
-pub use portcullis::policy::types::{
+pub use self::portcullis::policy::log::Level;
+pub use self::portcullis::policy::surface::{DriftKind as Drifted, ToolDrift};
+pub use self::portcullis::policy::types::{
     Agent, Denial, Direction, Exchange, MessageKind, Outcome, ToolAnnotations, Verdict,
 };
 

@@ -3,6 +3,7 @@
 //! or, with `--check`, reports how it drifted from the lock without writing.
 
 use crate::config::Config;
+use crate::protocol::parsed::Parsed;
 use crate::surface::drift::{self, ToolDrift};
 use crate::surface::lock::{Listing, Lock, Pinned};
 use crate::upstream::{self, Upstream};
@@ -101,8 +102,9 @@ async fn survey(upstream: &Upstream, timeout: Duration) -> Result<Pinned> {
             let request = serde_json::json!({
                 "jsonrpc": "2.0", "id": id, "method": listing.method(), "params": params
             });
-            let answer = upstream.request(&request.to_string(), timeout).await?;
-            let mut answer: Value = serde_json::from_str(&answer)
+            let request = Parsed::parse(request.to_string())?;
+            let answer = upstream.request(&request, timeout).await??;
+            let mut answer: Value = serde_json::from_str(answer.text())
                 .with_context(|| format!("{} answer is not JSON", listing.method()))?;
             let result = answer["result"].take();
             let Some(items) = result[listing.member()].as_array() else {

@@ -22,6 +22,7 @@ use crate::http::{
 };
 use crate::identity::{self, Identity};
 use crate::protocol::jsonrpc::{self, Message};
+use crate::protocol::parsed::Parsed;
 use crate::relay::Asking;
 use crate::relay::generation::Current;
 use anyhow::Result;
@@ -208,39 +209,49 @@ impl Listener {
                 return plain(StatusCode::BAD_REQUEST, "the body could not be read");
             }
         };
-        let Ok(text) = std::str::from_utf8(&body) else {
-            let why = "Parse error: body is not UTF-8";
-            door.message_refused(&identity, jsonrpc::PARSE_ERROR, why, Some(&body))
-                .await;
-            return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, why);
+        let text = match String::from_utf8(Vec::from(body)) {
+            Ok(text) => text,
+            Err(e) => {
+                let why = "Parse error: body is not UTF-8";
+                door.message_refused(&identity, jsonrpc::PARSE_ERROR, why, Some(e.as_bytes()))
+                    .await;
+                return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, why);
+            }
         };
-        if jsonrpc::is_batch(text) {
+        if jsonrpc::is_batch(&text) {
             let why = "Invalid Request: batches are not supported by this protocol revision";
-            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body))
-                .await;
+            door.message_refused(
+                &identity,
+                jsonrpc::INVALID_REQUEST,
+                why,
+                Some(text.as_bytes()),
+            )
+            .await;
             return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::INVALID_REQUEST, why);
         }
-        let message = match Message::parse(text) {
-            Ok(message) => message,
-            Err(unreadable) => {
-                let why = &unreadable.message;
-                door.message_refused(&identity, unreadable.code, why, Some(&body))
-                    .await;
-                let id = jsonrpc::leading_id(&body);
-                let answer = jsonrpc::error_response(id.as_deref(), unreadable.code, why, None);
+        // The one parse of this message: everything after uses this view.
+        let request = match Parsed::parse(text) {
+            Ok(request) => request,
+            Err(unread) => {
+                let (code, why, body) =
+                    (unread.why.code, &unread.why.message, unread.text.as_bytes());
+                door.message_refused(&identity, code, why, Some(body)).await;
+                let id = jsonrpc::leading_id(body);
+                let answer = jsonrpc::error_response(id.as_deref(), code, why, None);
                 return json_response(StatusCode::BAD_REQUEST, answer);
             }
         };
+        let message = request.message();
         if let Some(version) = headers.get(VERSION_HEADER)
             && stateless::is_stateless(version.as_bytes())
         {
             return self
-                .stateless(&headers, identity, scope, &message, text, door)
+                .stateless(&headers, identity, scope, request, door)
                 .await;
         }
         if message.method.as_deref() == Some("initialize") && message.id.is_some() {
             return self
-                .initialize(&headers, identity, scope, &message, door)
+                .initialize(&headers, identity, scope, message, door)
                 .await;
         }
         let Some(id) = session_id(&headers) else {
@@ -261,13 +272,14 @@ impl Listener {
             && version.as_bytes() != session.protocol.as_bytes()
         {
             let why = "MCP-Protocol-Version is not the revision this session negotiated";
-            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(&body))
+            let body = request.text().as_bytes();
+            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(body))
                 .await;
             return plain(StatusCode::BAD_REQUEST, why);
         }
         match self
             .gateway
-            .handle(&session, text, Asking::Connection)
+            .handle(&session, request, Asking::Connection)
             .await
         {
             Some(answer) => answer_response(&headers, answer),
@@ -381,18 +393,21 @@ impl Listener {
         headers: &HeaderMap,
         identity: Identity,
         scope: Scope,
-        message: &Message<'_>,
-        text: &str,
+        request: Parsed,
         door: &Door,
     ) -> Response<Body> {
+        let message = request.message();
         let (Some(method), Some(id)) = (message.method.as_deref(), message.id) else {
             // A notification (e.g. a cancellation) or a stray response.
             return empty(StatusCode::ACCEPTED);
         };
+        let (method, id) = (method.to_string(), id.to_owned());
+        let (method, id) = (method.as_str(), &*id);
         let params = message.params_value();
         if let Err(rejection) = stateless::check(headers, method, &params) {
             let why = &rejection.message;
-            door.message_refused(&identity, rejection.code, why, Some(text.as_bytes()))
+            let body = request.text().as_bytes();
+            door.message_refused(&identity, rejection.code, why, Some(body))
                 .await;
             let answer = jsonrpc::error_response(
                 Some(id),
@@ -423,19 +438,22 @@ impl Listener {
                 ),
             }
         } else {
-            let text = match stateless::without_envelope(&params) {
-                Some(params) => jsonrpc::replace_member(text, "params", &params.to_string())
-                    .unwrap_or_else(|_| text.to_string()),
-                None => text.to_string(),
-            };
             let asking = if stateless::elicits(&params) {
                 Asking::InputRequired
             } else {
                 Asking::Connection
             };
+            // Without its envelope, the request is a new text, read once.
+            let sent = stateless::without_envelope(&params).and_then(|params| {
+                jsonrpc::replace_member(request.text(), "params", &params.to_string()).ok()
+            });
+            let request = match sent.map(Parsed::parse) {
+                Some(Ok(sent)) => sent,
+                _ => request,
+            };
             let answer = self
                 .gateway
-                .handle(&session, &text, asking)
+                .handle(&session, request, asking)
                 .await
                 .unwrap_or_else(|| {
                     jsonrpc::error_response(Some(id), jsonrpc::INTERNAL_ERROR, "no answer", None)

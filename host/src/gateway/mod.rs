@@ -8,30 +8,32 @@
 //! real server and tool names) and audited exactly as in stdio mode.
 
 pub mod http;
+pub mod judging;
 pub mod naming;
+pub mod routing;
 pub mod sessions;
 pub mod stateless;
 
 use crate::audit::AccessRecord;
 use crate::config::Config;
 use crate::contract::Direction;
+use crate::gateway::judging::{Pass, Returning, judge};
 use crate::gateway::naming::Naming;
+use crate::gateway::routing::{LISTINGS, Listing, Route};
 use crate::gateway::sessions::{ClientSession, Scope, Sessions, TooManySessions};
 use crate::identity::Identity;
-use crate::protocol::framing::Frame;
-use crate::protocol::jsonrpc::{
-    self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Message, error_response,
-};
+use crate::protocol::jsonrpc::{INTERNAL_ERROR, INVALID_REQUEST, Message, error_response};
+use crate::protocol::parsed::Parsed;
 use crate::relay::generation::Current;
 use crate::relay::session::Session;
-use crate::relay::{Asking, Delivery, Relay};
+use crate::relay::{Asking, Relay};
 use crate::upstream::{Health, Upstream};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 
 /// Protocol revisions a client may choose; the first is the default.
 pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
@@ -39,8 +41,6 @@ pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26
 /// or restarting) before leaving it out, so one server down does not hold up
 /// the agent's view of the others.
 const MERGE_WAIT: Duration = Duration::from_secs(5);
-/// JSON-RPC: the method does not exist (here).
-const METHOD_NOT_FOUND: i32 = -32601;
 
 /// The servers, the sessions, and the naming of merged lists.
 pub struct Gateway {
@@ -53,51 +53,6 @@ pub struct Gateway {
     /// listed is known when it calls.
     sessions: Sessions,
 }
-
-/// One list the aggregated endpoint merges.
-struct Listing {
-    /// The server capability that offers it.
-    capability: &'static str,
-    /// The member of the result holding the items.
-    member: &'static str,
-    /// Whether item names are prefixed.
-    renamed: bool,
-}
-
-const LISTINGS: &[(&str, Listing)] = &[
-    (
-        "tools/list",
-        Listing {
-            capability: "tools",
-            member: "tools",
-            renamed: true,
-        },
-    ),
-    (
-        "prompts/list",
-        Listing {
-            capability: "prompts",
-            member: "prompts",
-            renamed: true,
-        },
-    ),
-    (
-        "resources/list",
-        Listing {
-            capability: "resources",
-            member: "resources",
-            renamed: false,
-        },
-    ),
-    (
-        "resources/templates/list",
-        Listing {
-            capability: "resources",
-            member: "resourceTemplates",
-            renamed: false,
-        },
-    ),
-];
 
 impl Gateway {
     /// A gateway over `upstreams`, configured by `config`.
@@ -277,22 +232,19 @@ impl Gateway {
                         notice = notices.recv() => notice,
                         () = sender.closed() => return,
                     };
-                    let text = match notice {
-                        Ok(text) => text.to_string(),
+                    let notice = match notice {
+                        Ok(notice) => notice,
                         Err(broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    let judged = judge(
-                        relay.clone(),
-                        Direction::ServerToClient,
-                        text,
-                        Asking::Connection,
-                        None,
-                    )
-                    .await;
-                    if let Some(forward) = judged.forward
-                        && sender.send(forward).await.is_err()
-                    {
+                    let s2c = Direction::ServerToClient;
+                    let judged = judge(relay.clone(), s2c, notice, Asking::Connection, None).await;
+                    let text = match judged.forward {
+                        Some(Pass::AsItCame(notice)) => notice.text().to_string(),
+                        Some(Pass::Changed(text)) => text,
+                        None => continue,
+                    };
+                    if sender.send(text).await.is_err() {
                         return;
                     }
                 }
@@ -376,16 +328,10 @@ impl Gateway {
     pub async fn handle(
         &self,
         session: &ClientSession,
-        text: &str,
+        request: Parsed,
         asking: Asking,
     ) -> Option<String> {
-        let message = match Message::parse(text) {
-            Ok(message) => message,
-            Err(e) => {
-                let why = format!("Parse error: {e}");
-                return Some(error_response(None, jsonrpc::PARSE_ERROR, &why, None));
-            }
-        };
+        let message = request.message();
         let method = message.method.as_deref().unwrap_or_default();
         match (&session.scope, message.id) {
             // Answers to server requests: the gateway never relays those.
@@ -395,64 +341,43 @@ impl Gateway {
                 id.get()
             )),
             (_, None) if method == "notifications/initialized" => None,
-            (Scope::Server(server), _) => self.forward(session, server, text, asking).await,
+            (Scope::Server(server), _) => self.forward(session, server, request, asking).await,
             (Scope::All, None) => None,
-            (Scope::All, Some(_)) => Some(self.aggregate(session, &message, text, asking).await),
+            (Scope::All, Some(_)) => Some(self.aggregate(session, request, asking).await),
         }
     }
 
     /// A request on the aggregated endpoint.
-    async fn aggregate(
-        &self,
-        session: &ClientSession,
-        message: &Message<'_>,
-        text: &str,
-        asking: Asking,
-    ) -> String {
-        let method = message.method.as_deref().unwrap_or_default();
-        if let Some((_, listing)) = LISTINGS.iter().find(|(m, _)| *m == method) {
+    async fn aggregate(&self, session: &ClientSession, request: Parsed, asking: Asking) -> String {
+        let message = request.message();
+        if let Some(listing) = routing::listing(message.method.as_deref().unwrap_or_default()) {
             return self.merge(session, message, listing).await;
         }
-        let params = message.params_value();
-        let target = match method {
-            "tools/call" | "prompts/get" => params["name"]
-                .as_str()
-                .and_then(|name| self.naming.split(session.relays.keys(), name))
-                .map(|(server, name)| {
-                    let mut params = params.clone();
-                    params["name"] = json!(name);
-                    (server, Some(params))
-                }),
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => params["uri"]
-                .as_str()
-                .and_then(|uri| {
-                    let resources = session.resources.lock().expect("resources lock poisoned");
-                    resources.get(uri).cloned()
-                })
-                .map(|server| (server, None)),
-            _ => {
-                let why = format!("Method not found: {method}");
-                return error_response(message.id, METHOD_NOT_FOUND, &why, None);
-            }
+        let id = message.id.map(ToOwned::to_owned);
+        let resource = |uri: &str| {
+            let resources = session.resources.lock().expect("resources lock poisoned");
+            resources.get(uri).cloned()
         };
-        let Some((server, params)) = target else {
-            let what = params["name"]
-                .as_str()
-                .or(params["uri"].as_str())
-                .unwrap_or("");
-            let why = format!("Unknown name or resource: '{what}'");
-            return error_response(message.id, INVALID_PARAMS, &why, None);
-        };
-        let text = match params {
-            Some(params) => match jsonrpc::replace_member(text, "params", &params.to_string()) {
-                Ok(text) => text,
-                Err(e) => return error_response(message.id, INVALID_REQUEST, &e.to_string(), None),
+        let route = routing::route(&self.naming, session.relays.keys(), resource, &request);
+        let (server, request) = match route {
+            Ok(Route {
+                server,
+                renamed: None,
+            }) => (server, request),
+            Ok(Route {
+                server,
+                renamed: Some(renamed),
+            }) => match Parsed::parse(renamed) {
+                Ok(renamed) => (server, renamed),
+                Err(e) => {
+                    return error_response(id.as_deref(), INVALID_REQUEST, &e.to_string(), None);
+                }
             },
-            None => text.to_string(),
+            Err((code, why)) => return error_response(id.as_deref(), code, &why, None),
         };
-        self.forward(session, &server, &text, asking)
+        self.forward(session, &server, request, asking)
             .await
-            .unwrap_or_else(|| error_response(message.id, INTERNAL_ERROR, "no answer", None))
+            .unwrap_or_else(|| error_response(id.as_deref(), INTERNAL_ERROR, "no answer", None))
     }
 
     /// A list request sent to every server of the session that offers it; the
@@ -477,44 +402,44 @@ impl Gateway {
                     false
                 }
             };
+            let Ok(request) = Parsed::parse(request.clone()) else {
+                continue;
+            };
             if !offers {
                 continue;
             }
             let Some(answer) = self
-                .forward(session, server, &request, Asking::Connection)
+                .forward(session, server, request, Asking::Connection)
                 .await
             else {
                 continue;
             };
-            let mut answer: Value = serde_json::from_str(&answer).unwrap_or_default();
-            let Some(list) = answer["result"][listing.member].as_array_mut() else {
-                tracing::warn!(server, "left out of a merged list: {}", answer["error"]);
-                continue;
-            };
-            for mut item in list.drain(..) {
-                if listing.renamed
-                    && let Some(name) = item["name"].as_str()
-                {
-                    item["name"] = json!(self.naming.merged(server, name));
+            let listed = match routing::listed_items(&self.naming, server, listing, &answer) {
+                Ok(listed) => listed,
+                Err(why) => {
+                    tracing::warn!(server, "left out of a merged list: {why}");
+                    continue;
                 }
+            };
+            let mut resources = session.resources.lock().expect("resources lock poisoned");
+            for item in &listed {
                 if let Some(uri) = item["uri"].as_str() {
-                    let mut resources = session.resources.lock().expect("resources lock poisoned");
                     resources.insert(uri.to_string(), server.clone());
                 }
-                items.push(item);
             }
+            items.extend(listed);
         }
         let result = json!({ listing.member: items });
         format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
     }
 
-    /// Judges `text` on its way to `server`, sends it, and judges the answer
-    /// on its way back. Returns what the client gets, if anything.
+    /// Judges `request` on its way to `server`, sends it, and judges the
+    /// answer on its way back. Returns what the client gets, if anything.
     async fn forward(
         &self,
         session: &ClientSession,
         server: &str,
-        text: &str,
+        request: Parsed,
         asking: Asking,
     ) -> Option<String> {
         let relay = session.relays.get(server)?.clone();
@@ -522,49 +447,50 @@ impl Gateway {
         // they are judged as a pair, whatever ids clients sharing a session
         // use.
         let pair = Some(PAIRS.fetch_add(1, Ordering::Relaxed));
-        let outbound = judge(
-            relay.clone(),
-            Direction::ClientToServer,
-            text.to_string(),
-            asking,
-            pair,
-        )
-        .await;
+        let id = request.message().id.map(ToOwned::to_owned);
+        let c2s = Direction::ClientToServer;
+        let outbound = judge(relay.clone(), c2s, request, asking, pair).await;
         if let Some(reply) = outbound.reply {
             return Some(reply);
         }
-        let forward = outbound.forward?;
+        let request = match outbound.forward? {
+            Pass::AsItCame(request) => Ok(request),
+            // A message Portcullis changed is read again, as the server will.
+            Pass::Changed(text) => Parsed::parse(text),
+        };
         let upstream = &self.upstreams[server];
-        let message = Message::parse(&forward).ok()?;
-        if message.id.is_none() {
-            if let Err(e) = upstream.notify(&forward).await {
+        let Some(id) = id else {
+            let notified = match &request {
+                Ok(request) => upstream.notify(request.text()).await,
+                Err(unread) => Err(anyhow::anyhow!("{unread}")),
+            };
+            if let Err(e) = notified {
                 tracing::warn!(server, "notification not delivered: {e:#}");
             }
             return None;
-        }
-        let answer = match upstream.request(&forward, self.timeout).await {
-            Ok(answer) => answer,
-            Err(e) => error_response(
-                message.id,
-                INTERNAL_ERROR,
-                &format!("Portcullis: {e:#}"),
-                None,
-            ),
         };
-        let judged = judge(
-            relay,
-            Direction::ServerToClient,
-            answer,
-            Asking::Connection,
-            pair,
-        )
-        .await;
+        let answer = match request {
+            Ok(request) => upstream.request(&request, self.timeout).await,
+            Err(unread) => Err(anyhow::anyhow!(
+                "the request as changed cannot be read: {unread}"
+            )),
+        };
+        let returning = match answer {
+            Ok(answer) => Returning::new(answer, id.clone()),
+            Err(e) => Returning::error(id.clone(), &format!("Portcullis: {e:#}")),
+        };
+        let s2c = Direction::ServerToClient;
+        let judged = judge(relay, s2c, returning, Asking::Connection, pair).await;
         // A request is always answered: an answer the relay dropped (it
         // could not be matched to this request) becomes an error.
-        judged.forward.or_else(|| {
-            let why = "Portcullis: the server's answer could not be relayed";
-            Some(error_response(message.id, INTERNAL_ERROR, why, None))
-        })
+        match judged.forward {
+            Some(Pass::AsItCame(returning)) => Some(returning.into_text()),
+            Some(Pass::Changed(text)) => Some(text),
+            None => {
+                let why = "Portcullis: the server's answer could not be relayed";
+                Some(error_response(Some(&id), INTERNAL_ERROR, why, None))
+            }
+        }
     }
 }
 
@@ -593,99 +519,6 @@ fn listed_capabilities(offered: &Value, changes: bool) -> Map<String, Value> {
             Some((listing.capability.to_string(), capability))
         })
         .collect()
-}
-
-/// What the relay decided about one message, as text.
-struct Judged {
-    forward: Option<String>,
-    reply: Option<String>,
-}
-
-/// Runs the relay (policies are WebAssembly and may take milliseconds) on a
-/// blocking thread, off the async workers.
-async fn judge(
-    relay: Arc<Relay>,
-    direction: Direction,
-    text: String,
-    asking: Asking,
-    pair: Option<u64>,
-) -> Judged {
-    let judging = relay.clone();
-    let judged = tokio::task::spawn_blocking(move || {
-        let frame = Frame::Line(text.into_bytes());
-        match pair {
-            Some(pair) => judging.handle_paired(direction, frame, asking, pair),
-            None => judging.handle_asking(direction, frame, asking),
-        }
-    })
-    .await;
-    let mut delivery = match judged {
-        Ok(delivery) => delivery,
-        // The relay turns its own failures into refusals; this is the task
-        // itself failing (the runtime stopping).
-        Err(e) => {
-            tracing::error!("judging a message did not finish: {e}");
-            let why = format!("Portcullis could not judge this message: {e}");
-            let error = error_response(None, INTERNAL_ERROR, &why, None).into_bytes();
-            match direction {
-                Direction::ClientToServer => Delivery {
-                    reply: Some(error),
-                    ..Delivery::default()
-                },
-                Direction::ServerToClient => Delivery {
-                    forward: Some(error),
-                    ..Delivery::default()
-                },
-            }
-        }
-    };
-    // A held call (serve mode has no batches, so at most one) waits here for
-    // its decision, and what it settles to replaces the delivery. Should the
-    // client go away meanwhile (its HTTP request is dropped), the call is
-    // cancelled, never run.
-    if let Some(held) = delivery.held.pop() {
-        let abandoned = Abandoned {
-            relay: Some(relay.clone()),
-            key: held.key.clone(),
-        };
-        let (settled, decision) = oneshot::channel();
-        relay.on_decision(held, move |delivery| {
-            let _ = settled.send(delivery);
-        });
-        delivery = decision.await.unwrap_or_default();
-        abandoned.disarm();
-    }
-    let text = |bytes: Option<Vec<u8>>| bytes.and_then(|b| String::from_utf8(b).ok());
-    Judged {
-        forward: text(delivery.forward),
-        reply: text(delivery.reply),
-    }
-}
-
-/// Cancels a held call if dropped armed: the future waiting for it was
-/// dropped, because its client disconnected.
-struct Abandoned {
-    relay: Option<Arc<Relay>>,
-    key: String,
-}
-
-impl Abandoned {
-    fn disarm(mut self) {
-        self.relay = None;
-    }
-}
-
-impl Drop for Abandoned {
-    fn drop(&mut self) {
-        if let Some(relay) = self.relay.take() {
-            let key = std::mem::take(&mut self.key);
-            // Cancelling writes to the store and the trail: off the async
-            // workers.
-            tokio::task::spawn_blocking(move || {
-                relay.cancel(&key, "the client disconnected");
-            });
-        }
-    }
 }
 
 /// A random session id (128 bits, hex).

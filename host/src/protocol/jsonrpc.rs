@@ -10,6 +10,7 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::borrow::Cow;
+use yoke::Yokeable;
 
 /// Invalid JSON.
 pub const PARSE_ERROR: i32 = -32700;
@@ -27,7 +28,7 @@ pub const POLICY_FAILED: i32 = -32002;
 pub const AUDIT_FAILED: i32 = -32003;
 
 /// One JSON-RPC message, its members still raw JSON.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Yokeable)]
 pub struct Message<'a> {
     /// The id; `None` when absent or `null`.
     #[serde(borrow, default)]

@@ -25,7 +25,7 @@ use crate::policy::chain::{Decided, Decision, Refusal};
 use crate::protocol::framing::Frame;
 use crate::protocol::jsonrpc::{
     self, AUDIT_FAILED, DENIED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Message,
-    PARSE_ERROR, error_response,
+    PARSE_ERROR, Unreadable, error_response,
 };
 use crate::relay::generation::{Current, Generation};
 use crate::relay::session::Session;
@@ -47,7 +47,7 @@ pub struct Delivery {
     pub forward: Option<Vec<u8>>,
     /// A frame to send back to the sender.
     pub reply: Option<Vec<u8>>,
-    /// Requests held for approval: [`Relay::resolve`] each, off the
+    /// Requests held for approval: [`Relay::on_decision`] each, off the
     /// transport's reading path.
     pub held: Vec<Held>,
 }
@@ -72,6 +72,15 @@ enum Asked {
     Refused(String, String),
     /// The receipt (`requestState`) it came back with is not honoured: why.
     BadReceipt(String),
+}
+
+/// A message as its transport read it.
+pub enum Read<'m> {
+    /// Its view.
+    View(&'m Message<'m>),
+    /// Why it cannot be read, and the id its refusal carries (else the id
+    /// the text begins with).
+    Unreadable(&'m Unreadable, Option<&'m RawValue>),
 }
 
 /// How the client of a request can be asked about it, should it be held.
@@ -111,12 +120,17 @@ impl std::fmt::Debug for Held {
     }
 }
 
-/// The outcome for one message of a frame (a batch has several).
-#[derive(Default)]
-struct Step<'a> {
-    forward: Option<Cow<'a, str>>,
-    reply: Option<String>,
-    held: Option<Held>,
+/// What to do with one message (a batch has several): the outcome of
+/// judging it.
+#[derive(Debug, Default)]
+pub struct Step<'a> {
+    /// The message to pass on: as it came (borrowed), or as the chain
+    /// changed it.
+    pub forward: Option<Cow<'a, str>>,
+    /// An answer to send back to the sender.
+    pub reply: Option<String>,
+    /// The request, held for approval: [`Relay::on_decision`] it.
+    pub held: Option<Held>,
 }
 
 impl<'a> Step<'a> {
@@ -180,50 +194,55 @@ impl Relay {
         self.current.get()
     }
 
-    /// Judges one frame travelling `direction`, with the current generation
-    /// from start to end.
+    /// Judges one frame travelling `direction` (stdio), with the current
+    /// generation from start to end. Should judging fail inside Portcullis
+    /// (a bug, never an input's due), the message is refused, audited and
+    /// logged as an error, and the connection goes on.
     pub fn handle(&self, direction: Direction, frame: Frame) -> Delivery {
-        self.handle_asking(direction, frame, Asking::Connection)
+        let judged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.judge(direction, frame)
+        }));
+        judged.unwrap_or_else(|panic| into_delivery(self.failed(direction, &*panic, None)))
     }
 
-    /// Judges one frame as [`Relay::handle`] does, its client reachable for
-    /// approval questions as `asking` says. Should judging fail inside
-    /// Portcullis (a bug, never an input's due), the message is refused,
-    /// audited and logged as an error, and the connection goes on.
-    pub fn handle_asking(&self, direction: Direction, frame: Frame, asking: Asking) -> Delivery {
-        self.guarded(direction, frame, asking, None)
-    }
-
-    /// Judges one message of a request/answer pair that its transport
-    /// matches itself (serve: one HTTP exchange), named `pair` for both: the
-    /// answer is judged as the answer to that request whatever its JSON-RPC
-    /// id, so clients sharing a session may reuse ids.
-    pub fn handle_paired(
+    /// Judges one message its transport has read already (serve): `read`
+    /// is the view of `text`, or why it cannot be read. A message of a
+    /// request/answer pair its transport matches itself (one HTTP exchange)
+    /// is named `pair`, both of them: the answer is judged as the answer to
+    /// that request whatever its JSON-RPC id, so clients sharing a session
+    /// may reuse ids. Its client can be asked about a held call as `asking`
+    /// says. Failures inside Portcullis are refused as [`Relay::handle`]
+    /// refuses them.
+    pub fn judge_read<'a>(
         &self,
         direction: Direction,
-        frame: Frame,
-        asking: Asking,
-        pair: u64,
-    ) -> Delivery {
-        self.guarded(direction, frame, asking, Some(pair))
-    }
-
-    fn guarded(
-        &self,
-        direction: Direction,
-        frame: Frame,
+        text: &'a str,
+        read: Read<'_>,
         asking: Asking,
         pair: Option<u64>,
-    ) -> Delivery {
+    ) -> Step<'a> {
         let judged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.judge(direction, frame, asking, pair)
+            let g = self.current();
+            match read {
+                Read::View(message) => self.judged(&g, direction, text, message, asking, pair),
+                Read::Unreadable(why, id) => {
+                    let id = id.map(ToOwned::to_owned);
+                    self.unreadable(&g, direction, text, why, id, pair)
+                }
+            }
         }));
-        judged.unwrap_or_else(|panic| self.failed(direction, &panic_message(&*panic), pair))
+        judged.unwrap_or_else(|panic| self.failed(direction, &*panic, pair))
     }
 
-    /// A message whose judging failed inside Portcullis (`why`): refused,
-    /// never relayed.
-    fn failed(&self, direction: Direction, why: &str, pair: Option<u64>) -> Delivery {
+    /// A message whose judging panicked inside Portcullis: refused, never
+    /// relayed.
+    fn failed(
+        &self,
+        direction: Direction,
+        panic: &(dyn std::any::Any + Send),
+        pair: Option<u64>,
+    ) -> Step<'static> {
+        let why = panic_message(panic);
         tracing::error!(
             direction = direction.as_str(),
             "judging a message failed inside Portcullis: {why}; the message was refused"
@@ -231,25 +250,19 @@ impl Relay {
         let g = self.current();
         let record = format!("Portcullis failed while judging this message: {why}");
         let unjudged = Unjudged::new(INTERNAL_ERROR, record).key(paired(pair));
-        let mut delivery = into_delivery(self.reject(&g, direction, unjudged));
+        let mut step = self.reject(&g, direction, unjudged);
         // The sender learns that it failed, not how (that is in the trail);
         // whoever waits for an answer learns that it will not come.
         let why = "Portcullis failed while judging this message, so it was not relayed";
-        let error = || error_response(None, INTERNAL_ERROR, why, None).into_bytes();
+        let error = error_response(None, INTERNAL_ERROR, why, None);
         match direction {
-            Direction::ClientToServer => delivery.reply = Some(error()),
-            Direction::ServerToClient => delivery.forward = Some(error()),
+            Direction::ClientToServer => step.reply = Some(error),
+            Direction::ServerToClient => step.forward = Some(Cow::Owned(error)),
         }
-        delivery
+        step
     }
 
-    fn judge(
-        &self,
-        direction: Direction,
-        frame: Frame,
-        asking: Asking,
-        pair: Option<u64>,
-    ) -> Delivery {
+    fn judge(&self, direction: Direction, frame: Frame) -> Delivery {
         let generation = self.current();
         let g = &*generation;
         let bytes = match frame {
@@ -258,19 +271,17 @@ impl Relay {
                 len,
                 prefix,
                 suffix,
-            } => return self.oversized(g, direction, len, (&prefix, &suffix), pair),
+            } => return self.oversized(g, direction, len, (&prefix, &suffix)),
         };
         let Ok(text) = std::str::from_utf8(&bytes) else {
             let why = "Parse error: message is not UTF-8";
-            let unjudged = Unjudged::new(PARSE_ERROR, why.into())
-                .text(&bytes)
-                .key(paired(pair));
+            let unjudged = Unjudged::new(PARSE_ERROR, why.into()).text(&bytes);
             return into_delivery(self.reject(g, direction, unjudged));
         };
         if jsonrpc::is_batch(text) {
             return self.batch(g, direction, text);
         }
-        let step = self.message(g, direction, text, asking, pair);
+        let step = self.message(g, direction, text);
         if step.unchanged() {
             return Delivery {
                 forward: Some(bytes),
@@ -296,7 +307,7 @@ impl Relay {
         }
         let steps: Vec<Step> = members
             .iter()
-            .map(|m| self.message(g, direction, m.get(), Asking::Connection, None))
+            .map(|m| self.message(g, direction, m.get()))
             .collect();
         if steps.iter().all(Step::unchanged) {
             return Delivery {
@@ -320,27 +331,45 @@ impl Relay {
         }
     }
 
-    /// Judges one message and applies the decision.
-    fn message<'a>(
+    /// Reads one message (a line, or a member of a batch) and judges it.
+    fn message<'a>(&self, g: &Generation, direction: Direction, text: &'a str) -> Step<'a> {
+        match Message::parse(text) {
+            Ok(message) => self.judged(g, direction, text, &message, Asking::Connection, None),
+            Err(why) => self.unreadable(g, direction, text, &why, None, None),
+        }
+    }
+
+    /// A message that cannot be read (`why`): refused, under `id` or else
+    /// the id it begins with.
+    fn unreadable<'a>(
+        &self,
+        g: &Generation,
+        direction: Direction,
+        text: &str,
+        why: &Unreadable,
+        id: Option<Box<RawValue>>,
+        pair: Option<u64>,
+    ) -> Step<'a> {
+        let id = id.or_else(|| jsonrpc::leading_id(text.as_bytes()));
+        let key = paired(pair).or_else(|| id.as_deref().map(jsonrpc::id_key));
+        let unjudged = Unjudged::new(why.code, why.message.clone())
+            .id(id.as_deref())
+            .text(text.as_bytes())
+            .key(key);
+        self.reject(g, direction, unjudged)
+    }
+
+    /// Judges one message, `message` being the view of `text`, and applies
+    /// the decision.
+    fn judged<'a>(
         &self,
         g: &Generation,
         direction: Direction,
         text: &'a str,
+        message: &Message<'_>,
         asking: Asking,
         pair: Option<u64>,
     ) -> Step<'a> {
-        let message = match Message::parse(text) {
-            Ok(message) => message,
-            Err(unreadable) => {
-                let id = jsonrpc::leading_id(text.as_bytes());
-                let key = paired(pair).or_else(|| id.as_deref().map(jsonrpc::id_key));
-                let unjudged = Unjudged::new(unreadable.code, unreadable.message)
-                    .id(id.as_deref())
-                    .text(text.as_bytes())
-                    .key(key);
-                return self.reject(g, direction, unjudged);
-            }
-        };
         let key = paired(pair).or_else(|| message.id.map(jsonrpc::id_key));
         let Some(kind) = message.kind() else {
             let why = "Invalid Request: not a JSON-RPC 2.0 request, notification or response";
@@ -350,10 +379,10 @@ impl Relay {
                 .key(key);
             return self.reject(g, direction, unjudged);
         };
-        if self.answered_by_user(direction, kind, &message) {
+        if self.answered_by_user(direction, kind, message) {
             return Step::default();
         }
-        if let Some(why) = self.out_of_turn(direction, kind, &message, key.as_deref()) {
+        if let Some(why) = self.out_of_turn(direction, kind, message, key.as_deref()) {
             let unjudged = Unjudged::new(INVALID_REQUEST, why)
                 .id(message.id)
                 .method(message.method.as_deref())
@@ -389,7 +418,7 @@ impl Relay {
             message.params
         };
         let (mut exchange, drift) =
-            self.exchange(g, direction, kind, (&message, key.as_deref()), tool);
+            self.exchange(g, direction, kind, (message, key.as_deref()), tool);
         let crossing = self.cross(g, direction, kind, &exchange, call_arguments, &drift);
         if direction == Direction::ClientToServer {
             match exchange.method.as_str() {
@@ -423,7 +452,7 @@ impl Relay {
                 decision
             }
         };
-        let mut record = self.record(g, kind, &message, arguments, &exchange, &decision);
+        let mut record = self.record(g, kind, message, arguments, &exchange, &decision);
         if !drift.is_empty() {
             record.tags.push("drift".into());
             let kinds: BTreeSet<_> = drift.iter().flat_map(|d| &d.kinds).collect();
@@ -440,7 +469,7 @@ impl Relay {
             let refusal = refusal.clone();
             let asked = self.ask(
                 g,
-                (direction, kind, &message),
+                (direction, kind, message),
                 &exchange,
                 &record,
                 &refusal,

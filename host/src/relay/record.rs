@@ -214,12 +214,11 @@ impl Relay {
         direction: Direction,
         len: usize,
         (prefix, suffix): (&[u8], &[u8]),
-        pair: Option<u64>,
     ) -> Delivery {
         let id = jsonrpc::leading_id(prefix).or_else(|| jsonrpc::trailing_id(suffix));
         let why =
             format!("message of {len} bytes exceeds the size limit (limits.max_message_bytes)");
-        let key = paired(pair).or_else(|| id.as_deref().map(jsonrpc::id_key));
+        let key = id.as_deref().map(jsonrpc::id_key);
         let unjudged = Unjudged::new(INVALID_REQUEST, why)
             .id(id.as_deref())
             .key(key);

@@ -134,11 +134,12 @@ fn an_oversized_line_ending_in_a_multibyte_character_is_answered() {
 fn a_failure_inside_portcullis_refuses_the_message_and_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let relay = relay(dir.path(), "");
-    let refused = relay.failed(Direction::ClientToServer, "index out of bounds", None);
+    let refused = relay.failed(Direction::ClientToServer, &"index out of bounds", None);
     assert!(refused.forward.is_none());
-    assert_eq!(reply(&refused)["error"]["code"], INTERNAL_ERROR);
-    let answer = relay.failed(Direction::ServerToClient, "index out of bounds", None);
-    let error: Value = serde_json::from_slice(&answer.forward.unwrap()).unwrap();
+    let error: Value = serde_json::from_str(&refused.reply.unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], INTERNAL_ERROR);
+    let answer = relay.failed(Direction::ServerToClient, &"index out of bounds", None);
+    let error: Value = serde_json::from_str(&answer.forward.unwrap()).unwrap();
     assert_eq!(
         error["error"]["code"], INTERNAL_ERROR,
         "whoever waits learns of it"
@@ -213,28 +214,50 @@ fn requests_and_answers_paired_by_their_transport_may_share_an_id() {
     let first = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{}}}"#;
     let second =
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
-    let frame = |text: &str| Frame::Line(text.as_bytes().to_vec());
-    let c2s = Direction::ClientToServer;
-    assert!(
-        relay
-            .handle_paired(c2s, frame(first), Asking::Connection, 10)
-            .forward
-            .is_some()
-    );
-    assert!(
-        relay
-            .handle_paired(c2s, frame(second), Asking::Connection, 11)
-            .forward
-            .is_some()
-    );
+    let judge = |direction, text: &str, pair| {
+        let message = Message::parse(text).unwrap();
+        let step = relay.judge_read(
+            direction,
+            text,
+            Read::View(&message),
+            Asking::Connection,
+            Some(pair),
+        );
+        step.forward.is_some()
+    };
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    assert!(judge(c2s, first, 10));
+    assert!(judge(c2s, second, 11));
     let answer = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#;
-    let s2c = Direction::ServerToClient;
-    relay.handle_paired(s2c, frame(answer), Asking::Connection, 11);
-    relay.handle_paired(s2c, frame(answer), Asking::Connection, 10);
+    assert!(judge(s2c, answer, 11));
+    assert!(judge(s2c, answer, 10));
     let tools: Vec<Value> = trail(dir.path())
         .into_iter()
         .filter(|r| r["direction"] == "server-to-client")
         .map(|r| r["tool"].clone())
         .collect();
     assert_eq!(tools, ["echo", "read_file"]);
+}
+
+#[test]
+fn an_unreadable_answer_is_refused_under_the_id_its_transport_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path(), "");
+    let request = r#"{"jsonrpc":"2.0","id":"client-1","method":"ping"}"#;
+    let message = Message::parse(request).unwrap();
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    let asking = Asking::Connection;
+    let sent = relay.judge_read(c2s, request, Read::View(&message), asking, Some(4));
+    assert!(sent.forward.is_some());
+    // The server answered under the id of its own connection, ambiguously.
+    let answer = r#"{"jsonrpc":"2.0","id":17,"result":{"a":1,"a":2}}"#;
+    let why = Message::parse(answer).unwrap_err();
+    let client = RawValue::from_string(r#""client-1""#.into()).unwrap();
+    let read = Read::Unreadable(&why, Some(&client));
+    let refused = relay.judge_read(s2c, answer, read, asking, Some(4));
+    let error: Value = serde_json::from_str(&refused.forward.unwrap()).unwrap();
+    assert_eq!(error["id"], "client-1");
+    assert_eq!(error["error"]["code"], INTERNAL_ERROR);
+    let why = error["error"]["message"].as_str().unwrap();
+    assert!(why.contains("unusable answer"), "{why}");
 }

@@ -9,6 +9,7 @@ pub mod process;
 pub mod remote;
 
 use crate::config::{Config, ServerConfig};
+use crate::protocol::parsed::{NotParsed, Parsed};
 use anyhow::{Context, Result, anyhow, bail};
 use process::ServerCommand;
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,10 @@ pub const SHARED_NOTIFICATIONS: &[&str] = &[
     "notifications/prompts/list_changed",
     "notifications/resources/list_changed",
 ];
+/// A server's answer to a request, under the id it was sent with upstream;
+/// or its text, if Portcullis cannot read it, for the relay to refuse.
+pub type Answer = std::result::Result<Parsed, NotParsed>;
+
 /// The notification that completes the handshake.
 const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
 
@@ -80,11 +85,12 @@ impl Upstream {
         }
     }
 
-    /// Sends the request `text` and returns the answer, with the request's id.
-    pub async fn request(&self, text: &str, wait: Duration) -> Result<String> {
+    /// Sends `request` and returns the server's answer. Its id is the one
+    /// the request carried upstream, not necessarily the client's.
+    pub async fn request(&self, request: &Parsed, wait: Duration) -> Result<Answer> {
         match self {
-            Upstream::Process(p) => p.request(text, wait).await,
-            Upstream::Remote(r) => r.request(text, wait).await,
+            Upstream::Process(p) => p.request(request, wait).await,
+            Upstream::Remote(r) => r.request(request, wait).await,
         }
     }
 
@@ -98,7 +104,7 @@ impl Upstream {
 
     /// The server's [`SHARED_NOTIFICATIONS`] from now on; `None` for a remote
     /// server, whose notifications are not received.
-    pub fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<str>>> {
+    pub fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<Parsed>>> {
         match self {
             Upstream::Process(p) => Some(p.notices()),
             Upstream::Remote(_) => None,

@@ -2,15 +2,17 @@
 //! an MCP client, and supervises — restarted with backoff when it exits, its
 //! health reported. Requests from many client sessions share the one
 //! connection: each is sent with an id unique on it, and its answer is routed
-//! back by that id with the client's id restored. Reading and writing the
+//! back by that id (the caller restores its client's id). Reading and writing the
 //! child's pipes happen on plain threads; callers await answers from async
 //! code.
 
 use super::{
-    FIRST_BACKOFF, Health, MAX_BACKOFF, SHARED_NOTIFICATIONS, initialize_request, not_available,
+    Answer, FIRST_BACKOFF, Health, MAX_BACKOFF, SHARED_NOTIFICATIONS, initialize_request,
+    not_available,
 };
 use crate::protocol::framing::{Frame, FrameReader};
-use crate::protocol::jsonrpc::{self, Message};
+use crate::protocol::jsonrpc;
+use crate::protocol::parsed::Parsed;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -45,13 +47,13 @@ pub struct Process {
     command: ServerCommand,
     max_message_bytes: usize,
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<String>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     link: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     health: Mutex<Health>,
     /// The server's `initialize` result while it is ready.
     ready: watch::Sender<Option<Arc<Value>>>,
     /// The server's notifications for all its clients.
-    notices: broadcast::Sender<Arc<str>>,
+    notices: broadcast::Sender<Arc<Parsed>>,
     stopping: AtomicBool,
 }
 
@@ -85,7 +87,7 @@ impl Process {
     }
 
     /// The server's notifications for all its clients, from now on.
-    pub fn notices(&self) -> broadcast::Receiver<Arc<str>> {
+    pub fn notices(&self) -> broadcast::Receiver<Arc<Parsed>> {
         self.notices.subscribe()
     }
 
@@ -104,17 +106,16 @@ impl Process {
         }
     }
 
-    /// Sends the request `text` and returns the server's answer, with the
-    /// request's own id put back in place of the one used on this connection.
-    pub async fn request(&self, text: &str, wait: Duration) -> Result<String> {
+    /// Sends `request` under an id unique on this connection and returns
+    /// the server's answer, which carries that id.
+    pub async fn request(&self, request: &Parsed, wait: Duration) -> Result<Answer> {
         self.initialized(wait).await?;
-        let original = Message::parse(text)?
-            .id
-            .map(|id| id.get().to_string())
-            .context("a request needs an id")?;
+        if request.message().id.is_none() {
+            bail!("a request needs an id");
+        }
         let (id, answer) = self.register();
-        let frame = jsonrpc::replace_member(text, "id", &id.to_string())?;
-        self.send(frame.into_bytes())?;
+        let on_connection = RawValue::from_string(id.to_string())?;
+        self.send(request.with_id(&on_connection).into_bytes())?;
         let answer = tokio::time::timeout(wait, answer).await;
         self.pending
             .lock()
@@ -125,7 +126,7 @@ impl Process {
             Ok(Err(_)) => bail!("server '{}' stopped before answering", self.name),
             Err(_) => bail!("server '{}' did not answer within {wait:?}", self.name),
         };
-        Ok(jsonrpc::replace_member(&answer, "id", &original)?)
+        Ok(answer)
     }
 
     /// Sends a notification.
@@ -139,7 +140,7 @@ impl Process {
         self.link.lock().expect("link lock poisoned").take();
     }
 
-    fn register(&self) -> (u64, oneshot::Receiver<String>) {
+    fn register(&self) -> (u64, oneshot::Receiver<Answer>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -246,8 +247,8 @@ impl Process {
         let answer = tokio::time::timeout(INITIALIZE_TIMEOUT, answer)
             .await
             .context("no answer to initialize")?
-            .context("the server stopped during initialize")?;
-        let result = super::initialize_result(&answer)?;
+            .context("the server stopped during initialize")??;
+        let result = super::initialize_result(answer.text())?;
         self.notify(super::INITIALIZED)?;
         Ok(result)
     }
@@ -268,19 +269,20 @@ impl Process {
                         let why = format!(
                             "Portcullis: the server's answer of {len} bytes exceeds the size limit (limits.max_message_bytes)"
                         );
-                        let _ = waiting.send(jsonrpc::error_response(
+                        let refusal = jsonrpc::error_response(
                             id.as_deref(),
                             jsonrpc::INVALID_REQUEST,
                             &why,
                             None,
-                        ));
+                        );
+                        let _ = waiting.send(Parsed::parse(refusal));
                     }
                 }
             }
         }
     }
 
-    fn take_pending(&self, id: &RawValue) -> Option<oneshot::Sender<String>> {
+    fn take_pending(&self, id: &RawValue) -> Option<oneshot::Sender<Answer>> {
         let id: u64 = id.get().parse().ok()?;
         self.pending
             .lock()
@@ -291,16 +293,29 @@ impl Process {
     /// One message from the server: an answer goes to whoever waits for it;
     /// the server's own requests are answered here (the gateway does not
     /// relay them to agents); notifications for all clients are broadcast,
-    /// others logged.
+    /// others logged. An answer Portcullis cannot read still goes to its
+    /// caller, by the id it begins with, for the relay to refuse.
     fn dispatch(&self, text: String) {
-        let Ok(message) = Message::parse(&text) else {
-            tracing::warn!(server = %self.name, "dropped a message that is not JSON");
-            return;
+        let parsed = match Parsed::parse(text) {
+            Ok(parsed) => parsed,
+            Err(unread) => {
+                let id = jsonrpc::leading_id(unread.text.as_bytes());
+                match id.and_then(|id| self.take_pending(&id)) {
+                    Some(waiting) => {
+                        let _ = waiting.send(Err(unread));
+                    }
+                    None => {
+                        tracing::warn!(server = %self.name, "dropped a message: {}", unread.why)
+                    }
+                }
+                return;
+            }
         };
+        let message = parsed.message();
         match (message.method.as_deref(), message.id) {
             (None, Some(id)) => {
                 if let Some(waiting) = self.take_pending(id) {
-                    let _ = waiting.send(text);
+                    let _ = waiting.send(Ok(parsed));
                 }
             }
             (Some("ping"), Some(id)) => {
@@ -314,7 +329,7 @@ impl Process {
             }
             (Some(method), None) if SHARED_NOTIFICATIONS.contains(&method) => {
                 // No receiver (no agent listening) is fine.
-                let _ = self.notices.send(text.into());
+                let _ = self.notices.send(Arc::new(parsed));
             }
             (Some(method), None) => {
                 tracing::debug!(server = %self.name, method, "notification from the server")

@@ -8,10 +8,11 @@
 //! request. `https://` uses the platform's root certificates.
 
 use super::{
-    FIRST_BACKOFF, Health, INITIALIZED, MAX_BACKOFF, UPSTREAM_PROTOCOL, initialize_request,
+    Answer, FIRST_BACKOFF, Health, INITIALIZED, MAX_BACKOFF, UPSTREAM_PROTOCOL, initialize_request,
     not_available,
 };
-use crate::protocol::jsonrpc::{self, Message};
+use crate::protocol::jsonrpc;
+use crate::protocol::parsed::Parsed;
 use crate::util::outbound::{self, HttpClient};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -120,10 +121,14 @@ impl Remote {
 
     /// Sends a request and returns its answer; a session the server forgot
     /// is re-established once.
-    pub async fn request(&self, text: &str, wait: Duration) -> Result<String> {
+    pub async fn request(&self, request: &Parsed, wait: Duration) -> Result<Answer> {
+        let id = request.message().id.context("a request needs an id")?.get();
         for attempt in 0..2 {
             let (session, _) = self.inner.connection(wait).await?;
-            match self.inner.post(text, session.as_ref(), wait).await {
+            let posted = self
+                .inner
+                .exchange(request.text(), Some(id), session.as_ref(), wait);
+            match posted.await.map(|(_, answer)| answer) {
                 Ok(Some(answer)) => return Ok(answer),
                 Ok(None) => bail!("server '{}' sent no answer", self.inner.name),
                 Err(e) if attempt == 0 && e.downcast_ref::<SessionLost>().is_some() => {
@@ -143,7 +148,7 @@ impl Remote {
         let wait = Duration::from_secs(30);
         let (session, _) = self.inner.connection(wait).await?;
         self.inner
-            .post(text, session.as_ref(), wait)
+            .exchange(text, None, session.as_ref(), wait)
             .await
             .map(drop)
     }
@@ -178,10 +183,12 @@ impl Inner {
             return Ok((c.session.clone(), c.initialized.clone()));
         }
         let handshake = async {
-            let (session, answer) = self.exchange(&initialize_request(0), None, wait).await?;
-            let answer = answer.context("no answer to initialize")?;
-            let initialized = Arc::new(super::initialize_result(&answer)?);
-            self.exchange(INITIALIZED, session.as_ref(), wait).await?;
+            let initialize = initialize_request(0);
+            let (session, answer) = self.exchange(&initialize, Some("0"), None, wait).await?;
+            let answer = answer.context("no answer to initialize")??;
+            let initialized = Arc::new(super::initialize_result(answer.text())?);
+            self.exchange(INITIALIZED, None, session.as_ref(), wait)
+                .await?;
             Ok::<_, anyhow::Error>(Connection {
                 session,
                 initialized,
@@ -221,27 +228,15 @@ impl Inner {
         }
     }
 
-    /// POSTs one message in `session`; returns the answer to a request.
-    async fn post(
-        &self,
-        text: &str,
-        session: Option<&HeaderValue>,
-        wait: Duration,
-    ) -> Result<Option<String>> {
-        self.exchange(text, session, wait)
-            .await
-            .map(|(_, answer)| answer)
-    }
-
     /// POSTs one message; returns the session header the server set and,
-    /// for a request, its answer.
+    /// for a request (whose `id` is given), its answer.
     async fn exchange(
         &self,
         text: &str,
+        id: Option<&str>,
         session: Option<&HeaderValue>,
         wait: Duration,
-    ) -> Result<(Option<HeaderValue>, Option<String>)> {
-        let id = Message::parse(text)?.id.map(|id| id.get().to_string());
+    ) -> Result<(Option<HeaderValue>, Option<Answer>)> {
         let mut request = Request::post(self.url.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json, text/event-stream")
@@ -262,8 +257,8 @@ impl Inner {
     async fn send(
         &self,
         request: Request<Full<Bytes>>,
-        id: Option<String>,
-    ) -> Result<(Option<HeaderValue>, Option<String>)> {
+        id: Option<&str>,
+    ) -> Result<(Option<HeaderValue>, Option<Answer>)> {
         let session = request.headers().contains_key("mcp-session-id");
         let response = self
             .client
@@ -288,7 +283,7 @@ impl Inner {
         };
         let answer = if sse {
             let body = body.map_err(body_error);
-            answer_in_events(Box::pin(SseStream::new(body)), &id).await?
+            answer_in_events(Box::pin(SseStream::new(body)), id).await?
         } else {
             let body = body
                 .collect()
@@ -296,7 +291,9 @@ impl Inner {
                 .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
                 .to_bytes();
             let body = String::from_utf8(body.to_vec()).context("the answer is not UTF-8")?;
-            Some(body).filter(|b| !b.trim().is_empty())
+            Some(body)
+                .filter(|b| !b.trim().is_empty())
+                .map(Parsed::parse)
         };
         Ok((new_session, answer))
     }
@@ -310,7 +307,7 @@ fn body_error(e: Box<dyn std::error::Error + Send + Sync>) -> std::io::Error {
 /// The answer to request `id` among the events of an SSE stream, read
 /// until it comes (the stream may stay open after it). An answer Portcullis
 /// cannot read is still taken, by its id, for the relay to refuse.
-async fn answer_in_events<S>(mut events: S, id: &str) -> Result<Option<String>>
+async fn answer_in_events<S>(mut events: S, id: &str) -> Result<Option<Answer>>
 where
     S: Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Unpin,
 {
@@ -319,12 +316,18 @@ where
         let Some(data) = event.data else {
             continue;
         };
-        let answers = match Message::parse(&data) {
-            Ok(m) => m.method.is_none() && m.id.is_some_and(|answered| answered.get() == id),
-            Err(_) => jsonrpc::leading_id(data.as_bytes()).is_some_and(|found| found.get() == id),
+        let answer = Parsed::parse(data);
+        let answers = match &answer {
+            Ok(parsed) => {
+                let m = parsed.message();
+                m.method.is_none() && m.id.is_some_and(|answered| answered.get() == id)
+            }
+            Err(unread) => {
+                jsonrpc::leading_id(unread.text.as_bytes()).is_some_and(|found| found.get() == id)
+            }
         };
         if answers {
-            return Ok(Some(data));
+            return Ok(Some(answer));
         }
     }
     Ok(None)
@@ -352,7 +355,7 @@ mod tests {
         let found = runtime
             .block_on(answer_in_events(stream(chunks), id))
             .unwrap();
-        found.map(|text| serde_json::from_str(&text).unwrap())
+        found.map(|answer| serde_json::from_str(answer.unwrap().text()).unwrap())
     }
 
     #[test]
@@ -393,6 +396,7 @@ mod tests {
         let found = runtime
             .block_on(answer_in_events(stream(&chunks), "9"))
             .unwrap();
-        assert!(found.unwrap().contains(r#""a":1,"a":2"#));
+        let unread = found.unwrap().unwrap_err();
+        assert!(unread.text.contains(r#""a":1,"a":2"#));
     }
 }
