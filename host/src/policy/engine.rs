@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -214,14 +214,22 @@ fn default_cache_dir() -> Option<PathBuf> {
     Some(base.join("portcullis"))
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] while any policy runs,
-/// and sleeps while none does, so an idle Portcullis costs no CPU. The epoch
-/// stands still while idle, which deadlines (counted from when an evaluation
-/// starts) do not notice.
+/// Advances the engine's epoch every [`EPOCH_TICK`] while policies run, and
+/// for [`IDLE_TICKS`] after the last one stopped; then sleeps until one
+/// starts, so an idle Portcullis costs no CPU. Under steady traffic it never
+/// sleeps, so starting an evaluation wakes no thread. The epoch stands still
+/// while it sleeps, which deadlines (counted from when an evaluation starts)
+/// do not notice.
 pub struct EpochTicker {
     running: AtomicUsize,
+    /// Whether the ticker sleeps (or is about to): the next evaluation to
+    /// start wakes it.
+    asleep: AtomicBool,
     thread: std::thread::Thread,
 }
+
+/// Ticks the ticker goes on for after the last evaluation stopped.
+const IDLE_TICKS: u32 = 200;
 
 /// Proof that wasm is running; the ticker ticks until every one is dropped.
 pub struct Running<'a>(&'a EpochTicker);
@@ -234,10 +242,16 @@ impl EpochTicker {
             .name("portcullis-epoch".into())
             .spawn(move || {
                 let Ok(ticker) = receiver.recv() else { return };
+                let mut idle = 0;
                 while let Some(engine) = weak.upgrade() {
-                    if ticker.running.load(Ordering::Acquire) == 0 {
+                    if ticker.running.load(Ordering::SeqCst) > 0 {
+                        idle = 0;
+                    } else if idle < IDLE_TICKS {
+                        idle += 1;
+                    } else {
                         drop(engine);
-                        std::thread::park_timeout(Duration::from_secs(1));
+                        ticker.sleep();
+                        idle = 0;
                         continue;
                     }
                     engine.increment_epoch();
@@ -248,6 +262,7 @@ impl EpochTicker {
             .context("cannot start the epoch ticker thread")?;
         let ticker = Arc::new(Self {
             running: AtomicUsize::new(0),
+            asleep: AtomicBool::new(false),
             thread: thread.thread().clone(),
         });
         sender
@@ -256,9 +271,21 @@ impl EpochTicker {
         Ok(ticker)
     }
 
+    /// The ticker's sleep while nothing runs. An evaluation that starts
+    /// meanwhile either is seen here or sees `asleep` and wakes it: both
+    /// sides write, then read the other's flag, all sequentially consistent.
+    fn sleep(&self) {
+        self.asleep.store(true, Ordering::SeqCst);
+        if self.running.load(Ordering::SeqCst) == 0 {
+            std::thread::park_timeout(Duration::from_secs(1));
+        }
+        self.asleep.store(false, Ordering::SeqCst);
+    }
+
     /// Marks wasm as running until the returned guard is dropped.
     pub fn running(&self) -> Running<'_> {
-        if self.running.fetch_add(1, Ordering::AcqRel) == 0 {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        if self.asleep.load(Ordering::SeqCst) {
             self.thread.unpark();
         }
         Running(self)
@@ -267,7 +294,7 @@ impl EpochTicker {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
