@@ -9,12 +9,12 @@ wasmtime::component::bindgen!({
     imports: { "portcullis:policy/store": trappable },
 });
 
-pub use exports::portcullis::policy::hooks::Guest as Hooks;
 pub use self::portcullis::policy::log::Level;
 pub use self::portcullis::policy::surface::{DriftKind as Drifted, ToolDrift};
 pub use self::portcullis::policy::types::{
     Agent, Denial, Direction, Exchange, MessageKind, Outcome, ToolAnnotations, Verdict,
 };
+pub use exports::portcullis::policy::hooks::Guest as Hooks;
 
 impl Direction {
     /// The name used in audit records and logs.
