@@ -613,6 +613,62 @@ def test_pretty_printed_answers_over_sse_reach_an_sse_only_client_whole(tmp_path
     assert json.loads(event)["result"]["content"][0]["text"] == "echo: hi\nsecond line"
 
 
+def post_sse(url: str, message: dict, session: str | None = None) -> tuple[str | None, list[dict]]:
+    """POSTs `message` as an SSE-only client with the admin key; the session id and the events."""
+    headers = {"Authorization": f"Bearer {KEYS['admin']}", "Content-Type": "application/json",
+               "Accept": "text/event-stream"}
+    if session:
+        headers["Mcp-Session-Id"] = session
+    request = urllib.request.Request(url, data=line(message).encode(), method="POST", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.headers["mcp-session-id"], [json.loads(e) for e in sse_events(response.read().decode())]
+
+
+def echo(id, text: str) -> dict:
+    return {"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": text}}}
+
+
+def test_clients_sharing_a_remote_server_never_share_an_id_on_it(tmp_path: Path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(DOUBLES / "pretty_sse_server.py"), str(port)])
+    serve = None
+    try:
+        serve = Serve(tmp_path, "", f'\n[servers.pretty]\nurl = "http://127.0.0.1:{port}/mcp"\n')
+        url = f"{serve.url}/servers/pretty/mcp"
+        first, _ = post_sse(url, INITIALIZE)
+        second, _ = post_sse(url, INITIALIZE)
+        answers = [post_sse(url, echo(3, "which-id"), session)[1] for session in (first, second)]
+    finally:
+        server.kill()
+        if serve:
+            serve.stop()
+    texts = []
+    for [answer] in answers:
+        assert answer["id"] == 3, "each client gets its answer under its own id"
+        texts.append(answer["result"]["content"][0]["text"])
+    assert texts[0] != texts[1], f"both requests went upstream under one id: {texts}"
+
+
+def test_a_reply_that_is_not_an_answer_is_refused_not_relayed_as_one(tmp_path: Path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(DOUBLES / "pretty_sse_server.py"), str(port)])
+    serve = None
+    try:
+        serve = Serve(tmp_path, "", f'\n[servers.pretty]\nurl = "http://127.0.0.1:{port}/mcp"\n')
+        url = f"{serve.url}/servers/pretty/mcp"
+        session, _ = post_sse(url, INITIALIZE)
+        _, [refused] = post_sse(url, echo(4, "not-an-answer"), session)
+        _, [after] = post_sse(url, echo(5, "still here"), session)
+    finally:
+        server.kill()
+        if serve:
+            serve.stop()
+    assert refused["id"] == 4 and "method" not in refused
+    assert refused["error"]["code"] == -32603
+    assert "unusable answer" in refused["error"]["message"]
+    assert after["result"]["content"][0]["text"] == "echo: still here\nsecond line"
+
+
 # --- 9.: every record reads back, and what the door refuses is on the trail ---------------------------------------
 
 def test_ids_no_parser_can_hold_do_not_break_the_chain(tmp_path: Path, sandbox: Path):

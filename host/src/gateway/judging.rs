@@ -4,8 +4,8 @@
 //! approval waits here for its decision, and is cancelled, never run, if
 //! its client goes away meanwhile.
 
-use crate::contract::Direction;
-use crate::protocol::jsonrpc::{INTERNAL_ERROR, error_response};
+use crate::contract::{Direction, MessageKind};
+use crate::protocol::jsonrpc::{INTERNAL_ERROR, INVALID_REQUEST, Unreadable, error_response};
 use crate::protocol::parsed::{NotParsed, Parsed};
 use crate::relay::{Asking, Delivery, Read, Relay, Step};
 use crate::upstream::Answer;
@@ -86,14 +86,30 @@ pub enum Returning {
 }
 
 impl Returning {
-    /// `answer`, to go back under the client's `id`.
+    /// `answer`, to go back under the client's `id`. A reply that is not an
+    /// answer (a request or notification in its place) is refused as an
+    /// unusable one: it must not reach the client as an answer, nor be
+    /// given the client's id.
     pub fn new(answer: Answer, id: Box<RawValue>) -> Self {
         match answer {
-            Ok(answer) => Returning::Read {
+            Ok(answer) if answers(&answer) => Returning::Read {
                 text: answer.with_id(&id),
                 answer,
                 id,
             },
+            Ok(other) => {
+                let why = Unreadable {
+                    code: INVALID_REQUEST,
+                    message:
+                        "Invalid Request: the server replied with something other than an answer"
+                            .into(),
+                };
+                let answer = NotParsed {
+                    text: other.into_text(),
+                    why,
+                };
+                Returning::Unread { answer, id }
+            }
             Err(answer) => Returning::Unread { answer, id },
         }
     }
@@ -132,6 +148,14 @@ impl Judgeable for Returning {
             }
         }
     }
+}
+
+/// Whether `message` is an answer: a result or an error.
+fn answers(message: &Parsed) -> bool {
+    matches!(
+        message.message().kind(),
+        Some(MessageKind::Result | MessageKind::Error)
+    )
 }
 
 /// Judges `message` travelling `direction` with `relay`, off the async
@@ -187,10 +211,15 @@ pub async fn judge<T: Judgeable>(
         return Judged { forward, reply };
     };
     // Serve has no batches, so a message holds at most one call.
-    let abandoned = Abandoned {
-        relay: Some(relay.clone()),
-        key: held.key.clone(),
-    };
+    let key = held.key.clone();
+    let cancelling = relay.clone();
+    let abandoned = Armed::new(move || {
+        // Cancelling writes to the store and the trail: off the async
+        // workers.
+        tokio::task::spawn_blocking(move || {
+            cancelling.cancel(&key, "the client disconnected");
+        });
+    });
     let (settled, decision) = oneshot::channel();
     relay.on_decision(held, move |delivery| {
         let _ = settled.send(delivery);
@@ -204,28 +233,61 @@ pub async fn judge<T: Judgeable>(
     }
 }
 
-/// Cancels a held call if dropped armed: the future waiting for it was
-/// dropped, because its client disconnected.
-struct Abandoned {
-    relay: Option<Arc<Relay>>,
-    key: String,
-}
+/// Runs its action if dropped armed: the future holding it was dropped,
+/// because its client disconnected.
+pub struct Armed<F: FnOnce()>(Option<F>);
 
-impl Abandoned {
-    fn disarm(mut self) {
-        self.relay = None;
+impl<F: FnOnce()> Armed<F> {
+    /// Armed with `action`.
+    pub fn new(action: F) -> Self {
+        Self(Some(action))
+    }
+
+    /// Dropped without acting.
+    pub fn disarm(mut self) {
+        self.0 = None;
     }
 }
 
-impl Drop for Abandoned {
+impl<F: FnOnce()> Drop for Armed<F> {
     fn drop(&mut self) {
-        if let Some(relay) = self.relay.take() {
-            let key = std::mem::take(&mut self.key);
-            // Cancelling writes to the store and the trail: off the async
-            // workers.
-            tokio::task::spawn_blocking(move || {
-                relay.cancel(&key, "the client disconnected");
-            });
+        if let Some(action) = self.0.take() {
+            action();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_id() -> Box<RawValue> {
+        RawValue::from_string(r#""c-1""#.into()).unwrap()
+    }
+
+    #[test]
+    fn an_answer_goes_back_under_the_clients_id() {
+        let answer = Parsed::parse(r#"{"jsonrpc":"2.0","id":41,"result":{}}"#.into());
+        let returning = Returning::new(answer, client_id());
+        assert!(matches!(returning, Returning::Read { .. }));
+        assert_eq!(
+            returning.into_text(),
+            r#"{"jsonrpc":"2.0","id":"c-1","result":{}}"#
+        );
+    }
+
+    #[test]
+    fn a_reply_that_is_not_an_answer_is_never_given_the_clients_id() {
+        for reply in [
+            r#"{"jsonrpc":"2.0","method":"notifications/message","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":41,"method":"sampling/createMessage","params":{}}"#,
+        ] {
+            let returning = Returning::new(Parsed::parse(reply.into()), client_id());
+            let Returning::Unread { answer, .. } = returning else {
+                panic!("{reply} was taken as an answer");
+            };
+            assert_eq!(answer.text, reply);
+            assert_eq!(answer.why.code, INVALID_REQUEST);
         }
     }
 }

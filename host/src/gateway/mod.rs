@@ -17,7 +17,7 @@ pub mod stateless;
 use crate::audit::AccessRecord;
 use crate::config::Config;
 use crate::contract::Direction;
-use crate::gateway::judging::{Pass, Returning, judge};
+use crate::gateway::judging::{Armed, Pass, Returning, judge};
 use crate::gateway::naming::Naming;
 use crate::gateway::routing::{LISTINGS, Listing, Route};
 use crate::gateway::sessions::{ClientSession, Scope, Sessions, TooManySessions};
@@ -446,10 +446,10 @@ impl Gateway {
         // The request and its answer are one HTTP exchange with the server:
         // they are judged as a pair, whatever ids clients sharing a session
         // use.
-        let pair = Some(PAIRS.fetch_add(1, Ordering::Relaxed));
+        let pair = PAIRS.fetch_add(1, Ordering::Relaxed);
         let id = request.message().id.map(ToOwned::to_owned);
         let c2s = Direction::ClientToServer;
-        let outbound = judge(relay.clone(), c2s, request, asking, pair).await;
+        let outbound = judge(relay.clone(), c2s, request, asking, Some(pair)).await;
         if let Some(reply) = outbound.reply {
             return Some(reply);
         }
@@ -469,6 +469,10 @@ impl Gateway {
             }
             return None;
         };
+        // Should the client go away while the server works, its request
+        // gives up its place among those in flight.
+        let forgetting = relay.clone();
+        let unanswered = Armed::new(move || forgetting.unanswered(pair));
         let answer = match request {
             Ok(request) => upstream.request(&request, self.timeout).await,
             Err(unread) => Err(anyhow::anyhow!(
@@ -480,7 +484,9 @@ impl Gateway {
             Err(e) => Returning::error(id.clone(), &format!("Portcullis: {e:#}")),
         };
         let s2c = Direction::ServerToClient;
-        let judged = judge(relay, s2c, returning, Asking::Connection, pair).await;
+        // From here the answer is judged whatever becomes of the client.
+        unanswered.disarm();
+        let judged = judge(relay, s2c, returning, Asking::Connection, Some(pair)).await;
         // A request is always answered: an answer the relay dropped (it
         // could not be matched to this request) becomes an error.
         match judged.forward {

@@ -94,7 +94,7 @@ pub fn route<'s>(
         #[serde(borrow, default)]
         name: Option<&'a RawValue>,
         #[serde(borrow, default)]
-        uri: Option<Cow<'a, str>>,
+        uri: Option<&'a RawValue>,
     }
     let message = request.message();
     let method = message.method.as_deref().unwrap_or_default();
@@ -125,7 +125,10 @@ pub fn route<'s>(
             })
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-            let uri = target.uri.unwrap_or_default();
+            let uri: Cow<str> = target
+                .uri
+                .and_then(|raw| serde_json::from_str(raw.get()).ok())
+                .unwrap_or_default();
             let server = resource(&uri).ok_or_else(|| unknown(&uri))?;
             Ok(Route {
                 server,
@@ -198,6 +201,12 @@ mod tests {
             route.renamed.unwrap(),
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/tmp/x","n":1.50}}}"#
         );
+    }
+
+    #[test]
+    fn a_member_the_route_does_not_use_does_not_spoil_it() {
+        let text = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"fs__read_file","uri":5}}"#;
+        assert_eq!(route_of(text).unwrap().server, "files");
     }
 
     #[test]

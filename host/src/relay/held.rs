@@ -325,6 +325,16 @@ impl Relay {
         }
     }
 
+    /// The request its transport named `pair` will not be answered (its
+    /// client went away while the server worked on it): it no longer holds
+    /// a place among the requests in flight.
+    pub fn unanswered(&self, pair: u64) {
+        if let Some(key) = paired(Some(pair)) {
+            let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+            session.forget(Direction::ClientToServer, &key);
+        }
+    }
+
     /// Cancels the held request `key` (its in-flight key) and audits it at
     /// once (its waiting thread then finds it settled): the process may end
     /// before that thread would look again.

@@ -114,14 +114,11 @@ impl Process {
             bail!("a request needs an id");
         }
         let (id, answer) = self.register();
+        // Forgotten however this ends, the caller giving up included.
+        let _registered = Registered { process: self, id };
         let on_connection = RawValue::from_string(id.to_string())?;
         self.send(request.with_id(&on_connection).into_bytes())?;
-        let answer = tokio::time::timeout(wait, answer).await;
-        self.pending
-            .lock()
-            .expect("pending lock poisoned")
-            .remove(&id);
-        let answer = match answer {
+        let answer = match tokio::time::timeout(wait, answer).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => bail!("server '{}' stopped before answering", self.name),
             Err(_) => bail!("server '{}' did not answer within {wait:?}", self.name),
@@ -338,6 +335,23 @@ impl Process {
                 tracing::warn!(server = %self.name, "dropped a message without id or method")
             }
         }
+    }
+}
+
+/// A request waiting for its answer under `id`: no longer waited for once
+/// dropped.
+struct Registered<'a> {
+    process: &'a Process,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.process
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
     }
 }
 

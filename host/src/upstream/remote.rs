@@ -1,7 +1,8 @@
 //! A remote Streamable HTTP MCP server, reached by Portcullis as its MCP
 //! client: it initializes once (keeping the server's `Mcp-Session-Id`),
 //! sends each request as a POST with the server's own credential headers from
-//! the config (never an agent's), and reads the answer from a JSON body or an
+//! the config (never an agent's), under an id unique on its connection (many
+//! agents share it), and reads the answer from a JSON body or an
 //! SSE stream (decoded as the SSE standard says — CRLF, multi-line `data:` —
 //! by `sse-stream`, up to the answer, within the size limit and the request
 //! timeout). A lost session or connection is re-established on the next
@@ -21,8 +22,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sse_stream::SseStream;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
@@ -49,6 +52,9 @@ struct Inner {
     client: HttpClient,
     connection: AsyncMutex<Option<Connection>>,
     health: Mutex<Health>,
+    /// The id of the next request on this connection: clients sharing it
+    /// may use the same ids, so each request goes under one of its own.
+    next_id: AtomicU64,
 }
 
 impl Remote {
@@ -85,6 +91,7 @@ impl Remote {
                 client,
                 connection: AsyncMutex::new(None),
                 health: Mutex::new(Health::starting()),
+                next_id: AtomicU64::new(1),
             }),
         })
     }
@@ -119,15 +126,24 @@ impl Remote {
         self.inner.connection(wait).await.map(|c| c.1)
     }
 
-    /// Sends a request and returns its answer; a session the server forgot
-    /// is re-established once.
+    /// Sends `request` under an id unique on this connection and returns
+    /// the server's answer, which carries that id; a session the server
+    /// forgot is re-established once.
     pub async fn request(&self, request: &Parsed, wait: Duration) -> Result<Answer> {
-        let id = request.message().id.context("a request needs an id")?.get();
+        if request.message().id.is_none() {
+            bail!("a request needs an id");
+        }
+        let id = self
+            .inner
+            .next_id
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
+        let text = request.with_id(&RawValue::from_string(id.clone())?);
         for attempt in 0..2 {
             let (session, _) = self.inner.connection(wait).await?;
             let posted = self
                 .inner
-                .exchange(request.text(), Some(id), session.as_ref(), wait);
+                .exchange(&text, Some(&id), session.as_ref(), wait);
             match posted.await.map(|(_, answer)| answer) {
                 Ok(Some(answer)) => return Ok(answer),
                 Ok(None) => bail!("server '{}' sent no answer", self.inner.name),

@@ -4,6 +4,11 @@ carries the answer pretty-printed over several `data:` lines — legal SSE that
 a reader splitting on "\\n\\n" gets wrong. After the answer it keeps the stream
 open for a while, as a server sending later events may.
 
+Two tool calls misbehave on purpose: `echo` of "which-id" answers with the
+id the request came under (so a test can see which id Portcullis used
+upstream), and `echo` of "not-an-answer" is replied to with a notification,
+as a JSON body, in place of the answer.
+
 Usage: pretty_sse_server.py PORT
 """
 
@@ -28,6 +33,8 @@ def answer(message: dict) -> dict | None:
         result = {"tools": TOOLS}
     elif method == "tools/call":
         text = message["params"]["arguments"]["text"]
+        if text == "which-id":
+            text = f"upstream id {json.dumps(id)}"
         result = {"content": [{"type": "text", "text": f"echo: {text}\nsecond line"}]}
     else:
         return {"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": f"no {method}"}}
@@ -39,7 +46,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        reply = answer(json.loads(body))
+        message = json.loads(body)
+        if message.get("params", {}).get("arguments", {}).get("text") == "not-an-answer":
+            impostor = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                                   "params": {"level": "info", "data": "no answer here"}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(impostor)))
+            self.end_headers()
+            self.wfile.write(impostor)
+            return
+        reply = answer(message)
         if reply is None:
             self.send_response(202)
             self.send_header("Content-Length", "0")
