@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import socket
 import subprocess
@@ -667,6 +668,34 @@ def test_a_reply_that_is_not_an_answer_is_refused_not_relayed_as_one(tmp_path: P
     assert refused["error"]["code"] == -32603
     assert "unusable answer" in refused["error"]["message"]
     assert after["result"]["content"][0]["text"] == "echo: still here\nsecond line"
+
+
+def test_an_agents_cancellation_never_reaches_a_shared_server(tmp_path: Path):
+    port, received = free_port(), tmp_path / "received.log"
+    server = subprocess.Popen([sys.executable, str(DOUBLES / "pretty_sse_server.py"), str(port)],
+                              env={**os.environ, "RECEIVED_LOG": str(received)})
+    serve = None
+    try:
+        serve = Serve(tmp_path, "", f'\n[servers.pretty]\nurl = "http://127.0.0.1:{port}/mcp"\n')
+        url = f"{serve.url}/servers/pretty/mcp"
+        session, _ = post_sse(url, INITIALIZE)
+        # Id 1 on the shared connection is another agent's (here: the first call's) request.
+        post_sse(url, echo(7, "first"), session)
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}
+        headers = {"Authorization": f"Bearer {KEYS['admin']}", "Content-Type": "application/json",
+                   "Accept": "application/json, text/event-stream", "Mcp-Session-Id": session}
+        request = urllib.request.Request(url, data=line(cancel).encode(), method="POST", headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 202
+        _, [after] = post_sse(url, echo(8, "second"), session)
+    finally:
+        server.kill()
+        if serve:
+            serve.stop()
+    methods = received.read_text().split()
+    assert "notifications/initialized" in methods and "tools/call" in methods
+    assert "notifications/cancelled" not in methods
+    assert after["result"]["content"][0]["text"] == "echo: second\nsecond line"
 
 
 # --- 9.: every record reads back, and what the door refuses is on the trail ---------------------------------------

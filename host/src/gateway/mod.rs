@@ -461,6 +461,16 @@ impl Gateway {
         let upstream = &self.upstreams[server];
         let Some(id) = id else {
             let notified = match &request {
+                // A cancellation names its request by the client's id, which
+                // on a connection all agents share may be another agent's
+                // request: it is judged and audited, not passed on.
+                Ok(request) if request.message().method.as_deref() == Some(CANCELLED) => {
+                    tracing::debug!(
+                        server,
+                        "a client's cancellation is not passed to a shared server"
+                    );
+                    Ok(())
+                }
                 Ok(request) => upstream.notify(request.text()).await,
                 Err(unread) => Err(anyhow::anyhow!("{unread}")),
             };
@@ -499,6 +509,9 @@ impl Gateway {
         }
     }
 }
+
+/// A client's cancellation of one of its requests.
+const CANCELLED: &str = "notifications/cancelled";
 
 /// Names each request/answer pair the gateway relays.
 static PAIRS: AtomicU64 = AtomicU64::new(1);

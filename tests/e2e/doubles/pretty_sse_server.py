@@ -9,10 +9,12 @@ id the request came under (so a test can see which id Portcullis used
 upstream), and `echo` of "not-an-answer" is replied to with a notification,
 as a JSON body, in place of the answer.
 
-Usage: pretty_sse_server.py PORT
+Usage: pretty_sse_server.py PORT   (RECEIVED_LOG: a file each message's method
+is appended to, one per line)
 """
 
 import json
+import os
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +49,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         message = json.loads(body)
+        if os.environ.get("RECEIVED_LOG"):
+            with open(os.environ["RECEIVED_LOG"], "a") as log:
+                log.write(f"{message.get('method')}\n")
         if message.get("params", {}).get("arguments", {}).get("text") == "not-an-answer":
             impostor = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
                                    "params": {"level": "info", "data": "no answer here"}}).encode()
