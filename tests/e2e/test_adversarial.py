@@ -15,6 +15,7 @@ in ways the standard allows, and ids that broke the trail's chain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -614,6 +615,22 @@ def test_pretty_printed_answers_over_sse_reach_an_sse_only_client_whole(tmp_path
     assert json.loads(event)["result"]["content"][0]["text"] == "echo: hi\nsecond line"
 
 
+@contextlib.contextmanager
+def behind_pretty_server(tmp_path: Path, **env: str):
+    """`portcullis serve` in front of the fault-injecting SSE server double; yields its endpoint."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(DOUBLES / "pretty_sse_server.py"), str(port)],
+                              env={**os.environ, **env})
+    serve = None
+    try:
+        serve = Serve(tmp_path, "", f'\n[servers.pretty]\nurl = "http://127.0.0.1:{port}/mcp"\n')
+        yield f"{serve.url}/servers/pretty/mcp"
+    finally:
+        server.kill()
+        if serve:
+            serve.stop()
+
+
 def post_sse(url: str, message: dict, session: str | None = None) -> tuple[str | None, list[dict]]:
     """POSTs `message` as an SSE-only client with the admin key; the session id and the events."""
     headers = {"Authorization": f"Bearer {KEYS['admin']}", "Content-Type": "application/json",
@@ -630,19 +647,10 @@ def echo(id, text: str) -> dict:
 
 
 def test_clients_sharing_a_remote_server_never_share_an_id_on_it(tmp_path: Path):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(DOUBLES / "pretty_sse_server.py"), str(port)])
-    serve = None
-    try:
-        serve = Serve(tmp_path, "", f'\n[servers.pretty]\nurl = "http://127.0.0.1:{port}/mcp"\n')
-        url = f"{serve.url}/servers/pretty/mcp"
+    with behind_pretty_server(tmp_path) as url:
         first, _ = post_sse(url, INITIALIZE)
         second, _ = post_sse(url, INITIALIZE)
         answers = [post_sse(url, echo(3, "which-id"), session)[1] for session in (first, second)]
-    finally:
-        server.kill()
-        if serve:
-            serve.stop()
     texts = []
     for [answer] in answers:
         assert answer["id"] == 3, "each client gets its answer under its own id"
@@ -651,19 +659,10 @@ def test_clients_sharing_a_remote_server_never_share_an_id_on_it(tmp_path: Path)
 
 
 def test_a_reply_that_is_not_an_answer_is_refused_not_relayed_as_one(tmp_path: Path):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(DOUBLES / "pretty_sse_server.py"), str(port)])
-    serve = None
-    try:
-        serve = Serve(tmp_path, "", f'\n[servers.pretty]\nurl = "http://127.0.0.1:{port}/mcp"\n')
-        url = f"{serve.url}/servers/pretty/mcp"
+    with behind_pretty_server(tmp_path) as url:
         session, _ = post_sse(url, INITIALIZE)
         _, [refused] = post_sse(url, echo(4, "not-an-answer"), session)
         _, [after] = post_sse(url, echo(5, "still here"), session)
-    finally:
-        server.kill()
-        if serve:
-            serve.stop()
     assert refused["id"] == 4 and "method" not in refused
     assert refused["error"]["code"] == -32603
     assert "unusable answer" in refused["error"]["message"]
@@ -671,13 +670,8 @@ def test_a_reply_that_is_not_an_answer_is_refused_not_relayed_as_one(tmp_path: P
 
 
 def test_an_agents_cancellation_never_reaches_a_shared_server(tmp_path: Path):
-    port, received = free_port(), tmp_path / "received.log"
-    server = subprocess.Popen([sys.executable, str(DOUBLES / "pretty_sse_server.py"), str(port)],
-                              env={**os.environ, "RECEIVED_LOG": str(received)})
-    serve = None
-    try:
-        serve = Serve(tmp_path, "", f'\n[servers.pretty]\nurl = "http://127.0.0.1:{port}/mcp"\n')
-        url = f"{serve.url}/servers/pretty/mcp"
+    received = tmp_path / "received.log"
+    with behind_pretty_server(tmp_path, RECEIVED_LOG=str(received)) as url:
         session, _ = post_sse(url, INITIALIZE)
         # Id 1 on the shared connection is another agent's (here: the first call's) request.
         post_sse(url, echo(7, "first"), session)
@@ -688,10 +682,6 @@ def test_an_agents_cancellation_never_reaches_a_shared_server(tmp_path: Path):
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 202
         _, [after] = post_sse(url, echo(8, "second"), session)
-    finally:
-        server.kill()
-        if serve:
-            serve.stop()
     methods = received.read_text().split()
     assert "notifications/initialized" in methods and "tools/call" in methods
     assert "notifications/cancelled" not in methods
