@@ -5,10 +5,14 @@
 //! as one thing is read as the same thing by the peer it goes to.
 
 use crate::config::Config;
+use crate::gateway::naming::Naming;
+use crate::gateway::routing::{self, Route};
 use crate::protocol::framing::{Frame, FrameReader};
 use crate::protocol::jsonrpc::{self, Message};
+use crate::protocol::parsed::Parsed;
 use crate::protocol::strict_json;
-use serde_json::Value;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
 use std::future::Future;
 use std::path::Path;
 use std::pin::pin;
@@ -96,6 +100,45 @@ fn agrees_with_a_lenient_reader(text: &str) {
         }
         Some(Err(_)) => assert_eq!(lenient["method"], "tools/call"),
         None => assert_ne!(lenient["method"], "tools/call"),
+    }
+    spliced_members_read_as_swapped(text, &lenient);
+}
+
+/// What serve swaps in place — the id, a merged tool name — reads as
+/// swapped to a lenient reader, every other member as it was, and the
+/// result is still strictly readable.
+fn spliced_members_read_as_swapped(text: &str, lenient: &Value) {
+    let parsed = Parsed::parse(text.to_string()).expect("strictly readable text parses");
+    let reread = |text: &str| -> Value {
+        assert!(Parsed::parse(text.to_string()).is_ok(), "{text}");
+        serde_json::from_str(text).expect("a spliced message is JSON")
+    };
+    let id = RawValue::from_string(r#""swapped""#.into()).expect("a JSON string");
+    let mut expected = lenient.clone();
+    expected["id"] = json!("swapped");
+    assert_eq!(reread(&parsed.with_id(&id)), expected);
+
+    // A real prefix, and none at all (the name is written anew in place).
+    for (prefix, separator) in [("fs", "__"), ("", "")] {
+        let naming = Naming::new(
+            [("fs".to_string(), prefix.to_string())].into(),
+            separator.into(),
+        );
+        let servers = ["fs".to_string()];
+        let Ok(Route {
+            renamed: Some(renamed),
+            ..
+        }) = routing::route(&naming, &servers, |_| None, &parsed)
+        else {
+            continue;
+        };
+        let merged = lenient["params"]["name"].as_str().expect("a routed name");
+        let own = merged
+            .strip_prefix(&format!("{prefix}{separator}"))
+            .expect("the prefix");
+        let mut expected = lenient.clone();
+        expected["params"]["name"] = json!(own);
+        assert_eq!(reread(&renamed), expected);
     }
 }
 
