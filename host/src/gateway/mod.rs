@@ -402,12 +402,12 @@ impl Gateway {
                     false
                 }
             };
-            let Ok(request) = Parsed::parse(request.clone()) else {
-                continue;
-            };
             if !offers {
                 continue;
             }
+            let Ok(request) = Parsed::parse(request.clone()) else {
+                continue;
+            };
             let Some(answer) = self
                 .forward(session, server, request, Asking::Connection)
                 .await
