@@ -59,6 +59,51 @@ impl Parsed {
         }
     }
 
+    /// The `progressToken` a request asks its progress to be reported
+    /// under (`params._meta.progressToken`), or the one a progress
+    /// notification reports under (`params.progressToken`): the token's own
+    /// bytes in the text.
+    pub fn progress_token(&self) -> Option<&RawValue> {
+        #[derive(serde::Deserialize)]
+        struct Params<'a> {
+            #[serde(borrow, rename = "_meta")]
+            meta: Option<Meta<'a>>,
+            #[serde(borrow, rename = "progressToken")]
+            token: Option<&'a RawValue>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Meta<'a> {
+            #[serde(borrow, rename = "progressToken")]
+            token: Option<&'a RawValue>,
+        }
+        let message = self.message();
+        let params: Params = jsonrpc::from_object(message.params?)?;
+        match message.id {
+            Some(_) => params.meta?.token,
+            None => params.token,
+        }
+    }
+
+    /// The text with its `id` (if `id` is given) and its progress token (if
+    /// `token` is given and it has one) replaced: only those members' bytes
+    /// are swapped.
+    pub fn with_id_and_token(&self, id: Option<&RawValue>, token: Option<&RawValue>) -> String {
+        let mut parts = Vec::new();
+        if let (Some(id), Some(current)) = (id, self.message().id) {
+            parts.push((current.get(), id.get()));
+        }
+        if let (Some(token), Some(current)) = (token, self.progress_token()) {
+            parts.push((current.get(), token.get()));
+        }
+        match (id, self.message().id) {
+            (Some(id), None) => {
+                let added = Parsed::parse(self.with_id(id)).expect("an id added to a message");
+                added.with_id_and_token(None, token)
+            }
+            _ => splice_all(self.text(), parts),
+        }
+    }
+
     /// The view of the message as it reads under another `id`: the view of
     /// [`Parsed::with_id`]'s text, without parsing that text again.
     pub fn view_with_id<'b>(&'b self, id: &'b RawValue) -> Message<'b> {
@@ -82,18 +127,32 @@ impl std::fmt::Debug for Parsed {
     }
 }
 
+/// `text` with each part (a slice of `text` itself, none overlapping)
+/// replaced by its own.
+pub fn splice_all(text: &str, mut parts: Vec<(&str, &str)>) -> String {
+    let offset = |part: &str| {
+        (part.as_ptr() as usize)
+            .checked_sub(text.as_ptr() as usize)
+            .filter(|start| start + part.len() <= text.len())
+            .expect("the part spliced is a slice of the text")
+    };
+    parts.sort_by_key(|(part, _)| offset(part));
+    let mut spliced = String::with_capacity(text.len());
+    let mut done = 0;
+    for (part, with) in parts {
+        let start = offset(part);
+        assert!(start >= done, "the parts spliced do not overlap");
+        spliced.push_str(&text[done..start]);
+        spliced.push_str(with);
+        done = start + part.len();
+    }
+    spliced.push_str(&text[done..]);
+    spliced
+}
+
 /// `text` with `part` (a slice of `text` itself) replaced by `with`.
 pub fn splice(text: &str, part: &str, with: &str) -> String {
-    let start = (part.as_ptr() as usize)
-        .checked_sub(text.as_ptr() as usize)
-        .filter(|start| start + part.len() <= text.len())
-        .expect("the part spliced is a slice of the text");
-    let end = start + part.len();
-    let mut spliced = String::with_capacity(text.len() - part.len() + with.len());
-    spliced.push_str(&text[..start]);
-    spliced.push_str(with);
-    spliced.push_str(&text[end..]);
-    spliced
+    splice_all(text, vec![(part, with)])
 }
 
 #[cfg(test)]
@@ -102,6 +161,27 @@ mod tests {
 
     fn raw(text: &str) -> Box<RawValue> {
         RawValue::from_string(text.into()).unwrap()
+    }
+
+    #[test]
+    fn a_progress_token_is_found_and_swapped_where_it_is_written() {
+        let request = r#"{"params":{"_meta":{"progressToken": "abc"},"name":"x"},"jsonrpc":"2.0","id":7,"method":"tools/call"}"#;
+        let parsed = Parsed::parse(request.into()).unwrap();
+        assert_eq!(parsed.progress_token().unwrap().get(), r#""abc""#);
+        let swapped = parsed.with_id_and_token(Some(&raw("12")), Some(&raw("12")));
+        assert_eq!(
+            swapped,
+            r#"{"params":{"_meta":{"progressToken": 12},"name":"x"},"jsonrpc":"2.0","id":12,"method":"tools/call"}"#
+        );
+        let progress = r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":12,"progress":1}}"#;
+        let parsed = Parsed::parse(progress.into()).unwrap();
+        assert_eq!(parsed.progress_token().unwrap().get(), "12");
+        assert_eq!(
+            parsed.with_id_and_token(None, Some(&raw(r#""abc""#))),
+            progress.replace("12", r#""abc""#)
+        );
+        let plain = Parsed::parse(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.into());
+        assert!(plain.unwrap().progress_token().is_none());
     }
 
     #[test]
