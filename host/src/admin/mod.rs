@@ -333,7 +333,7 @@ impl Admin {
                 }
             }
         });
-        http::event_stream("snapshot", receiver, None)
+        http::event_stream("snapshot", receiver, None, false)
     }
 
     /// Pending approvals, recent decisions and the policies serving, as

@@ -103,7 +103,7 @@ async fn survey(upstream: &Upstream, timeout: Duration) -> Result<Pinned> {
                 "jsonrpc": "2.0", "id": id, "method": listing.method(), "params": params
             });
             let request = Parsed::parse(request.to_string())?;
-            let answer = upstream.request(&request, timeout).await??;
+            let answer = upstream.request(&request, timeout, None).await??;
             let mut answer: Value = serde_json::from_str(answer.text())
                 .with_context(|| format!("{} answer is not JSON", listing.method()))?;
             let result = answer["result"].take();

@@ -30,8 +30,13 @@ pub fn command(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32>
     let current = Arc::new(Current::new(generation));
     current.cancel_orphans();
     let runtime = http::runtime()?;
-    let upstreams = upstream::start_all(&config, None, runtime.handle())?;
-    let gateway = Arc::new(Gateway::new(&config, current.clone(), upstreams));
+    let plans = upstream::plans(&config, None)?;
+    let gateway = Arc::new(Gateway::new(
+        &config,
+        current.clone(),
+        plans,
+        runtime.handle(),
+    )?);
     let reloader = Arc::new(Reloader::new(
         engine,
         current.clone(),
@@ -81,9 +86,7 @@ pub fn command(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32>
         crate::gateway::http::run(listener, socket, guard, super::shutdown_signal()).await
     });
     gateway.cancel_held("Portcullis was stopped");
-    for upstream in gateway.upstreams().values() {
-        upstream.stop();
-    }
+    gateway.stop();
     // No status update after the report is withdrawn; held calls, just
     // cancelled, see it within a poll.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);

@@ -559,6 +559,7 @@ mod tests {
             args: vec![],
             env: BTreeMap::from([("TOKEN".into(), value.into())]),
             prefix: None,
+            isolation: Isolation::Shared,
         };
         let token = |value: &str| {
             server(value)

@@ -29,6 +29,11 @@ pub struct ServeConfig {
     /// it is refused (HTTP 429). 0: no limit.
     #[serde(default = "default_max_sessions_per_agent")]
     pub max_sessions_per_agent: usize,
+    /// How many server connections of their own (`isolation =
+    /// "per-session"`) all sessions may have at once; a session that would
+    /// need one more is refused at `initialize` (HTTP 429).
+    #[serde(default = "default_max_server_instances")]
+    pub max_server_instances: usize,
     /// How many connections a listener (MCP and admin alike) serves at
     /// once; more wait in the kernel's queue until one closes. Read at start.
     #[serde(default = "default_max_connections")]
@@ -51,6 +56,7 @@ impl Default for ServeConfig {
             request_timeout_secs: default_request_timeout(),
             session_idle_secs: default_session_idle(),
             max_sessions_per_agent: default_max_sessions_per_agent(),
+            max_server_instances: default_max_server_instances(),
             max_connections: default_max_connections(),
             header_timeout_secs: default_header_timeout(),
             body_timeout_secs: default_body_timeout(),
@@ -64,6 +70,10 @@ fn default_session_idle() -> u64 {
 
 fn default_max_sessions_per_agent() -> usize {
     128
+}
+
+fn default_max_server_instances() -> usize {
+    32
 }
 
 fn default_max_connections() -> usize {

@@ -26,6 +26,26 @@ pub struct ServerConfig {
     /// In `serve` mode, what its tools and prompts are prefixed with on the
     /// aggregated endpoint (default: the server's name).
     pub prefix: Option<String>,
+    /// In `serve` mode, whose connection to the server is whose.
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+/// Whether agents share one connection to a server (`serve` mode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// One process (or remote session) for every agent, initialized by
+    /// Portcullis with no client capabilities: cheap, and right for servers
+    /// whose tools do not ask their client anything. Server requests are
+    /// relayed only when the one call in flight is theirs.
+    #[default]
+    Shared,
+    /// One process (or remote session) per client session, initialized with
+    /// that client's capabilities and `clientInfo`: the server behaves as it
+    /// would for the agent directly (sampling, elicitation, roots, logging,
+    /// subscriptions). Stopped when the session ends or expires.
+    PerSession,
 }
 
 impl ServerConfig {

@@ -2,8 +2,10 @@
 //! every server the agent may use (`/mcp`) and one per server
 //! (`/servers/NAME/mcp`). It checks `Origin`, authenticates the agent,
 //! limits body size, keeps sessions (`Mcp-Session-Id`) and protocol versions
-//! (`MCP-Protocol-Version`), and answers each POSTed request with JSON (or a
-//! one-event SSE stream for a client that accepts only that). Requests of the
+//! (`MCP-Protocol-Version`), and answers each POSTed request with JSON; for a
+//! client that accepts an event stream, the answer becomes one once the
+//! server sends something about the request before answering it (its
+//! requests, progress, logging), which then comes first. Requests of the
 //! stateless 2026-07-28 revision, chosen by their `MCP-Protocol-Version`,
 //! need no session. `/healthz`
 //! reports the upstream servers' state (nothing more: it needs no key).
@@ -15,6 +17,7 @@
 
 use crate::audit::AccessRecord;
 use crate::gateway::Gateway;
+use crate::gateway::calls::{Aborting, Call, Next};
 use crate::gateway::sessions::Scope;
 use crate::gateway::stateless;
 use crate::http::{
@@ -35,6 +38,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
@@ -277,13 +281,24 @@ impl Listener {
                 .await;
             return plain(StatusCode::BAD_REQUEST, why);
         }
-        match self
-            .gateway
-            .handle(&session, request, Asking::Connection)
-            .await
-        {
-            Some(answer) => answer_response(&headers, answer),
-            None => empty(StatusCode::ACCEPTED),
+        let is_request = message.id.is_some() && message.method.is_some();
+        if !is_request {
+            return match self
+                .gateway
+                .handle(&session, request, Asking::Connection, None)
+                .await
+            {
+                Some(answer) => answer_response(&headers, answer),
+                None => empty(StatusCode::ACCEPTED),
+            };
+        }
+        let streams = accepts(&headers, "text/event-stream");
+        let gateway = self.gateway.clone();
+        let mut call = Call::start(gateway, session, request, Asking::Connection, streams);
+        match call.next().await {
+            Next::Answer(Some(answer)) => answer_response(&headers, answer),
+            Next::Answer(None) => empty(StatusCode::ACCEPTED),
+            Next::Event(first) => call_stream(first, call),
         }
     }
 
@@ -306,8 +321,8 @@ impl Listener {
         let refused_identity = identity.clone();
         let (session, answer) = match self.gateway.initialize(identity, scope, message).await {
             Ok(opened) => opened,
-            Err(too_many) => {
-                let why = too_many.to_string();
+            Err(refused) => {
+                let why = refused.to_string();
                 door.refused("session-refused", Some(&refused_identity), why.clone())
                     .await;
                 let answer =
@@ -342,8 +357,8 @@ impl Listener {
     }
 
     /// The server-to-client stream of a session (GET, revisions up to
-    /// 2025-11-25): the notifications its servers send all their clients,
-    /// as SSE events. Servers' own requests are not relayed to agents.
+    /// 2025-11-25), as SSE events: what its servers send it not about one
+    /// call ([`Gateway::notices`]).
     async fn events(
         &self,
         headers: &HeaderMap,
@@ -382,6 +397,7 @@ impl Listener {
             "message",
             self.gateway.notices(&session),
             Some(Box::new(stream)),
+            false,
         )
     }
 
@@ -425,7 +441,18 @@ impl Listener {
             let answer = jsonrpc::error_response(Some(id), stateless::METHOD_NOT_FOUND, &why, None);
             return json_response(StatusCode::NOT_FOUND, answer);
         }
-        let session = self.gateway.standing(&identity, &scope);
+        let capabilities = &params["_meta"]["io.modelcontextprotocol/clientCapabilities"];
+        let session = match self.gateway.standing(&identity, &scope, capabilities) {
+            Ok(session) => session,
+            Err(refused) => {
+                let why = refused.to_string();
+                door.refused("session-refused", Some(&identity), why.clone())
+                    .await;
+                let answer =
+                    jsonrpc::error_response(Some(id), jsonrpc::INVALID_REQUEST, &why, None);
+                return json_response(StatusCode::TOO_MANY_REQUESTS, answer);
+            }
+        };
         let (answer, server_info) = if method == "server/discover" {
             match self.gateway.discover(&session).await {
                 Ok((result, info)) => (
@@ -453,12 +480,12 @@ impl Listener {
             };
             let answer = self
                 .gateway
-                .handle(&session, request, asking)
+                .handle(&session, request, asking, None)
                 .await
                 .unwrap_or_else(|| {
                     jsonrpc::error_response(Some(id), jsonrpc::INTERNAL_ERROR, "no answer", None)
                 });
-            (answer, self.gateway.server_info(&scope).await)
+            (answer, self.gateway.server_info(&session).await)
         };
         let (answer, status) = stateless::complete(&answer, method, &server_info);
         let mut response = answer_response(headers, answer);
@@ -562,6 +589,30 @@ fn accepts(headers: &HeaderMap, kind: &str) -> bool {
 fn session_id(headers: &HeaderMap) -> Option<&str> {
     headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
 }
+
+/// The answer to a call whose server sent `first` before answering, as an
+/// event stream: `first`, what else it sends, then the answer. A client
+/// that goes away cancels the call.
+fn call_stream(first: String, mut call: Call) -> Response<Body> {
+    let (events, stream) = mpsc::channel(CALL_EVENTS);
+    let _ = events.try_send(first);
+    let relaying = tokio::spawn(async move {
+        loop {
+            let (event, last) = match call.next().await {
+                Next::Event(event) => (event, false),
+                Next::Answer(Some(answer)) => (answer, true),
+                Next::Answer(None) => return,
+            };
+            if events.send(event).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    event_stream("message", stream, Some(Box::new(Aborting(relaying))), true)
+}
+
+/// How many events of a call may wait for its client to read them.
+const CALL_EVENTS: usize = 16;
 
 /// A JSON-RPC answer, as JSON, or as one SSE event for a client that
 /// accepts only an event stream.

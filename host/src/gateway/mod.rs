@@ -5,9 +5,14 @@
 //! (`prefix` + `separator` + name), resources keep their URIs and are routed
 //! by which server listed them. Every message to or from a server passes
 //! through the session's [`Relay`] for that server, so it is judged (with the
-//! real server and tool names) and audited exactly as in stdio mode.
+//! real server and tool names) and audited exactly as in stdio mode. A
+//! server is reached through one connection all sessions share, or through
+//! one of each session's own (`isolation = "per-session"`), started when the
+//! session opens and stopped when it ends.
 
+pub mod calls;
 pub mod http;
+pub mod inbound;
 pub mod judging;
 pub mod naming;
 pub mod routing;
@@ -15,23 +20,25 @@ pub mod sessions;
 pub mod stateless;
 
 use crate::audit::AccessRecord;
-use crate::config::Config;
+use crate::config::{Config, Isolation};
 use crate::contract::Direction;
+use crate::contract::MessageKind;
+use crate::gateway::inbound::Outlet;
 use crate::gateway::judging::{Armed, Pass, Returning, judge};
 use crate::gateway::naming::Naming;
 use crate::gateway::routing::{LISTINGS, Listing, Route};
-use crate::gateway::sessions::{ClientSession, Scope, Sessions, TooManySessions};
+use crate::gateway::sessions::{ClientSession, Own, Reach, Scope, Sessions, TooManySessions};
 use crate::identity::Identity;
-use crate::protocol::jsonrpc::{INTERNAL_ERROR, INVALID_REQUEST, Message, error_response};
+use crate::protocol::jsonrpc::{self, INTERNAL_ERROR, INVALID_REQUEST, Message, error_response};
 use crate::protocol::parsed::Parsed;
 use crate::relay::generation::Current;
 use crate::relay::session::Session;
 use crate::relay::{Asking, Relay};
-use crate::upstream::{Health, Upstream};
+use crate::upstream::{Answer, Health, Introduction, Plan, Upstream};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
@@ -42,10 +49,53 @@ pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26
 /// the agent's view of the others.
 const MERGE_WAIT: Duration = Duration::from_secs(5);
 
+/// A configured server, as the gateway reaches it.
+enum Served {
+    /// Through one connection every session shares.
+    Shared(Arc<Upstream>),
+    /// Through a connection of each session's own, started from this plan;
+    /// `live` of them run now.
+    PerSession {
+        plan: Arc<Plan>,
+        live: Arc<AtomicUsize>,
+    },
+}
+
+/// Why a session cannot be opened.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Its agent has its fill of sessions.
+    Sessions(TooManySessions),
+    /// As many server connections of sessions' own run as may.
+    Instances(usize),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Sessions(too_many) => too_many.fmt(f),
+            Refused::Instances(limit) => write!(
+                f,
+                "{limit} server connections of sessions' own are running \
+                 (serve.max_server_instances); try again when a session ends"
+            ),
+        }
+    }
+}
+
+impl From<TooManySessions> for Refused {
+    fn from(too_many: TooManySessions) -> Self {
+        Refused::Sessions(too_many)
+    }
+}
+
 /// The servers, the sessions, and the naming of merged lists.
 pub struct Gateway {
     current: Arc<Current>,
-    upstreams: BTreeMap<String, Arc<Upstream>>,
+    servers: BTreeMap<String, Served>,
+    /// How many server connections of sessions' own run now.
+    instances: Arc<AtomicUsize>,
+    runtime: tokio::runtime::Handle,
     naming: Naming,
     timeout: Duration,
     /// The sessions opened with `initialize`, and the one each agent's
@@ -55,40 +105,74 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway over `upstreams`, configured by `config`.
+    /// A gateway over the servers `plans` reach, configured by `config`; the
+    /// shared connections start now, on `runtime`.
     pub fn new(
         config: &Config,
         current: Arc<Current>,
-        upstreams: BTreeMap<String, Arc<Upstream>>,
-    ) -> Self {
-        Self {
+        plans: BTreeMap<String, Plan>,
+        runtime: &tokio::runtime::Handle,
+    ) -> anyhow::Result<Self> {
+        let servers = plans
+            .into_iter()
+            .map(|(name, plan)| {
+                let served = match plan.isolation {
+                    Isolation::Shared => {
+                        let upstream = plan.start(Introduction::portcullis(), false, runtime)?;
+                        Served::Shared(Arc::new(upstream))
+                    }
+                    Isolation::PerSession => Served::PerSession {
+                        plan: Arc::new(plan),
+                        live: Arc::default(),
+                    },
+                };
+                Ok((name, served))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
             current,
-            upstreams,
+            servers,
+            instances: Arc::default(),
+            runtime: runtime.clone(),
             naming: Naming::new(
                 crate::config::prefixes(&config.servers),
                 config.serve.separator.clone(),
             ),
             timeout: Duration::from_secs(config.serve.request_timeout_secs),
             sessions: Sessions::default(),
-        }
+        })
     }
 
-    /// The upstream servers, by name.
-    pub fn upstreams(&self) -> &BTreeMap<String, Arc<Upstream>> {
-        &self.upstreams
+    /// Stops every server: the shared connections, and the sessions' own
+    /// (the sessions end).
+    pub fn stop(&self) {
+        for served in self.servers.values() {
+            if let Served::Shared(upstream) = served {
+                upstream.stop();
+            }
+        }
+        self.sessions.clear();
     }
 
     /// How each server is doing, by name.
     pub fn health(&self) -> BTreeMap<String, Health> {
-        self.upstreams
+        self.servers
             .iter()
-            .map(|(name, upstream)| (name.clone(), upstream.health()))
+            .map(|(name, served)| {
+                let health = match served {
+                    Served::Shared(upstream) => upstream.health(),
+                    Served::PerSession { live, .. } => {
+                        Health::per_session(live.load(Ordering::SeqCst))
+                    }
+                };
+                (name.clone(), health)
+            })
             .collect()
     }
 
     /// Whether `server` is configured.
     pub fn has_server(&self, server: &str) -> bool {
-        self.upstreams.contains_key(server)
+        self.servers.contains_key(server)
     }
 
     /// The session `id`, if it exists and belongs to `identity`'s agent.
@@ -143,89 +227,144 @@ impl Gateway {
 
     /// Answers an `initialize` request: opens a session for `identity` on
     /// `scope` and returns it with the answer; refused when the agent has
-    /// as many sessions open as it may.
+    /// as many sessions open as it may, or the session would need a server
+    /// connection of its own and as many run as may.
     pub async fn initialize(
         &self,
         identity: Identity,
         scope: Scope,
         message: &Message<'_>,
-    ) -> Result<(Option<Arc<ClientSession>>, String), TooManySessions> {
+    ) -> Result<(Option<Arc<ClientSession>>, String), Refused> {
         let limit = self.current.get().config.serve.max_sessions_per_agent;
         self.sessions.room_for(&identity.agent.id, limit)?;
-        let requested = message.params_value()["protocolVersion"]
-            .as_str()
-            .map(str::to_string);
+        let params = message.params_value();
+        let requested = params["protocolVersion"].as_str().map(str::to_string);
         let protocol = requested
             .filter(|v| PROTOCOL_VERSIONS.contains(&v.as_str()))
             .unwrap_or_else(|| PROTOCOL_VERSIONS[0].to_string());
-        let result = match &scope {
-            Scope::Server(server) => match self.upstreams[server].initialized(self.timeout).await {
-                Ok(upstream) => {
-                    let mut result = (*upstream).clone();
-                    result["protocolVersion"] = json!(protocol);
-                    result
+        let introduction = Introduction::on_behalf(&params, &protocol);
+        let session = self.open(identity, scope, protocol.clone(), introduction)?;
+        let result = match &session.scope {
+            Scope::Server(server) => {
+                match session.upstreams[server].initialized(self.timeout).await {
+                    Ok(upstream) => {
+                        let mut result = (*upstream).clone();
+                        result["protocolVersion"] = json!(protocol);
+                        result
+                    }
+                    Err(e) => {
+                        let why = format!("Portcullis: {e:#}");
+                        return Ok((None, error_response(message.id, INTERNAL_ERROR, &why, None)));
+                    }
                 }
-                Err(e) => {
-                    let why = format!("Portcullis: {e:#}");
-                    return Ok((None, error_response(message.id, INTERNAL_ERROR, &why, None)));
-                }
-            },
+            }
             Scope::All => json!({
                 "protocolVersion": protocol,
-                "capabilities": self.merged_capabilities(&identity, true).await,
+                "capabilities": self.merged_capabilities(&session, true).await,
                 "serverInfo": portcullis_info(),
                 "instructions": self.merged_instructions(),
             }),
         };
-        let session = self.open(identity, scope, protocol);
         self.sessions.insert(session.clone(), limit)?;
         let id = message.id.map_or("null", |id| id.get());
         let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
         Ok((Some(session), answer))
     }
 
-    /// A new session of `identity` on `scope`, with a relay per server.
-    fn open(&self, identity: Identity, scope: Scope, protocol: String) -> Arc<ClientSession> {
+    /// A new session of `identity` on `scope`, with a relay per server and
+    /// a connection to each: the shared one, or its own, introduced as
+    /// `introduction` says.
+    fn open(
+        &self,
+        identity: Identity,
+        scope: Scope,
+        protocol: String,
+        introduction: Introduction,
+    ) -> Result<Arc<ClientSession>, Refused> {
         let servers = match &scope {
             Scope::All => self.reachable(&identity),
             Scope::Server(server) => vec![server.clone()],
         };
-        let relays = servers
-            .into_iter()
-            .map(|server| {
-                let session = Session::new(server.clone(), identity.agent.clone());
-                (server, Arc::new(Relay::new(self.current.clone(), session)))
-            })
-            .collect();
-        Arc::new(ClientSession::new(
+        let mut reach = Reach::default();
+        for server in servers {
+            let upstream = match &self.servers[&server] {
+                Served::Shared(upstream) => upstream.clone(),
+                Served::PerSession { plan, live } => {
+                    let own = self.start_own(plan, live, &introduction)?;
+                    let upstream = own.upstream().clone();
+                    reach.own.push(own);
+                    upstream
+                }
+            };
+            let session = Session::new(server.clone(), identity.agent.clone());
+            let relay = Arc::new(Relay::new(self.current.clone(), session));
+            reach.relays.insert(server.clone(), relay);
+            reach.upstreams.insert(server, upstream);
+        }
+        Ok(Arc::new(ClientSession::new(
             uuid_like(),
             identity,
             scope,
             protocol,
-            relays,
-        ))
+            introduction.capabilities,
+            reach,
+        )))
+    }
+
+    /// A connection of one session's own to the server `plan` reaches,
+    /// unless as many run as may.
+    fn start_own(
+        &self,
+        plan: &Plan,
+        live: &Arc<AtomicUsize>,
+        introduction: &Introduction,
+    ) -> Result<Own, Refused> {
+        let limit = self.current.get().config.serve.max_server_instances;
+        let counted = vec![self.instances.clone(), live.clone()];
+        if self.instances.load(Ordering::SeqCst) >= limit {
+            return Err(Refused::Instances(limit));
+        }
+        let upstream = plan
+            .start(introduction.clone(), true, &self.runtime)
+            .map_err(|e| {
+                tracing::error!("cannot start a server connection of a session's own: {e:#}");
+                Refused::Instances(limit)
+            })?;
+        Ok(Own::new(Arc::new(upstream), counted))
     }
 
     /// The session `identity`'s stateless requests on `scope` share; a new
     /// one when the agent comes with other rights or attributes (another
-    /// token, a reloaded config).
-    pub fn standing(&self, identity: &Identity, scope: &Scope) -> Arc<ClientSession> {
+    /// token, a reloaded config). Its own server connections, if any, are
+    /// introduced with the client capabilities of the request that opened
+    /// it.
+    pub fn standing(
+        &self,
+        identity: &Identity,
+        scope: &Scope,
+        capabilities: &Value,
+    ) -> Result<Arc<ClientSession>, Refused> {
         self.sessions.standing(identity, scope, || {
             let protocol = stateless::VERSION.to_string();
-            self.open(identity.clone(), scope.clone(), protocol)
+            let params = json!({ "capabilities": capabilities });
+            let introduction = Introduction::on_behalf(&params, PROTOCOL_VERSIONS[0]);
+            self.open(identity.clone(), scope.clone(), protocol, introduction)
         })
     }
 
-    /// The notifications `session`'s servers send all their clients, each
-    /// judged by the session's relay for that server, from now until the
-    /// receiver is dropped.
-    pub fn notices(&self, session: &ClientSession) -> mpsc::Receiver<String> {
+    /// What `session`'s servers send it on their own (not about one call),
+    /// each judged by the session's relay for that server, from now until
+    /// the receiver is dropped: changes to their lists, updates of the
+    /// resources it subscribed to, and from its own connections their
+    /// logging and requests.
+    pub fn notices(&self, session: &Arc<ClientSession>) -> mpsc::Receiver<String> {
         let (sender, receiver) = mpsc::channel(16);
-        for (server, relay) in &session.relays {
-            let Some(mut notices) = self.upstreams[server].notices() else {
+        for (server, upstream) in &session.upstreams {
+            let Some(mut notices) = upstream.notices() else {
                 continue;
             };
-            let (sender, relay) = (sender.clone(), relay.clone());
+            let (sender, session, server) = (sender.clone(), session.clone(), server.clone());
+            let wait = self.timeout;
             tokio::spawn(async move {
                 loop {
                     let notice = tokio::select! {
@@ -237,16 +376,17 @@ impl Gateway {
                         Err(broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    let s2c = Direction::ServerToClient;
-                    let judged = judge(relay.clone(), s2c, notice, Asking::Connection, None).await;
-                    let text = match judged.forward {
-                        Some(Pass::AsItCame(notice)) => notice.text().to_string(),
-                        Some(Pass::Changed(text)) => text,
-                        None => continue,
-                    };
-                    if sender.send(text).await.is_err() {
-                        return;
+                    if !session.wants(&server, &notice) {
+                        continue;
                     }
+                    let notice = match Arc::try_unwrap(notice) {
+                        Ok(notice) => notice,
+                        Err(shared) => match Parsed::parse(shared.text().to_string()) {
+                            Ok(notice) => notice,
+                            Err(_) => continue,
+                        },
+                    };
+                    inbound::deliver(&session, &server, notice, &sender, wait).await;
                 }
             });
         }
@@ -258,7 +398,7 @@ impl Gateway {
     pub async fn discover(&self, session: &ClientSession) -> Result<(Value, Value), String> {
         match &session.scope {
             Scope::Server(server) => {
-                let upstream = self.upstreams[server]
+                let upstream = session.upstreams[server]
                     .initialized(self.timeout)
                     .await
                     .map_err(|e| format!("Portcullis: {e:#}"))?;
@@ -267,7 +407,7 @@ impl Gateway {
                 Ok((result, upstream["serverInfo"].clone()))
             }
             Scope::All => {
-                let capabilities = self.merged_capabilities(&session.identity, false).await;
+                let capabilities = self.merged_capabilities(session, false).await;
                 let instructions = self.merged_instructions();
                 let result = stateless::discovery(capabilities, Some(&instructions));
                 Ok((result, portcullis_info()))
@@ -275,25 +415,30 @@ impl Gateway {
         }
     }
 
-    /// Who answers for `scope`: Portcullis for the merged endpoint, else the
-    /// server as it introduced itself.
-    pub async fn server_info(&self, scope: &Scope) -> Value {
-        match scope {
+    /// Who answers for `session`: Portcullis for the merged endpoint, else
+    /// the server as it introduced itself.
+    pub async fn server_info(&self, session: &ClientSession) -> Value {
+        match &session.scope {
             Scope::All => portcullis_info(),
-            Scope::Server(server) => match self.upstreams[server].initialized(MERGE_WAIT).await {
-                Ok(upstream) => upstream["serverInfo"].clone(),
-                Err(_) => json!({ "name": server, "version": "unknown" }),
-            },
+            Scope::Server(server) => {
+                match session.upstreams[server].initialized(MERGE_WAIT).await {
+                    Ok(upstream) => upstream["serverInfo"].clone(),
+                    Err(_) => json!({ "name": server, "version": "unknown" }),
+                }
+            }
         }
     }
 
     /// The capabilities of the merged endpoint: the lists that at least one
-    /// of `identity`'s servers offers, and, with `changes`, whether one of
+    /// of `session`'s servers offers, and, with `changes`, whether one of
     /// them tells when a list changed (on the GET stream).
-    async fn merged_capabilities(&self, identity: &Identity, changes: bool) -> Map<String, Value> {
+    async fn merged_capabilities(
+        &self,
+        session: &ClientSession,
+        changes: bool,
+    ) -> Map<String, Value> {
         let mut capabilities = Map::new();
-        for server in self.reachable(identity) {
-            let upstream = &self.upstreams[&server];
+        for upstream in session.upstreams.values() {
             let Ok(init) = upstream.initialized(MERGE_WAIT).await else {
                 continue;
             };
@@ -315,7 +460,7 @@ impl Gateway {
 
     /// The servers `identity` may use, in name order.
     fn reachable(&self, identity: &Identity) -> Vec<String> {
-        self.upstreams
+        self.servers
             .keys()
             .filter(|server| identity.may_use(server))
             .cloned()
@@ -323,32 +468,48 @@ impl Gateway {
     }
 
     /// Handles one message of `session` (not `initialize`); returns the
-    /// answer to send back, if the message was a request.
-    /// Its client can be asked about a held call as `asking` says.
+    /// answer to send back, if the message was a request. Its client can be
+    /// asked about a held call as `asking` says; what servers send about the
+    /// call meanwhile goes to `outlet` (without one, their requests are
+    /// refused).
     pub async fn handle(
         &self,
         session: &ClientSession,
         request: Parsed,
         asking: Asking,
+        outlet: Option<&Outlet>,
     ) -> Option<String> {
         let message = request.message();
         let method = message.method.as_deref().unwrap_or_default();
+        if method == CANCELLED {
+            cancel(session, message);
+        }
         match (&session.scope, message.id) {
-            // Answers to server requests: the gateway never relays those.
-            (_, _) if message.method.is_none() => None,
+            (_, _) if message.method.is_none() => {
+                inbound::answered(session, request).await;
+                None
+            }
             (_, Some(id)) if method == "ping" => Some(format!(
                 r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
                 id.get()
             )),
             (_, None) if method == "notifications/initialized" => None,
-            (Scope::Server(server), _) => self.forward(session, server, request, asking).await,
+            (Scope::Server(server), _) => {
+                self.forward(session, server, request, asking, outlet).await
+            }
             (Scope::All, None) => None,
-            (Scope::All, Some(_)) => Some(self.aggregate(session, request, asking).await),
+            (Scope::All, Some(_)) => Some(self.aggregate(session, request, asking, outlet).await),
         }
     }
 
     /// A request on the aggregated endpoint.
-    async fn aggregate(&self, session: &ClientSession, request: Parsed, asking: Asking) -> String {
+    async fn aggregate(
+        &self,
+        session: &ClientSession,
+        request: Parsed,
+        asking: Asking,
+        outlet: Option<&Outlet>,
+    ) -> String {
         let message = request.message();
         if let Some(listing) = routing::listing(message.method.as_deref().unwrap_or_default()) {
             return self.merge(session, message, listing).await;
@@ -375,7 +536,7 @@ impl Gateway {
             },
             Err((code, why)) => return error_response(id.as_deref(), code, &why, None),
         };
-        self.forward(session, &server, request, asking)
+        self.forward(session, &server, request, asking, outlet)
             .await
             .unwrap_or_else(|| error_response(id.as_deref(), INTERNAL_ERROR, "no answer", None))
     }
@@ -394,8 +555,8 @@ impl Gateway {
             message.method.as_deref().unwrap_or_default()
         );
         let mut items = Vec::new();
-        for server in session.relays.keys() {
-            let offers = match self.upstreams[server].initialized(MERGE_WAIT).await {
+        for (server, upstream) in &session.upstreams {
+            let offers = match upstream.initialized(MERGE_WAIT).await {
                 Ok(init) => init["capabilities"].get(listing.capability).is_some(),
                 Err(e) => {
                     tracing::warn!(server, "left out of a merged list: {e:#}");
@@ -409,7 +570,7 @@ impl Gateway {
                 continue;
             };
             let Some(answer) = self
-                .forward(session, server, request, Asking::Connection)
+                .forward(session, server, request, Asking::Connection, None)
                 .await
             else {
                 continue;
@@ -434,20 +595,24 @@ impl Gateway {
     }
 
     /// Judges `request` on its way to `server`, sends it, and judges the
-    /// answer on its way back. Returns what the client gets, if anything.
+    /// answer on its way back; what the server sends about it meanwhile
+    /// goes to `outlet`. Returns what the client gets, if anything.
     async fn forward(
         &self,
         session: &ClientSession,
         server: &str,
         request: Parsed,
         asking: Asking,
+        outlet: Option<&Outlet>,
     ) -> Option<String> {
         let relay = session.relays.get(server)?.clone();
+        let upstream = session.upstreams.get(server)?.clone();
         // The request and its answer are one HTTP exchange with the server:
         // they are judged as a pair, whatever ids clients sharing a session
         // use.
-        let pair = PAIRS.fetch_add(1, Ordering::Relaxed);
+        let pair = inbound::next_pair();
         let id = request.message().id.map(ToOwned::to_owned);
+        let subscription = Subscription::of(server, request.message());
         let c2s = Direction::ClientToServer;
         let outbound = judge(relay.clone(), c2s, request, asking, Some(pair)).await;
         if let Some(reply) = outbound.reply {
@@ -458,20 +623,13 @@ impl Gateway {
             // A message Portcullis changed is read again, as the server will.
             Pass::Changed(text) => Parsed::parse(text),
         };
-        let upstream = &self.upstreams[server];
         let Some(id) = id else {
             let notified = match &request {
-                // A cancellation names its request by the client's id, which
-                // on a connection all agents share may be another agent's
-                // request: it is judged and audited, not passed on.
-                Ok(request) if request.message().method.as_deref() == Some(CANCELLED) => {
-                    tracing::debug!(
-                        server,
-                        "a client's cancellation is not passed to a shared server"
-                    );
-                    Ok(())
-                }
-                Ok(request) => upstream.notify(request.text()).await,
+                // A cancellation names its request by the client's id; the
+                // server knows it by another. The call it names, stopped,
+                // tells the server (see `cancel`).
+                Ok(request) if request.message().method.as_deref() == Some(CANCELLED) => Ok(()),
+                Ok(request) => upstream.send(request.text()).await,
                 Err(unread) => Err(anyhow::anyhow!("{unread}")),
             };
             if let Err(e) = notified {
@@ -482,9 +640,9 @@ impl Gateway {
         // Should the client go away while the server works, its request
         // gives up its place among those in flight.
         let forgetting = relay.clone();
-        let unanswered = Armed::new(move || forgetting.unanswered(pair));
+        let unanswered = Armed::new(move || forgetting.unanswered(Direction::ClientToServer, pair));
         let answer = match request {
-            Ok(request) => upstream.request(&request, self.timeout).await,
+            Ok(request) => self.ask(session, server, &upstream, &request, outlet).await,
             Err(unread) => Err(anyhow::anyhow!(
                 "the request as changed cannot be read: {unread}"
             )),
@@ -499,22 +657,121 @@ impl Gateway {
         let judged = judge(relay, s2c, returning, Asking::Connection, Some(pair)).await;
         // A request is always answered: an answer the relay dropped (it
         // could not be matched to this request) becomes an error.
-        match judged.forward {
-            Some(Pass::AsItCame(returning)) => Some(returning.into_text()),
-            Some(Pass::Changed(text)) => Some(text),
+        let answer = match judged.forward {
+            Some(Pass::AsItCame(returning)) => returning.into_text(),
+            Some(Pass::Changed(text)) => text,
             None => {
                 let why = "Portcullis: the server's answer could not be relayed";
-                Some(error_response(Some(&id), INTERNAL_ERROR, why, None))
+                error_response(Some(&id), INTERNAL_ERROR, why, None)
             }
+        };
+        if let Some(subscription) = subscription {
+            subscription.settle(session, &answer);
         }
+        Some(answer)
+    }
+
+    /// Sends `request` to `upstream` (the session's connection to `server`)
+    /// and waits for its answer; what the server sends about it meanwhile
+    /// is delivered to the client through `outlet`, in the order sent.
+    async fn ask(
+        &self,
+        session: &ClientSession,
+        server: &str,
+        upstream: &Upstream,
+        request: &Parsed,
+        outlet: Option<&Outlet>,
+    ) -> anyhow::Result<Answer> {
+        let Some(outlet) = outlet else {
+            return upstream.request(request, self.timeout, None).await;
+        };
+        let (side, mut related) = mpsc::channel(RELATED);
+        let asked = upstream.request(request, self.timeout, Some(side));
+        tokio::pin!(asked);
+        let answer = loop {
+            tokio::select! {
+                biased;
+                Some(message) = related.recv() => {
+                    inbound::deliver(session, server, message, outlet, self.timeout).await;
+                }
+                answer = &mut asked => break answer,
+            }
+        };
+        while let Ok(message) = related.try_recv() {
+            inbound::deliver(session, server, message, outlet, self.timeout).await;
+        }
+        answer
     }
 }
 
-/// A client's cancellation of one of its requests.
+/// A cancellation of one of its requests.
 const CANCELLED: &str = "notifications/cancelled";
+/// How many of a server's messages about one call may wait to be relayed.
+const RELATED: usize = 64;
 
-/// Names each request/answer pair the gateway relays.
-static PAIRS: AtomicU64 = AtomicU64::new(1);
+/// A client's cancellation: the session's own call it names, if still
+/// running, is stopped (and the server told). Only the session's own calls
+/// can be named: a client cannot cancel another's.
+fn cancel(session: &ClientSession, message: &Message<'_>) {
+    #[derive(serde::Deserialize)]
+    struct Params<'a> {
+        #[serde(borrow, rename = "requestId")]
+        request: &'a serde_json::value::RawValue,
+    }
+    let named = message
+        .params
+        .and_then(jsonrpc::from_object::<Params>)
+        .map(|params| jsonrpc::id_key(params.request));
+    if let Some(key) = named
+        && session.cancel_call(&key)
+    {
+        tracing::debug!(session = %session.id, "the client cancelled its request {key}");
+    }
+}
+
+/// A client's `resources/subscribe` or `resources/unsubscribe`: once the
+/// server accepts it, the session is sent the resource's updates, or no
+/// longer.
+struct Subscription {
+    server: String,
+    uri: String,
+    subscribe: bool,
+}
+
+impl Subscription {
+    fn of(server: &str, message: &Message<'_>) -> Option<Self> {
+        let subscribe = match message.method.as_deref()? {
+            "resources/subscribe" => true,
+            "resources/unsubscribe" => false,
+            _ => return None,
+        };
+        let uri = message.params_value()["uri"].as_str()?.to_string();
+        Some(Self {
+            server: server.to_string(),
+            uri,
+            subscribe,
+        })
+    }
+
+    /// Applies it to `session` if `answer` is a result.
+    fn settle(self, session: &ClientSession, answer: &str) {
+        let accepted = Message::parse(answer)
+            .ok()
+            .is_some_and(|a| a.kind() == Some(MessageKind::Result));
+        if !accepted {
+            return;
+        }
+        let mut subscriptions = session
+            .subscriptions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.subscribe {
+            subscriptions.insert((self.server, self.uri));
+        } else {
+            subscriptions.remove(&(self.server, self.uri));
+        }
+    }
+}
 
 /// Portcullis as the server answering on the merged endpoint.
 fn portcullis_info() -> Value {

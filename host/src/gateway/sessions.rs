@@ -5,12 +5,16 @@
 //! longer than `serve.session_idle_secs` is expired, unless a request or an
 //! event stream is using it, and one agent may have only
 //! `serve.max_sessions_per_agent` open at once; a session has at most one
-//! event stream open.
+//! event stream open. A session owns the server connections dedicated to
+//! it (`isolation = "per-session"`): they stop when it is dropped.
 
 use crate::identity::Identity;
 use crate::relay::Relay;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::upstream::Upstream;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,6 +37,105 @@ impl Scope {
     }
 }
 
+/// The servers a session reaches.
+#[derive(Default)]
+pub struct Reach {
+    /// A relay per server, each judging that server's traffic.
+    pub relays: BTreeMap<String, Arc<Relay>>,
+    /// The connection to each server: shared, or its own.
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// The connections it owns.
+    pub own: Vec<Own>,
+}
+
+/// A server connection dedicated to one session: stopped when dropped, and
+/// counted while it lives.
+pub struct Own {
+    upstream: Arc<Upstream>,
+    counted: Vec<Arc<AtomicUsize>>,
+}
+
+impl Own {
+    /// `upstream`, counted in each of `counts` while it lives.
+    pub fn new(upstream: Arc<Upstream>, counts: Vec<Arc<AtomicUsize>>) -> Self {
+        for count in &counts {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+        Self {
+            upstream,
+            counted: counts,
+        }
+    }
+}
+
+impl Own {
+    /// The connection.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        self.upstream.stop();
+        for count in &self.counted {
+            count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A server's request to the client, relayed and awaiting the client's
+/// answer.
+pub struct Asked {
+    /// The server that asked.
+    pub server: String,
+    /// Its id on the server's connection.
+    pub upstream_id: Box<RawValue>,
+    /// The pair its request and answer are judged as.
+    pub pair: u64,
+    /// When the server stops waiting for the answer.
+    pub until: Instant,
+}
+
+/// The server requests a session's client has to answer, by the id the
+/// client sees (one of Portcullis', so servers' ids never collide).
+#[derive(Default)]
+pub struct Questions {
+    next: u64,
+    open: HashMap<u64, Asked>,
+}
+
+/// How many server requests a client may leave unanswered at once.
+const MOST_QUESTIONS: usize = 64;
+
+impl Questions {
+    /// Keeps `asked`; its id for the client, or `None` when the client has
+    /// as many unanswered as it may (those past their time are forgotten).
+    pub fn ask(&mut self, asked: Asked) -> Option<u64> {
+        let now = Instant::now();
+        self.open.retain(|_, asked| asked.until > now);
+        if self.open.len() >= MOST_QUESTIONS {
+            return None;
+        }
+        self.next += 1;
+        self.open.insert(self.next, asked);
+        Some(self.next)
+    }
+
+    /// The request the client answers under `id`.
+    pub fn answered(&mut self, id: &RawValue) -> Option<Asked> {
+        self.open.remove(&id.get().parse().ok()?)
+    }
+
+    /// The client's id for `server`'s request `upstream_id`.
+    pub fn client_id(&self, server: &str, upstream_id: &RawValue) -> Option<u64> {
+        self.open
+            .iter()
+            .find(|(_, a)| a.server == server && a.upstream_id.get() == upstream_id.get())
+            .map(|(id, _)| *id)
+    }
+}
+
 /// One client session.
 pub struct ClientSession {
     /// Its `Mcp-Session-Id`.
@@ -45,9 +148,21 @@ pub struct ClientSession {
     pub protocol: String,
     /// A relay per server it reaches, each judging that server's traffic.
     pub relays: BTreeMap<String, Arc<Relay>>,
+    /// The connection to each server it reaches.
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// The capabilities its client declared.
+    pub capabilities: Value,
     /// Which server listed each resource URI (the merged endpoint routes by
     /// it).
     pub resources: Mutex<HashMap<String, String>>,
+    /// The resource URIs it subscribed to, by server.
+    pub subscriptions: Mutex<HashSet<(String, String)>>,
+    /// The servers' requests it has to answer.
+    pub questions: Mutex<Questions>,
+    /// Its requests being handled, by their id (canonical): a client's
+    /// cancellation stops the one it names.
+    pub calls: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    _own: Vec<Own>,
     /// When it was last used, in ms since [`since_epoch`]'s start.
     last_used: AtomicU64,
     /// Whether its event stream (GET) is open: one at a time.
@@ -55,21 +170,28 @@ pub struct ClientSession {
 }
 
 impl ClientSession {
-    /// A session with its relays, used now.
+    /// A session reaching `reach`, used now.
     pub fn new(
         id: String,
         identity: Identity,
         scope: Scope,
         protocol: String,
-        relays: BTreeMap<String, Arc<Relay>>,
+        capabilities: Value,
+        reach: Reach,
     ) -> Self {
         Self {
             id,
             identity,
             scope,
             protocol,
-            relays,
+            relays: reach.relays,
+            upstreams: reach.upstreams,
+            capabilities,
             resources: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(HashSet::new()),
+            questions: Mutex::new(Questions::default()),
+            calls: Mutex::new(HashMap::new()),
+            _own: reach.own,
             last_used: AtomicU64::new(since_epoch()),
             streaming: AtomicBool::new(false),
         }
@@ -91,6 +213,32 @@ impl ClientSession {
 
     fn idle(&self, now: u64) -> Duration {
         Duration::from_millis(now.saturating_sub(self.last_used.load(Ordering::Relaxed)))
+    }
+
+    /// Whether `notice`, which `server` sent all its clients, concerns this
+    /// session: a resource's update only if it subscribed to it.
+    pub fn wants(&self, server: &str, notice: &crate::protocol::parsed::Parsed) -> bool {
+        let message = notice.message();
+        if message.method.as_deref() != Some("notifications/resources/updated") {
+            return true;
+        }
+        let Some(uri) = message.params_value()["uri"].as_str().map(str::to_string) else {
+            return false;
+        };
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(server.to_string(), uri))
+    }
+
+    /// Cancels its request in flight with the id key `key`, if there is one.
+    pub fn cancel_call(&self, key: &str) -> bool {
+        let calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        let call = calls.get(key);
+        if let Some(call) = call {
+            call.notify_one();
+        }
+        call.is_some()
     }
 
     /// Cancels the calls it holds for approval.
@@ -211,24 +359,35 @@ impl Sessions {
     /// The standing session of `identity` on `scope`, opened with `open`
     /// when there is none or the agent came with other rights; it counts as
     /// used now.
-    pub fn standing(
+    pub fn standing<E>(
         &self,
         identity: &Identity,
         scope: &Scope,
-        open: impl FnOnce() -> Arc<ClientSession>,
-    ) -> Arc<ClientSession> {
+        open: impl FnOnce() -> Result<Arc<ClientSession>, E>,
+    ) -> Result<Arc<ClientSession>, E> {
         let key = (identity.agent.id.clone(), scope.clone());
         let mut standing = self.standing.lock().unwrap_or_else(PoisonError::into_inner);
         let session = match standing.get(&key) {
             Some(session) if session.identity.same_as(identity) => session.clone(),
             _ => {
-                let session = open();
+                // The one it replaces is let go first: its own connections
+                // count against the limit no longer.
+                standing.remove(&key);
+                let session = open()?;
                 standing.insert(key, session.clone());
                 session
             }
         };
         session.touch();
-        session
+        Ok(session)
+    }
+
+    /// Ends every session (Portcullis is stopping).
+    pub fn clear(&self) {
+        let open = std::mem::take(&mut *self.open());
+        let standing =
+            std::mem::take(&mut *self.standing.lock().unwrap_or_else(PoisonError::into_inner));
+        drop((open, standing));
     }
 
     /// Every session, opened or standing.
@@ -297,7 +456,8 @@ mod tests {
             identity,
             Scope::All,
             "2025-11-25".into(),
-            BTreeMap::new(),
+            Value::Null,
+            Reach::default(),
         ))
     }
 
@@ -349,7 +509,10 @@ mod tests {
         sessions.insert(session("idle", "bot"), 0).unwrap();
         sessions.insert(session("busy", "bot"), 0).unwrap();
         let identity = Identity::for_tests("stateless");
-        sessions.standing(&identity, &Scope::All, || session("st", "stateless"));
+        let opened = sessions.standing(&identity, &Scope::All, || {
+            Ok::<_, ()>(session("st", "stateless"))
+        });
+        assert!(opened.is_ok());
         assert!(
             sessions.expire(Duration::from_secs(60)).is_empty(),
             "recent"

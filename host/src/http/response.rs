@@ -23,16 +23,18 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 pub type Body = BoxBody<Bytes, Infallible>;
 
 /// A `text/event-stream` response of `events` (JSON texts), each an SSE
-/// event named `name`.
-/// `kept` lives as long as the stream.
+/// event named `name`. It `ends` when `events` does, or else stays open
+/// until the client goes away. `kept` lives as long as the stream.
 pub fn event_stream(
     name: &'static str,
     events: mpsc::Receiver<String>,
     kept: Option<Box<dyn Send + Sync>>,
+    ends: bool,
 ) -> Response<Body> {
     let stream = EventStream {
         name,
         notices: Some(events),
+        ends,
         _kept: kept,
         keepalive: tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE),
     };
@@ -47,10 +49,10 @@ pub fn event_stream(
 }
 
 /// An SSE stream of notices; a comment line every [`KEEPALIVE`] keeps it
-/// open through proxies, and finds out when the client has gone. It ends
-/// only when the client goes away.
+/// open through proxies, and finds out when the client has gone.
 struct EventStream {
     name: &'static str,
+    ends: bool,
     _kept: Option<Box<dyn Send + Sync>>,
     notices: Option<mpsc::Receiver<String>>,
     keepalive: tokio::time::Interval,
@@ -71,6 +73,7 @@ impl hyper::body::Body for EventStream {
                     let event = sse_event(this.name, &notice);
                     return Poll::Ready(Some(Ok(Frame::data(event))));
                 }
+                Poll::Ready(None) if this.ends => return Poll::Ready(None),
                 // No server sends notices: keep the stream, without them.
                 Poll::Ready(None) => this.notices = None,
                 Poll::Pending => {}

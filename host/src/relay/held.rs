@@ -325,13 +325,13 @@ impl Relay {
         }
     }
 
-    /// The request its transport named `pair` will not be answered (its
-    /// client went away while the server worked on it): it no longer holds
-    /// a place among the requests in flight.
-    pub fn unanswered(&self, pair: u64) {
+    /// The request travelling `direction` that its transport named `pair`
+    /// will not be answered (its asker went away, or it could not be
+    /// delivered): it no longer holds a place among the requests in flight.
+    pub fn unanswered(&self, direction: Direction, pair: u64) {
         if let Some(key) = paired(Some(pair)) {
             let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-            session.forget(Direction::ClientToServer, &key);
+            session.forget(direction, &key);
         }
     }
 

@@ -1,14 +1,18 @@
-//! The MCP servers `portcullis serve` reaches on behalf of every agent:
-//! stdio servers it spawns and supervises ([`process`]) and remote
-//! Streamable HTTP servers ([`remote`]). Portcullis is their one MCP client:
-//! it initializes each once, with its own identity and the server's own
-//! credentials from the config, and shares the connection among all agents'
-//! sessions. Only configured servers exist: the config is the allowlist.
+//! The MCP servers `portcullis serve` reaches on behalf of agents: stdio
+//! servers it spawns and supervises ([`process`]) and remote Streamable
+//! HTTP servers ([`remote`]). Portcullis is their MCP client, always with
+//! the server's own credentials from the config. A shared connection is
+//! introduced as Portcullis and used by every agent; a dedicated one
+//! (`isolation = "per-session"`) is introduced with one client's
+//! capabilities and `clientInfo`. What a server sends on its own — its
+//! requests, progress, logging, changes — goes to the call it relates to
+//! (its [`Side`]) or to the connection's [`Upstream::notices`]. Only
+//! configured servers exist: the config is the allowlist.
 
 pub mod process;
 pub mod remote;
 
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, Isolation, ServerConfig};
 use crate::protocol::parsed::{NotParsed, Parsed};
 use anyhow::{Context, Result, anyhow, bail};
 use process::ServerCommand;
@@ -28,16 +32,84 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The protocol revision Portcullis asks its upstreams for.
 pub const UPSTREAM_PROTOCOL: &str = "2025-06-18";
 /// Server notifications that concern all of a server's clients alike, and
-/// so are passed on to every agent session using it. Others (progress,
-/// logging) belong to one request or client and would leak across agents.
+/// so are passed on to every agent session using it; a resource's update
+/// goes to the sessions subscribed to it. Others (progress, logging) belong
+/// to one request or client and would leak across agents.
 pub const SHARED_NOTIFICATIONS: &[&str] = &[
     "notifications/tools/list_changed",
     "notifications/prompts/list_changed",
     "notifications/resources/list_changed",
+    "notifications/resources/updated",
 ];
 /// A server's answer to a request, under the id it was sent with upstream;
 /// or its text, if Portcullis cannot read it, for the relay to refuse.
 pub type Answer = std::result::Result<Parsed, NotParsed>;
+/// Where the messages a server sends about one call in flight go: its
+/// requests to the caller, and the call's progress (with the caller's own
+/// `progressToken`).
+pub type Side = tokio::sync::mpsc::Sender<Parsed>;
+
+/// How Portcullis introduces itself to a server in `initialize`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Introduction {
+    /// The revision asked for.
+    pub protocol: String,
+    /// The client capabilities declared.
+    pub capabilities: Value,
+    /// Who the client is.
+    pub client_info: Value,
+}
+
+impl Introduction {
+    /// Portcullis as itself, the one client of a shared connection: it
+    /// declares no capabilities, so the server asks nothing of it.
+    pub fn portcullis() -> Self {
+        Self {
+            protocol: UPSTREAM_PROTOCOL.into(),
+            capabilities: serde_json::json!({}),
+            client_info: serde_json::json!({
+                "name": "portcullis", "version": env!("CARGO_PKG_VERSION")
+            }),
+        }
+    }
+
+    /// On behalf of a client that sent `initialize` with `params`: its
+    /// capabilities and `clientInfo`, and the revision it settled on.
+    pub fn on_behalf(params: &Value, protocol: &str) -> Self {
+        let portcullis = Self::portcullis();
+        let kept = |member: &str, default: Value| match &params[member] {
+            Value::Object(_) => params[member].clone(),
+            _ => default,
+        };
+        Self {
+            protocol: protocol.into(),
+            capabilities: kept("capabilities", portcullis.capabilities),
+            client_info: kept("clientInfo", portcullis.client_info),
+        }
+    }
+
+    /// The `initialize` request, under `id`.
+    fn request(&self, id: u64) -> String {
+        serde_json::json!({
+            "jsonrpc": "2.0", "id": id, "method": "initialize",
+            "params": {
+                "protocolVersion": self.protocol,
+                "capabilities": self.capabilities,
+                "clientInfo": self.client_info,
+            }
+        })
+        .to_string()
+    }
+}
+
+/// A cancellation of request `id`, sent upstream when its caller gave up.
+fn cancellation(id: &str, why: &str) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": { "requestId": serde_json::from_str::<Value>(id).unwrap_or(Value::Null), "reason": why }
+    })
+    .to_string()
+}
 
 /// The notification that completes the handshake.
 const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
@@ -55,6 +127,9 @@ pub struct Health {
     /// Why it last stopped or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// For a server with a connection per session: how many run now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<usize>,
 }
 
 impl Health {
@@ -64,6 +139,16 @@ impl Health {
             restarts: 0,
             pid: None,
             last_error: None,
+            instances: None,
+        }
+    }
+
+    /// A server with a connection per session, `instances` of them now.
+    pub fn per_session(instances: usize) -> Self {
+        Self {
+            state: Cow::Borrowed("per-session"),
+            instances: Some(instances),
+            ..Self::starting()
         }
     }
 }
@@ -86,24 +171,35 @@ impl Upstream {
     }
 
     /// Sends `request` and returns the server's answer. Its id is the one
-    /// the request carried upstream, not necessarily the client's.
-    pub async fn request(&self, request: &Parsed, wait: Duration) -> Result<Answer> {
+    /// the request carried upstream, not necessarily the client's. What the
+    /// server sends about the call meanwhile goes to `side`; without one,
+    /// its requests are refused. Should the caller give up (drop this), the
+    /// server is told the request is cancelled.
+    pub async fn request(
+        &self,
+        request: &Parsed,
+        wait: Duration,
+        side: Option<Side>,
+    ) -> Result<Answer> {
         match self {
-            Upstream::Process(p) => p.request(request, wait).await,
-            Upstream::Remote(r) => r.request(request, wait).await,
+            Upstream::Process(p) => p.request(request, wait, side).await,
+            Upstream::Remote(r) => r.request(request, wait, side).await,
         }
     }
 
-    /// Sends a notification.
-    pub async fn notify(&self, text: &str) -> Result<()> {
+    /// Sends a message that gets no answer: a notification, or the answer to
+    /// one of the server's own requests.
+    pub async fn send(&self, text: &str) -> Result<()> {
         match self {
-            Upstream::Process(p) => p.notify(text),
-            Upstream::Remote(r) => r.notify(text).await,
+            Upstream::Process(p) => p.send_text(text),
+            Upstream::Remote(r) => r.send(text).await,
         }
     }
 
-    /// The server's [`SHARED_NOTIFICATIONS`] from now on; `None` for a remote
-    /// server, whose notifications are not received.
+    /// What the server sends on its own, not about one call, from now on:
+    /// the [`SHARED_NOTIFICATIONS`]; on a dedicated connection, also its
+    /// logging and its requests. `None` for a remote server, whose
+    /// notifications are not received.
     pub fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<Parsed>>> {
         match self {
             Upstream::Process(p) => Some(p.notices()),
@@ -124,21 +220,83 @@ impl Upstream {
         }
     }
 
-    /// Stops a process (a remote server is simply no longer used).
+    /// Stops a process, or ends the session with a remote server.
     pub fn stop(&self) {
-        if let Upstream::Process(p) = self {
-            p.stop();
+        match self {
+            Upstream::Process(p) => p.stop(),
+            Upstream::Remote(r) => r.stop(),
         }
     }
 }
 
-/// Starts every server of `config` on `runtime`, or only the one named
-/// `only`.
-pub fn start_all(
-    config: &Config,
-    only: Option<&str>,
-    runtime: &tokio::runtime::Handle,
-) -> Result<BTreeMap<String, Arc<Upstream>>> {
+/// How to reach one server, resolved from the config: what starting a
+/// connection to it needs.
+pub struct Plan {
+    name: String,
+    reach: Reach,
+    max_message_bytes: usize,
+    /// Whose connection is whose.
+    pub isolation: Isolation,
+}
+
+enum Reach {
+    Command(ServerCommand),
+    Url(String, BTreeMap<String, String>),
+}
+
+impl Plan {
+    /// The plan for `server` (named `name`) of `config`.
+    pub fn of(name: &str, server: &ServerConfig, config: &Config) -> Result<Self> {
+        let base = config.path.parent().unwrap_or(Path::new("."));
+        let reach = match (&server.command, &server.url) {
+            (Some(program), None) => Reach::Command(ServerCommand {
+                program: program.clone(),
+                args: server.args.clone(),
+                env: server.resolved_env(base)?,
+            }),
+            (None, Some(url)) => Reach::Url(url.clone(), server.resolved_headers(base)?),
+            _ => bail!("give either command (a stdio server) or url (a Streamable HTTP server)"),
+        };
+        Ok(Self {
+            name: name.to_string(),
+            reach,
+            max_message_bytes: config.limits.max_message_bytes,
+            isolation: server.isolation,
+        })
+    }
+
+    /// Starts a connection introduced as `introduction`: shared by every
+    /// agent, or `dedicated` to one client session.
+    pub fn start(
+        &self,
+        introduction: Introduction,
+        dedicated: bool,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Upstream> {
+        let max = self.max_message_bytes;
+        match &self.reach {
+            Reach::Command(command) => Ok(Upstream::Process(process::Process::start(
+                &self.name,
+                command.clone(),
+                process::Role {
+                    introduction,
+                    dedicated,
+                },
+                max,
+                runtime.clone(),
+            ))),
+            Reach::Url(url, headers) => {
+                let remote =
+                    remote::Remote::new(&self.name, url, headers.clone(), introduction, max)?;
+                remote.connect_in_background(runtime);
+                Ok(Upstream::Remote(remote))
+            }
+        }
+    }
+}
+
+/// The plan of every server of `config`, or only the one named `only`.
+pub fn plans(config: &Config, only: Option<&str>) -> Result<BTreeMap<String, Plan>> {
     if config.servers.is_empty() {
         bail!("{}: no [servers] configured", config.path.display());
     }
@@ -150,62 +308,32 @@ pub fn start_all(
             config.path.display()
         );
     }
-    let base = config.path.parent().unwrap_or(Path::new("."));
     config
         .servers
         .iter()
         .filter(|(name, _)| only.is_none_or(|only| only == name.as_str()))
         .map(|(name, server)| {
-            let upstream = start(name, server, config, base, runtime)
+            let plan = Plan::of(name, server, config)
                 .with_context(|| format!("{}: servers.{name}", config.path.display()))?;
-            Ok((name.clone(), Arc::new(upstream)))
+            Ok((name.clone(), plan))
         })
         .collect()
 }
 
-fn start(
-    name: &str,
-    server: &ServerConfig,
+/// Starts a shared connection, introduced as Portcullis, to every server
+/// of `config` on `runtime`, or only to the one named `only`.
+pub fn start_all(
     config: &Config,
-    base: &Path,
+    only: Option<&str>,
     runtime: &tokio::runtime::Handle,
-) -> Result<Upstream> {
-    let max = config.limits.max_message_bytes;
-    match (&server.command, &server.url) {
-        (Some(program), None) => {
-            let command = ServerCommand {
-                program: program.clone(),
-                args: server.args.clone(),
-                env: server.resolved_env(base)?,
-            };
-            Ok(Upstream::Process(process::Process::start(
-                name,
-                command,
-                max,
-                runtime.clone(),
-            )))
-        }
-        (None, Some(url)) => {
-            let headers = server.resolved_headers(base)?;
-            let remote = remote::Remote::new(name, url, headers, max)?;
-            remote.connect_in_background(runtime);
-            Ok(Upstream::Remote(remote))
-        }
-        _ => bail!("give either command (a stdio server) or url (a Streamable HTTP server)"),
-    }
-}
-
-/// Portcullis' own `initialize` request.
-fn initialize_request(id: u64) -> String {
-    serde_json::json!({
-        "jsonrpc": "2.0", "id": id, "method": "initialize",
-        "params": {
-            "protocolVersion": UPSTREAM_PROTOCOL,
-            "capabilities": {},
-            "clientInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }
-        }
-    })
-    .to_string()
+) -> Result<BTreeMap<String, Arc<Upstream>>> {
+    plans(config, only)?
+        .into_iter()
+        .map(|(name, plan)| {
+            let upstream = plan.start(Introduction::portcullis(), false, runtime)?;
+            Ok((name, Arc::new(upstream)))
+        })
+        .collect()
 }
 
 /// The result of an `initialize` answer, or why there is none.

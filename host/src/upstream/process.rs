@@ -1,14 +1,18 @@
-//! A stdio MCP server that `portcullis serve` spawns, initializes once as
-//! an MCP client, and supervises — restarted with backoff when it exits, its
-//! health reported. Requests from many client sessions share the one
-//! connection: each is sent with an id unique on it, and its answer is routed
-//! back by that id (the caller restores its client's id). Reading and writing the
+//! A stdio MCP server that `portcullis serve` spawns, initializes as an MCP
+//! client, and supervises — restarted with backoff when it exits, its
+//! health reported. Requests share the one connection: each is sent with an
+//! id unique on it (and its progress token swapped for that id), and its
+//! answer is routed back by that id (the caller restores its client's id).
+//! The server's own requests and notifications go to the call they relate
+//! to — by progress token, or as the only call in flight — or, on a
+//! dedicated connection, to its session's stream; a request nobody can
+//! answer is refused at once, never left to hang. Reading and writing the
 //! child's pipes happen on plain threads; callers await answers from async
 //! code.
 
 use super::{
-    Answer, FIRST_BACKOFF, Health, MAX_BACKOFF, SHARED_NOTIFICATIONS, initialize_request,
-    not_available,
+    Answer, FIRST_BACKOFF, Health, Introduction, MAX_BACKOFF, SHARED_NOTIFICATIONS, Side,
+    cancellation, not_available,
 };
 use crate::protocol::framing::{Frame, FrameReader};
 use crate::protocol::jsonrpc;
@@ -20,7 +24,7 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, oneshot, watch};
@@ -40,21 +44,45 @@ pub struct ServerCommand {
 const STABLE: Duration = Duration::from_secs(30);
 /// How long a server may take to answer `initialize`.
 const INITIALIZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped server may take to exit once its stdin is closed,
+/// before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// JSON-RPC: the method does not exist (for this client).
+const METHOD_NOT_FOUND: i32 = -32601;
+
+/// What the connection is to Portcullis.
+pub struct Role {
+    /// How Portcullis introduces itself.
+    pub introduction: Introduction,
+    /// Whether it serves one client session alone.
+    pub dedicated: bool,
+}
+
+/// A request sent, waiting for its answer.
+struct Pending {
+    answer: oneshot::Sender<Answer>,
+    /// Where what the server sends about it goes.
+    side: Option<Side>,
+    /// The caller's own progress token, swapped for the request's id upstream.
+    token: Option<Box<RawValue>>,
+}
 
 /// One supervised stdio MCP server.
 pub struct Process {
     name: String,
     command: ServerCommand,
+    role: Role,
     max_message_bytes: usize,
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     link: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     health: Mutex<Health>,
     /// The server's `initialize` result while it is ready.
     ready: watch::Sender<Option<Arc<Value>>>,
     /// The server's notifications for all its clients.
     notices: broadcast::Sender<Arc<Parsed>>,
-    stopping: AtomicBool,
+    /// When it was told to stop, if it was.
+    stopping: Mutex<Option<Instant>>,
 }
 
 impl Process {
@@ -63,20 +91,22 @@ impl Process {
     pub fn start(
         name: &str,
         command: ServerCommand,
+        role: Role,
         max_message_bytes: usize,
         runtime: tokio::runtime::Handle,
     ) -> Arc<Self> {
         let upstream = Arc::new(Self {
             name: name.to_string(),
             command,
+            role,
             max_message_bytes,
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             link: Mutex::new(None),
             health: Mutex::new(Health::starting()),
             ready: watch::channel(None).0,
-            notices: broadcast::channel(16).0,
-            stopping: AtomicBool::new(false),
+            notices: broadcast::channel(64).0,
+            stopping: Mutex::new(None),
         });
         let supervised = upstream.clone();
         std::thread::Builder::new()
@@ -106,18 +136,28 @@ impl Process {
         }
     }
 
-    /// Sends `request` under an id unique on this connection and returns
-    /// the server's answer, which carries that id.
-    pub async fn request(&self, request: &Parsed, wait: Duration) -> Result<Answer> {
+    /// Sends `request` under an id unique on this connection (its progress
+    /// token, if it has one, swapped for the same) and returns the server's
+    /// answer, which carries that id. What the server sends about it goes
+    /// to `side`.
+    pub async fn request(
+        &self,
+        request: &Parsed,
+        wait: Duration,
+        side: Option<Side>,
+    ) -> Result<Answer> {
         self.initialized(wait).await?;
         if request.message().id.is_none() {
             bail!("a request needs an id");
         }
-        let (id, answer) = self.register();
-        // Forgotten however this ends, the caller giving up included.
+        let token = request.progress_token().map(ToOwned::to_owned);
+        let (id, answer) = self.register(side, token);
+        // Forgotten however this ends; the server is told when the caller
+        // gives up.
         let _registered = Registered { process: self, id };
         let on_connection = RawValue::from_string(id.to_string())?;
-        self.send(request.with_id(&on_connection).into_bytes())?;
+        let sent = request.with_id_and_token(Some(&on_connection), Some(&on_connection));
+        self.send(sent.into_bytes())?;
         let answer = match tokio::time::timeout(wait, answer).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => bail!("server '{}' stopped before answering", self.name),
@@ -126,25 +166,45 @@ impl Process {
         Ok(answer)
     }
 
-    /// Sends a notification.
-    pub fn notify(&self, text: &str) -> Result<()> {
+    /// Sends a message that gets no answer.
+    pub fn send_text(&self, text: &str) -> Result<()> {
         self.send(text.as_bytes().to_vec())
     }
 
-    /// Stops the server (its stdin is closed) and does not restart it.
+    /// Stops the server (its stdin is closed; it is killed if it has not
+    /// exited [`STOP_GRACE`] later) and does not restart it.
     pub fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.stopping
+            .lock()
+            .expect("stopping lock poisoned")
+            .get_or_insert_with(Instant::now);
         self.link.lock().expect("link lock poisoned").take();
     }
 
-    fn register(&self) -> (u64, oneshot::Receiver<Answer>) {
+    fn stopping(&self) -> Option<Instant> {
+        *self.stopping.lock().expect("stopping lock poisoned")
+    }
+
+    fn register(
+        &self,
+        side: Option<Side>,
+        token: Option<Box<RawValue>>,
+    ) -> (u64, oneshot::Receiver<Answer>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (answer, rx) = oneshot::channel();
+        let pending = Pending {
+            answer,
+            side,
+            token,
+        };
+        self.pending().insert(id, pending);
+        (id, rx)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         self.pending
             .lock()
-            .expect("pending lock poisoned")
-            .insert(id, tx);
-        (id, rx)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn send(&self, frame: Vec<u8>) -> Result<()> {
@@ -168,7 +228,7 @@ impl Process {
     /// Runs the server, restarting it whenever it stops, until [`stop`](Self::stop).
     fn supervise(self: Arc<Self>, runtime: &tokio::runtime::Handle) {
         let mut backoff = FIRST_BACKOFF;
-        while !self.stopping.load(Ordering::SeqCst) {
+        while self.stopping().is_none() {
             let started = Instant::now();
             let why = match self.run_once(runtime) {
                 Ok(why) => why,
@@ -177,8 +237,8 @@ impl Process {
             self.ready.send_replace(None);
             self.link.lock().expect("link lock poisoned").take();
             // Requests in flight are answered with an error by their callers.
-            self.pending.lock().expect("pending lock poisoned").clear();
-            if self.stopping.load(Ordering::SeqCst) {
+            self.pending().clear();
+            if self.stopping().is_some() {
                 break;
             }
             if started.elapsed() >= STABLE {
@@ -233,20 +293,38 @@ impl Process {
                 return Err(e);
             }
         }
-        let status = child.wait().context("waiting for the server")?;
+        let status = self.wait(&mut child)?;
         Ok(format!("exited with {status}"))
     }
 
-    /// The MCP handshake, as Portcullis' own client.
+    /// Waits for the child to exit; once told to stop, for [`STOP_GRACE`]
+    /// at most before killing it.
+    fn wait(&self, child: &mut Child) -> Result<std::process::ExitStatus> {
+        loop {
+            if let Some(status) = child.try_wait().context("waiting for the server")? {
+                return Ok(status);
+            }
+            if self
+                .stopping()
+                .is_some_and(|since| since.elapsed() > STOP_GRACE)
+            {
+                let _ = child.kill();
+                return child.wait().context("waiting for the server");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The MCP handshake, introduced as the role says.
     async fn initialize(&self) -> Result<Value> {
-        let (id, answer) = self.register();
-        self.send(initialize_request(id).into_bytes())?;
+        let (id, answer) = self.register(None, None);
+        self.send(self.role.introduction.request(id).into_bytes())?;
         let answer = tokio::time::timeout(INITIALIZE_TIMEOUT, answer)
             .await
             .context("no answer to initialize")?
             .context("the server stopped during initialize")??;
         let result = super::initialize_result(answer.text())?;
-        self.notify(super::INITIALIZED)?;
+        self.send_text(super::INITIALIZED)?;
         Ok(result)
     }
 
@@ -281,17 +359,14 @@ impl Process {
 
     fn take_pending(&self, id: &RawValue) -> Option<oneshot::Sender<Answer>> {
         let id: u64 = id.get().parse().ok()?;
-        self.pending
-            .lock()
-            .expect("pending lock poisoned")
-            .remove(&id)
+        self.pending().remove(&id).map(|pending| pending.answer)
     }
 
     /// One message from the server: an answer goes to whoever waits for it;
-    /// the server's own requests are answered here (the gateway does not
-    /// relay them to agents); notifications for all clients are broadcast,
-    /// others logged. An answer Portcullis cannot read still goes to its
-    /// caller, by the id it begins with, for the relay to refuse.
+    /// pings are answered here; the server's own requests, and its
+    /// notifications, go where [`Process::route`] says. An answer Portcullis
+    /// cannot read still goes to its caller, by the id it begins with, for
+    /// the relay to refuse.
     fn dispatch(&self, text: String) {
         let parsed = match Parsed::parse(text) {
             Ok(parsed) => parsed,
@@ -320,20 +395,86 @@ impl Process {
                 let _ = self.send(pong.into_bytes());
             }
             (Some(method), Some(id)) => {
-                let why = format!("Portcullis does not relay '{method}' requests from servers");
-                let refusal = jsonrpc::error_response(Some(id), -32601, &why, None);
-                let _ = self.send(refusal.into_bytes());
+                let (method, id) = (method.to_string(), id.to_owned());
+                if let Err(why) = self.route(parsed) {
+                    let why = format!("Portcullis: no agent can answer '{method}': {why}");
+                    let refusal = jsonrpc::error_response(Some(&id), METHOD_NOT_FOUND, &why, None);
+                    let _ = self.send(refusal.into_bytes());
+                }
             }
+            (Some("notifications/progress"), None) => self.progress(parsed),
             (Some(method), None) if SHARED_NOTIFICATIONS.contains(&method) => {
                 // No receiver (no agent listening) is fine.
                 let _ = self.notices.send(Arc::new(parsed));
             }
             (Some(method), None) => {
-                tracing::debug!(server = %self.name, method, "notification from the server")
+                let method = method.to_string();
+                if let Err(why) = self.route(parsed) {
+                    tracing::debug!(server = %self.name, method, "notification not relayed: {why}")
+                }
             }
             (None, None) => {
                 tracing::warn!(server = %self.name, "dropped a message without id or method")
             }
+        }
+    }
+
+    /// Where a server's request or notification that names no call goes:
+    /// to the only call in flight; on a dedicated connection, else to its
+    /// session's stream, else to any of its calls. Why not, if nowhere.
+    fn route(&self, message: Parsed) -> std::result::Result<(), &'static str> {
+        let (only, any) = {
+            let pending = self.pending();
+            let mut sides = pending.values().map(|p| p.side.clone());
+            let first = sides.next();
+            let only = match sides.next() {
+                None => first.clone().flatten(),
+                Some(_) => None,
+            };
+            let any = pending.values().find_map(|p| p.side.clone());
+            (only, any)
+        };
+        let message = match only {
+            Some(side) => match side.try_send(message) {
+                Ok(()) => return Ok(()),
+                Err(failed) => failed.into_inner(),
+            },
+            None => message,
+        };
+        if !self.role.dedicated {
+            return Err("the server is shared by all agents, and the calls in flight are not one");
+        }
+        if self.notices.receiver_count() > 0 {
+            let _ = self.notices.send(Arc::new(message));
+            return Ok(());
+        }
+        match any.map(|side| side.try_send(message)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err("its session has no stream open to carry it"),
+        }
+    }
+
+    /// A progress notification: to the call whose id it names (Portcullis
+    /// sent each call's progress token as its id), with the caller's own
+    /// token back in place.
+    fn progress(&self, notice: Parsed) {
+        let call = notice
+            .progress_token()
+            .and_then(|token| token.get().parse::<u64>().ok());
+        let target = call.and_then(|id| {
+            let pending = self.pending();
+            let call = pending.get(&id)?;
+            Some((call.side.clone()?, call.token.clone()?))
+        });
+        let Some((side, token)) = target else {
+            tracing::debug!(server = %self.name, "dropped progress for no call in flight");
+            return;
+        };
+        match Parsed::parse(notice.with_id_and_token(None, Some(&token))) {
+            Ok(progress) => {
+                let _ = side.try_send(progress);
+            }
+            Err(e) => tracing::warn!(server = %self.name, "dropped unreadable progress: {e}"),
         }
     }
 }
@@ -347,11 +488,13 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.process
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.id);
+        let unanswered = self.process.pending().remove(&self.id).is_some();
+        if unanswered {
+            let why = "the client gave up on the request";
+            let _ = self
+                .process
+                .send_text(&cancellation(&self.id.to_string(), why));
+        }
     }
 }
 

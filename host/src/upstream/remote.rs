@@ -6,10 +6,13 @@
 //! SSE stream (decoded as the SSE standard says — CRLF, multi-line `data:` —
 //! by `sse-stream`, up to the answer, within the size limit and the request
 //! timeout). A lost session or connection is re-established on the next
-//! request. `https://` uses the platform's root certificates.
+//! request. What the server sends about a request on that request's own
+//! stream (its requests, progress, logging) goes to the request's [`Side`];
+//! a request given up on is cancelled with the server. `https://` uses the
+//! platform's root certificates.
 
 use super::{
-    Answer, FIRST_BACKOFF, Health, INITIALIZED, MAX_BACKOFF, UPSTREAM_PROTOCOL, initialize_request,
+    Answer, FIRST_BACKOFF, Health, INITIALIZED, Introduction, MAX_BACKOFF, Side, cancellation,
     not_available,
 };
 use crate::protocol::jsonrpc;
@@ -25,7 +28,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use sse_stream::SseStream;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
@@ -55,6 +58,9 @@ struct Inner {
     /// The id of the next request on this connection: clients sharing it
     /// may use the same ids, so each request goes under one of its own.
     next_id: AtomicU64,
+    introduction: Introduction,
+    /// No longer used: it does not connect again.
+    stopped: AtomicBool,
 }
 
 impl Remote {
@@ -63,6 +69,7 @@ impl Remote {
         name: &str,
         url: &str,
         headers: BTreeMap<String, String>,
+        introduction: Introduction,
         max_message_bytes: usize,
     ) -> Result<Self> {
         let url: Uri = url.parse().with_context(|| format!("url '{url}'"))?;
@@ -92,8 +99,20 @@ impl Remote {
                 connection: AsyncMutex::new(None),
                 health: Mutex::new(Health::starting()),
                 next_id: AtomicU64::new(1),
+                introduction,
+                stopped: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// No longer used: it stops trying to connect, and ends its session
+    /// with the server (HTTP DELETE).
+    pub fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        let inner = self.inner.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { inner.end_session().await });
+        }
     }
 
     /// Starts the handshake now, so health is known before the first agent,
@@ -105,6 +124,9 @@ impl Remote {
         runtime.spawn(async move {
             let mut pause = FIRST_BACKOFF;
             while let Err(e) = inner.connection(Duration::from_secs(30)).await {
+                if inner.stopped.load(Ordering::SeqCst) {
+                    return;
+                }
                 tracing::warn!(server = %inner.name, "not reachable yet, trying again in {pause:?}: {e:#}");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(MAX_BACKOFF);
@@ -128,8 +150,14 @@ impl Remote {
 
     /// Sends `request` under an id unique on this connection and returns
     /// the server's answer, which carries that id; a session the server
-    /// forgot is re-established once.
-    pub async fn request(&self, request: &Parsed, wait: Duration) -> Result<Answer> {
+    /// forgot is re-established once. What the server sends about it on its
+    /// stream goes to `side`.
+    pub async fn request(
+        &self,
+        request: &Parsed,
+        wait: Duration,
+        side: Option<Side>,
+    ) -> Result<Answer> {
         if request.message().id.is_none() {
             bail!("a request needs an id");
         }
@@ -139,13 +167,20 @@ impl Remote {
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
         let text = request.with_id(&RawValue::from_string(id.clone())?);
+        let mut unanswered = Unanswered {
+            inner: Some(self.inner.clone()),
+            id: &id,
+        };
         for attempt in 0..2 {
             let (session, _) = self.inner.connection(wait).await?;
-            let posted = self
-                .inner
-                .exchange(&text, Some(&id), session.as_ref(), wait);
+            let posted =
+                self.inner
+                    .exchange(&text, Some(&id), session.as_ref(), wait, side.clone());
             match posted.await.map(|(_, answer)| answer) {
-                Ok(Some(answer)) => return Ok(answer),
+                Ok(Some(answer)) => {
+                    unanswered.inner = None;
+                    return Ok(answer);
+                }
                 Ok(None) => bail!("server '{}' sent no answer", self.inner.name),
                 Err(e) if attempt == 0 && e.downcast_ref::<SessionLost>().is_some() => {
                     self.inner.forget(&format!("{e:#}")).await;
@@ -159,14 +194,31 @@ impl Remote {
         bail!("server '{}' keeps losing the session", self.inner.name)
     }
 
-    /// Sends a notification.
-    pub async fn notify(&self, text: &str) -> Result<()> {
-        let wait = Duration::from_secs(30);
-        let (session, _) = self.inner.connection(wait).await?;
-        self.inner
-            .exchange(text, None, session.as_ref(), wait)
-            .await
-            .map(drop)
+    /// Sends a message that gets no answer.
+    pub async fn send(&self, text: &str) -> Result<()> {
+        self.inner.send_message(text).await
+    }
+}
+
+/// A request sent and not (yet) answered: when its caller gives up, the
+/// server is told it is cancelled.
+struct Unanswered<'a> {
+    inner: Option<Arc<Inner>>,
+    id: &'a str,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let (Some(inner), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let cancelled = cancellation(self.id, "the client gave up on the request");
+        runtime.spawn(async move {
+            if let Err(e) = inner.send_message(&cancelled).await {
+                tracing::debug!(server = %inner.name, "cancellation not delivered: {e:#}");
+            }
+        });
     }
 }
 
@@ -198,12 +250,17 @@ impl Inner {
         if let Some(c) = connection.as_ref() {
             return Ok((c.session.clone(), c.initialized.clone()));
         }
+        if self.stopped.load(Ordering::SeqCst) {
+            bail!("server '{}': the connection is no longer used", self.name);
+        }
         let handshake = async {
-            let initialize = initialize_request(0);
-            let (session, answer) = self.exchange(&initialize, Some("0"), None, wait).await?;
+            let initialize = self.introduction.request(0);
+            let (session, answer) = self
+                .exchange(&initialize, Some("0"), None, wait, None)
+                .await?;
             let answer = answer.context("no answer to initialize")??;
             let initialized = Arc::new(super::initialize_result(answer.text())?);
-            self.exchange(INITIALIZED, None, session.as_ref(), wait)
+            self.exchange(INITIALIZED, None, session.as_ref(), wait, None)
                 .await?;
             Ok::<_, anyhow::Error>(Connection {
                 session,
@@ -225,6 +282,35 @@ impl Inner {
                     &self.health.lock().expect("health lock poisoned"),
                 ))
             }
+        }
+    }
+
+    /// POSTs a message that gets no answer.
+    async fn send_message(&self, text: &str) -> Result<()> {
+        let wait = Duration::from_secs(30);
+        let (session, _) = self.connection(wait).await?;
+        self.exchange(text, None, session.as_ref(), wait, None)
+            .await
+            .map(drop)
+    }
+
+    /// Ends the session with the server, if there is one.
+    async fn end_session(&self) {
+        let Some(session) = self.connection.lock().await.take().and_then(|c| c.session) else {
+            return;
+        };
+        let mut request = Request::delete(self.url.clone())
+            .header("mcp-session-id", session)
+            .header("mcp-protocol-version", self.introduction.protocol.as_str());
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        let Ok(request) = request.body(Full::new(Bytes::new())) else {
+            return;
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(5), self.client.request(request));
+        if let Ok(Err(e)) = ended.await {
+            tracing::debug!(server = %self.name, "ending the session failed: {e}");
         }
     }
 
@@ -252,11 +338,12 @@ impl Inner {
         id: Option<&str>,
         session: Option<&HeaderValue>,
         wait: Duration,
+        side: Option<Side>,
     ) -> Result<(Option<HeaderValue>, Option<Answer>)> {
         let mut request = Request::post(self.url.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json, text/event-stream")
-            .header("mcp-protocol-version", UPSTREAM_PROTOCOL);
+            .header("mcp-protocol-version", self.introduction.protocol.as_str());
         if let Some(session) = session {
             request = request.header("mcp-session-id", session);
         }
@@ -264,16 +351,17 @@ impl Inner {
             request = request.header(name, value);
         }
         let request = request.body(Full::new(Bytes::from(text.to_string())))?;
-        tokio::time::timeout(wait, self.send(request, id))
+        tokio::time::timeout(wait, self.post(request, id, side))
             .await
             .with_context(|| format!("no answer within {wait:?}"))?
     }
 
     /// Sends `request` and reads the answer to `id` (if it is a request).
-    async fn send(
+    async fn post(
         &self,
         request: Request<Full<Bytes>>,
         id: Option<&str>,
+        side: Option<Side>,
     ) -> Result<(Option<HeaderValue>, Option<Answer>)> {
         let session = request.headers().contains_key("mcp-session-id");
         let response = self
@@ -299,7 +387,7 @@ impl Inner {
         };
         let answer = if sse {
             let body = body.map_err(body_error);
-            answer_in_events(Box::pin(SseStream::new(body)), id).await?
+            answer_in_events(Box::pin(SseStream::new(body)), id, side).await?
         } else {
             let body = body
                 .collect()
@@ -321,9 +409,10 @@ fn body_error(e: Box<dyn std::error::Error + Send + Sync>) -> std::io::Error {
 }
 
 /// The answer to request `id` among the events of an SSE stream, read
-/// until it comes (the stream may stay open after it). An answer Portcullis
-/// cannot read is still taken, by its id, for the relay to refuse.
-async fn answer_in_events<S>(mut events: S, id: &str) -> Result<Option<Answer>>
+/// until it comes (the stream may stay open after it); the server's other
+/// messages on it go to `side`. An answer Portcullis cannot read is still
+/// taken, by its id, for the relay to refuse.
+async fn answer_in_events<S>(mut events: S, id: &str, side: Option<Side>) -> Result<Option<Answer>>
 where
     S: Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Unpin,
 {
@@ -344,6 +433,15 @@ where
         };
         if answers {
             return Ok(Some(answer));
+        }
+        match (answer, &side) {
+            (Ok(message), Some(side)) if message.message().method.is_some() => {
+                // The stream waits for the caller, as the server does.
+                if side.send(message).await.is_err() {
+                    tracing::debug!("the caller no longer takes the server's messages");
+                }
+            }
+            _ => tracing::debug!("dropped an event that is not the answer"),
         }
     }
     Ok(None)
@@ -369,7 +467,7 @@ mod tests {
             .build()
             .unwrap();
         let found = runtime
-            .block_on(answer_in_events(stream(chunks), id))
+            .block_on(answer_in_events(stream(chunks), id, None))
             .unwrap();
         found.map(|answer| serde_json::from_str(answer.unwrap().text()).unwrap())
     }
@@ -410,7 +508,7 @@ mod tests {
             .build()
             .unwrap();
         let found = runtime
-            .block_on(answer_in_events(stream(&chunks), "9"))
+            .block_on(answer_in_events(stream(&chunks), "9", None))
             .unwrap();
         let unread = found.unwrap().unwrap_err();
         assert!(unread.text.contains(r#""a":1,"a":2"#));

@@ -77,6 +77,7 @@ pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
         args: Vec::new(),
         env: BTreeMap::new(),
         prefix: None,
+        isolation: Default::default(),
     };
     let agent = AgentEntry {
         api_key_sha256: Some(key_hash(KEY)),
@@ -97,9 +98,14 @@ pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
         "gateway: tools/call '{tool}' through portcullis serve with [{}], against the same server directly",
         names.join(", ")
     );
-    let upstreams =
-        upstream::start_all(&generation.config, None, &tokio::runtime::Handle::current())?;
-    let gateway = Arc::new(Gateway::new(&generation.config, current.clone(), upstreams));
+    let plans = upstream::plans(&generation.config, None)?;
+    let runtime = tokio::runtime::Handle::current();
+    let gateway = Arc::new(Gateway::new(
+        &generation.config,
+        current.clone(),
+        plans,
+        &runtime,
+    )?);
     let socket = bind().await?;
     let gateway_url = format!("http://{}/servers/fast/mcp", socket.local_addr()?);
     let guard = http::Guard::of(&generation.config.serve);
