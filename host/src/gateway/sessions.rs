@@ -513,6 +513,7 @@ mod tests {
             Ok::<_, ()>(session("st", "stateless"))
         });
         assert!(opened.is_ok());
+        drop(opened);
         assert!(
             sessions.expire(Duration::from_secs(60)).is_empty(),
             "recent"
