@@ -611,7 +611,9 @@ def test_pretty_printed_answers_over_sse_reach_an_sse_only_client_whole(tmp_path
         if serve:
             serve.stop()
     assert len(initialized) == 1 and json.loads(initialized[0])["result"]["serverInfo"]["name"] == "pretty-sse"
-    [event] = answered
+    # What the server logged about the call on its stream comes first, then the answer.
+    *logged, event = answered
+    assert [json.loads(notice)["method"] for notice in logged] == ["notifications/message"]
     assert json.loads(event)["result"]["content"][0]["text"] == "echo: hi\nsecond line"
 
 
@@ -632,14 +634,16 @@ def behind_pretty_server(tmp_path: Path, **env: str):
 
 
 def post_sse(url: str, message: dict, session: str | None = None) -> tuple[str | None, list[dict]]:
-    """POSTs `message` as an SSE-only client with the admin key; the session id and the events."""
+    """POSTs `message` as an SSE-only client with the admin key; the session id and the answers among the
+    events (the double's server logs about each call on its stream first, which is relayed too)."""
     headers = {"Authorization": f"Bearer {KEYS['admin']}", "Content-Type": "application/json",
                "Accept": "text/event-stream"}
     if session:
         headers["Mcp-Session-Id"] = session
     request = urllib.request.Request(url, data=line(message).encode(), method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
-        return response.headers["mcp-session-id"], [json.loads(e) for e in sse_events(response.read().decode())]
+        events = [json.loads(e) for e in sse_events(response.read().decode())]
+        return response.headers["mcp-session-id"], [e for e in events if "method" not in e]
 
 
 def echo(id, text: str) -> dict:

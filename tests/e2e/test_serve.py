@@ -54,7 +54,7 @@ class Gateway:
     """A running `portcullis serve` and what it was given."""
 
     def __init__(self, tmp_path: Path, sandbox: Path, extra: str = "", env: dict[str, str] | None = None,
-                 serve: str = ""):
+                 serve: str = "", everything: str = ""):
         self.port = free_port()
         self.audit = tmp_path / "audit.jsonl"
         self.echo_log = tmp_path / "echo.log"
@@ -83,6 +83,7 @@ command = "node"
 args = ["{EVERYTHING}"]
 prefix = "ev"
 env = {{ UPSTREAM_TOKEN = "${{file:everything-token}}" }}
+{everything}
 
 [servers.echo]
 command = "{sys.executable}"
@@ -107,7 +108,8 @@ servers = ["files"]
             try:
                 health = self.health()
                 # A server named broken* is expected never to come up.
-                if all(s["state"] == "ready" for n, s in health["servers"].items() if not n.startswith("broken")):
+                if all(s["state"] in ("ready", "per-session") for n, s in health["servers"].items()
+                       if not n.startswith("broken")):
                     return
             except OSError:
                 pass
@@ -284,8 +286,12 @@ def test_stateless_requests_must_carry_an_envelope_that_agrees_with_them(gateway
 
     envelope = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "test/params"}
     status, answer = call("test/params", {"x": 1, "_meta": {**meta, "progressToken": 3}}, envelope)
-    # The echo server (an older revision) gets the params without the client's envelope.
-    assert status == 200 and answer["result"]["params"] == {"x": 1, "_meta": {"progressToken": 3}}
+    # The echo server (an older revision) gets the params without the client's envelope; the progress
+    # token is swapped for one unique on the connection all agents share (the server echoes it back).
+    assert status == 200 and answer["result"]["params"]["x"] == 1
+    upstream_token = answer["result"]["params"]["_meta"]["progressToken"]
+    assert answer["result"]["params"] == {"x": 1, "_meta": {"progressToken": upstream_token}}
+    assert isinstance(upstream_token, int) and f'"progressToken":{upstream_token}' in gateway.echo_log.read_text()
     assert answer["result"]["resultType"] == "complete"
     assert call("test/params", {"x": 1}, envelope)[1]["error"]["code"] == -32602
     assert call("test/params", {"_meta": meta}, {**envelope, "Mcp-Method": "tools/list"})[1]["error"]["code"] == -32020

@@ -9,6 +9,8 @@ A batch is answered with a batch. Special methods make it misbehave on purpose:
                           message (for its own client only), then answers;
   test/huge            -> answers with a result of ECHO_HUGE bytes, id first;
   test/huge-id-last    -> the same with the id last (and an inner "id");
+  test/slow            -> answers after ECHO_SLOW seconds (default 3), reading
+                          nothing meanwhile;
   test/exit            -> writes to stderr and exits with code ECHO_EXIT_CODE.
 On EOF it exits with code ECHO_EXIT_CODE (default 0), or, with
 ECHO_IGNORE_EOF set, writes its pid to ECHO_PID_FILE and never exits.
@@ -65,6 +67,8 @@ for raw in sys.stdin.buffer:
     if method == "test/huge-id-last":  # id last, as the TypeScript SDK writes it
         send({"result": {"blob": "x" * int(os.environ["ECHO_HUGE"]), "id": "inner"}, "jsonrpc": "2.0", "id": rid})
         continue
+    if method == "test/slow":
+        time.sleep(float(os.environ.get("ECHO_SLOW", "3")))
     if method == "test/exit":
         sys.stderr.write("echo server: exiting on request\n")
         sys.stderr.flush()

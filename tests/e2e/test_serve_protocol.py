@@ -1,0 +1,227 @@
+"""The whole protocol through `portcullis serve`: what servers send on their
+own — sampling, elicitation and roots requests, progress, logging, resource
+updates — reaches the agent session it concerns, judged and audited in both
+directions, and cancellations reach the server. Driven by the official
+TypeScript and Python SDK clients against the real server-everything, plus
+the fault-injecting echo double where a server must misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import httpx2
+import pytest
+from mcp import ClientSession, types
+from mcp.client.streamable_http import streamable_http_client
+
+from conftest import POLICIES, read_audit
+from test_serve import KEYS, Gateway, gateway, sha256  # noqa: F401 (a fixture)
+
+PER_SESSION = 'isolation = "per-session"'
+SECOND_AGENT = f"""
+[agents.second]
+api_key_sha256 = "{sha256('second-key-5d2e')}"
+servers = ["everything"]
+"""
+KEYS = {**KEYS, "second": "second-key-5d2e"}
+
+
+def ts_full_agent(gateway: Gateway, agent: str, scenario: str, path: str = "/servers/everything/mcp") -> dict:
+    """What an agent written with the official TypeScript SDK, declaring
+    sampling, elicitation and roots, saw in `scenario`."""
+    script = Path(__file__).parent / "clients" / "ts_full_client.mjs"
+    done = subprocess.run(["node", str(script), f"{gateway.url}{path}", KEYS[agent], scenario],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def exchanges(gateway: Gateway, method: str) -> list[tuple]:
+    """The trail's records of `method` (and its answers): who, which way, what kind, the outcome."""
+    return [(r.get("agent"), r["direction"], r["kind"], r["outcome"])
+            for r in read_audit(gateway.audit) if r.get("method") == method]
+
+
+def until(check, seconds: float = 15):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, sandbox: Path):
+    """A gateway whose everything server runs once per client session."""
+    running = Gateway(tmp_path, sandbox, extra=SECOND_AGENT, everything=PER_SESSION)
+    yield running
+    running.stop()
+
+
+def test_a_typescript_agent_gets_the_whole_protocol_from_a_server_of_its_own(isolated: Gateway):
+    report = ts_full_agent(isolated, "admin", "all")
+    # Introduced with the client's capabilities, the server offers the tools that ask the client.
+    assert {"trigger-sampling-request", "trigger-elicitation-request", "get-roots-list"} <= set(report["tools"])
+    calls = report["calls"]
+    assert "canned reply to 1 message(s)" in calls["sampling"]["result"]
+    assert "Ada Lovelace" in calls["elicitation"]["result"]
+    assert "file:///srv/agent-workspace" in calls["roots"]["result"]
+    assert calls["progress"]["result"]["progress"] == [[1, 4], [2, 4], [3, 4], [4, 4]]
+    assert calls["logging"]["result"] is True and report["logs"]
+    assert calls["subscribe"]["result"]["updated"] is True
+    assert "changed their mind" in calls["cancel"]["error"]["message"]
+    asked = [a["method"] for a in report["asked"]]
+    assert asked.count("sampling/createMessage") == 1 and asked.count("elicitation/create") == 1
+    assert "roots/list" in asked
+    # Both directions of each server request are judged and audited, under the agent's name.
+    for method in ("sampling/createMessage", "elicitation/create", "roots/list"):
+        seen = exchanges(isolated, method)
+        assert ("admin", "server-to-client", "request", "allow") in seen, (method, seen)
+        assert ("admin", "client-to-server", "result", "allow") in seen, (method, seen)
+    assert ("admin", "server-to-client", "notification", "allow") in exchanges(isolated, "notifications/progress")
+    # The session ended, so did its server.
+    assert until(lambda: isolated.health()["servers"]["everything"] == {"state": "per-session", "restarts": 0})
+    assert until(lambda: isolated.status()["servers"]["everything"]["instances"] == 0)
+
+
+def test_two_agents_each_get_only_their_own_server_requests_and_progress(isolated: Gateway):
+    async def agent(name: str, steps: int) -> dict:
+        seen = {"sampled": [], "progress": []}
+
+        async def sampling(context, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+            seen["sampled"].append(params.messages[0].content.text)
+            return types.CreateMessageResult(role="assistant", model="m",
+                                             content=types.TextContent(type="text", text=f"answered by {name}"))
+
+        async def progress(done: float, total: float | None, message: str | None) -> None:
+            seen["progress"].append(total)
+
+        headers = {"Authorization": f"Bearer {KEYS[name]}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+            url = f"{isolated.url}/servers/everything/mcp"
+            async with streamable_http_client(url, http_client=http) as (read, write, *_):
+                async with ClientSession(read, write, sampling_callback=sampling) as session:
+                    await session.initialize()
+                    sampled = await session.call_tool("trigger-sampling-request", {"prompt": f"from {name}"})
+                    seen["result"] = sampled.content[0].text
+                    await session.call_tool("trigger-long-running-operation", {"duration": 1, "steps": steps},
+                                            progress_callback=progress)
+        # The shared server (merged endpoint) keeps each caller's progress apart too.
+        async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+            async with streamable_http_client(f"{isolated.url}/mcp", http_client=http) as (read, write, *_):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    seen["shared"] = []
+
+                    async def shared(done: float, total: float | None, message: str | None) -> None:
+                        seen["shared"].append(total)
+
+                    await session.call_tool("ev__trigger-long-running-operation", {"duration": 1, "steps": steps},
+                                            progress_callback=shared)
+        return seen
+
+    async def both():
+        return await asyncio.gather(agent("admin", 3), agent("second", 5))
+
+    admin, second = asyncio.run(both())
+    assert admin["sampled"] == ["Resource trigger-sampling-request context: from admin"]
+    assert second["sampled"] == ["Resource trigger-sampling-request context: from second"]
+    assert "answered by admin" in admin["result"] and "answered by second" not in admin["result"]
+    assert "answered by second" in second["result"] and "answered by admin" not in second["result"]
+    assert admin["progress"] == [3] * 3 and second["progress"] == [5] * 5
+    assert admin["shared"] == [3] * 3 and second["shared"] == [5] * 5
+
+
+def test_a_policy_refuses_a_servers_sampling_request_and_the_trail_has_both_sides(tmp_path: Path, sandbox: Path):
+    no_sampling = f"""
+[[policy]]
+name = "no-sampling"
+module = "{POLICIES / 'method_filter.wasm'}"
+servers = ["everything"]
+settings = {{ deny = ["sampling/*"] }}
+"""
+    gateway = Gateway(tmp_path, sandbox, extra=no_sampling, everything=PER_SESSION)
+    try:
+        report = ts_full_agent(gateway, "admin", "sampling,roots")
+    finally:
+        gateway.stop()
+    # The client was never asked; the server got the refusal as its answer and failed the call.
+    assert [a["method"] for a in report["asked"]] == ["roots/list"] * len(report["asked"])
+    assert "canned reply" not in json.dumps(report["calls"]["sampling"])
+    assert "workspace" in report["calls"]["roots"]["result"]
+    assert exchanges(gateway, "sampling/createMessage") == [("admin", "server-to-client", "request", "deny")]
+    call = [r for r in read_audit(gateway.audit) if r.get("tool") == "trigger-sampling-request"]
+    assert [(r["direction"], r["kind"]) for r in call] == [("client-to-server", "request"),
+                                                            ("server-to-client", "result")]
+
+
+def session_post(gateway: Gateway, session: str | None, body: dict, timeout: float = 30,
+                 path: str = "/servers/echo/mcp") -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Authorization": f"Bearer {KEYS['admin']}"}
+    if session:
+        headers["Mcp-Session-Id"] = session
+    request = urllib.request.Request(f"{gateway.url}{path}", data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, response.read(), response.headers.get("Mcp-Session-Id")
+
+
+def echo_session(gateway: Gateway, capabilities: dict | None = None) -> str:
+    initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                  "params": {"protocolVersion": "2025-11-25", "capabilities": capabilities or {},
+                             "clientInfo": {"name": "raw", "version": "1"}}}
+    _, _, session = session_post(gateway, None, initialize)
+    return session
+
+
+def echo_log(gateway: Gateway) -> list[dict]:
+    lines = gateway.echo_log.read_text().splitlines() if gateway.echo_log.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_a_cancelled_or_abandoned_call_is_cancelled_with_the_server_under_its_own_id(gateway: Gateway):
+    session = echo_session(gateway)
+    # The client gives up: its connection closes while the server works.
+    with pytest.raises((TimeoutError, urllib.error.URLError)):
+        session_post(gateway, session, {"jsonrpc": "2.0", "id": "mine", "method": "test/slow"}, timeout=0.5)
+    # The client cancels another call by the id it knows it by.
+    answered = {}
+    slow = threading.Thread(target=lambda: answered.update(
+        done=session_post(gateway, session, {"jsonrpc": "2.0", "id": 7, "method": "test/slow"})))
+    slow.start()
+    # The double reads one message at a time: 7 is read once "mine" is done.
+    assert until(lambda: sum(m.get("method") == "test/slow" for m in echo_log(gateway)) == 2)
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7, "reason": "no"}}
+    assert session_post(gateway, session, cancel)[0] == 202
+    slow.join(timeout=30)
+    assert answered["done"][0] == 202  # a cancelled request is not answered
+
+    def cancellations():
+        log = echo_log(gateway)
+        slow_ids = [m["id"] for m in log if m.get("method") == "test/slow"]
+        cancelled = [m["params"]["requestId"] for m in log if m.get("method") == "notifications/cancelled"]
+        return slow_ids, cancelled
+
+    assert until(lambda: len(cancellations()[1]) == 2, 20), echo_log(gateway)
+    slow_ids, cancelled = cancellations()
+    # The server was told under its own ids, never the clients' ("mine", 7).
+    assert cancelled == slow_ids and "mine" not in slow_ids and 7 not in slow_ids
+
+
+def test_a_server_request_nobody_can_answer_is_refused_at_once(gateway: Gateway):
+    # A client without the sampling capability calls a tool that asks for sampling.
+    session = echo_session(gateway)
+    status, body, _ = session_post(gateway, session, {"jsonrpc": "2.0", "id": 1, "method": "test/server-request"})
+    assert status == 200 and b'"method":"test/server-request"' in body.replace(b" ", b"")
+    assert until(lambda: any(m.get("id") == "srv-1" and "error" in m for m in echo_log(gateway)))
+    refusal = next(m for m in echo_log(gateway) if m.get("id") == "srv-1")
+    assert "did not declare the 'sampling' capability" in refusal["error"]["message"]
+    assert exchanges(gateway, "sampling/createMessage") == []  # refused before any relay: nothing to judge
