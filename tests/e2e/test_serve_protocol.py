@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +22,7 @@ import pytest
 from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import POLICIES, read_audit
+from conftest import DOUBLES, POLICIES, read_audit
 from test_serve import KEYS, Gateway, gateway, sha256  # noqa: F401 (a fixture)
 
 PER_SESSION = 'isolation = "per-session"'
@@ -164,7 +165,7 @@ settings = {{ deny = ["sampling/*"] }}
 
 
 def session_post(gateway: Gateway, session: str | None, body: dict, timeout: float = 30,
-                 path: str = "/servers/echo/mcp") -> tuple[int, bytes]:
+                 path: str = "/servers/echo/mcp") -> tuple[int, bytes, str | None]:
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                "Authorization": f"Bearer {KEYS['admin']}"}
     if session:
@@ -174,11 +175,11 @@ def session_post(gateway: Gateway, session: str | None, body: dict, timeout: flo
         return response.status, response.read(), response.headers.get("Mcp-Session-Id")
 
 
-def echo_session(gateway: Gateway, capabilities: dict | None = None) -> str:
+def echo_session(gateway: Gateway, capabilities: dict | None = None, path: str = "/servers/echo/mcp") -> str:
     initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
                   "params": {"protocolVersion": "2025-11-25", "capabilities": capabilities or {},
                              "clientInfo": {"name": "raw", "version": "1"}}}
-    _, _, session = session_post(gateway, None, initialize)
+    _, _, session = session_post(gateway, None, initialize, path=path)
     return session
 
 
@@ -216,12 +217,88 @@ def test_a_cancelled_or_abandoned_call_is_cancelled_with_the_server_under_its_ow
     assert cancelled == slow_ids and "mine" not in slow_ids and 7 not in slow_ids
 
 
-def test_a_server_request_nobody_can_answer_is_refused_at_once(gateway: Gateway):
-    # A client without the sampling capability calls a tool that asks for sampling.
-    session = echo_session(gateway)
-    status, body, _ = session_post(gateway, session, {"jsonrpc": "2.0", "id": 1, "method": "test/server-request"})
-    assert status == 200 and b'"method":"test/server-request"' in body.replace(b" ", b"")
-    assert until(lambda: any(m.get("id") == "srv-1" and "error" in m for m in echo_log(gateway)))
-    refusal = next(m for m in echo_log(gateway) if m.get("id") == "srv-1")
-    assert "did not declare the 'sampling' capability" in refusal["error"]["message"]
-    assert exchanges(gateway, "sampling/createMessage") == []  # refused before any relay: nothing to judge
+def test_a_server_request_nobody_can_answer_is_refused_at_once(tmp_path: Path, sandbox: Path):
+    own_log = tmp_path / "own-echo.log"
+    own_echo = f"""
+[servers.own-echo]
+command = "{sys.executable}"
+args = ["{DOUBLES / 'echo_server.py'}"]
+env = {{ ECHO_LOG = "{own_log}" }}
+{PER_SESSION}
+"""
+    gateway = Gateway(tmp_path, sandbox, extra=own_echo)
+    try:
+        # On the server all agents share, nothing tells whose call a server's request belongs to: refused,
+        # even with one call in flight (another agent's might have just ended).
+        session = echo_session(gateway)
+        status, body, _ = session_post(gateway, session, {"jsonrpc": "2.0", "id": 1, "method": "test/server-request"})
+        assert status == 200 and json.loads(body)["result"]["method"] == "test/server-request"
+        assert until(lambda: any(m.get("id") == "srv-1" and "error" in m for m in echo_log(gateway)))
+        shared = next(m for m in echo_log(gateway) if m.get("id") == "srv-1")
+        assert "shared by all agents" in shared["error"]["message"]
+        # On a server of the session's own, a client that cannot sample is not asked to: the server
+        # is told why at once, and the log message it sent about the call still reaches the client.
+        session = echo_session(gateway, path="/servers/own-echo/mcp")
+        status, body, _ = session_post(gateway, session, {"jsonrpc": "2.0", "id": 1, "method": "test/server-request"},
+                                       path="/servers/own-echo/mcp")
+        events = [json.loads(line[5:]) for line in body.decode().splitlines() if line.startswith("data:")]
+        assert [e.get("method") for e in events] == ["notifications/message", None], events
+        assert events[-1]["result"]["method"] == "test/server-request"
+        own = [json.loads(line) for line in own_log.read_text().splitlines()]
+        refusal = next(m for m in own if m.get("id") == "srv-1")
+        assert "did not declare the 'sampling' capability" in refusal["error"]["message"]
+    finally:
+        gateway.stop()
+    refused = [r for r in read_audit(gateway.audit) if r.get("event") == "server-request-refused"]
+    assert [(r["agent"], r["endpoint"]) for r in refused] == [("admin", "/servers/own-echo/mcp")]
+    assert "sampling/createMessage" in refused[0]["reason"]
+    assert exchanges(gateway, "sampling/createMessage") == []  # refused before any relay: nothing relayed
+
+
+def test_servers_of_sessions_own_are_bounded_per_agent_until_they_are_gone(tmp_path: Path, sandbox: Path):
+    gateway = Gateway(tmp_path, sandbox, everything=PER_SESSION, serve="max_server_instances_per_agent = 1")
+    try:
+        path = "/servers/everything/mcp"
+        first = echo_session(gateway, path=path)
+        initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                      "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                 "clientInfo": {"name": "raw", "version": "1"}}}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            session_post(gateway, None, initialize, path=path)
+        assert refused.value.code == 429 and b"max_server_instances_per_agent" in refused.value.read()
+        # The status report follows within its refresh interval.
+        assert until(lambda: gateway.status().get("servers", {}).get("everything", {}).get("instances") == 1)
+        # Its session ended, the server is stopped, and then its place is free.
+        delete = urllib.request.Request(f"{gateway.url}{path}", method="DELETE", headers={
+            "Authorization": f"Bearer {KEYS['admin']}", "Mcp-Session-Id": first})
+        urllib.request.urlopen(delete, timeout=10).close()
+        assert until(lambda: gateway.health()["servers"]["everything"].get("state") == "per-session"
+                     and gateway.status()["servers"]["everything"].get("instances") == 0)
+        assert echo_session(gateway, path=path)
+    finally:
+        gateway.stop()
+
+
+def test_a_first_call_is_judged_by_annotations_portcullis_listed_itself(gateway: Gateway, sandbox: Path):
+    # Portcullis lists each shared server's tools as soon as it is ready, and audits that it did.
+    assert until(lambda: any(r.get("event") == "tools-surveyed" and r["endpoint"] == "/servers/files/mcp"
+                             for r in read_audit(gateway.audit)))
+    surveyed = next(r for r in read_audit(gateway.audit) if r.get("event") == "tools-surveyed")
+    assert "tools" in surveyed["reason"] and len(surveyed["message_sha256"]) == 64
+    # A 2026-07-28 agent (with a cached list) calls a read-only tool without ever listing: the read-only
+    # policy knows its annotations.
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+    def call(tool: str, arguments: dict) -> dict:
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": tool, "arguments": arguments, "_meta": meta}}
+        headers = {"Authorization": f"Bearer {KEYS['reader']}", "MCP-Protocol-Version": "2026-07-28",
+                   "Mcp-Method": "tools/call", "Mcp-Name": tool}
+        status, _, answer = gateway.post("/mcp", json.dumps(body).encode(), headers)
+        assert status == 200, answer
+        return json.loads(answer)
+
+    listed = call("files__list_directory", {"path": str(sandbox)})
+    assert "hello.txt" in listed["result"]["content"][0]["text"], listed
+    written = call("files__write_file", {"path": str(sandbox / "no.txt"), "content": "x"})
+    assert "not declared read-only" in json.dumps(written) and not (sandbox / "no.txt").exists()

@@ -34,6 +34,9 @@ pub struct ServeConfig {
     /// need one more is refused at `initialize` (HTTP 429).
     #[serde(default = "default_max_server_instances")]
     pub max_server_instances: usize,
+    /// How many of those one agent's sessions may have at once.
+    #[serde(default = "default_max_server_instances_per_agent")]
+    pub max_server_instances_per_agent: usize,
     /// How many connections a listener (MCP and admin alike) serves at
     /// once; more wait in the kernel's queue until one closes. Read at start.
     #[serde(default = "default_max_connections")]
@@ -57,6 +60,7 @@ impl Default for ServeConfig {
             session_idle_secs: default_session_idle(),
             max_sessions_per_agent: default_max_sessions_per_agent(),
             max_server_instances: default_max_server_instances(),
+            max_server_instances_per_agent: default_max_server_instances_per_agent(),
             max_connections: default_max_connections(),
             header_timeout_secs: default_header_timeout(),
             body_timeout_secs: default_body_timeout(),
@@ -74,6 +78,10 @@ fn default_max_sessions_per_agent() -> usize {
 
 fn default_max_server_instances() -> usize {
     32
+}
+
+fn default_max_server_instances_per_agent() -> usize {
+    8
 }
 
 fn default_max_connections() -> usize {

@@ -23,6 +23,8 @@ const EVENTS: usize = 32;
 pub struct Call {
     events: mpsc::Receiver<String>,
     answer: Aborting<Option<String>>,
+    /// The request's id, for the error answer should handling it fail.
+    id: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// What a call yields next.
@@ -46,7 +48,8 @@ impl Call {
     ) -> Self {
         let (outlet, events) = mpsc::channel(EVENTS);
         let cancel = Arc::new(Notify::new());
-        let key = request.message().id.map(jsonrpc::id_key);
+        let id = request.message().id.map(ToOwned::to_owned);
+        let key = id.as_deref().map(jsonrpc::id_key);
         let registration = key.map(|key| Registration::new(session.clone(), key, &cancel));
         let task = tokio::spawn(async move {
             let _registration = registration;
@@ -59,6 +62,7 @@ impl Call {
         Self {
             events,
             answer: Aborting(task),
+            id,
         }
     }
 
@@ -67,7 +71,16 @@ impl Call {
         tokio::select! {
             biased;
             Some(event) = self.events.recv() => Next::Event(event),
-            answer = &mut self.answer => Next::Answer(answer.ok().flatten()),
+            answer = &mut self.answer => Next::Answer(match answer {
+                Ok(answer) => answer,
+                // A failure inside Portcullis (never an input's due): the
+                // client is told, and it is logged.
+                Err(e) => {
+                    tracing::error!("handling a request failed inside Portcullis: {e}");
+                    let why = "Portcullis failed while handling this request";
+                    Some(jsonrpc::error_response(self.id.as_deref(), jsonrpc::INTERNAL_ERROR, why, None))
+                }
+            }),
         }
     }
 }

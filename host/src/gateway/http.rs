@@ -397,7 +397,8 @@ impl Listener {
             "message",
             self.gateway.notices(&session),
             Some(Box::new(stream)),
-            false,
+            // It ends with the session.
+            true,
         )
     }
 
@@ -414,7 +415,15 @@ impl Listener {
     ) -> Response<Body> {
         let message = request.message();
         let (Some(method), Some(id)) = (message.method.as_deref(), message.id) else {
-            // A notification (e.g. a cancellation) or a stray response.
+            // A notification or a stray response. A cancellation stops the
+            // agent's own call it names, if one runs.
+            if let Some(session) = self.gateway.standing_of(&identity, &scope)
+                && message.method.as_deref() == Some("notifications/cancelled")
+            {
+                self.gateway
+                    .handle(&session, request, Asking::Connection, None)
+                    .await;
+            }
             return empty(StatusCode::ACCEPTED);
         };
         let (method, id) = (method.to_string(), id.to_owned());
@@ -478,13 +487,19 @@ impl Listener {
                 Some(Ok(sent)) => sent,
                 _ => request,
             };
-            let answer = self
-                .gateway
-                .handle(&session, request, asking, None)
-                .await
-                .unwrap_or_else(|| {
-                    jsonrpc::error_response(Some(id), jsonrpc::INTERNAL_ERROR, "no answer", None)
-                });
+            // A call of its own: the agent going away, or cancelling it,
+            // stops it and tells the server.
+            let gateway = self.gateway.clone();
+            let mut call = Call::start(gateway, session.clone(), request, asking, false);
+            let answer = loop {
+                match call.next().await {
+                    Next::Answer(answer) => break answer,
+                    Next::Event(_) => {}
+                }
+            };
+            let Some(answer) = answer else {
+                return empty(StatusCode::ACCEPTED);
+            };
             (answer, self.gateway.server_info(&session).await)
         };
         let (answer, status) = stateless::complete(&answer, method, &server_info);

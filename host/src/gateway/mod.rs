@@ -13,17 +13,20 @@
 pub mod calls;
 pub mod http;
 pub mod inbound;
+pub mod instances;
 pub mod judging;
 pub mod naming;
 pub mod routing;
 pub mod sessions;
 pub mod stateless;
+pub mod survey;
 
 use crate::audit::AccessRecord;
 use crate::config::{Config, Isolation};
 use crate::contract::Direction;
 use crate::contract::MessageKind;
 use crate::gateway::inbound::Outlet;
+use crate::gateway::instances::{Full, Instances, Limits};
 use crate::gateway::judging::{Armed, Pass, Returning, judge};
 use crate::gateway::naming::Naming;
 use crate::gateway::routing::{LISTINGS, Listing, Route};
@@ -35,10 +38,10 @@ use crate::relay::generation::Current;
 use crate::relay::session::Session;
 use crate::relay::{Asking, Relay};
 use crate::upstream::{Answer, Health, Introduction, Plan, Upstream};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
@@ -53,12 +56,8 @@ const MERGE_WAIT: Duration = Duration::from_secs(5);
 enum Served {
     /// Through one connection every session shares.
     Shared(Arc<Upstream>),
-    /// Through a connection of each session's own, started from this plan;
-    /// `live` of them run now.
-    PerSession {
-        plan: Arc<Plan>,
-        live: Arc<AtomicUsize>,
-    },
+    /// Through a connection of each session's own, started from this plan.
+    PerSession(Arc<Plan>),
 }
 
 /// Why a session cannot be opened.
@@ -67,18 +66,14 @@ pub enum Refused {
     /// Its agent has its fill of sessions.
     Sessions(TooManySessions),
     /// As many server connections of sessions' own run as may.
-    Instances(usize),
+    Instances(Full),
 }
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refused::Sessions(too_many) => too_many.fmt(f),
-            Refused::Instances(limit) => write!(
-                f,
-                "{limit} server connections of sessions' own are running \
-                 (serve.max_server_instances); try again when a session ends"
-            ),
+            Refused::Instances(full) => full.fmt(f),
         }
     }
 }
@@ -93,16 +88,21 @@ impl From<TooManySessions> for Refused {
 pub struct Gateway {
     current: Arc<Current>,
     servers: BTreeMap<String, Served>,
-    /// How many server connections of sessions' own run now.
-    instances: Arc<AtomicUsize>,
+    /// The server connections of sessions' own that run.
+    instances: Instances,
     runtime: tokio::runtime::Handle,
     naming: Naming,
     timeout: Duration,
     /// The sessions opened with `initialize`, and the one each agent's
     /// stateless (2026-07-28) requests share per scope, so what its servers
     /// listed is known when it calls.
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
+    /// Each shared server's tools, as Portcullis last listed them.
+    catalogue: Arc<Catalogue>,
 }
+
+/// Each shared server's tools, as Portcullis last listed them.
+type Catalogue = std::sync::Mutex<BTreeMap<String, Arc<RawValue>>>;
 
 impl Gateway {
     /// A gateway over the servers `plans` reach, configured by `config`; the
@@ -118,29 +118,61 @@ impl Gateway {
             .map(|(name, plan)| {
                 let served = match plan.isolation {
                     Isolation::Shared => {
-                        let upstream = plan.start(Introduction::portcullis(), false, runtime)?;
+                        let upstream = plan.start(Introduction::portcullis(), None, runtime)?;
                         Served::Shared(Arc::new(upstream))
                     }
-                    Isolation::PerSession => Served::PerSession {
-                        plan: Arc::new(plan),
-                        live: Arc::default(),
-                    },
+                    Isolation::PerSession => Served::PerSession(Arc::new(plan)),
                 };
                 Ok((name, served))
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self {
+        let gateway = Self {
             current,
             servers,
-            instances: Arc::default(),
+            instances: Instances::default(),
             runtime: runtime.clone(),
             naming: Naming::new(
                 crate::config::prefixes(&config.servers),
                 config.serve.separator.clone(),
             ),
             timeout: Duration::from_secs(config.serve.request_timeout_secs),
-            sessions: Sessions::default(),
-        })
+            sessions: Arc::default(),
+            catalogue: Arc::default(),
+        };
+        gateway.survey_shared();
+        Ok(gateway)
+    }
+
+    /// Keeps each shared server's tools listed, now and whenever they
+    /// change, and teaches every session using it.
+    fn survey_shared(&self) {
+        for (server, served) in &self.servers {
+            let Served::Shared(upstream) = served else {
+                continue;
+            };
+            let (catalogue, sessions) = (self.catalogue.clone(), self.sessions.clone());
+            let (server, shared) = (server.clone(), upstream.clone());
+            let current = self.current.clone();
+            let learned = move |listing: Arc<RawValue>| {
+                catalogue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(server.clone(), listing.clone());
+                for session in sessions.all() {
+                    let uses = session
+                        .upstreams
+                        .get(&server)
+                        .is_some_and(|u| Arc::ptr_eq(u, &shared));
+                    if let (true, Some(relay)) = (uses, session.relays.get(&server)) {
+                        relay.learn_listing(&listing);
+                    }
+                }
+                audit_survey(&current, &server, None, &listing);
+                true
+            };
+            let surveyed = survey::keep_surveyed(Arc::downgrade(upstream), self.timeout, learned);
+            self.runtime.spawn(surveyed);
+        }
     }
 
     /// Stops every server: the shared connections, and the sessions' own
@@ -161,9 +193,7 @@ impl Gateway {
             .map(|(name, served)| {
                 let health = match served {
                     Served::Shared(upstream) => upstream.health(),
-                    Served::PerSession { live, .. } => {
-                        Health::per_session(live.load(Ordering::SeqCst))
-                    }
+                    Served::PerSession(_) => Health::per_session(self.instances.of_server(name)),
                 };
                 (name.clone(), health)
             })
@@ -187,6 +217,7 @@ impl Gateway {
             return false;
         };
         session.cancel_held("the client ended its session");
+        session.end();
         true
     }
 
@@ -205,6 +236,7 @@ impl Gateway {
         let idle = Duration::from_secs(generation.config.serve.session_idle_secs);
         for session in self.sessions.expire(idle) {
             session.cancel_held("the session expired");
+            session.end();
             let endpoint = session.scope.endpoint();
             let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
             let mut record = AccessRecord::new(
@@ -289,8 +321,8 @@ impl Gateway {
         for server in servers {
             let upstream = match &self.servers[&server] {
                 Served::Shared(upstream) => upstream.clone(),
-                Served::PerSession { plan, live } => {
-                    let own = self.start_own(plan, live, &introduction)?;
+                Served::PerSession(plan) => {
+                    let own = self.start_own(&server, plan, &identity, &introduction)?;
                     let upstream = own.upstream().clone();
                     reach.own.push(own);
                     upstream
@@ -298,6 +330,7 @@ impl Gateway {
             };
             let session = Session::new(server.clone(), identity.agent.clone());
             let relay = Arc::new(Relay::new(self.current.clone(), session));
+            self.teach(&server, &relay, &upstream, &identity);
             reach.relays.insert(server.clone(), relay);
             reach.upstreams.insert(server, upstream);
         }
@@ -311,26 +344,69 @@ impl Gateway {
         )))
     }
 
+    /// Teaches a new session's `relay` for `server` the server's tools: as
+    /// last listed, for a shared connection; as its own connection lists
+    /// them from now on, otherwise.
+    fn teach(
+        &self,
+        server: &str,
+        relay: &Arc<Relay>,
+        upstream: &Arc<Upstream>,
+        identity: &Identity,
+    ) {
+        if let Some(Served::Shared(_)) = self.servers.get(server) {
+            let catalogue = self
+                .catalogue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(listing) = catalogue.get(server) {
+                relay.learn_listing(listing);
+            }
+            return;
+        }
+        let (learner, current) = (Arc::downgrade(relay), self.current.clone());
+        let (server, agent) = (server.to_string(), identity.agent.clone());
+        let learned = move |listing: Arc<RawValue>| {
+            let Some(relay) = learner.upgrade() else {
+                return false;
+            };
+            relay.learn_listing(&listing);
+            audit_survey(&current, &server, Some(&agent), &listing);
+            true
+        };
+        self.runtime.spawn(survey::keep_surveyed(
+            Arc::downgrade(upstream),
+            self.timeout,
+            learned,
+        ));
+    }
+
     /// A connection of one session's own to the server `plan` reaches,
     /// unless as many run as may.
     fn start_own(
         &self,
+        server: &str,
         plan: &Plan,
-        live: &Arc<AtomicUsize>,
+        identity: &Identity,
         introduction: &Introduction,
     ) -> Result<Own, Refused> {
-        let limit = self.current.get().config.serve.max_server_instances;
-        let counted = vec![self.instances.clone(), live.clone()];
-        if self.instances.load(Ordering::SeqCst) >= limit {
-            return Err(Refused::Instances(limit));
-        }
+        let serve = &self.current.get().config.serve;
+        let limits = Limits {
+            total: serve.max_server_instances,
+            per_agent: serve.max_server_instances_per_agent,
+        };
+        let place = self
+            .instances
+            .take(&identity.agent.id, server, limits)
+            .map_err(Refused::Instances)?;
+        // The place is held by the connection until it is gone.
         let upstream = plan
-            .start(introduction.clone(), true, &self.runtime)
+            .start(introduction.clone(), Some(Box::new(place)), &self.runtime)
             .map_err(|e| {
                 tracing::error!("cannot start a server connection of a session's own: {e:#}");
-                Refused::Instances(limit)
+                Refused::Instances(Full::Total(limits.total))
             })?;
-        Ok(Own::new(Arc::new(upstream), counted))
+        Ok(Own::new(Arc::new(upstream)))
     }
 
     /// The session `identity`'s stateless requests on `scope` share; a new
@@ -352,6 +428,12 @@ impl Gateway {
         })
     }
 
+    /// The session `identity`'s stateless requests on `scope` share, if
+    /// there is one.
+    pub fn standing_of(&self, identity: &Identity, scope: &Scope) -> Option<Arc<ClientSession>> {
+        self.sessions.standing_of(identity, scope)
+    }
+
     /// What `session`'s servers send it on their own (not about one call),
     /// each judged by the session's relay for that server, from now until
     /// the receiver is dropped: changes to their lists, updates of the
@@ -360,36 +442,24 @@ impl Gateway {
     pub fn notices(&self, session: &Arc<ClientSession>) -> mpsc::Receiver<String> {
         let (sender, receiver) = mpsc::channel(16);
         for (server, upstream) in &session.upstreams {
-            let Some(mut notices) = upstream.notices() else {
+            let own = matches!(self.servers.get(server), Some(Served::PerSession(_)));
+            let inbox = if own { upstream.inbox() } else { None };
+            let Some(notices) = upstream.notices() else {
                 continue;
             };
             let (sender, session, server) = (sender.clone(), session.clone(), server.clone());
             let wait = self.timeout;
-            tokio::spawn(async move {
-                loop {
-                    let notice = tokio::select! {
-                        notice = notices.recv() => notice,
-                        () = sender.closed() => return,
-                    };
-                    let notice = match notice {
-                        Ok(notice) => notice,
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    };
-                    if !session.wants(&server, &notice) {
-                        continue;
-                    }
-                    let notice = match Arc::try_unwrap(notice) {
-                        Ok(notice) => notice,
-                        Err(shared) => match Parsed::parse(shared.text().to_string()) {
-                            Ok(notice) => notice,
-                            Err(_) => continue,
-                        },
-                    };
-                    inbound::deliver(&session, &server, notice, &sender, wait).await;
-                }
-            });
+            tokio::spawn(relay_notices(session, server, notices, inbox, sender, wait));
         }
+        // The stream stays open while the client reads it and the session
+        // lasts, whether or not its servers send anything.
+        let session = session.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = sender.closed() => {}
+                () = session.ended() => {}
+            }
+        });
         receiver
     }
 
@@ -497,8 +567,26 @@ impl Gateway {
             (Scope::Server(server), _) => {
                 self.forward(session, server, request, asking, outlet).await
             }
-            (Scope::All, None) => None,
+            (Scope::All, None) => {
+                self.notify_own(session, request).await;
+                None
+            }
             (Scope::All, Some(_)) => Some(self.aggregate(session, request, asking, outlet).await),
+        }
+    }
+
+    /// A client's notification on the aggregated endpoint (e.g. its roots
+    /// changed): to each server of the session's own, judged by its relay.
+    /// A shared server knows one client, Portcullis, which sends it none.
+    async fn notify_own(&self, session: &ClientSession, notification: Parsed) {
+        for server in session.relays.keys() {
+            if !matches!(self.servers.get(server), Some(Served::PerSession(_))) {
+                continue;
+            }
+            if let Ok(copy) = Parsed::parse(notification.text().to_string()) {
+                self.forward(session, server, copy, Asking::Connection, None)
+                    .await;
+            }
         }
     }
 
@@ -641,9 +729,13 @@ impl Gateway {
         // gives up its place among those in flight.
         let forgetting = relay.clone();
         let unanswered = Armed::new(move || forgetting.unanswered(Direction::ClientToServer, pair));
-        let answer = match request {
-            Ok(request) => self.ask(session, server, &upstream, &request, outlet).await,
-            Err(unread) => Err(anyhow::anyhow!(
+        let kept = subscription
+            .as_ref()
+            .and_then(|s| self.kept_subscription(session, s, &upstream, &id));
+        let answer = match (request, kept) {
+            (_, Some(kept)) => kept,
+            (Ok(request), None) => self.ask(session, server, &upstream, &request, outlet).await,
+            (Err(unread), None) => Err(anyhow::anyhow!(
                 "the request as changed cannot be read: {unread}"
             )),
         };
@@ -671,9 +763,53 @@ impl Gateway {
         Some(answer)
     }
 
+    /// The answer Portcullis gives a (un)subscription itself, if it must not
+    /// reach `upstream`: an unsubscription from a resource other sessions
+    /// on the same shared connection still subscribe to (the server knows
+    /// one client, Portcullis, and would stop their updates too); a
+    /// subscription past [`MOST_SUBSCRIPTIONS`], refused.
+    fn kept_subscription(
+        &self,
+        session: &ClientSession,
+        subscription: &Subscription,
+        upstream: &Arc<Upstream>,
+        id: &serde_json::value::RawValue,
+    ) -> Option<anyhow::Result<Answer>> {
+        if subscription.subscribe {
+            let held = session
+                .subscriptions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .len();
+            return (held >= MOST_SUBSCRIPTIONS).then(|| {
+                Err(anyhow::anyhow!(
+                    "a session may subscribe to {MOST_SUBSCRIPTIONS} resources at most"
+                ))
+            });
+        }
+        let key = (subscription.server.clone(), subscription.uri.clone());
+        let others = self.sessions.all().into_iter().any(|other| {
+            other.id != session.id
+                && other
+                    .upstreams
+                    .get(&subscription.server)
+                    .is_some_and(|u| Arc::ptr_eq(u, upstream))
+                && other
+                    .subscriptions
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains(&key)
+        });
+        others.then(|| {
+            let answer = format!(r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#, id.get());
+            Ok(Parsed::parse(answer))
+        })
+    }
+
     /// Sends `request` to `upstream` (the session's connection to `server`)
     /// and waits for its answer; what the server sends about it meanwhile
-    /// is delivered to the client through `outlet`, in the order sent.
+    /// is delivered to the client through `outlet`, in the order sent
+    /// (without one, its requests are refused).
     async fn ask(
         &self,
         session: &ClientSession,
@@ -682,9 +818,6 @@ impl Gateway {
         request: &Parsed,
         outlet: Option<&Outlet>,
     ) -> anyhow::Result<Answer> {
-        let Some(outlet) = outlet else {
-            return upstream.request(request, self.timeout, None).await;
-        };
         let (side, mut related) = mpsc::channel(RELATED);
         let asked = upstream.request(request, self.timeout, Some(side));
         tokio::pin!(asked);
@@ -704,10 +837,76 @@ impl Gateway {
     }
 }
 
+/// Relays to `sender` (a session's stream) what `server` sends the session
+/// not about a call: its `notices` for all clients that concern it, and its
+/// `inbox` (a connection of the session's own: requests, logging); until
+/// the stream closes or the session ends.
+async fn relay_notices(
+    session: Arc<ClientSession>,
+    server: String,
+    mut notices: broadcast::Receiver<Arc<Parsed>>,
+    mut inbox: Option<mpsc::Receiver<Parsed>>,
+    sender: Outlet,
+    wait: Duration,
+) {
+    loop {
+        let message: Parsed = tokio::select! {
+            notice = notices.recv() => match notice {
+                Ok(notice) if session.wants(&server, &notice) => match owned(notice) {
+                    Some(notice) => notice,
+                    None => continue,
+                },
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            Some(message) = async { inbox.as_mut()?.recv().await } => message,
+            () = sender.closed() => return,
+            () = session.ended() => return,
+        };
+        inbound::deliver(&session, &server, message, Some(&sender), wait).await;
+    }
+}
+
+/// A message broadcast to several sessions, as one of them owns it.
+fn owned(notice: Arc<Parsed>) -> Option<Parsed> {
+    match Arc::try_unwrap(notice) {
+        Ok(notice) => Some(notice),
+        Err(shared) => Parsed::parse(shared.text().to_string()).ok(),
+    }
+}
+
+/// Records that Portcullis listed `server`'s tools (for `agent`'s own
+/// connection, if it is one): how many, and the listing's digest.
+fn audit_survey(
+    current: &Arc<Current>,
+    server: &str,
+    agent: Option<&crate::contract::Agent>,
+    listing: &RawValue,
+) {
+    let endpoint = format!("/servers/{server}/mcp");
+    let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut record = AccessRecord::new("tools-surveyed", agent, &endpoint, peer);
+    let count = serde_json::from_str::<Value>(listing.get())
+        .ok()
+        .and_then(|l| l["tools"].as_array().map(Vec::len))
+        .unwrap_or(0);
+    record.reason = Some(format!("Portcullis listed the server's {count} tools"));
+    record.message_sha256 = Some(crate::audit::bytes_digest(listing.get().as_bytes()));
+    let current = current.clone();
+    // A sink may wait for the disk: off the async workers.
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = current.get().audit.write(&record) {
+            tracing::error!("cannot audit a listing of a server's tools: {e:#}");
+        }
+    });
+}
+
 /// A cancellation of one of its requests.
 const CANCELLED: &str = "notifications/cancelled";
 /// How many of a server's messages about one call may wait to be relayed.
 const RELATED: usize = 64;
+/// How many resources one session may subscribe to.
+const MOST_SUBSCRIPTIONS: usize = 256;
 
 /// A client's cancellation: the session's own call it names, if still
 /// running, is stopped (and the server told). Only the session's own calls

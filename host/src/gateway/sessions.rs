@@ -14,7 +14,7 @@ use crate::upstream::Upstream;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -48,39 +48,26 @@ pub struct Reach {
     pub own: Vec<Own>,
 }
 
-/// A server connection dedicated to one session: stopped when dropped, and
-/// counted while it lives.
-pub struct Own {
-    upstream: Arc<Upstream>,
-    counted: Vec<Arc<AtomicUsize>>,
-}
+/// A server connection dedicated to one session: stopped when dropped.
+pub struct Own(Arc<Upstream>);
 
 impl Own {
-    /// `upstream`, counted in each of `counts` while it lives.
-    pub fn new(upstream: Arc<Upstream>, counts: Vec<Arc<AtomicUsize>>) -> Self {
-        for count in &counts {
-            count.fetch_add(1, Ordering::SeqCst);
-        }
-        Self {
-            upstream,
-            counted: counts,
-        }
+    /// `upstream`, stopped when this is dropped.
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        Self(upstream)
     }
 }
 
 impl Own {
     /// The connection.
     pub fn upstream(&self) -> &Arc<Upstream> {
-        &self.upstream
+        &self.0
     }
 }
 
 impl Drop for Own {
     fn drop(&mut self) {
-        self.upstream.stop();
-        for count in &self.counted {
-            count.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.0.stop();
     }
 }
 
@@ -109,17 +96,23 @@ pub struct Questions {
 const MOST_QUESTIONS: usize = 64;
 
 impl Questions {
-    /// Keeps `asked`; its id for the client, or `None` when the client has
-    /// as many unanswered as it may (those past their time are forgotten).
-    pub fn ask(&mut self, asked: Asked) -> Option<u64> {
+    /// Keeps `asked`: its id for the client, or `None` when the client has
+    /// as many unanswered as it may; and those past their time, forgotten.
+    pub fn ask(&mut self, asked: Asked) -> (Option<u64>, Vec<Asked>) {
         let now = Instant::now();
-        self.open.retain(|_, asked| asked.until > now);
+        let late: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, asked)| asked.until <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let expired = late.iter().filter_map(|id| self.open.remove(id)).collect();
         if self.open.len() >= MOST_QUESTIONS {
-            return None;
+            return (None, expired);
         }
         self.next += 1;
         self.open.insert(self.next, asked);
-        Some(self.next)
+        (Some(self.next), expired)
     }
 
     /// The request the client answers under `id`.
@@ -162,7 +155,10 @@ pub struct ClientSession {
     /// Its requests being handled, by their id (canonical): a client's
     /// cancellation stops the one it names.
     pub calls: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
-    _own: Vec<Own>,
+    /// The server connections it owns, until it ends.
+    own: Mutex<Vec<Own>>,
+    /// Whether it has ended.
+    ended: tokio::sync::watch::Sender<bool>,
     /// When it was last used, in ms since [`since_epoch`]'s start.
     last_used: AtomicU64,
     /// Whether its event stream (GET) is open: one at a time.
@@ -191,7 +187,8 @@ impl ClientSession {
             subscriptions: Mutex::new(HashSet::new()),
             questions: Mutex::new(Questions::default()),
             calls: Mutex::new(HashMap::new()),
-            _own: reach.own,
+            own: Mutex::new(reach.own),
+            ended: tokio::sync::watch::channel(false).0,
             last_used: AtomicU64::new(since_epoch()),
             streaming: AtomicBool::new(false),
         }
@@ -229,6 +226,29 @@ impl ClientSession {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(&(server.to_string(), uri))
+    }
+
+    /// Ends it: its calls are cancelled, its streams close, and the server
+    /// connections of its own stop, even while a request still holds it.
+    pub fn end(&self) {
+        self.ended.send_replace(true);
+        for call in self
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            call.notify_one();
+        }
+        let own = std::mem::take(&mut *self.own.lock().unwrap_or_else(PoisonError::into_inner));
+        drop(own);
+    }
+
+    /// Completes once it has ended.
+    pub async fn ended(&self) {
+        let mut ended = self.ended.subscribe();
+        // The sender lives as long as the session.
+        let _ = ended.wait_for(|ended| *ended).await;
     }
 
     /// Cancels its request in flight with the id key `key`, if there is one.
@@ -370,9 +390,11 @@ impl Sessions {
         let session = match standing.get(&key) {
             Some(session) if session.identity.same_as(identity) => session.clone(),
             _ => {
-                // The one it replaces is let go first: its own connections
-                // count against the limit no longer.
-                standing.remove(&key);
+                // The one it replaces ends first: its own connections count
+                // against the limits no longer.
+                if let Some(replaced) = standing.remove(&key) {
+                    replaced.end();
+                }
                 let session = open()?;
                 standing.insert(key, session.clone());
                 session
@@ -380,6 +402,17 @@ impl Sessions {
         };
         session.touch();
         Ok(session)
+    }
+
+    /// The standing session of `identity` on `scope`, if there is one and
+    /// the agent comes with the same rights.
+    pub fn standing_of(&self, identity: &Identity, scope: &Scope) -> Option<Arc<ClientSession>> {
+        let key = (identity.agent.id.clone(), scope.clone());
+        let standing = self.standing.lock().unwrap_or_else(PoisonError::into_inner);
+        standing
+            .get(&key)
+            .filter(|session| session.identity.same_as(identity))
+            .cloned()
     }
 
     /// Ends every session (Portcullis is stopping).

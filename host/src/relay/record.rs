@@ -6,6 +6,24 @@
 use super::*;
 
 impl Relay {
+    /// Learns the server's tools from a listing Portcullis made itself (all
+    /// pages in one `result`), as if the client had listed them: a first
+    /// call is judged knowing its tool's annotations and schema, and its
+    /// drift from the lock.
+    pub fn learn_listing(&self, result: &RawValue) {
+        let g = self.current();
+        let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+        let pinned = g.pins.as_ref().and_then(|p| p.server(session.server()));
+        let listing = crate::relay::session::Pending {
+            method: "tools/list".into(),
+            tool: None,
+            params: None,
+        };
+        let schemas = &self.current.boundary.schemas;
+        // Drift is judged call by call, against what is learned here.
+        session.learn_tools(&listing, result, pinned, schemas);
+    }
+
     /// The exchange for a message, and the drift of the tools it concerns.
     /// An answer is matched to its request, and a `tools/list` result
     /// teaches the session the tools.

@@ -102,6 +102,10 @@ impl Introduction {
     }
 }
 
+/// What a connection dedicated to one session holds until it is gone (its
+/// place among those running).
+pub type Held = Box<dyn Send + Sync>;
+
 /// A cancellation of request `id`, sent upstream when its caller gave up.
 fn cancellation(id: &str, why: &str) -> String {
     serde_json::json!({
@@ -196,10 +200,19 @@ impl Upstream {
         }
     }
 
-    /// What the server sends on its own, not about one call, from now on:
-    /// the [`SHARED_NOTIFICATIONS`]; on a dedicated connection, also its
-    /// logging and its requests. `None` for a remote server, whose
-    /// notifications are not received.
+    /// On a connection dedicated to one session, what the server sends it
+    /// not about a call (its requests, its logging) from now on; only the
+    /// latest receiver gets them. `None` for a remote server, whose own
+    /// stream is not read.
+    pub fn inbox(&self) -> Option<tokio::sync::mpsc::Receiver<Parsed>> {
+        match self {
+            Upstream::Process(p) => Some(p.inbox()),
+            Upstream::Remote(_) => None,
+        }
+    }
+
+    /// The server's [`SHARED_NOTIFICATIONS`] from now on. `None` for a
+    /// remote server, whose own stream is not read.
     pub fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<Parsed>>> {
         match self {
             Upstream::Process(p) => Some(p.notices()),
@@ -266,11 +279,12 @@ impl Plan {
     }
 
     /// Starts a connection introduced as `introduction`: shared by every
-    /// agent, or `dedicated` to one client session.
+    /// agent, or dedicated to one client session, which `held` (if given)
+    /// says; the connection holds `held` until it is gone.
     pub fn start(
         &self,
         introduction: Introduction,
-        dedicated: bool,
+        held: Option<Held>,
         runtime: &tokio::runtime::Handle,
     ) -> Result<Upstream> {
         let max = self.max_message_bytes;
@@ -280,14 +294,20 @@ impl Plan {
                 command.clone(),
                 process::Role {
                     introduction,
-                    dedicated,
+                    dedicated: held.is_some(),
+                    held,
                 },
                 max,
                 runtime.clone(),
             ))),
             Reach::Url(url, headers) => {
-                let remote =
-                    remote::Remote::new(&self.name, url, headers.clone(), introduction, max)?;
+                let remote = remote::Remote::new(
+                    &self.name,
+                    url,
+                    headers.clone(),
+                    (introduction, held),
+                    max,
+                )?;
                 remote.connect_in_background(runtime);
                 Ok(Upstream::Remote(remote))
             }
@@ -330,7 +350,7 @@ pub fn start_all(
     plans(config, only)?
         .into_iter()
         .map(|(name, plan)| {
-            let upstream = plan.start(Introduction::portcullis(), false, runtime)?;
+            let upstream = plan.start(Introduction::portcullis(), None, runtime)?;
             Ok((name, Arc::new(upstream)))
         })
         .collect()

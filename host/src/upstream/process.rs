@@ -27,7 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, mpsc as tokio_mpsc, oneshot, watch};
 
 /// The MCP server to run.
 #[derive(Debug, Clone)]
@@ -49,6 +49,8 @@ const INITIALIZE_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// JSON-RPC: the method does not exist (for this client).
 const METHOD_NOT_FOUND: i32 = -32601;
+/// How many of the server's messages to its session may wait to be read.
+const INBOX: usize = 64;
 
 /// What the connection is to Portcullis.
 pub struct Role {
@@ -56,6 +58,8 @@ pub struct Role {
     pub introduction: Introduction,
     /// Whether it serves one client session alone.
     pub dedicated: bool,
+    /// What it holds until it is gone.
+    pub held: Option<super::Held>,
 }
 
 /// A request sent, waiting for its answer.
@@ -81,6 +85,9 @@ pub struct Process {
     ready: watch::Sender<Option<Arc<Value>>>,
     /// The server's notifications for all its clients.
     notices: broadcast::Sender<Arc<Parsed>>,
+    /// On a dedicated connection, where what the server sends its session
+    /// not about a call goes.
+    inbox: Mutex<Option<tokio_mpsc::Sender<Parsed>>>,
     /// When it was told to stop, if it was.
     stopping: Mutex<Option<Instant>>,
 }
@@ -106,6 +113,7 @@ impl Process {
             health: Mutex::new(Health::starting()),
             ready: watch::channel(None).0,
             notices: broadcast::channel(64).0,
+            inbox: Mutex::new(None),
             stopping: Mutex::new(None),
         });
         let supervised = upstream.clone();
@@ -179,6 +187,8 @@ impl Process {
             .expect("stopping lock poisoned")
             .get_or_insert_with(Instant::now);
         self.link.lock().expect("link lock poisoned").take();
+        // A handshake under way gives up at once.
+        self.pending().clear();
     }
 
     fn stopping(&self) -> Option<Instant> {
@@ -419,10 +429,17 @@ impl Process {
         }
     }
 
-    /// Where a server's request or notification that names no call goes:
-    /// to the only call in flight; on a dedicated connection, else to its
-    /// session's stream, else to any of its calls. Why not, if nowhere.
+    /// Where a server's request or notification that names no call goes.
+    /// On a connection all agents share, nowhere: over stdio nothing says
+    /// which agent it concerns. On a dedicated one (one session's), to the
+    /// only call in flight, else to the session's own stream
+    /// ([`Process::inbox`]), else to any of its calls. Why not, if nowhere.
     fn route(&self, message: Parsed) -> std::result::Result<(), &'static str> {
+        if !self.role.dedicated {
+            return Err(
+                "the server is shared by all agents, and nothing tells which one it concerns",
+            );
+        }
         let (only, any) = {
             let pending = self.pending();
             let mut sides = pending.values().map(|p| p.side.clone());
@@ -434,24 +451,23 @@ impl Process {
             let any = pending.values().find_map(|p| p.side.clone());
             (only, any)
         };
-        let message = match only {
-            Some(side) => match side.try_send(message) {
+        let inbox = self.inbox.lock().expect("inbox lock poisoned").clone();
+        let mut message = message;
+        for outlet in [only, inbox, any].into_iter().flatten() {
+            match outlet.try_send(message) {
                 Ok(()) => return Ok(()),
-                Err(failed) => failed.into_inner(),
-            },
-            None => message,
-        };
-        if !self.role.dedicated {
-            return Err("the server is shared by all agents, and the calls in flight are not one");
+                Err(failed) => message = failed.into_inner(),
+            }
         }
-        if self.notices.receiver_count() > 0 {
-            let _ = self.notices.send(Arc::new(message));
-            return Ok(());
-        }
-        match any.map(|side| side.try_send(message)) {
-            Some(Ok(())) => Ok(()),
-            _ => Err("its session has no stream open to carry it"),
-        }
+        Err("its session has no stream open to carry it, or is not reading it")
+    }
+
+    /// What the server sends its (one) session not about a call, from now
+    /// on: its requests and logging. Only the latest receiver gets them.
+    pub fn inbox(&self) -> tokio_mpsc::Receiver<Parsed> {
+        let (sender, receiver) = tokio_mpsc::channel(INBOX);
+        *self.inbox.lock().expect("inbox lock poisoned") = Some(sender);
+        receiver
     }
 
     /// A progress notification: to the call whose id it names (Portcullis

@@ -61,6 +61,8 @@ struct Inner {
     introduction: Introduction,
     /// No longer used: it does not connect again.
     stopped: AtomicBool,
+    /// What it holds until it is gone.
+    _held: Option<super::Held>,
 }
 
 impl Remote {
@@ -69,7 +71,7 @@ impl Remote {
         name: &str,
         url: &str,
         headers: BTreeMap<String, String>,
-        introduction: Introduction,
+        (introduction, held): (Introduction, Option<super::Held>),
         max_message_bytes: usize,
     ) -> Result<Self> {
         let url: Uri = url.parse().with_context(|| format!("url '{url}'"))?;
@@ -101,6 +103,7 @@ impl Remote {
                 next_id: AtomicU64::new(1),
                 introduction,
                 stopped: AtomicBool::new(false),
+                _held: held,
             }),
         })
     }
@@ -167,6 +170,9 @@ impl Remote {
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
         let text = request.with_id(&RawValue::from_string(id.clone())?);
+        // Nobody to relay the server's requests to: they are refused, not
+        // left to hang.
+        let side = side.or_else(|| Some(refuser(self.inner.clone())));
         let mut unanswered = Unanswered {
             inner: Some(self.inner.clone()),
             id: &id,
@@ -198,6 +204,25 @@ impl Remote {
     pub async fn send(&self, text: &str) -> Result<()> {
         self.inner.send_message(text).await
     }
+}
+
+/// Where the server's messages about a request go when its caller takes
+/// none: its requests are refused, its notifications dropped.
+fn refuser(inner: Arc<Inner>) -> Side {
+    let (side, mut messages) = tokio::sync::mpsc::channel::<Parsed>(8);
+    tokio::spawn(async move {
+        while let Some(message) = messages.recv().await {
+            let Some(id) = message.message().id else {
+                continue;
+            };
+            let why = "Portcullis: this request cannot be relayed to any agent";
+            let refusal = jsonrpc::error_response(Some(id), -32601, why, None);
+            if let Err(e) = inner.send_message(&refusal).await {
+                tracing::debug!(server = %inner.name, "refusal not delivered: {e:#}");
+            }
+        }
+    });
+    side
 }
 
 /// A request sent and not (yet) answered: when its caller gives up, the
