@@ -37,8 +37,9 @@ pub struct ServerConfig {
 pub enum Isolation {
     /// One process (or remote session) for every agent, initialized by
     /// Portcullis with no client capabilities: cheap, and right for servers
-    /// whose tools do not ask their client anything. Server requests are
-    /// relayed only when the one call in flight is theirs.
+    /// whose tools do not ask their client anything. A stdio server's own
+    /// requests are refused (nothing says which agent they concern); a
+    /// remote server's, on a call's own stream, go to that call's agent.
     #[default]
     Shared,
     /// One process (or remote session) per client session, initialized with
