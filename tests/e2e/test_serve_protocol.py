@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx2
 import pytest
 from mcp import ClientSession, types
+from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from conftest import DOUBLES, POLICIES, read_audit
@@ -302,3 +303,77 @@ def test_a_first_call_is_judged_by_annotations_portcullis_listed_itself(gateway:
     assert "hello.txt" in listed["result"]["content"][0]["text"], listed
     written = call("files__write_file", {"path": str(sandbox / "no.txt"), "content": "x"})
     assert "not declared read-only" in json.dumps(written) and not (sandbox / "no.txt").exists()
+
+
+def test_a_stateless_python_agent_answers_server_requests_through_input_required(isolated: Gateway):
+    asked = []
+
+    async def sampling(context, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        asked.append("sampling")
+        return types.CreateMessageResult(role="assistant", model="m",
+                                         content=types.TextContent(type="text", text="stateless reply"))
+
+    async def elicitation(context, params) -> types.ElicitResult:
+        asked.append("elicitation")
+        return types.ElicitResult(action="accept", content={"name": "Grace Hopper", "check": True})
+
+    async def roots(context) -> types.ListRootsResult:
+        asked.append("roots")
+        return types.ListRootsResult(roots=[types.Root(uri="file:///srv/stateless", name="stateless")])
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {KEYS['admin']}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+            transport = streamable_http_client(f"{isolated.url}/servers/everything/mcp", http_client=http)
+            async with Client(transport, sampling_callback=sampling, elicitation_callback=elicitation,
+                              list_roots_callback=roots) as client:
+                tools = [tool.name for tool in (await client.list_tools()).tools]
+                sampled = await client.call_tool("trigger-sampling-request", {"prompt": "hi", "maxTokens": 20})
+                elicited = await client.call_tool("trigger-elicitation-request", {})
+                rooted = await client.call_tool("get-roots-list", {})
+                return client.protocol_version, tools, sampled, elicited, rooted
+
+    version, tools, sampled, elicited, rooted = asyncio.run(scenario())
+    assert version == "2026-07-28"
+    assert {"trigger-sampling-request", "trigger-elicitation-request", "get-roots-list"} <= set(tools)
+    assert "stateless reply" in sampled.content[0].text
+    assert "Grace Hopper" in " ".join(c.text for c in elicited.content)
+    assert "file:///srv/stateless" in rooted.content[0].text
+    assert {"sampling", "elicitation", "roots"} <= set(asked)
+    for method in ("sampling/createMessage", "elicitation/create", "roots/list"):
+        seen = exchanges(isolated, method)
+        assert ("admin", "server-to-client", "request", "allow") in seen, (method, seen)
+        assert ("admin", "client-to-server", "result", "allow") in seen, (method, seen)
+
+
+def stateless_call(gateway: Gateway, agent: str, tool: str, arguments: dict, extra: dict | None = None,
+                   path: str = "/servers/everything/mcp") -> dict:
+    """A 2026-07-28 tools/call, written out by hand, from a client that can sample."""
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {"sampling": {}}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments, "_meta": meta, **(extra or {})}}
+    headers = {"Authorization": f"Bearer {KEYS[agent]}", "MCP-Protocol-Version": "2026-07-28",
+               "Mcp-Method": "tools/call", "Mcp-Name": tool}
+    status, _, answer = gateway.post(path, json.dumps(body).encode(), headers)
+    return json.loads(answer)
+
+
+def test_a_parked_calls_request_state_serves_its_own_agent_once(isolated: Gateway):
+    asked = stateless_call(isolated, "admin", "trigger-sampling-request", {"prompt": "x"})["result"]
+    assert asked["resultType"] == "input_required"
+    [(key, request)] = asked["inputRequests"].items()
+    assert request["method"] == "sampling/createMessage"
+    state = asked["requestState"]
+    reply = {"role": "assistant", "model": "m", "content": {"type": "text", "text": "parked reply"}}
+    again = {"inputResponses": {key: reply}, "requestState": state}
+    # Another agent cannot take the call over, nor can a made-up state name one.
+    stolen = stateless_call(isolated, "second", "trigger-sampling-request", {"prompt": "x"}, again)
+    assert stolen["error"]["code"] == -32602 and "names no call of this agent" in stolen["error"]["message"]
+    forged = {**again, "requestState": "pcp1." + "0" * 32}
+    assert stateless_call(isolated, "admin", "trigger-sampling-request", {"prompt": "x"}, forged)["error"]["code"] == -32602
+    # Its own agent resumes it, once.
+    done = stateless_call(isolated, "admin", "trigger-sampling-request", {"prompt": "x"}, again)
+    assert "parked reply" in done["result"]["content"][0]["text"], done
+    replayed = stateless_call(isolated, "admin", "trigger-sampling-request", {"prompt": "x"}, again)
+    assert replayed["error"]["code"] == -32602

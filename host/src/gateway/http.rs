@@ -18,6 +18,7 @@
 use crate::audit::AccessRecord;
 use crate::gateway::Gateway;
 use crate::gateway::calls::{Aborting, Call, Next};
+use crate::gateway::rounds;
 use crate::gateway::sessions::Scope;
 use crate::gateway::stateless;
 use crate::http::{
@@ -488,14 +489,16 @@ impl Listener {
                 _ => request,
             };
             // A call of its own: the agent going away, or cancelling it,
-            // stops it and tells the server.
-            let gateway = self.gateway.clone();
-            let mut call = Call::start(gateway, session.clone(), request, asking, false);
-            let answer = loop {
-                match call.next().await {
-                    Next::Answer(answer) => break answer,
-                    Next::Event(_) => {}
-                }
+            // stops it and tells the server. A server asking the agent
+            // something parks it, and the agent is answered input_required.
+            let what = rounds::what(method, &params);
+            let wait = self.gateway.timeout();
+            let answer = if rounds::resumes(&params) {
+                rounds::resume(&session, &params, id, what, wait).await
+            } else {
+                let gateway = self.gateway.clone();
+                let call = Call::start(gateway, session.clone(), request, asking, true);
+                rounds::drive(&session, call, id, what, wait).await
             };
             let Some(answer) = answer else {
                 return empty(StatusCode::ACCEPTED);

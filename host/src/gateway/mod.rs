@@ -16,6 +16,7 @@ pub mod inbound;
 pub mod instances;
 pub mod judging;
 pub mod naming;
+pub mod rounds;
 pub mod routing;
 pub mod sessions;
 pub mod stateless;
@@ -198,6 +199,11 @@ impl Gateway {
                 (name.clone(), health)
             })
             .collect()
+    }
+
+    /// How long a server may take to answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Whether `server` is configured.

@@ -155,6 +155,8 @@ pub struct ClientSession {
     /// Its requests being handled, by their id (canonical): a client's
     /// cancellation stops the one it names.
     pub calls: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    /// Its calls waiting for its agent's input (2026-07-28).
+    pub parked: Mutex<crate::gateway::rounds::Lot>,
     /// The server connections it owns, until it ends.
     own: Mutex<Vec<Own>>,
     /// Whether it has ended.
@@ -187,6 +189,7 @@ impl ClientSession {
             subscriptions: Mutex::new(HashSet::new()),
             questions: Mutex::new(Questions::default()),
             calls: Mutex::new(HashMap::new()),
+            parked: Mutex::default(),
             own: Mutex::new(reach.own),
             ended: tokio::sync::watch::channel(false).0,
             last_used: AtomicU64::new(since_epoch()),
@@ -240,8 +243,10 @@ impl ClientSession {
         {
             call.notify_one();
         }
+        let parked =
+            std::mem::take(&mut *self.parked.lock().unwrap_or_else(PoisonError::into_inner));
         let own = std::mem::take(&mut *self.own.lock().unwrap_or_else(PoisonError::into_inner));
-        drop(own);
+        drop((parked, own));
     }
 
     /// Completes once it has ended.
