@@ -33,7 +33,7 @@ pub async fn keep_surveyed(
     wait: Duration,
     learned: impl Fn(Arc<RawValue>) -> bool + Send + 'static,
 ) {
-    let Some(mut changes) = upstream.upgrade().map(|u| u.notices()) else {
+    let Some(mut notices) = upstream.upgrade().map(|u| u.notices()) else {
         return;
     };
     let mut pause = FIRST_PAUSE;
@@ -68,9 +68,6 @@ pub async fn keep_surveyed(
             }
         }
         drop(upstream);
-        let Some(notices) = changes.as_mut() else {
-            return;
-        };
         loop {
             match notices.recv().await {
                 Ok(notice)

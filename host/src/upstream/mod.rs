@@ -202,27 +202,20 @@ impl Upstream {
 
     /// On a connection dedicated to one session, what the server sends it
     /// not about a call (its requests, its logging) from now on; only the
-    /// latest receiver gets them. `None` for a remote server, whose own
-    /// stream is not read.
-    pub fn inbox(&self) -> Option<tokio::sync::mpsc::Receiver<Parsed>> {
+    /// latest receiver gets them.
+    pub fn inbox(&self) -> tokio::sync::mpsc::Receiver<Parsed> {
         match self {
-            Upstream::Process(p) => Some(p.inbox()),
-            Upstream::Remote(_) => None,
+            Upstream::Process(p) => p.inbox(),
+            Upstream::Remote(r) => r.inbox(),
         }
     }
 
-    /// The server's [`SHARED_NOTIFICATIONS`] from now on. `None` for a
-    /// remote server, whose own stream is not read.
-    pub fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<Parsed>>> {
+    /// The server's [`SHARED_NOTIFICATIONS`] from now on.
+    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Arc<Parsed>> {
         match self {
-            Upstream::Process(p) => Some(p.notices()),
-            Upstream::Remote(_) => None,
+            Upstream::Process(p) => p.notices(),
+            Upstream::Remote(r) => r.notices(),
         }
-    }
-
-    /// Whether [`Upstream::notices`] has any.
-    pub fn has_notices(&self) -> bool {
-        matches!(self, Upstream::Process(_))
     }
 
     /// How it is doing.

@@ -8,8 +8,13 @@
 //! timeout). A lost session or connection is re-established on the next
 //! request. What the server sends about a request on that request's own
 //! stream (its requests, progress, logging) goes to the request's [`Side`];
-//! a request given up on is cancelled with the server. `https://` uses the
-//! platform's root certificates.
+//! a request given up on is cancelled with the server. What it sends not
+//! about a request comes on its own stream (HTTP GET), listened to while
+//! the connection is used and opened again when it drops: its list changes
+//! and resource updates for every session using it, and, on a connection
+//! dedicated to one session, its requests and logging for that session.
+//! Each event is held to the size limit. `https://` uses the platform's
+//! root certificates.
 
 use super::{
     Answer, FIRST_BACKOFF, Health, INITIALIZED, Introduction, MAX_BACKOFF, Side, cancellation,
@@ -32,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{broadcast, mpsc};
 
 /// What the handshake established.
 struct Connection {
@@ -63,6 +69,13 @@ struct Inner {
     stopped: AtomicBool,
     /// What it holds until it is gone.
     _held: Option<super::Held>,
+    /// Whether it serves one client session alone.
+    dedicated: bool,
+    /// The server's notifications for all its clients.
+    notices: broadcast::Sender<Arc<Parsed>>,
+    /// On a dedicated connection, where what the server sends its session
+    /// not about a request goes.
+    inbox: Mutex<Option<mpsc::Sender<Parsed>>>,
 }
 
 impl Remote {
@@ -103,7 +116,10 @@ impl Remote {
                 next_id: AtomicU64::new(1),
                 introduction,
                 stopped: AtomicBool::new(false),
+                dedicated: held.is_some(),
                 _held: held,
+                notices: broadcast::channel(64).0,
+                inbox: Mutex::new(None),
             }),
         })
     }
@@ -118,12 +134,26 @@ impl Remote {
         }
     }
 
+    /// The server's [`super::SHARED_NOTIFICATIONS`], from now on.
+    pub fn notices(&self) -> broadcast::Receiver<Arc<Parsed>> {
+        self.inner.notices.subscribe()
+    }
+
+    /// On a dedicated connection, what the server sends its session not
+    /// about a request, from now on; only the latest receiver gets them.
+    pub fn inbox(&self) -> mpsc::Receiver<Parsed> {
+        let (sender, receiver) = mpsc::channel(INBOX);
+        *self.inner.inbox.lock().expect("inbox lock poisoned") = Some(sender);
+        receiver
+    }
+
     /// Starts the handshake now, so health is known before the first agent,
     /// and tries again, backing off, until the server is reached: one that
     /// comes up after Portcullis is ready when it is, not at the first
-    /// agent's request.
+    /// agent's request. Then it listens on the server's own stream.
     pub fn connect_in_background(&self, runtime: &tokio::runtime::Handle) {
         let inner = self.inner.clone();
+        runtime.spawn(inner.clone().listen());
         runtime.spawn(async move {
             let mut pause = FIRST_BACKOFF;
             while let Err(e) = inner.connection(Duration::from_secs(30)).await {
@@ -426,6 +456,150 @@ impl Inner {
         };
         Ok((new_session, answer))
     }
+}
+
+impl Inner {
+    /// Listens on the server's own stream (GET) while the connection is
+    /// used, opening it again (backing off) when it drops; a server that
+    /// offers none (405) is not asked again.
+    async fn listen(self: Arc<Self>) {
+        let mut pause = FIRST_BACKOFF;
+        let wait = Duration::from_secs(30);
+        while !self.stopped.load(Ordering::SeqCst) {
+            let outcome = match self.connection(wait).await {
+                Ok((session, _)) => self.listen_once(session.as_ref()).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(Listened::NotOffered) => {
+                    tracing::debug!(server = %self.name, "the server offers no stream of its own");
+                    return;
+                }
+                Ok(Listened::Ended) => pause = FIRST_BACKOFF,
+                Err(e) if e.downcast_ref::<SessionLost>().is_some() => {
+                    self.forget(&format!("{e:#}")).await;
+                }
+                Err(e) => tracing::debug!(server = %self.name, "its own stream: {e:#}"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One GET stream, read until it ends.
+    async fn listen_once(&self, session: Option<&HeaderValue>) -> Result<Listened> {
+        let mut request = Request::get(self.url.clone())
+            .header(header::ACCEPT, "text/event-stream")
+            .header("mcp-protocol-version", self.introduction.protocol.as_str());
+        if let Some(session) = session {
+            request = request.header("mcp-session-id", session);
+        }
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        let request = request.body(Full::new(Bytes::new()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .with_context(|| format!("GET {}", self.shown))?;
+        match response.status() {
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED => {
+                return Ok(Listened::NotOffered);
+            }
+            StatusCode::NOT_FOUND if session.is_some() => return Err(SessionLost.into()),
+            status if !status.is_success() => bail!("GET {} answered HTTP {status}", self.shown),
+            _ => {}
+        }
+        let mut events = Box::pin(capped_events(response.into_body(), self.max_message_bytes));
+        while let Some(event) = events.next().await {
+            if self.stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            let event = event.map_err(|e| anyhow::anyhow!("reading its event stream: {e}"))?;
+            let Some(data) = event.data else {
+                continue;
+            };
+            match Parsed::parse(data) {
+                Ok(message) => self.dispatch(message).await,
+                Err(unread) => {
+                    tracing::warn!(server = %self.name, "dropped an unreadable event: {}", unread.why)
+                }
+            }
+        }
+        Ok(Listened::Ended)
+    }
+
+    /// One message on the server's own stream: a notification for all its
+    /// clients is broadcast; on a dedicated connection its requests and
+    /// other notifications go to the session; a request nobody takes is
+    /// refused at once.
+    async fn dispatch(&self, message: Parsed) {
+        let (method, id) = {
+            let view = message.message();
+            (
+                view.method.as_deref().map(str::to_string),
+                view.id.map(ToOwned::to_owned),
+            )
+        };
+        let Some(method) = method else {
+            return;
+        };
+        if id.is_none() && super::SHARED_NOTIFICATIONS.contains(&method.as_str()) {
+            let _ = self.notices.send(Arc::new(message));
+            return;
+        }
+        if let (Some(id), "ping") = (&id, method.as_str()) {
+            let pong = format!(r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#, id.get());
+            let _ = self.send_message(&pong).await;
+            return;
+        }
+        let inbox = self.inbox.lock().expect("inbox lock poisoned").clone();
+        let taken = match (self.dedicated, inbox) {
+            (true, Some(inbox)) => inbox.try_send(message).is_ok(),
+            _ => false,
+        };
+        if let (false, Some(id)) = (taken, id) {
+            let why = format!("Portcullis: no agent can answer '{method}' now");
+            let refusal = jsonrpc::error_response(Some(&id), -32601, &why, None);
+            let _ = self.send_message(&refusal).await;
+        }
+    }
+}
+
+/// How reading the server's own stream ended.
+enum Listened {
+    /// The server offers no such stream.
+    NotOffered,
+    /// It ended, or dropped.
+    Ended,
+}
+
+/// How many of the server's messages to its session may wait to be read.
+const INBOX: usize = 64;
+
+/// The SSE events of a long-lived `body`, none allowed to grow past `max`
+/// bytes (a server that never ends an event cannot fill memory).
+fn capped_events(
+    body: hyper::body::Incoming,
+    max: usize,
+) -> impl Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Send {
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = pending.clone();
+    let bytes = body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+        let so_far = counted.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
+        if so_far > max {
+            return Err(std::io::Error::other(format!(
+                "an event over the size limit of {max} bytes"
+            )));
+        }
+        Ok(chunk)
+    });
+    sse_stream::SseByteStream::new(bytes).map(move |event| {
+        pending.store(0, Ordering::Relaxed);
+        event
+    })
 }
 
 /// A failure reading a body, as an I/O error (which the SSE decoder takes).
