@@ -377,3 +377,29 @@ def test_a_parked_calls_request_state_serves_its_own_agent_once(isolated: Gatewa
     assert "parked reply" in done["result"]["content"][0]["text"], done
     replayed = stateless_call(isolated, "admin", "trigger-sampling-request", {"prompt": "x"}, again)
     assert replayed["error"]["code"] == -32602
+
+
+def test_a_stateless_agent_hears_of_changes_through_subscriptions_listen(gateway: Gateway):
+    async def scenario():
+        headers = {"Authorization": f"Bearer {KEYS['admin']}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+            async with Client(streamable_http_client(f"{gateway.url}/mcp", http_client=http)) as client:
+                discovered = client.server_capabilities
+                async with client.listen(tools_list_changed=True, prompts_list_changed=True) as subscription:
+                    honored = subscription.honored
+                    poke = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "test/list-changed", "params": {
+                        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                                  "io.modelcontextprotocol/clientCapabilities": {}}}}).encode()
+                    await asyncio.to_thread(gateway.post, "/servers/echo/mcp", poke, {
+                        "Authorization": f"Bearer {KEYS['admin']}", "MCP-Protocol-Version": "2026-07-28",
+                        "Mcp-Method": "test/list-changed"})
+                    event = await asyncio.wait_for(subscription.__anext__(), 15)
+                return client.protocol_version, discovered, honored, event
+
+    version, discovered, honored, event = asyncio.run(scenario())
+    assert version == "2026-07-28"
+    assert discovered.tools.list_changed  # advertised on discover
+    assert honored.tools_list_changed and honored.prompts_list_changed
+    assert type(event).__name__ == "ToolsListChanged", event
+    relayed = [r for r in read_audit(gateway.audit) if r.get("method") == "notifications/tools/list_changed"]
+    assert ("admin", "echo", "server-to-client") in {(r["agent"], r["server"], r["direction"]) for r in relayed}

@@ -18,9 +18,9 @@
 use crate::audit::AccessRecord;
 use crate::gateway::Gateway;
 use crate::gateway::calls::{Aborting, Call, Next};
-use crate::gateway::rounds;
 use crate::gateway::sessions::Scope;
 use crate::gateway::stateless;
+use crate::gateway::{listening, rounds};
 use crate::http::{
     Body, BodyError, Guard, event_stream, full, json_response, plain, read_body, serve, sse_event,
 };
@@ -463,6 +463,10 @@ impl Listener {
                 return json_response(StatusCode::TOO_MANY_REQUESTS, answer);
             }
         };
+        if method == "subscriptions/listen" {
+            let events = listening::listen(&self.gateway, session, id, &params).await;
+            return event_stream("message", events, None, true);
+        }
         let (answer, server_info) = if method == "server/discover" {
             match self.gateway.discover(&session).await {
                 Ok((result, info)) => (

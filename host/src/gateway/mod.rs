@@ -15,6 +15,7 @@ pub mod http;
 pub mod inbound;
 pub mod instances;
 pub mod judging;
+pub mod listening;
 pub mod naming;
 pub mod rounds;
 pub mod routing;
@@ -449,10 +450,8 @@ impl Gateway {
         let (sender, receiver) = mpsc::channel(16);
         for (server, upstream) in &session.upstreams {
             let own = matches!(self.servers.get(server), Some(Served::PerSession(_)));
-            let inbox = if own { upstream.inbox() } else { None };
-            let Some(notices) = upstream.notices() else {
-                continue;
-            };
+            let inbox = own.then(|| upstream.inbox());
+            let notices = upstream.notices();
             let (sender, session, server) = (sender.clone(), session.clone(), server.clone());
             let wait = self.timeout;
             tokio::spawn(relay_notices(session, server, notices, inbox, sender, wait));
@@ -478,12 +477,12 @@ impl Gateway {
                     .initialized(self.timeout)
                     .await
                     .map_err(|e| format!("Portcullis: {e:#}"))?;
-                let capabilities = listed_capabilities(&upstream["capabilities"], false);
+                let capabilities = listed_capabilities(&upstream["capabilities"], true);
                 let result = stateless::discovery(capabilities, upstream["instructions"].as_str());
                 Ok((result, upstream["serverInfo"].clone()))
             }
             Scope::All => {
-                let capabilities = self.merged_capabilities(session, false).await;
+                let capabilities = self.merged_capabilities(session, true).await;
                 let instructions = self.merged_instructions();
                 let result = stateless::discovery(capabilities, Some(&instructions));
                 Ok((result, portcullis_info()))
@@ -518,8 +517,7 @@ impl Gateway {
             let Ok(init) = upstream.initialized(MERGE_WAIT).await else {
                 continue;
             };
-            let relayed = changes && upstream.has_notices();
-            for (name, offer) in listed_capabilities(&init["capabilities"], relayed) {
+            for (name, offer) in listed_capabilities(&init["capabilities"], changes) {
                 let merged = capabilities.entry(name).or_insert_with(|| json!({}));
                 if offer["listChanged"] == json!(true) {
                     merged["listChanged"] = json!(true);

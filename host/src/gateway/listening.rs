@@ -1,0 +1,264 @@
+//! `subscriptions/listen` for agents of the stateless 2026-07-28 revision:
+//! one long-lived stream of the changes an agent asked for — list changes
+//! of its servers' tools, prompts and resources, and updates of the
+//! resources it names — in place of the older revisions' `GET` stream and
+//! `resources/subscribe`. The stream opens with the acknowledgement of what
+//! Portcullis will honour (the list types some server of the session
+//! offers, the resources a server accepted a subscription to); every
+//! notification on it is judged and audited for the agent, and carries the
+//! subscription's id in `_meta`, as the revision asks.
+
+use crate::contract::Direction;
+use crate::gateway::Gateway;
+use crate::gateway::judging::{Pass, judge};
+use crate::gateway::sessions::{ClientSession, Scope};
+use crate::protocol::parsed::Parsed;
+use crate::relay::Asking;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc};
+
+/// The `_meta` key naming the subscription a message belongs to.
+const SUBSCRIPTION_KEY: &str = "io.modelcontextprotocol/subscriptionId";
+/// The most resources one stream may name.
+const MOST_RESOURCES: usize = 256;
+/// The list types, as the filter names them, the capability offering them,
+/// and the notification announcing a change.
+const LISTS: &[(&str, &str, &str)] = &[
+    (
+        "toolsListChanged",
+        "tools",
+        "notifications/tools/list_changed",
+    ),
+    (
+        "promptsListChanged",
+        "prompts",
+        "notifications/prompts/list_changed",
+    ),
+    (
+        "resourcesListChanged",
+        "resources",
+        "notifications/resources/list_changed",
+    ),
+];
+
+/// What one stream carries.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Honoured {
+    /// Notifications of list changes, by method.
+    lists: Vec<&'static str>,
+    /// Resources whose updates it carries.
+    resources: Vec<String>,
+}
+
+/// Opens the stream `session`'s agent asked for with `params` (request
+/// `id`): subscribes to the resources it names, and returns the stream's
+/// events, the acknowledgement first. It ends when the client stops reading
+/// or the session ends.
+pub async fn listen(
+    gateway: &Gateway,
+    session: Arc<ClientSession>,
+    id: &RawValue,
+    params: &Value,
+) -> mpsc::Receiver<String> {
+    let filter = &params["notifications"];
+    let mut honoured = Honoured::default();
+    for (key, capability, method) in LISTS {
+        let offered = async {
+            for upstream in session.upstreams.values() {
+                if let Ok(init) = upstream.initialized(gateway.timeout).await
+                    && init["capabilities"].get(*capability).is_some()
+                {
+                    return true;
+                }
+            }
+            false
+        };
+        if filter[*key] == json!(true) && offered.await {
+            honoured.lists.push(method);
+        }
+    }
+    let wanted = filter["resourceSubscriptions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for uri in wanted.iter().filter_map(Value::as_str).take(MOST_RESOURCES) {
+        if subscribe(gateway, &session, uri).await {
+            honoured.resources.push(uri.to_string());
+        }
+    }
+    let (sender, events) = mpsc::channel(16);
+    let acknowledged = json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/subscriptions/acknowledged",
+        "params": {
+            "notifications": acknowledgement(filter, &honoured),
+            "_meta": { SUBSCRIPTION_KEY: serde_json::from_str::<Value>(id.get()).unwrap_or(Value::Null) },
+        }
+    });
+    let _ = sender.try_send(acknowledged.to_string());
+    for (server, upstream) in &session.upstreams {
+        let notices = upstream.notices();
+        let (session, server, sender) = (session.clone(), server.clone(), sender.clone());
+        let (honoured, id) = (honoured.clone(), id.to_owned());
+        tokio::spawn(relay(session, server, notices, honoured, id, sender));
+    }
+    let session = session.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = sender.closed() => {}
+            () = session.ended() => {}
+        }
+    });
+    events
+}
+
+/// Subscribes `session` to resource `uri` with the server that serves it
+/// (the session's one server, or the one that listed it): a request of the
+/// agent's, judged and audited. Whether the server accepted.
+async fn subscribe(gateway: &Gateway, session: &ClientSession, uri: &str) -> bool {
+    let server = match &session.scope {
+        Scope::Server(server) => Some(server.clone()),
+        Scope::All => {
+            let resources = session
+                .resources
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            resources.get(uri).cloned()
+        }
+    };
+    let Some(server) = server else {
+        return false;
+    };
+    let request = json!({
+        "jsonrpc": "2.0", "id": "portcullis-listen", "method": "resources/subscribe",
+        "params": { "uri": uri }
+    });
+    let Ok(request) = Parsed::parse(request.to_string()) else {
+        return false;
+    };
+    let answer = gateway
+        .forward(session, &server, request, Asking::Connection, None)
+        .await;
+    answer
+        .and_then(|answer| serde_json::from_str::<Value>(&answer).ok())
+        .is_some_and(|answer| answer.get("result").is_some())
+}
+
+/// The filter as honoured, in the filter's own terms.
+fn acknowledgement(filter: &Value, honoured: &Honoured) -> Value {
+    let mut acknowledged = serde_json::Map::new();
+    for (key, _, method) in LISTS {
+        if honoured.lists.contains(method) {
+            acknowledged.insert((*key).to_string(), json!(true));
+        }
+    }
+    if filter.get("resourceSubscriptions").is_some() {
+        acknowledged.insert("resourceSubscriptions".into(), json!(honoured.resources));
+    }
+    Value::Object(acknowledged)
+}
+
+/// Relays what `server` sends all its clients that the stream carries,
+/// judged, until the stream closes or the session ends.
+async fn relay(
+    session: Arc<ClientSession>,
+    server: String,
+    mut notices: broadcast::Receiver<Arc<Parsed>>,
+    honoured: Honoured,
+    id: Box<RawValue>,
+    sender: mpsc::Sender<String>,
+) {
+    loop {
+        let notice = tokio::select! {
+            notice = notices.recv() => match notice {
+                Ok(notice) => notice,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            () = sender.closed() => return,
+            () = session.ended() => return,
+        };
+        if !carries(&honoured, &notice) {
+            continue;
+        }
+        let Some(relay) = session.relays.get(&server).cloned() else {
+            return;
+        };
+        let s2c = Direction::ServerToClient;
+        let judged = judge(relay, s2c, notice, Asking::Connection, None).await;
+        let text = match judged.forward {
+            Some(Pass::AsItCame(notice)) => notice.text().to_string(),
+            Some(Pass::Changed(text)) => text,
+            None => continue,
+        };
+        if let Some(tagged) = tagged(&text, &id)
+            && sender.send(tagged).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Whether the stream carries `notice`.
+fn carries(honoured: &Honoured, notice: &Parsed) -> bool {
+    let message = notice.message();
+    let Some(method) = message.method.as_deref() else {
+        return false;
+    };
+    if method == "notifications/resources/updated" {
+        let uri = message.params_value()["uri"].as_str().map(str::to_string);
+        return uri.is_some_and(|uri| honoured.resources.contains(&uri));
+    }
+    honoured.lists.contains(&method)
+}
+
+/// `notification` with the subscription's `id` in its `_meta`.
+fn tagged(notification: &str, id: &RawValue) -> Option<String> {
+    let mut message: Value = serde_json::from_str(notification).ok()?;
+    let id: Value = serde_json::from_str(id.get()).ok()?;
+    let params = message
+        .as_object_mut()?
+        .entry("params")
+        .or_insert_with(|| json!({}));
+    let meta = params
+        .as_object_mut()?
+        .entry("_meta")
+        .or_insert_with(|| json!({}));
+    meta.as_object_mut()?.insert(SUBSCRIPTION_KEY.into(), id);
+    Some(message.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_carries_only_what_it_honours_tagged_with_its_id() {
+        let honoured = Honoured {
+            lists: vec!["notifications/tools/list_changed"],
+            resources: vec!["a://1".into()],
+        };
+        let parsed = |text: &str| Parsed::parse(text.into()).unwrap();
+        let tools = r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#;
+        assert!(carries(&honoured, &parsed(tools)));
+        let prompts = r#"{"jsonrpc":"2.0","method":"notifications/prompts/list_changed"}"#;
+        assert!(!carries(&honoured, &parsed(prompts)));
+        let updated = |uri: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{{"uri":"{uri}"}}}}"#
+            )
+        };
+        assert!(carries(&honoured, &parsed(&updated("a://1"))));
+        assert!(!carries(&honoured, &parsed(&updated("a://2"))));
+        let id = RawValue::from_string("7".into()).unwrap();
+        let tagged: Value = serde_json::from_str(&tagged(tools, &id).unwrap()).unwrap();
+        assert_eq!(tagged["params"]["_meta"][SUBSCRIPTION_KEY], 7);
+        let filter = json!({"toolsListChanged": true, "promptsListChanged": true, "resourceSubscriptions": ["a://1", "a://2"]});
+        assert_eq!(
+            acknowledgement(&filter, &honoured),
+            json!({"toolsListChanged": true, "resourceSubscriptions": ["a://1"]})
+        );
+    }
+}
