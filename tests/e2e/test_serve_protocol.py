@@ -24,7 +24,7 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from conftest import DOUBLES, POLICIES, read_audit
-from test_serve import KEYS, Gateway, gateway, sha256  # noqa: F401 (a fixture)
+from test_serve import KEYS, Gateway, connect as connect_to, gateway, remote_mcp_server, sha256  # noqa: F401
 
 PER_SESSION = 'isolation = "per-session"'
 SECOND_AGENT = f"""
@@ -403,3 +403,44 @@ def test_a_stateless_agent_hears_of_changes_through_subscriptions_listen(gateway
     assert type(event).__name__ == "ToolsListChanged", event
     relayed = [r for r in read_audit(gateway.audit) if r.get("method") == "notifications/tools/list_changed"]
     assert ("admin", "echo", "server-to-client") in {(r["agent"], r["server"], r["direction"]) for r in relayed}
+
+
+def test_a_remote_servers_own_stream_reaches_every_session_using_it(tmp_path: Path, sandbox: Path):
+    with remote_mcp_server(tmp_path) as (url, headers_log):
+        gateway = Gateway(tmp_path, sandbox, f'\n[servers.remote]\nurl = "{url}"\n')
+        try:
+            async def scenario():
+                heard = []
+                changed = asyncio.Event()
+
+                async def listener(message) -> None:
+                    method = getattr(message, "method", None) or getattr(getattr(message, "root", None), "method", None)
+                    heard.append(method)
+                    if method == "notifications/tools/list_changed":
+                        changed.set()
+
+                headers = {"Authorization": f"Bearer {KEYS['admin']}"}
+                async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+                    async with streamable_http_client(f"{gateway.url}/mcp", http_client=http) as (r, w, *_):
+                        async with ClientSession(r, w, message_handler=listener) as listening:
+                            await listening.initialize()
+                            async with connect_to(gateway, "admin", "/servers/remote/mcp") as caller:
+                                for _ in range(20):
+                                    await caller.call_tool("announce", {})
+                                    try:
+                                        await asyncio.wait_for(changed.wait(), 0.5)
+                                        break
+                                    except asyncio.TimeoutError:
+                                        pass
+                return heard
+
+            heard = asyncio.run(scenario())
+        finally:
+            gateway.stop()
+        seen = [json.loads(line) for line in headers_log.read_text().splitlines()]
+    assert "notifications/tools/list_changed" in heard
+    # Portcullis listened on the server's own stream, in its session, with nothing of the agent's.
+    listens = [h for h in seen if h[":method"] == "GET"]
+    assert listens and all(h.get("mcp-session-id") and h["accept"] == "text/event-stream" for h in listens)
+    relayed = [r for r in read_audit(gateway.audit) if r.get("method") == "notifications/tools/list_changed"]
+    assert ("admin", "remote", "server-to-client") in {(r["agent"], r["server"], r["direction"]) for r in relayed}

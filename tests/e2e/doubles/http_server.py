@@ -1,7 +1,9 @@
 """A remote Streamable HTTP MCP server for the gateway tests, written with
 the official Python SDK (`MCPServer`, served by uvicorn). It appends the
 headers of every HTTP request it receives to HEADERS_LOG, one JSON object per
-line, so a test can see exactly what Portcullis sent it.
+line (with the request's method), so a test can see exactly what Portcullis
+sent it. Its `announce` tool tells every client its tools changed, on the
+server's own stream (GET), not on the call's.
 
 Usage: http_server.py PORT   (JSON_RESPONSE=1 answers with JSON instead of SSE;
 TLS_CERT and TLS_KEY, PEM files, serve HTTPS)
@@ -12,7 +14,7 @@ import os
 import sys
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import ToolAnnotations
 
 server = MCPServer("remote-calculator")
@@ -30,13 +32,21 @@ def reset() -> str:
     return "reset"
 
 
+@server.tool()
+async def announce(ctx: Context) -> str:
+    """Tells its clients its tools changed."""
+    await ctx.session.send_tool_list_changed()
+    return "announced"
+
+
 app = server.streamable_http_app(json_response=os.environ.get("JSON_RESPONSE") == "1")
 
 
 async def recording(scope, receive, send):
     if scope["type"] == "http":
         with open(os.environ["HEADERS_LOG"], "a") as log:
-            log.write(json.dumps({k.decode(): v.decode() for k, v in scope["headers"]}) + "\n")
+            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            log.write(json.dumps({**headers, ":method": scope["method"]}) + "\n")
     await app(scope, receive, send)
 
 
