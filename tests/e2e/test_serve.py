@@ -108,7 +108,7 @@ servers = ["files"]
             try:
                 health = self.health()
                 # A server named broken* is expected never to come up.
-                if all(s["state"] in ("ready", "per-session") for n, s in health["servers"].items()
+                if all(s["state"] in ("ready", "per-session", "per-agent") for n, s in health["servers"].items()
                        if not n.startswith("broken")):
                     return
             except OSError:

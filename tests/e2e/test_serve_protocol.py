@@ -444,3 +444,40 @@ def test_a_remote_servers_own_stream_reaches_every_session_using_it(tmp_path: Pa
     assert listens and all(h.get("mcp-session-id") and h["accept"] == "text/event-stream" for h in listens)
     relayed = [r for r in read_audit(gateway.audit) if r.get("method") == "notifications/tools/list_changed"]
     assert ("admin", "remote", "server-to-client") in {(r["agent"], r["server"], r["direction"]) for r in relayed}
+
+
+def test_a_server_per_agent_is_shared_by_that_agents_sessions_only(tmp_path: Path, sandbox: Path):
+    gateway = Gateway(tmp_path, sandbox, extra=SECOND_AGENT, everything='isolation = "per-agent"')
+    path = "/servers/everything/mcp"
+
+    def running() -> int | None:
+        return gateway.status().get("servers", {}).get("everything", {}).get("instances")
+
+    def end(session: str, agent: str) -> None:
+        delete = urllib.request.Request(f"{gateway.url}{path}", method="DELETE", headers={
+            "Authorization": f"Bearer {KEYS[agent]}", "Mcp-Session-Id": session})
+        urllib.request.urlopen(delete, timeout=10).close()
+
+    try:
+        first = echo_session(gateway, path=path)
+        second = echo_session(gateway, path=path)
+        assert until(lambda: running() == 1), "the agent's two sessions share one server"
+        initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                      "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                 "clientInfo": {"name": "raw", "version": "1"}}}
+        request = urllib.request.Request(f"{gateway.url}{path}", data=json.dumps(initialize).encode(), headers={
+            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+            "Authorization": f"Bearer {KEYS['second']}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            other = response.headers["Mcp-Session-Id"]
+        assert until(lambda: running() == 2), "another agent gets its own"
+        end(first, "admin")
+        time.sleep(1)
+        assert running() == 2, "still held by the agent's other session"
+        end(second, "admin")
+        assert until(lambda: running() == 1), "the agent's last session ended: its server is gone"
+        end(other, "second")
+        assert until(lambda: running() == 0)
+        assert gateway.health()["servers"]["everything"]["state"] == "per-agent"
+    finally:
+        gateway.stop()

@@ -47,6 +47,11 @@ pub enum Isolation {
     /// would for the agent directly (sampling, elicitation, roots, logging,
     /// subscriptions). Stopped when the session ends or expires.
     PerSession,
+    /// One process (or remote session) per agent, shared by that agent's
+    /// sessions and introduced with the capabilities of the session that
+    /// started it: the server tells agents apart, at a process per agent.
+    /// Stopped when the agent's last session ends or expires.
+    PerAgent,
 }
 
 impl ServerConfig {

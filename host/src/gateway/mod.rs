@@ -32,7 +32,9 @@ use crate::gateway::instances::{Full, Instances, Limits};
 use crate::gateway::judging::{Armed, Pass, Returning, judge};
 use crate::gateway::naming::Naming;
 use crate::gateway::routing::{LISTINGS, Listing, Route};
-use crate::gateway::sessions::{ClientSession, Own, Reach, Scope, Sessions, TooManySessions};
+use crate::gateway::sessions::{
+    ClientSession, Own, Reach, Scope, Sessions, Stopping, TooManySessions,
+};
 use crate::identity::Identity;
 use crate::protocol::jsonrpc::{self, INTERNAL_ERROR, INVALID_REQUEST, Message, error_response};
 use crate::protocol::parsed::Parsed;
@@ -42,7 +44,7 @@ use crate::relay::{Asking, Relay};
 use crate::upstream::{Answer, Health, Introduction, Plan, Upstream};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
@@ -60,7 +62,21 @@ enum Served {
     Shared(Arc<Upstream>),
     /// Through a connection of each session's own, started from this plan.
     PerSession(Arc<Plan>),
+    /// Through a connection of each agent's own, started from this plan
+    /// and shared by the agent's sessions (held weakly here, by agent).
+    PerAgent(Arc<Plan>, AgentConnections),
 }
+
+impl Served {
+    /// Whether each session, or agent, has its own connection.
+    fn own(&self) -> bool {
+        !matches!(self, Served::Shared(_))
+    }
+}
+
+/// The connections of a per-agent server, by agent, while one of the
+/// agent's sessions holds them.
+type AgentConnections = Arc<std::sync::Mutex<HashMap<String, std::sync::Weak<Stopping>>>>;
 
 /// Why a session cannot be opened.
 #[derive(Debug, PartialEq, Eq)]
@@ -124,6 +140,7 @@ impl Gateway {
                         Served::Shared(Arc::new(upstream))
                     }
                     Isolation::PerSession => Served::PerSession(Arc::new(plan)),
+                    Isolation::PerAgent => Served::PerAgent(Arc::new(plan), Arc::default()),
                 };
                 Ok((name, served))
             })
@@ -196,6 +213,7 @@ impl Gateway {
                 let health = match served {
                     Served::Shared(upstream) => upstream.health(),
                     Served::PerSession(_) => Health::per_session(self.instances.of_server(name)),
+                    Served::PerAgent(..) => Health::per_agent(self.instances.of_server(name)),
                 };
                 (name.clone(), health)
             })
@@ -334,6 +352,25 @@ impl Gateway {
                     reach.own.push(own);
                     upstream
                 }
+                Served::PerAgent(plan, connections) => {
+                    let mut connections = connections
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let agent = &identity.agent.id;
+                    let held = connections.get(agent).and_then(Own::shared);
+                    let own = match held {
+                        Some(own) => own,
+                        None => {
+                            let own = self.start_own(&server, plan, &identity, &introduction)?;
+                            connections.retain(|_, held| held.strong_count() > 0);
+                            connections.insert(agent.clone(), own.downgrade());
+                            own
+                        }
+                    };
+                    let upstream = own.upstream().clone();
+                    reach.own.push(own);
+                    upstream
+                }
             };
             let session = Session::new(server.clone(), identity.agent.clone());
             let relay = Arc::new(Relay::new(self.current.clone(), session));
@@ -449,7 +486,7 @@ impl Gateway {
     pub fn notices(&self, session: &Arc<ClientSession>) -> mpsc::Receiver<String> {
         let (sender, receiver) = mpsc::channel(16);
         for (server, upstream) in &session.upstreams {
-            let own = matches!(self.servers.get(server), Some(Served::PerSession(_)));
+            let own = self.servers.get(server).is_some_and(Served::own);
             let inbox = own.then(|| upstream.inbox());
             let notices = upstream.notices();
             let (sender, session, server) = (sender.clone(), session.clone(), server.clone());
@@ -584,7 +621,7 @@ impl Gateway {
     /// A shared server knows one client, Portcullis, which sends it none.
     async fn notify_own(&self, session: &ClientSession, notification: Parsed) {
         for server in session.relays.keys() {
-            if !matches!(self.servers.get(server), Some(Served::PerSession(_))) {
+            if !self.servers.get(server).is_some_and(Served::own) {
                 continue;
             }
             if let Ok(copy) = Parsed::parse(notification.text().to_string()) {

@@ -48,26 +48,41 @@ pub struct Reach {
     pub own: Vec<Own>,
 }
 
-/// A server connection dedicated to one session: stopped when dropped.
-pub struct Own(Arc<Upstream>);
+/// A server connection of a session's own (or of its agent's sessions'):
+/// stopped once the last session holding it lets it go.
+#[derive(Clone)]
+pub struct Own(Arc<Stopping>);
+
+/// A connection stopped when dropped.
+pub struct Stopping(Arc<Upstream>);
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
 
 impl Own {
-    /// `upstream`, stopped when this is dropped.
+    /// `upstream`, stopped when the last holder lets it go.
     pub fn new(upstream: Arc<Upstream>) -> Self {
-        Self(upstream)
+        Self(Arc::new(Stopping(upstream)))
+    }
+
+    /// Another holder of the same connection, if one still holds it.
+    pub fn shared(held: &std::sync::Weak<Stopping>) -> Option<Self> {
+        held.upgrade().map(Self)
+    }
+
+    /// A handle that does not keep the connection.
+    pub fn downgrade(&self) -> std::sync::Weak<Stopping> {
+        Arc::downgrade(&self.0)
     }
 }
 
 impl Own {
     /// The connection.
     pub fn upstream(&self) -> &Arc<Upstream> {
-        &self.0
-    }
-}
-
-impl Drop for Own {
-    fn drop(&mut self) {
-        self.0.stop();
+        &self.0.0
     }
 }
 

@@ -131,7 +131,7 @@ pub struct Health {
     /// Why it last stopped or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// For a server with a connection per session: how many run now.
+    /// For a server with a connection per session or agent: how many run now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<usize>,
 }
@@ -153,6 +153,14 @@ impl Health {
             state: Cow::Borrowed("per-session"),
             instances: Some(instances),
             ..Self::starting()
+        }
+    }
+
+    /// A server with a connection per agent, `instances` of them now.
+    pub fn per_agent(instances: usize) -> Self {
+        Self {
+            state: Cow::Borrowed("per-agent"),
+            ..Self::per_session(instances)
         }
     }
 }
