@@ -255,3 +255,20 @@ def test_pin_check_reports_a_server_that_was_never_pinned(tmp_path: Path):
     assert pin(config).returncode == 0
     assert pin(config, "--check").stdout.strip() == "notes: matches the lock"
     assert pin(config, "--server", "nope").returncode == 2
+
+
+def test_a_first_call_in_stdio_mode_is_judged_by_the_pinned_annotations(tmp_path: Path):
+    # The client never lists tools; the read-only policy still knows read_notes is read-only,
+    # from the lock file, and that write_note is not.
+    config = notes_config(tmp_path, PINNING, [policy("read-only", "read_only.wasm")])
+    assert pin(config).returncode == 0
+
+    async def scenario():
+        async with agent(config, tmp_path / "audit.jsonl", tmp_path / "stderr.log") as session:
+            read = await session.call_tool("read_notes", {})
+            write = await refused(session.call_tool("write_note", {"text": "x"}))
+            return read, write
+
+    read, write = run(scenario())
+    assert not read.is_error, read
+    assert "not declared read-only" in write.message

@@ -296,6 +296,8 @@ pub fn command(
         current.clone(),
         Session::new(name.clone(), agent),
     ));
+    // A first call is judged by the pinned tools, listed or not.
+    relay.learn_pinned();
     let reloader = Reloader::new(engine, current, config_path, audit_file, &name);
     Arc::new(reloader).start()?;
     let code = run(relay, &server, config.limits.max_message_bytes);

@@ -398,6 +398,8 @@ impl Gateway {
         upstream: &Arc<Upstream>,
         identity: &Identity,
     ) {
+        // What the lock pins first; what the server lists once it has.
+        relay.learn_pinned();
         if let Some(Served::Shared(_)) = self.servers.get(server) {
             let catalogue = self
                 .catalogue

@@ -24,6 +24,39 @@ impl Relay {
         session.learn_tools(&listing, result, pinned, schemas);
     }
 
+    /// Learns the server's tools as the lock file pins them (the vetted
+    /// definitions), if it pins this server: a first call is judged by them
+    /// before anyone lists the tools. Whether it did.
+    pub fn learn_pinned(&self) -> bool {
+        let g = self.current();
+        let server = {
+            let session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+            session.server().to_string()
+        };
+        let Some(pinned) = g.pins.as_ref().and_then(|p| p.server(&server)) else {
+            return false;
+        };
+        let tools: Vec<serde_json::Value> = pinned
+            .tools
+            .iter()
+            .map(|(name, definition)| {
+                let mut tool = definition.clone();
+                if let Some(tool) = tool.as_object_mut() {
+                    tool.insert("name".into(), json!(name));
+                }
+                tool
+            })
+            .collect();
+        let listing = json!({ "tools": tools }).to_string();
+        match RawValue::from_string(listing) {
+            Ok(listing) => {
+                self.learn_listing(&listing);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The exchange for a message, and the drift of the tools it concerns.
     /// An answer is matched to its request, and a `tools/list` result
     /// teaches the session the tools.
