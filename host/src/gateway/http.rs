@@ -448,7 +448,7 @@ impl Listener {
                 "Method not found: {method} is not part of {}",
                 stateless::VERSION
             );
-            let answer = jsonrpc::error_response(Some(id), stateless::METHOD_NOT_FOUND, &why, None);
+            let answer = jsonrpc::error_response(Some(id), jsonrpc::METHOD_NOT_FOUND, &why, None);
             return json_response(StatusCode::NOT_FOUND, answer);
         }
         let capabilities = &params["_meta"]["io.modelcontextprotocol/clientCapabilities"];

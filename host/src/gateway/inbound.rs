@@ -27,8 +27,6 @@ use tokio::sync::mpsc;
 /// session's own (GET).
 pub type Outlet = mpsc::Sender<String>;
 
-/// JSON-RPC: the method does not exist (for this client).
-const METHOD_NOT_FOUND: i32 = -32601;
 /// A server's cancellation of one of its requests.
 const CANCELLED: &str = "notifications/cancelled";
 
@@ -236,7 +234,7 @@ impl Refusing<'_> {
         tracing::info!(server, method, "a server's request was not relayed: {why}");
         let refusal = jsonrpc::error_response(
             Some(id),
-            METHOD_NOT_FOUND,
+            jsonrpc::METHOD_NOT_FOUND,
             &format!("Portcullis: '{method}' cannot be relayed: {why}"),
             None,
         );

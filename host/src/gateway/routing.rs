@@ -4,15 +4,12 @@
 //! and each server's part of a merged list, named as the endpoint lists it.
 
 use crate::gateway::naming::Naming;
-use crate::protocol::jsonrpc::{self, INVALID_PARAMS};
+use crate::protocol::jsonrpc::{self, INVALID_PARAMS, METHOD_NOT_FOUND};
 use crate::protocol::parsed::{Parsed, splice};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::borrow::Cow;
-
-/// JSON-RPC: the method does not exist (here).
-pub const METHOD_NOT_FOUND: i32 = -32601;
 
 /// One list the aggregated endpoint merges.
 #[derive(Debug, PartialEq, Eq)]

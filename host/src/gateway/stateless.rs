@@ -6,7 +6,7 @@
 //! server of an older revision, and the members this revision requires of
 //! results (`resultType`, cache hints, the server's identity).
 
-use crate::protocol::jsonrpc::INVALID_PARAMS;
+use crate::protocol::jsonrpc::{INVALID_PARAMS, METHOD_NOT_FOUND};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use hyper::StatusCode;
@@ -41,8 +41,6 @@ const CAPABILITIES_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
 const SERVER_INFO_KEY: &str = "io.modelcontextprotocol/serverInfo";
 const ENVELOPE_PREFIX: &str = "io.modelcontextprotocol/";
 
-/// JSON-RPC: the method does not exist.
-pub const METHOD_NOT_FOUND: i32 = -32601;
 /// 2026-07-28: a routing header is missing or disagrees with the body.
 const HEADER_MISMATCH: i32 = -32020;
 /// 2026-07-28: the requested revision is not supported.

@@ -16,6 +16,8 @@ use yoke::Yokeable;
 pub const PARSE_ERROR: i32 = -32700;
 /// Valid JSON, but not a JSON-RPC message (or too large).
 pub const INVALID_REQUEST: i32 = -32600;
+/// JSON-RPC: the method does not exist (or is not offered to this peer).
+pub const METHOD_NOT_FOUND: i32 = -32601;
 /// The params are not what the method takes.
 pub const INVALID_PARAMS: i32 = -32602;
 /// Something went wrong inside Portcullis or upstream.

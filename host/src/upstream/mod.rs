@@ -102,6 +102,36 @@ impl Introduction {
     }
 }
 
+/// On a connection dedicated to one session, where what the server sends
+/// the session not about a call goes (its requests, its logging): the
+/// session's latest stream, if one is open.
+#[derive(Default)]
+pub struct Inbox(std::sync::Mutex<Option<tokio::sync::mpsc::Sender<Parsed>>>);
+
+/// How many of the server's messages to its session may wait to be read.
+const INBOX: usize = 64;
+
+impl Inbox {
+    /// A new receiver, which from now on gets what the inbox takes (the
+    /// one before it no longer does).
+    pub fn open(&self) -> tokio::sync::mpsc::Receiver<Parsed> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(INBOX);
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sender);
+        receiver
+    }
+
+    /// Where it sends now, if a receiver is open.
+    pub fn sender(&self) -> Option<tokio::sync::mpsc::Sender<Parsed>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// What a connection dedicated to one session holds until it is gone (its
 /// place among those running).
 pub type Held = Box<dyn Send + Sync>;

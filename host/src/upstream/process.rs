@@ -47,10 +47,6 @@ const INITIALIZE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopped server may take to exit once its stdin is closed,
 /// before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-/// JSON-RPC: the method does not exist (for this client).
-const METHOD_NOT_FOUND: i32 = -32601;
-/// How many of the server's messages to its session may wait to be read.
-const INBOX: usize = 64;
 
 /// What the connection is to Portcullis.
 pub struct Role {
@@ -87,7 +83,7 @@ pub struct Process {
     notices: broadcast::Sender<Arc<Parsed>>,
     /// On a dedicated connection, where what the server sends its session
     /// not about a call goes.
-    inbox: Mutex<Option<tokio_mpsc::Sender<Parsed>>>,
+    inbox: super::Inbox,
     /// When it was told to stop, if it was.
     stopping: Mutex<Option<Instant>>,
 }
@@ -113,7 +109,7 @@ impl Process {
             health: Mutex::new(Health::starting()),
             ready: watch::channel(None).0,
             notices: broadcast::channel(64).0,
-            inbox: Mutex::new(None),
+            inbox: super::Inbox::default(),
             stopping: Mutex::new(None),
         });
         let supervised = upstream.clone();
@@ -408,7 +404,8 @@ impl Process {
                 let (method, id) = (method.to_string(), id.to_owned());
                 if let Err(why) = self.route(parsed) {
                     let why = format!("Portcullis: no agent can answer '{method}': {why}");
-                    let refusal = jsonrpc::error_response(Some(&id), METHOD_NOT_FOUND, &why, None);
+                    let refusal =
+                        jsonrpc::error_response(Some(&id), jsonrpc::METHOD_NOT_FOUND, &why, None);
                     let _ = self.send(refusal.into_bytes());
                 }
             }
@@ -451,7 +448,7 @@ impl Process {
             let any = pending.values().find_map(|p| p.side.clone());
             (only, any)
         };
-        let inbox = self.inbox.lock().expect("inbox lock poisoned").clone();
+        let inbox = self.inbox.sender();
         let mut message = message;
         for outlet in [only, inbox, any].into_iter().flatten() {
             match outlet.try_send(message) {
@@ -465,9 +462,7 @@ impl Process {
     /// What the server sends its (one) session not about a call, from now
     /// on: its requests and logging. Only the latest receiver gets them.
     pub fn inbox(&self) -> tokio_mpsc::Receiver<Parsed> {
-        let (sender, receiver) = tokio_mpsc::channel(INBOX);
-        *self.inbox.lock().expect("inbox lock poisoned") = Some(sender);
-        receiver
+        self.inbox.open()
     }
 
     /// A progress notification: to the call whose id it names (Portcullis

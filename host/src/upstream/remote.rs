@@ -75,7 +75,7 @@ struct Inner {
     notices: broadcast::Sender<Arc<Parsed>>,
     /// On a dedicated connection, where what the server sends its session
     /// not about a request goes.
-    inbox: Mutex<Option<mpsc::Sender<Parsed>>>,
+    inbox: super::Inbox,
 }
 
 impl Remote {
@@ -119,7 +119,7 @@ impl Remote {
                 dedicated: held.is_some(),
                 _held: held,
                 notices: broadcast::channel(64).0,
-                inbox: Mutex::new(None),
+                inbox: super::Inbox::default(),
             }),
         })
     }
@@ -142,9 +142,7 @@ impl Remote {
     /// On a dedicated connection, what the server sends its session not
     /// about a request, from now on; only the latest receiver gets them.
     pub fn inbox(&self) -> mpsc::Receiver<Parsed> {
-        let (sender, receiver) = mpsc::channel(INBOX);
-        *self.inner.inbox.lock().expect("inbox lock poisoned") = Some(sender);
-        receiver
+        self.inner.inbox.open()
     }
 
     /// Starts the handshake now, so health is known before the first agent,
@@ -246,7 +244,7 @@ fn refuser(inner: Arc<Inner>) -> Side {
                 continue;
             };
             let why = "Portcullis: this request cannot be relayed to any agent";
-            let refusal = jsonrpc::error_response(Some(id), -32601, why, None);
+            let refusal = jsonrpc::error_response(Some(id), jsonrpc::METHOD_NOT_FOUND, why, None);
             if let Err(e) = inner.send_message(&refusal).await {
                 tracing::debug!(server = %inner.name, "refusal not delivered: {e:#}");
             }
@@ -554,14 +552,14 @@ impl Inner {
             let _ = self.send_message(&pong).await;
             return;
         }
-        let inbox = self.inbox.lock().expect("inbox lock poisoned").clone();
+        let inbox = self.inbox.sender();
         let taken = match (self.dedicated, inbox) {
             (true, Some(inbox)) => inbox.try_send(message).is_ok(),
             _ => false,
         };
         if let (false, Some(id)) = (taken, id) {
             let why = format!("Portcullis: no agent can answer '{method}' now");
-            let refusal = jsonrpc::error_response(Some(&id), -32601, &why, None);
+            let refusal = jsonrpc::error_response(Some(&id), jsonrpc::METHOD_NOT_FOUND, &why, None);
             let _ = self.send_message(&refusal).await;
         }
     }
@@ -574,9 +572,6 @@ enum Listened {
     /// It ended, or dropped.
     Ended,
 }
-
-/// How many of the server's messages to its session may wait to be read.
-const INBOX: usize = 64;
 
 /// The SSE events of a long-lived `body`, none allowed to grow past `max`
 /// bytes (a server that never ends an event cannot fill memory).
