@@ -467,11 +467,12 @@ def test_a_crashing_upstream_is_restarted_and_reported(gateway: Gateway):
 
 
 @contextmanager
-def remote_mcp_server(tmp_path: Path, tls: tuple[Path, Path] | None = None):
+def remote_mcp_server(tmp_path: Path, tls: tuple[Path, Path] | None = None, **settings: str):
     """The official SDK's Streamable HTTP server (HTTPS with `tls`, a
-    certificate and its key), recording the headers it gets."""
+    certificate and its key; `settings` as the double's environment),
+    recording the headers it gets."""
     port, headers = free_port(), tmp_path / "remote-headers.jsonl"
-    env = {**os.environ, "HEADERS_LOG": str(headers)}
+    env = {**os.environ, "HEADERS_LOG": str(headers), **settings}
     if tls:
         env.update(TLS_CERT=str(tls[0]), TLS_KEY=str(tls[1]))
     process = subprocess.Popen([sys.executable, str(DOUBLES / "http_server.py"), str(port)],

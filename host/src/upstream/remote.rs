@@ -39,6 +39,12 @@ use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::sync::{broadcast, mpsc};
 
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.end_background();
+    }
+}
+
 /// What the handshake established.
 struct Connection {
     session: Option<HeaderValue>,
@@ -48,6 +54,10 @@ struct Connection {
 /// One remote server.
 pub struct Remote {
     inner: Arc<Inner>,
+    /// Its tasks in the background (connecting, listening), which hold the
+    /// connection: ended when it is stopped or dropped, so a quiet stream
+    /// cannot keep a stopped connection, and its instance place, alive.
+    background: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 struct Inner {
@@ -121,6 +131,7 @@ impl Remote {
                 notices: broadcast::channel(64).0,
                 inbox: super::Inbox::default(),
             }),
+            background: Mutex::default(),
         })
     }
 
@@ -128,6 +139,7 @@ impl Remote {
     /// with the server (HTTP DELETE).
     pub fn stop(&self) {
         self.inner.stopped.store(true, Ordering::SeqCst);
+        self.end_background();
         let inner = self.inner.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move { inner.end_session().await });
@@ -151,18 +163,25 @@ impl Remote {
     /// agent's request. Then it listens on the server's own stream.
     pub fn connect_in_background(&self, runtime: &tokio::runtime::Handle) {
         let inner = self.inner.clone();
-        runtime.spawn(inner.clone().listen());
-        runtime.spawn(async move {
+        let listening = runtime.spawn(inner.clone().listen());
+        let connecting = runtime.spawn(async move {
             let mut pause = FIRST_BACKOFF;
             while let Err(e) = inner.connection(Duration::from_secs(30)).await {
-                if inner.stopped.load(Ordering::SeqCst) {
-                    return;
-                }
                 tracing::warn!(server = %inner.name, "not reachable yet, trying again in {pause:?}: {e:#}");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(MAX_BACKOFF);
             }
         });
+        let mut background = self.background.lock().expect("background lock poisoned");
+        background.extend([listening.abort_handle(), connecting.abort_handle()]);
+    }
+
+    /// Ends its tasks in the background.
+    fn end_background(&self) {
+        let mut background = self.background.lock().expect("background lock poisoned");
+        for task in background.drain(..) {
+            task.abort();
+        }
     }
 
     /// How it is doing.
@@ -463,7 +482,8 @@ impl Inner {
     async fn listen(self: Arc<Self>) {
         let mut pause = FIRST_BACKOFF;
         let wait = Duration::from_secs(30);
-        while !self.stopped.load(Ordering::SeqCst) {
+        loop {
+            let opened = tokio::time::Instant::now();
             let outcome = match self.connection(wait).await {
                 Ok((session, _)) => self.listen_once(session.as_ref()).await,
                 Err(e) => Err(e),
@@ -473,7 +493,9 @@ impl Inner {
                     tracing::debug!(server = %self.name, "the server offers no stream of its own");
                     return;
                 }
-                Ok(Listened::Ended) => pause = FIRST_BACKOFF,
+                // One that ends at once is opened again backing off, as one that fails.
+                Ok(Listened::Ended) if opened.elapsed() >= MAX_BACKOFF => pause = FIRST_BACKOFF,
+                Ok(Listened::Ended) => {}
                 Err(e) if e.downcast_ref::<SessionLost>().is_some() => {
                     self.forget(&format!("{e:#}")).await;
                 }
@@ -509,11 +531,11 @@ impl Inner {
             status if !status.is_success() => bail!("GET {} answered HTTP {status}", self.shown),
             _ => {}
         }
-        let mut events = Box::pin(capped_events(response.into_body(), self.max_message_bytes));
+        let mut events = Box::pin(capped_events(
+            response.into_body().into_data_stream(),
+            self.max_message_bytes,
+        ));
         while let Some(event) = events.next().await {
-            if self.stopped.load(Ordering::SeqCst) {
-                break;
-            }
             let event = event.map_err(|e| anyhow::anyhow!("reading its event stream: {e}"))?;
             let Some(data) = event.data else {
                 continue;
@@ -575,13 +597,13 @@ enum Listened {
 
 /// The SSE events of a long-lived `body`, none allowed to grow past `max`
 /// bytes (a server that never ends an event cannot fill memory).
-fn capped_events(
-    body: hyper::body::Incoming,
+fn capped_events<E: std::fmt::Display>(
+    body: impl Stream<Item = Result<Bytes, E>> + Send,
     max: usize,
 ) -> impl Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Send {
     let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = pending.clone();
-    let bytes = body.into_data_stream().map(move |chunk| {
+    let bytes = body.map(move |chunk| {
         let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
         let so_far = counted.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
         if so_far > max {
@@ -589,12 +611,22 @@ fn capped_events(
                 "an event over the size limit of {max} bytes"
             )));
         }
+        if ends_a_block(&chunk) {
+            // Nothing is held past a blank line: comments (keep-alives)
+            // count no more than events do.
+            counted.store(0, Ordering::Relaxed);
+        }
         Ok(chunk)
     });
     sse_stream::SseByteStream::new(bytes).map(move |event| {
         pending.store(0, Ordering::Relaxed);
         event
     })
+}
+
+/// Whether `chunk` ends with a blank line, where an SSE block ends.
+fn ends_a_block(chunk: &[u8]) -> bool {
+    chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\r") || chunk.ends_with(b"\r\n\r\n")
 }
 
 /// A failure reading a body, as an I/O error (which the SSE decoder takes).
@@ -664,6 +696,45 @@ mod tests {
             .block_on(answer_in_events(stream(chunks), id, None))
             .unwrap();
         found.map(|answer| serde_json::from_str(answer.unwrap().text()).unwrap())
+    }
+
+    /// What `capped_events` reads from `chunks`, held to `max` bytes: the
+    /// data of each event, or the error it ended with.
+    fn capped(chunks: Vec<String>, max: usize) -> Vec<Result<String, String>> {
+        let chunks = chunks
+            .into_iter()
+            .map(|c| Ok::<_, std::io::Error>(Bytes::from(c)));
+        let events = capped_events(futures_util::stream::iter(chunks), max);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(
+            events
+                .map(|event| match event {
+                    Ok(event) => Ok(event.data.unwrap_or_default()),
+                    Err(e) => Err(e.to_string()),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn keep_alives_never_add_up_to_an_event_over_the_limit() {
+        let mut chunks = vec![": keep-alive\n\n".to_string(); 100];
+        chunks.push("data: {}\n\n".to_string());
+        assert_eq!(capped(chunks, 64), vec![Ok("{}".to_string())]);
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_cut_off_at_the_limit() {
+        let mut chunks = vec!["data: {\"a\":\"".to_string()];
+        chunks.extend(vec!["x".repeat(16); 10]);
+        let read = capped(chunks, 64);
+        assert_eq!(read.len(), 1);
+        assert!(
+            read[0].as_ref().unwrap_err().contains("size limit"),
+            "{read:?}"
+        );
     }
 
     #[test]

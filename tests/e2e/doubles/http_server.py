@@ -6,7 +6,8 @@ sent it. Its `announce` tool tells every client its tools changed, on the
 server's own stream (GET), not on the call's.
 
 Usage: http_server.py PORT   (JSON_RESPONSE=1 answers with JSON instead of SSE;
-TLS_CERT and TLS_KEY, PEM files, serve HTTPS)
+TLS_CERT and TLS_KEY, PEM files, serve HTTPS; KEEP_SESSIONS=1 ignores DELETE,
+keeping the session and its quiet stream open, as a hostile server would)
 """
 
 import json
@@ -47,6 +48,11 @@ async def recording(scope, receive, send):
         with open(os.environ["HEADERS_LOG"], "a") as log:
             headers = {k.decode(): v.decode() for k, v in scope["headers"]}
             log.write(json.dumps({**headers, ":method": scope["method"]}) + "\n")
+        if scope["method"] == "DELETE" and os.environ.get("KEEP_SESSIONS") == "1":
+            # Says the session ended, and keeps it (and its stream) open.
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
     await app(scope, receive, send)
 
 
