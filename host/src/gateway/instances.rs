@@ -2,7 +2,8 @@
 //! "per-session"`) run: in all, per agent and per server. A [`Place`] is
 //! taken before one starts and held by the connection itself until it is
 //! gone (a process reaped, a remote session dropped), so the limits bound
-//! what really runs, not what sessions still refer to.
+//! what really runs, not what sessions still refer to. Each server's count
+//! is the `portcullis_server_instances` gauge.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -67,7 +68,9 @@ impl Instances {
         }
         counts.total += 1;
         *counts.per_agent.entry(agent.to_string()).or_default() += 1;
-        *counts.per_server.entry(server.to_string()).or_default() += 1;
+        let running = counts.per_server.entry(server.to_string()).or_default();
+        *running += 1;
+        crate::util::metrics::global().server_instances(server, *running as u64);
         Ok(Place {
             instances: self.clone(),
             agent: agent.to_string(),
@@ -104,6 +107,7 @@ impl Drop for Place {
         }
         if let Some(n) = counts.per_server.get_mut(&self.server) {
             *n -= 1;
+            crate::util::metrics::global().server_instances(&self.server, *n as u64);
         }
     }
 }

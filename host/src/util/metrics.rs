@@ -74,6 +74,8 @@ struct Counts {
     listener: BTreeMap<&'static str, u64>,
     /// By delivering sink (its URL or name).
     deliveries: BTreeMap<String, DeliveryCounts>,
+    /// Server connections of sessions' or agents' own running, by server.
+    server_instances: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -205,6 +207,12 @@ impl Metrics {
         entry(&mut counts.deliveries, sink).backlog = bytes;
     }
 
+    /// `running` connections of sessions' or agents' own to `server` now.
+    pub fn server_instances(&self, server: &str, running: u64) {
+        let mut counts = self.counts.lock().expect("metrics lock poisoned");
+        counts.server_instances.insert(server.to_string(), running);
+    }
+
     /// The Prometheus text exposition, with `pending` approvals waiting in
     /// the store.
     pub fn render(&self, pending: Option<u64>) -> String {
@@ -323,6 +331,12 @@ impl Metrics {
                 );
             }
         }
+        let name = "portcullis_server_instances";
+        let help = "Server connections of sessions' or agents' own running, by server.";
+        header(&mut out, name, "gauge", help);
+        for (server, n) in &counts.server_instances {
+            let _ = writeln!(out, "{name}{{server=\"{}\"}} {n}", escape(server));
+        }
         if let Some(pending) = pending {
             let name = "portcullis_approvals_pending";
             header(
@@ -373,8 +387,10 @@ mod tests {
         metrics.reload("ok");
         metrics.approval("approved");
         metrics.listener("accept-error");
+        metrics.server_instances("everything", 3);
         let text = metrics.render(Some(2));
         for line in [
+            "portcullis_server_instances{server=\"everything\"} 3",
             "portcullis_decisions_total{server=\"fs\",outcome=\"allow\"} 2",
             "portcullis_decisions_total{server=\"fs\\\"x\",outcome=\"deny\"} 1",
             "portcullis_policy_verdicts_total{policy=\"read-only\",verdict=\"allow\"} 2",
