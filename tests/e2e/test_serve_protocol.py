@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from conftest import DOUBLES, POLICIES, read_audit
-from test_serve import KEYS, Gateway, connect as connect_to, gateway, remote_mcp_server, sha256  # noqa: F401
+from test_serve import KEYS, Gateway, connect as connect_to, free_port, gateway, remote_mcp_server, sha256  # noqa: F401
 
 PER_SESSION = 'isolation = "per-session"'
 SECOND_AGENT = f"""
@@ -245,8 +246,10 @@ env = {{ ECHO_LOG = "{own_log}" }}
         events = [json.loads(line[5:]) for line in body.decode().splitlines() if line.startswith("data:")]
         assert [e.get("method") for e in events] == ["notifications/message", None], events
         assert events[-1]["result"]["method"] == "test/server-request"
-        own = [json.loads(line) for line in own_log.read_text().splitlines()]
-        refusal = next(m for m in own if m.get("id") == "srv-1")
+        own = lambda: [json.loads(line) for line in own_log.read_text().splitlines()]  # noqa: E731
+        # The server reads the refusal in its own time.
+        assert until(lambda: any(m.get("id") == "srv-1" for m in own()))
+        refusal = next(m for m in own() if m.get("id") == "srv-1")
         assert "did not declare the 'sampling' capability" in refusal["error"]["message"]
     finally:
         gateway.stop()
@@ -366,7 +369,8 @@ def test_a_parked_calls_request_state_serves_its_own_agent_once(isolated: Gatewa
     assert request["method"] == "sampling/createMessage"
     state = asked["requestState"]
     reply = {"role": "assistant", "model": "m", "content": {"type": "text", "text": "parked reply"}}
-    again = {"inputResponses": {key: reply}, "requestState": state}
+    # Of what the agent sends back, only the answer to the request shown is taken.
+    again = {"inputResponses": {str(n): reply for n in range(1000, 1200)} | {key: reply}, "requestState": state}
     # Another agent cannot take the call over, nor can a made-up state name one.
     stolen = stateless_call(isolated, "second", "trigger-sampling-request", {"prompt": "x"}, again)
     assert stolen["error"]["code"] == -32602 and "names no call of this agent" in stolen["error"]["message"]
@@ -377,6 +381,25 @@ def test_a_parked_calls_request_state_serves_its_own_agent_once(isolated: Gatewa
     assert "parked reply" in done["result"]["content"][0]["text"], done
     replayed = stateless_call(isolated, "admin", "trigger-sampling-request", {"prompt": "x"}, again)
     assert replayed["error"]["code"] == -32602
+    refused = [r for r in read_audit(isolated.audit) if r.get("event") == "message-refused"]
+    assert not refused, "keys naming nothing wrote nothing to the trail"
+
+
+def test_a_parked_call_nobody_comes_back_for_lets_its_session_and_server_go(tmp_path: Path, sandbox: Path):
+    gateway = Gateway(tmp_path, sandbox, everything=PER_SESSION,
+                      serve="request_timeout_secs = 2\nsession_idle_secs = 1")
+    try:
+        asked = stateless_call(gateway, "admin", "trigger-sampling-request", {"prompt": "x"})["result"]
+        assert asked["resultType"] == "input_required"
+        instances = lambda: gateway.status().get("servers", {}).get("everything", {}).get("instances")  # noqa: E731
+        assert until(lambda: instances() == 1)
+        # Given up on after the request timeout: the agent's standing session
+        # expires, and the server it had of its own is stopped.
+        assert until(lambda: instances() == 0, 30)
+        expired = [r for r in read_audit(gateway.audit) if r.get("event") == "session-expired"]
+        assert [r["agent"] for r in expired] == ["admin"]
+    finally:
+        gateway.stop()
 
 
 def test_a_stateless_agent_hears_of_changes_through_subscriptions_listen(gateway: Gateway):
@@ -447,11 +470,18 @@ def test_a_remote_servers_own_stream_reaches_every_session_using_it(tmp_path: Pa
 
 
 def test_a_server_per_agent_is_shared_by_that_agents_sessions_only(tmp_path: Path, sandbox: Path):
-    gateway = Gateway(tmp_path, sandbox, extra=SECOND_AGENT, everything='isolation = "per-agent"')
+    admin = free_port()
+    gateway = Gateway(tmp_path, sandbox, extra=SECOND_AGENT + f'\n[admin]\nlisten = "127.0.0.1:{admin}"\n',
+                      everything='isolation = "per-agent"')
     path = "/servers/everything/mcp"
 
     def running() -> int | None:
-        return gateway.status().get("servers", {}).get("everything", {}).get("instances")
+        status = gateway.status().get("servers", {}).get("everything", {}).get("instances")
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+            gauge = re.search(r'^portcullis_server_instances\{server="everything"\} (\d+)$',
+                              response.read().decode(), re.MULTILINE)
+        # The status report may lag the gauge by its refresh interval.
+        return status if gauge and int(gauge[1]) == status else None
 
     def end(session: str, agent: str) -> None:
         delete = urllib.request.Request(f"{gateway.url}{path}", method="DELETE", headers={
@@ -481,3 +511,78 @@ def test_a_server_per_agent_is_shared_by_that_agents_sessions_only(tmp_path: Pat
         assert gateway.health()["servers"]["everything"]["state"] == "per-agent"
     finally:
         gateway.stop()
+
+
+def test_a_remote_server_of_a_sessions_own_is_let_go_when_the_session_ends(tmp_path: Path, sandbox: Path):
+    # The server ignores the end of its session, and its own stream stays
+    # open and quiet: that must not keep the stopped connection, and its
+    # place, alive.
+    with remote_mcp_server(tmp_path, KEEP_SESSIONS="1") as (url, headers_log):
+        config = f'\n[servers.remote]\nurl = "{url}"\n{PER_SESSION}\n'
+        gateway = Gateway(tmp_path, sandbox, config, serve="max_server_instances_per_agent = 1")
+        path = "/servers/remote/mcp"
+        try:
+            first = echo_session(gateway, path=path)
+            seen = lambda: [json.loads(line) for line in headers_log.read_text().splitlines()]  # noqa: E731
+            assert until(lambda: any(h[":method"] == "GET" for h in seen())), "it listens on the server's stream"
+            # The status report follows within its refresh interval.
+            assert until(lambda: gateway.status().get("servers", {}).get("remote", {}).get("instances") == 1)
+            delete = urllib.request.Request(f"{gateway.url}{path}", method="DELETE", headers={
+                "Authorization": f"Bearer {KEYS['admin']}", "Mcp-Session-Id": first})
+            urllib.request.urlopen(delete, timeout=10).close()
+            assert until(lambda: gateway.status().get("servers", {}).get("remote", {}).get("instances") == 0)
+            assert until(lambda: any(h[":method"] == "DELETE" for h in seen())), "its session with the server ended"
+            assert echo_session(gateway, path=path), "its place is free for the agent's next session"
+        finally:
+            gateway.stop()
+
+
+def listen_request(uris: list[str]) -> tuple[bytes, dict]:
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}
+    body = {"jsonrpc": "2.0", "id": "l", "method": "subscriptions/listen",
+            "params": {"notifications": {"toolsListChanged": True, "resourceSubscriptions": uris}, "_meta": meta}}
+    headers = {"Authorization": f"Bearer {KEYS['admin']}", "MCP-Protocol-Version": "2026-07-28",
+               "Mcp-Method": "subscriptions/listen", "Content-Type": "application/json",
+               "Accept": "application/json, text/event-stream"}
+    return json.dumps(body).encode(), headers
+
+
+def test_an_agent_keeps_a_few_listen_streams_and_their_subscriptions_end_with_them(gateway: Gateway):
+    uri = "test://static/resource/1"
+    # One URI named over and over is subscribed to once.
+    body, headers = listen_request([uri] * 500)
+    url = f"{gateway.url}/servers/everything/mcp"
+    with httpx2.Client(timeout=30) as http:
+        streams = [http.stream("POST", url, content=body, headers=headers) for _ in range(5)]
+        opened, reading = [], []
+        try:
+            for stream in streams[:4]:
+                response = stream.__enter__()
+                opened.append(stream)
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                reading.append(lines)  # kept, or the stream is closed
+                acknowledged = json.loads(next(line for line in lines if line.startswith("data:"))[5:])
+                assert acknowledged["params"]["notifications"]["resourceSubscriptions"] == [uri]
+            refused = streams[4].__enter__()
+            assert refused.status_code == 429 and b"at most" in refused.read()
+            streams[4].__exit__(None, None, None)
+        finally:
+            for stream in opened:
+                stream.__exit__(None, None, None)
+    subscribed = exchanges(gateway, "resources/subscribe")
+    assert subscribed.count(("admin", "client-to-server", "request", "allow")) == 1, subscribed
+    # The last stream naming it closed: the server is told, once.
+    assert until(lambda: exchanges(gateway, "resources/unsubscribe").count(
+        ("admin", "client-to-server", "request", "allow")) == 1)
+    events = [r["event"] for r in read_audit(gateway.audit) if r.get("event", "").startswith("listen-")]
+    assert events.count("listen-opened") == 4 and events.count("listen-refused") == 1
+    # Closed, they make room again.
+
+    def opens() -> bool:
+        with httpx2.Client(timeout=30) as http:
+            with http.stream("POST", url, content=body, headers=headers) as response:
+                return response.status_code == 200
+
+    assert until(opens)

@@ -464,8 +464,25 @@ impl Listener {
             }
         };
         if method == "subscriptions/listen" {
-            let events = listening::listen(&self.gateway, session, id, &params).await;
-            return event_stream("message", events, None, true);
+            return match listening::listen(&self.gateway, session, id, &params).await {
+                Ok(events) => {
+                    let opened = AccessRecord::new(
+                        "listen-opened",
+                        Some(&identity.agent),
+                        &door.path,
+                        door.peer,
+                    );
+                    door.record(opened).await;
+                    event_stream("message", events, None, true)
+                }
+                Err(why) => {
+                    door.refused("listen-refused", Some(&identity), why.clone())
+                        .await;
+                    let answer =
+                        jsonrpc::error_response(Some(id), jsonrpc::INVALID_REQUEST, &why, None);
+                    json_response(StatusCode::TOO_MANY_REQUESTS, answer)
+                }
+            };
         }
         let (answer, server_info) = if method == "server/discover" {
             match self.gateway.discover(&session).await {

@@ -6,7 +6,10 @@
 //! Portcullis will honour (the list types some server of the session
 //! offers, the resources a server accepted a subscription to); every
 //! notification on it is judged and audited for the agent, and carries the
-//! subscription's id in `_meta`, as the revision asks.
+//! subscription's id in `_meta`, as the revision asks. An agent keeps a
+//! few streams open at most; each names a bounded set of resources, held
+//! subscribed for the agent while some stream of its names them, and
+//! unsubscribed from when the last such stream closes.
 
 use crate::contract::Direction;
 use crate::gateway::Gateway;
@@ -16,13 +19,17 @@ use crate::protocol::parsed::Parsed;
 use crate::relay::Asking;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
 use tokio::sync::{broadcast, mpsc};
 
 /// The `_meta` key naming the subscription a message belongs to.
 const SUBSCRIPTION_KEY: &str = "io.modelcontextprotocol/subscriptionId";
 /// The most resources one stream may name.
-const MOST_RESOURCES: usize = 256;
+const MOST_RESOURCES: usize = 64;
+/// The most streams one session may keep open: a stateless agent's
+/// streams all belong to its standing session.
+const MOST_STREAMS: usize = 4;
 /// The list types, as the filter names them, the capability offering them,
 /// and the notification announcing a change.
 const LISTS: &[(&str, &str, &str)] = &[
@@ -52,22 +59,128 @@ struct Honoured {
     resources: Vec<String>,
 }
 
+/// A session's open streams, and the resources they keep it subscribed to
+/// (each with how many of its streams name it).
+#[derive(Default)]
+pub struct Listens {
+    open: usize,
+    held: HashMap<(String, String), usize>,
+}
+
+/// One open stream: while it lives it counts against the session's
+/// [`MOST_STREAMS`]; closed, it lets go of its resources.
+struct Opened {
+    session: Arc<ClientSession>,
+    /// The resources it holds, by server.
+    resources: Vec<(String, String)>,
+}
+
+impl Opened {
+    /// A stream of `session`'s, unless it has [`MOST_STREAMS`] open.
+    fn new(session: &Arc<ClientSession>) -> Option<Self> {
+        let mut listens = session
+            .listens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if listens.open >= MOST_STREAMS {
+            return None;
+        }
+        listens.open += 1;
+        Some(Self {
+            session: session.clone(),
+            resources: Vec::new(),
+        })
+    }
+
+    /// Holds resource `uri` for the stream: the session subscribes to it
+    /// with the server that serves it, unless one of its streams holds it
+    /// already. Whether it is held.
+    async fn hold(&mut self, gateway: &Gateway, uri: &str) -> bool {
+        let Some(server) = server_of(&self.session, uri) else {
+            return false;
+        };
+        let key = (server.clone(), uri.to_string());
+        let held = self.held(&key) > 0;
+        if !held && !subscription(gateway, &self.session, &server, uri, true).await {
+            return false;
+        }
+        let mut listens = self
+            .session
+            .listens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *listens.held.entry(key.clone()).or_default() += 1;
+        self.resources.push(key);
+        true
+    }
+
+    /// How many of the session's streams hold `key`.
+    fn held(&self, key: &(String, String)) -> usize {
+        let listens = self
+            .session
+            .listens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        listens.held.get(key).copied().unwrap_or(0)
+    }
+
+    /// Closes the stream: the resources no other stream of the session
+    /// holds are unsubscribed from.
+    async fn close(mut self, gateway: &Gateway) {
+        for key in std::mem::take(&mut self.resources) {
+            let last = {
+                let mut listens = self
+                    .session
+                    .listens
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let count = listens.held.entry(key.clone()).or_default();
+                *count = count.saturating_sub(1);
+                let last = *count == 0;
+                if last {
+                    listens.held.remove(&key);
+                }
+                last
+            };
+            if last {
+                let (server, uri) = key;
+                subscription(gateway, &self.session, &server, &uri, false).await;
+            }
+        }
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        let mut listens = self
+            .session
+            .listens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        listens.open = listens.open.saturating_sub(1);
+    }
+}
+
 /// Opens the stream `session`'s agent asked for with `params` (request
 /// `id`): subscribes to the resources it names, and returns the stream's
 /// events, the acknowledgement first. It ends when the client stops reading
-/// or the session ends.
+/// or the session ends, and then lets go of its resources. Refused, with
+/// why, if the session has [`MOST_STREAMS`] open.
 pub async fn listen(
-    gateway: &Gateway,
+    gateway: &Arc<Gateway>,
     session: Arc<ClientSession>,
     id: &RawValue,
     params: &Value,
-) -> mpsc::Receiver<String> {
+) -> Result<mpsc::Receiver<String>, String> {
+    let mut opened = Opened::new(&session).ok_or_else(|| {
+        format!("an agent may keep {MOST_STREAMS} subscriptions/listen streams open at most")
+    })?;
     let filter = &params["notifications"];
     let mut honoured = Honoured::default();
     for (key, capability, method) in LISTS {
         let offered = async {
             for upstream in session.upstreams.values() {
-                if let Ok(init) = upstream.initialized(gateway.timeout).await
+                if let Ok(init) = upstream.initialized(gateway.timeout()).await
                     && init["capabilities"].get(*capability).is_some()
                 {
                     return true;
@@ -79,13 +192,14 @@ pub async fn listen(
             honoured.lists.push(method);
         }
     }
-    let wanted = filter["resourceSubscriptions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    for uri in wanted.iter().filter_map(Value::as_str).take(MOST_RESOURCES) {
-        if subscribe(gateway, &session, uri).await {
-            honoured.resources.push(uri.to_string());
+    // However many it names, subscribing takes one request timeout at most.
+    let deadline = tokio::time::Instant::now() + gateway.timeout();
+    for uri in wanted(filter) {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        if opened.hold(gateway, &uri).await {
+            honoured.resources.push(uri);
         }
     }
     let (sender, events) = mpsc::channel(16);
@@ -104,42 +218,74 @@ pub async fn listen(
         let (honoured, id) = (honoured.clone(), id.to_owned());
         tokio::spawn(relay(session, server, notices, honoured, id, sender));
     }
-    let session = session.clone();
+    let gateway = gateway.clone();
     tokio::spawn(async move {
         tokio::select! {
             () = sender.closed() => {}
             () = session.ended() => {}
         }
+        opened.close(&gateway).await;
     });
-    events
+    Ok(events)
 }
 
-/// Subscribes `session` to resource `uri` with the server that serves it
-/// (the session's one server, or the one that listed it): a request of the
-/// agent's, judged and audited. Whether the server accepted.
-async fn subscribe(gateway: &Gateway, session: &ClientSession, uri: &str) -> bool {
-    let server = match &session.scope {
+/// The resources `filter` names, each once, [`MOST_RESOURCES`] at most.
+fn wanted(filter: &Value) -> Vec<String> {
+    let mut wanted: Vec<String> = Vec::new();
+    let named = filter["resourceSubscriptions"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    for uri in named.filter_map(Value::as_str) {
+        if wanted.len() == MOST_RESOURCES {
+            break;
+        }
+        if !wanted.iter().any(|w| w == uri) {
+            wanted.push(uri.to_string());
+        }
+    }
+    wanted
+}
+
+/// The server that serves resource `uri` to `session`: its one server, or
+/// the one that listed it.
+fn server_of(session: &ClientSession, uri: &str) -> Option<String> {
+    match &session.scope {
         Scope::Server(server) => Some(server.clone()),
         Scope::All => {
             let resources = session
                 .resources
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                .unwrap_or_else(PoisonError::into_inner);
             resources.get(uri).cloned()
         }
-    };
-    let Some(server) = server else {
-        return false;
+    }
+}
+
+/// Subscribes `session` to resource `uri` with `server` (or unsubscribes
+/// it): a request of the agent's, judged and audited. Whether the server
+/// accepted.
+async fn subscription(
+    gateway: &Gateway,
+    session: &ClientSession,
+    server: &str,
+    uri: &str,
+    subscribe: bool,
+) -> bool {
+    let method = if subscribe {
+        "resources/subscribe"
+    } else {
+        "resources/unsubscribe"
     };
     let request = json!({
-        "jsonrpc": "2.0", "id": "portcullis-listen", "method": "resources/subscribe",
+        "jsonrpc": "2.0", "id": "portcullis-listen", "method": method,
         "params": { "uri": uri }
     });
     let Ok(request) = Parsed::parse(request.to_string()) else {
         return false;
     };
     let answer = gateway
-        .forward(session, &server, request, Asking::Connection, None)
+        .forward(session, server, request, Asking::Connection, None)
         .await;
     answer
         .and_then(|answer| serde_json::from_str::<Value>(&answer).ok())

@@ -17,8 +17,8 @@ use crate::protocol::parsed::Parsed;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
-use std::sync::PoisonError;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 /// What a `requestState` naming a parked call starts with.
 const STATE_PREFIX: &str = "pcp1.";
@@ -30,7 +30,9 @@ pub struct Parked {
     call: Call,
     /// The method and tool it was, which the request sent again must be.
     what: (String, Option<String>),
-    until: Instant,
+    /// The key of the server's request shown to the agent: the one answer
+    /// taken when it comes back.
+    asked: String,
 }
 
 /// A session's parked calls, by the handle in their `requestState`.
@@ -55,7 +57,7 @@ pub fn what(method: &str, params: &Value) -> (String, Option<String>) {
 /// answered, or until its server asks the agent something: then the call is
 /// parked and the answer is `input_required`.
 pub async fn drive(
-    session: &ClientSession,
+    session: &Arc<ClientSession>,
     mut call: Call,
     id: &RawValue,
     what: (String, Option<String>),
@@ -74,9 +76,9 @@ pub async fn drive(
                 let parked = Parked {
                     call,
                     what,
-                    until: Instant::now() + wait,
+                    asked: key.clone(),
                 };
-                let Some(handle) = park(session, parked) else {
+                let Some(handle) = park(session, parked, wait) else {
                     let why = "too many calls of this agent are waiting for its input";
                     return Some(jsonrpc::error_response(
                         Some(id),
@@ -105,7 +107,7 @@ pub async fn drive(
 /// agent's `inputResponses` and the `requestState` of a parked call: the
 /// answers go to the server, and the call goes on as [`drive`] says.
 pub async fn resume(
-    session: &ClientSession,
+    session: &Arc<ClientSession>,
     params: &Value,
     id: &RawValue,
     what: (String, Option<String>),
@@ -129,14 +131,12 @@ pub async fn resume(
         // Not the request it was issued for: that call is given up.
         return refuse("requestState was issued for another request");
     }
-    let responses = params["inputResponses"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    for (key, response) in responses {
-        let Ok(key) = key.parse::<u64>() else {
-            continue;
-        };
+    // Only the request this call was parked on is answered: not another
+    // parked call's, and nothing named at random.
+    let response = &params["inputResponses"][parked.asked.as_str()];
+    if let Ok(key) = parked.asked.parse::<u64>()
+        && !response.is_null()
+    {
         let answer = json!({ "jsonrpc": "2.0", "id": key, "result": response }).to_string();
         if let Ok(answer) = Parsed::parse(answer) {
             inbound::answered(session, answer).await;
@@ -166,22 +166,28 @@ fn under_id(answer: String, id: &RawValue) -> String {
     }
 }
 
-fn park(session: &ClientSession, parked: Parked) -> Option<String> {
+/// Parks `parked` in `session` for `wait` at most: a call its agent does
+/// not come back for in time is cancelled (dropped), and its server told.
+fn park(session: &Arc<ClientSession>, parked: Parked, wait: Duration) -> Option<String> {
     let mut lot = lot(session);
-    let now = Instant::now();
-    // Calls their agents did not come back for are cancelled (dropped).
-    lot.0.retain(|_, parked| parked.until > now);
     if lot.0.len() >= MOST_PARKED {
         return None;
     }
     let handle = crate::util::encode::hex(&rand::random::<[u8; 16]>());
     lot.0.insert(handle.clone(), parked);
+    let (parked_in, parked_as) = (Arc::downgrade(session), handle.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        if let Some(session) = parked_in.upgrade() {
+            let expired = self::lot(&session).0.remove(&parked_as);
+            drop(expired);
+        }
+    });
     Some(handle)
 }
 
 fn unpark(session: &ClientSession, handle: &str) -> Option<Parked> {
-    let parked = lot(session).0.remove(handle)?;
-    (parked.until > Instant::now()).then_some(parked)
+    lot(session).0.remove(handle)
 }
 
 fn lot(session: &ClientSession) -> std::sync::MutexGuard<'_, Lot> {

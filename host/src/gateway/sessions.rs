@@ -172,6 +172,8 @@ pub struct ClientSession {
     pub calls: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     /// Its calls waiting for its agent's input (2026-07-28).
     pub parked: Mutex<crate::gateway::rounds::Lot>,
+    /// Its `subscriptions/listen` streams (2026-07-28).
+    pub listens: Mutex<crate::gateway::listening::Listens>,
     /// The server connections it owns, until it ends.
     own: Mutex<Vec<Own>>,
     /// Whether it has ended.
@@ -205,6 +207,7 @@ impl ClientSession {
             questions: Mutex::new(Questions::default()),
             calls: Mutex::new(HashMap::new()),
             parked: Mutex::default(),
+            listens: Mutex::default(),
             own: Mutex::new(reach.own),
             ended: tokio::sync::watch::channel(false).0,
             last_used: AtomicU64::new(since_epoch()),
