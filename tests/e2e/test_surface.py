@@ -272,3 +272,38 @@ def test_a_first_call_in_stdio_mode_is_judged_by_the_pinned_annotations(tmp_path
     read, write = run(scenario())
     assert not read.is_error, read
     assert "not declared read-only" in write.message
+
+
+def test_a_first_call_in_stdio_mode_is_judged_by_annotations_portcullis_listed_itself(tmp_path: Path):
+    # No lock, and the client never lists tools: Portcullis lists them itself, in its own id
+    # space, once the client has initialized and again when the server says they changed.
+    read_only = policy("read-only", "read_only.wasm", settings={"allow": ["advance"]})
+    config = notes_config(tmp_path, policies=[read_only])
+    audit, stderr = tmp_path / "audit.jsonl", tmp_path / "stderr.log"
+    surveyed = lambda: [r for r in read_audit(audit) if r.get("event") == "tools-surveyed"]  # noqa: E731
+
+    async def scenario():
+        async with agent(config, audit, stderr) as session:
+            read = await session.call_tool("read_notes", {})
+            write = await refused(session.call_tool("write_note", {"text": "x"}))
+            # Stage 2: read_notes is no longer read-only.
+            for _ in range(2):
+                await session.call_tool("advance", {})
+            await asyncio.to_thread(wait_for, lambda: len(surveyed()) >= 3, "the changed tools listed")
+            escalated = await refused(session.call_tool("read_notes", {}))
+            return read, write, escalated
+
+    read, write, escalated = run(scenario())
+    assert not read.is_error, read
+    assert "not declared read-only" in write.message
+    assert "not declared read-only" in escalated.message
+    assert [c["tool"] for c in notes_calls(tmp_path)].count("read_notes") == 1
+    first = surveyed()[0]
+    assert (first["endpoint"], first["agent"]) == ("stdio", "e2e-agent"), first
+    assert "listed the server's 4 tools" in first["reason"]
+    # The first call was judged before the client listed anything (the SDK lists after a call).
+    records = read_audit(audit)
+    first_call = next(i for i, r in enumerate(records) if r.get("tool") == "read_notes")
+    assert not any(r.get("method") == "tools/list" for r in records[:first_call])
+    # Portcullis' own requests and their answers never reached the client, nor the relay.
+    assert not any("portcullis-" in str(r.get("jsonrpc_id")) for r in records)

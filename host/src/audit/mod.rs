@@ -379,6 +379,24 @@ impl AccessRecord {
             message_sha256: None,
         }
     }
+
+    /// Portcullis listed a server's tools itself (for `agent`, on its
+    /// connection of its own, if given): how many, and the listing's digest.
+    pub fn tools_surveyed(
+        endpoint: &str,
+        agent: Option<&crate::contract::Agent>,
+        listing: &serde_json::value::RawValue,
+    ) -> Self {
+        let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut record = Self::new("tools-surveyed", agent, endpoint, peer);
+        let count = serde_json::from_str::<serde_json::Value>(listing.get())
+            .ok()
+            .and_then(|l| l["tools"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        record.reason = Some(format!("Portcullis listed the server's {count} tools"));
+        record.message_sha256 = Some(bytes_digest(listing.get().as_bytes()));
+        record
+    }
 }
 
 /// A UUIDv7: milliseconds since the epoch, then random bits from a

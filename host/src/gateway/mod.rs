@@ -927,14 +927,7 @@ fn audit_survey(
     listing: &RawValue,
 ) {
     let endpoint = format!("/servers/{server}/mcp");
-    let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut record = AccessRecord::new("tools-surveyed", agent, &endpoint, peer);
-    let count = serde_json::from_str::<Value>(listing.get())
-        .ok()
-        .and_then(|l| l["tools"].as_array().map(Vec::len))
-        .unwrap_or(0);
-    record.reason = Some(format!("Portcullis listed the server's {count} tools"));
-    record.message_sha256 = Some(crate::audit::bytes_digest(listing.get().as_bytes()));
+    let record = AccessRecord::tools_surveyed(&endpoint, agent, listing);
     let current = current.clone();
     // A sink may wait for the disk: off the async workers.
     tokio::task::spawn_blocking(move || {

@@ -8,17 +8,14 @@
 //! listing is audited (`tools-surveyed`, with the listing's digest).
 
 use crate::protocol::parsed::Parsed;
+use crate::surface::listing::{Paged, ToolPages};
 use crate::upstream::Upstream;
-use anyhow::{Context, Result, bail};
-use serde::Deserialize;
-use serde_json::Value;
+use anyhow::{Result, bail};
 use serde_json::value::RawValue;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
-/// The most pages of tools one listing reads.
-const MOST_PAGES: usize = 64;
 /// The first pause before a failed listing is tried again; it doubles up
 /// to [`LONGEST_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
@@ -92,24 +89,10 @@ async fn offers_tools(upstream: &Upstream, wait: Duration) -> Result<bool> {
 
 /// Every page of the server's `tools/list`, as one result.
 async fn list_tools(upstream: &Upstream, wait: Duration) -> Result<Arc<RawValue>> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Page {
-        #[serde(default)]
-        tools: Vec<Value>,
-        next_cursor: Option<String>,
-    }
-    let mut tools = Vec::new();
-    let mut cursor: Option<String> = None;
-    for _ in 0..MOST_PAGES {
-        let params = match &cursor {
-            Some(cursor) => serde_json::json!({ "cursor": cursor }),
-            None => serde_json::json!({}),
-        };
-        let request = serde_json::json!({
-            "jsonrpc": "2.0", "id": "portcullis-survey", "method": "tools/list", "params": params
-        });
-        let request = Parsed::parse(request.to_string()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut pages = ToolPages::default();
+    loop {
+        let request = pages.request(r#""portcullis-survey""#);
+        let request = Parsed::parse(request).map_err(|e| anyhow::anyhow!("{e}"))?;
         let answer = upstream
             .request(&request, wait, None)
             .await?
@@ -117,15 +100,8 @@ async fn list_tools(upstream: &Upstream, wait: Duration) -> Result<Arc<RawValue>
         let Some(result) = answer.message().result else {
             bail!("tools/list failed: {}", answer.text());
         };
-        let page: Page = serde_json::from_str(result.get()).context("a tools/list result")?;
-        tools.extend(page.tools);
-        match page.next_cursor {
-            Some(next) if Some(&next) != cursor.as_ref() => cursor = Some(next),
-            _ => {
-                let listing = serde_json::json!({ "tools": tools }).to_string();
-                return Ok(Arc::from(RawValue::from_string(listing)?));
-            }
+        if let Paged::Done(listing) = pages.add(result)? {
+            return Ok(listing);
         }
     }
-    bail!("the server's tools span more than {MOST_PAGES} pages")
 }

@@ -172,6 +172,11 @@ pub struct Relay {
     held: Mutex<HashMap<String, HeldEntry>>,
     /// Whether the client said it can ask its user (elicitation).
     elicits: AtomicBool,
+    /// Whether the server's tools are due to be listed by Portcullis, by
+    /// the direction of the message that made them due (the client has
+    /// finished initializing, or the server said its tools changed): that
+    /// direction's stdio thread lists them, after relaying the message.
+    survey_due: [AtomicBool; 2],
     /// Portcullis' own questions to the client's user, by JSON-RPC id text:
     /// the approvals they decide.
     eliciting: Mutex<HashMap<String, String>>,
@@ -185,6 +190,7 @@ impl Relay {
             session: Mutex::new(session),
             held: Mutex::new(HashMap::new()),
             elicits: AtomicBool::new(false),
+            survey_due: Default::default(),
             eliciting: Mutex::new(HashMap::new()),
         }
     }

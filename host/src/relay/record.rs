@@ -57,6 +57,19 @@ impl Relay {
         }
     }
 
+    /// The agent on this connection.
+    pub fn agent(&self) -> crate::contract::Agent {
+        let session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+        session.agent().clone()
+    }
+
+    /// Whether a message travelling `direction` made the server's tools
+    /// due to be listed by Portcullis (see [`Relay::learn_listing`]);
+    /// asking says they are no longer.
+    pub fn survey_due(&self, direction: Direction) -> bool {
+        self.survey_due[lane(direction)].swap(false, Ordering::AcqRel)
+    }
+
     /// The exchange for a message, and the drift of the tools it concerns.
     /// An answer is matched to its request, and a `tools/list` result
     /// teaches the session the tools.
@@ -71,6 +84,9 @@ impl Relay {
         let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
         let (exchange, listed) = match kind {
             MessageKind::Request | MessageKind::Notification => {
+                if survey_trigger(direction, message.method.as_deref()) {
+                    self.survey_due[lane(direction)].store(true, Ordering::Release);
+                }
                 (session.exchange(direction, kind, message, tool), None)
             }
             MessageKind::Result | MessageKind::Error => {
@@ -352,4 +368,26 @@ pub(super) fn refused(record: &mut AuditRecord, asked_by: &Refusal, why: String)
         policy: asked_by.policy.clone(),
         reason: why,
     })
+}
+
+/// Whether a message travelling `direction` with `method` makes the server's
+/// tools due to be listed: the client has finished initializing, or the
+/// server says its tools changed.
+fn survey_trigger(direction: Direction, method: Option<&str>) -> bool {
+    matches!(
+        (direction, method),
+        (Direction::ClientToServer, Some("notifications/initialized"))
+            | (
+                Direction::ServerToClient,
+                Some("notifications/tools/list_changed")
+            )
+    )
+}
+
+/// The index of `direction` among per-direction state.
+fn lane(direction: Direction) -> usize {
+    match direction {
+        Direction::ClientToServer => 0,
+        Direction::ServerToClient => 1,
+    }
 }

@@ -7,10 +7,14 @@
 //! server's stdin is closed, then it gets a grace period, then it is killed),
 //! the child's exit status becomes Portcullis' own, and the child is reaped.
 
+mod survey;
+
+use crate::audit::AccessRecord;
 use crate::config::Config;
 use crate::contract::{Agent, Direction};
 use crate::policy::engine::PolicyEngine;
-use crate::protocol::framing::FrameReader;
+use crate::protocol::framing::{Frame, FrameReader};
+use crate::protocol::jsonrpc::{self, Message};
 use crate::relay::Relay;
 use crate::relay::generation::{Current, Generation};
 use crate::relay::session::Session;
@@ -24,6 +28,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
+use survey::Survey;
 
 /// How long the server may take to exit after its stdin closes before it is
 /// killed.
@@ -42,6 +47,10 @@ enum Ending {
     /// with one direction deaf.
     Failed(String),
 }
+
+/// How long a client's first tool call waits for Portcullis' own first
+/// listing of the server's tools.
+const FIRST_LISTING_WAIT: Duration = Duration::from_secs(10);
 
 /// The exit code of a proxy whose relay thread failed (EX_SOFTWARE).
 const FAILED: i32 = 70;
@@ -99,6 +108,7 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
         .context("no stdout pipe from the server")?;
     let to_client = Arc::new(Outlet::new(std::io::stdout()));
     let (endings, ending) = mpsc::channel();
+    let survey = Arc::new(Survey::default());
 
     let pumps = [
         (Direction::ClientToServer, Ending::ClientClosed),
@@ -106,7 +116,7 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
     ];
     let mut from_server = Some(from_server);
     for (direction, ended) in pumps {
-        let (relay, endings) = (relay.clone(), endings.clone());
+        let (relay, endings, survey) = (relay.clone(), endings.clone(), survey.clone());
         let (onward, back) = match direction {
             Direction::ClientToServer => (to_server.clone(), to_client.clone()),
             Direction::ServerToClient => (to_client.clone(), to_server.clone()),
@@ -121,7 +131,8 @@ pub fn run(relay: Arc<Relay>, server: &ServerCommand, max_message_bytes: usize) 
             .name(format!("portcullis-{}", direction.as_str()))
             .spawn(move || {
                 let pumped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    pump(&relay, direction, input, max_message_bytes, onward, back);
+                    let sides = Sides { onward, back };
+                    pump(&relay, &survey, direction, input, max_message_bytes, sides);
                 }));
                 let ending = match pumped {
                     Ok(()) => ended,
@@ -182,17 +193,35 @@ fn drain(ending: &mpsc::Receiver<Ending>) {
     }
 }
 
+/// Where one direction's messages go: `onward`, and `back` to their sender.
+struct Sides {
+    onward: Arc<Outlet>,
+    back: Arc<Outlet>,
+}
+
+impl Sides {
+    /// The server's input, whichever way this direction goes.
+    fn server(&self, direction: Direction) -> &Outlet {
+        match direction {
+            Direction::ClientToServer => &self.onward,
+            Direction::ServerToClient => &self.back,
+        }
+    }
+}
+
 /// Reads frames from one side, judges them and sends the results on, until
 /// end of stream or until the onward side is gone. A request held for
 /// approval is sent on when its approval ends, without holding up the
-/// traffic behind it (or any thread).
+/// traffic behind it (or any thread). Portcullis' own listing of the
+/// server's tools is started when due, and its answers are taken out of
+/// the server's output.
 fn pump(
     relay: &Arc<Relay>,
+    survey: &Survey,
     direction: Direction,
     input: impl BufRead,
     max: usize,
-    onward: Arc<Outlet>,
-    back: Arc<Outlet>,
+    sides: Sides,
 ) {
     let mut frames = FrameReader::new(input, max);
     loop {
@@ -204,9 +233,21 @@ fn pump(
                 return;
             }
         };
+        if let (Direction::ServerToClient, Frame::Line(line)) = (direction, &frame)
+            && let Some(answered) = survey.take(line)
+        {
+            surveyed(relay, survey, answered, sides.server(direction));
+            continue;
+        }
+        if direction == Direction::ClientToServer
+            && survey.first_under_way()
+            && calls_a_tool(&frame)
+        {
+            survey.await_first(FIRST_LISTING_WAIT);
+        }
         let delivery = relay.handle(direction, frame);
         for held in delivery.held {
-            let (onward, back) = (onward.clone(), back.clone());
+            let (onward, back) = (sides.onward.clone(), sides.back.clone());
             relay.on_decision(held, move |settled| {
                 if let Some(reply) = settled.reply {
                     back.send(reply);
@@ -217,15 +258,54 @@ fn pump(
             });
         }
         if let Some(reply) = delivery.reply {
-            back.send(reply);
+            sides.back.send(reply);
         }
         if let Some(forward) = delivery.forward
-            && !onward.send(forward)
+            && !sides.onward.send(forward)
         {
             tracing::warn!(direction = direction.as_str(), "the receiving side is gone");
             return;
         }
+        if relay.survey_due(direction)
+            && let Some(request) = survey.start()
+        {
+            sides.server(direction).send(request.into_bytes());
+        }
     }
+}
+
+/// Acts on the server's answer to Portcullis' own listing: the relay
+/// learns a complete listing, which is audited (`tools-surveyed`), and
+/// calls waiting for it go on; the next request goes to the `server`.
+fn surveyed(relay: &Relay, survey: &Survey, answered: survey::Answered, server: &Outlet) {
+    if let Some(listing) = &answered.listed {
+        relay.learn_listing(listing);
+        let record = AccessRecord::tools_surveyed("stdio", Some(&relay.agent()), listing);
+        if let Err(e) = relay.current().audit.write(&record) {
+            tracing::error!("cannot audit a listing of the server's tools: {e:#}");
+        }
+    }
+    if let Some(why) = &answered.failed {
+        tracing::warn!("listing the server's tools failed: {why}");
+    }
+    if answered.listed.is_some() || answered.failed.is_some() {
+        survey.ended();
+    }
+    if let Some(request) = answered.send {
+        server.send(request.into_bytes());
+    }
+}
+
+/// Whether `frame` is a client's tool call (or a batch, which may hold one).
+fn calls_a_tool(frame: &Frame) -> bool {
+    let Frame::Line(line) = frame else {
+        return false;
+    };
+    let Ok(text) = std::str::from_utf8(line) else {
+        return false;
+    };
+    jsonrpc::is_batch(text)
+        || Message::parse(text).is_ok_and(|m| m.method.as_deref() == Some("tools/call"))
 }
 
 /// Reports SIGTERM and SIGINT as an ending.
