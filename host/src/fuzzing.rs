@@ -118,6 +118,20 @@ fn spliced_members_read_as_swapped(text: &str, lenient: &Value) {
     expected["id"] = json!("swapped");
     assert_eq!(reread(&parsed.with_id(&id)), expected);
 
+    // The id and a request's progress token, swapped together as serve does
+    // upstream: the token the server reports under is the one swapped in.
+    let token = RawValue::from_string(r#""token-swapped""#.into()).expect("a JSON string");
+    let swapped = reread(&parsed.with_id_and_token(Some(&id), Some(&token)));
+    let with_id = Parsed::parse(parsed.with_id(&id)).expect("an id added to a message");
+    if with_id.progress_token().is_some() {
+        expected["params"]["_meta"]["progressToken"] = json!("token-swapped");
+    }
+    assert_eq!(swapped, expected);
+    let reported = Parsed::parse(swapped.to_string()).expect("strictly readable");
+    let reported = reported.progress_token().map(|t| t.get().to_string());
+    let wanted = with_id.progress_token().map(|_| token.get().to_string());
+    assert_eq!(reported, wanted);
+
     // A real prefix, and none at all (the name is written anew in place).
     for (prefix, separator) in [("fs", "__"), ("", "")] {
         let naming = Naming::new(
