@@ -81,6 +81,12 @@ def read_audit(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_messages(path: Path) -> list[dict]:
+    """The trail's message records: without its event records (a session
+    opened, a reload, Portcullis' own listing of a server's tools, …)."""
+    return [r for r in read_audit(path) if "event" not in r]
+
+
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Path:
     """A directory for the filesystem server to serve, with one file in it."""

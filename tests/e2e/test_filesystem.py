@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import PORTCULLIS, POLICIES, policy, proxied_filesystem, read_audit, write_config
+from conftest import PORTCULLIS, POLICIES, policy, proxied_filesystem, read_audit, read_messages, write_config
 
 READ_ONLY = policy("read-only", "read_only.wasm", methods=["tools/call", "tools/list"])
 REQUIRED_FIELDS = {"time", "id", "agent", "server", "direction", "kind", "outcome", "policies", "latency_us"}
@@ -43,7 +43,7 @@ def test_reads_pass_writes_are_refused_and_never_reach_the_server(tmp_path: Path
     assert refused.data["policy"] == "read-only"
     assert not target.exists(), "the denied write must not reach the server"
 
-    records = read_audit(audit)
+    records = read_messages(audit)
     denied = [r for r in records if r["outcome"] == "deny"]
     assert len(denied) == 1
     assert denied[0]["tool"] == "write_file"
@@ -68,7 +68,7 @@ def test_audit_holds_exactly_one_record_per_message(tmp_path: Path, sandbox: Pat
                 await session.call_tool("create_directory", {"path": str(sandbox / "d")})
 
     run(scenario())
-    records = read_audit(audit)
+    records = read_messages(audit)
     for record in records:
         assert REQUIRED_FIELDS <= record.keys(), record
         assert record["agent"] == "e2e-agent"
@@ -148,7 +148,7 @@ def test_secrets_in_results_are_redacted(tmp_path: Path, sandbox: Path):
 
     result = run(scenario())
     assert result.content[0].text == "aws = [REDACTED:aws-access-key-id]\n"
-    modified = [r for r in read_audit(audit) if r["outcome"] == "modify"]
+    modified = [r for r in read_messages(audit) if r["outcome"] == "modify"]
     assert len(modified) == 1 and modified[0]["tags"] == ["redacted"]
 
 
@@ -296,7 +296,7 @@ def test_a_misbehaving_policy_denies_and_the_proxy_keeps_serving(tmp_path: Path,
         assert "fail-closed" in failure.message
         assert "backtrace" not in failure.message and "0x" not in failure.message
     assert later.content[0].text == "hello from the sandbox\n"
-    errors = [r for r in read_audit(audit) if r["outcome"] == "deny"]
+    errors = [r for r in read_messages(audit) if r["outcome"] == "deny"]
     assert len(errors) == 2
     assert all(r["policies"][0]["verdict"] == "error" and expected in r["reason"] for r in errors)
 

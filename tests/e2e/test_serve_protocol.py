@@ -81,9 +81,17 @@ def test_a_typescript_agent_gets_the_whole_protocol_from_a_server_of_its_own(iso
     assert calls["logging"]["result"] is True and report["logs"]
     assert calls["subscribe"]["result"]["updated"] is True
     assert "changed their mind" in calls["cancel"]["error"]["message"]
-    asked = [a["method"] for a in report["asked"]]
-    assert asked.count("sampling/createMessage") == 1 and asked.count("elicitation/create") == 1
-    assert "roots/list" in asked
+    asked = [(a["method"], a.get("mode")) for a in report["asked"]]
+    assert asked.count(("sampling/createMessage", None)) == 1 and asked.count(("elicitation/create", "form")) == 1
+    assert ("roots/list", None) in asked
+    # URL mode: the request reaches the agent with its URL, and the -32042 error with its data.
+    assert "trigger-url-elicitation" in report["tools"]
+    urls = [a["url"] for a in report["asked"] if a.get("mode") == "url"]
+    assert urls == ["https://consent.example.com/grant?flow=7"], report["asked"]
+    assert "error" not in calls["url-elicitation"], calls["url-elicitation"]
+    required = calls["url-elicitation-error"]["error"]
+    assert required["code"] == -32042, required
+    assert required["data"]["elicitations"][0]["url"] == "https://modelcontextprotocol.io"  # its prerequisite
     # Both directions of each server request are judged and audited, under the agent's name.
     for method in ("sampling/createMessage", "elicitation/create", "roots/list"):
         seen = exchanges(isolated, method)
@@ -317,6 +325,9 @@ def test_a_stateless_python_agent_answers_server_requests_through_input_required
                                          content=types.TextContent(type="text", text="stateless reply"))
 
     async def elicitation(context, params) -> types.ElicitResult:
+        if getattr(params, "mode", "form") == "url":
+            asked.append(("url", params.url))
+            return types.ElicitResult(action="accept")
         asked.append("elicitation")
         return types.ElicitResult(action="accept", content={"name": "Grace Hopper", "check": True})
 
@@ -334,15 +345,19 @@ def test_a_stateless_python_agent_answers_server_requests_through_input_required
                 sampled = await client.call_tool("trigger-sampling-request", {"prompt": "hi", "maxTokens": 20})
                 elicited = await client.call_tool("trigger-elicitation-request", {})
                 rooted = await client.call_tool("get-roots-list", {})
-                return client.protocol_version, tools, sampled, elicited, rooted
+                consent = {"url": "https://consent.example.com/grant?flow=9", "elicitationId": "consent-9"}
+                consented = await client.call_tool("trigger-url-elicitation", consent)
+                return client.protocol_version, tools, sampled, elicited, rooted, consented
 
-    version, tools, sampled, elicited, rooted = asyncio.run(scenario())
+    version, tools, sampled, elicited, rooted, consented = asyncio.run(scenario())
     assert version == "2026-07-28"
     assert {"trigger-sampling-request", "trigger-elicitation-request", "get-roots-list"} <= set(tools)
     assert "stateless reply" in sampled.content[0].text
     assert "Grace Hopper" in " ".join(c.text for c in elicited.content)
     assert "file:///srv/stateless" in rooted.content[0].text
     assert {"sampling", "elicitation", "roots"} <= set(asked)
+    # URL mode, through input_required too.
+    assert ("url", "https://consent.example.com/grant?flow=9") in asked and not consented.is_error, consented
     for method in ("sampling/createMessage", "elicitation/create", "roots/list"):
         seen = exchanges(isolated, method)
         assert ("admin", "server-to-client", "request", "allow") in seen, (method, seen)

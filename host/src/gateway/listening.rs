@@ -65,11 +65,16 @@ struct Honoured {
 pub struct Listens {
     open: usize,
     held: HashMap<(String, String), usize>,
+    /// Held while its streams subscribe or unsubscribe, so that the server
+    /// gets them in the order they were decided.
+    order: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One open stream: while it lives it counts against the session's
-/// [`MOST_STREAMS`]; closed, it lets go of its resources.
+/// [`MOST_STREAMS`]; dropped (closed, or its request given up on), it lets
+/// go of its resources.
 struct Opened {
+    gateway: Arc<Gateway>,
     session: Arc<ClientSession>,
     /// The resources it holds, by server.
     resources: Vec<(String, String)>,
@@ -77,16 +82,14 @@ struct Opened {
 
 impl Opened {
     /// A stream of `session`'s, unless it has [`MOST_STREAMS`] open.
-    fn new(session: &Arc<ClientSession>) -> Option<Self> {
-        let mut listens = session
-            .listens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+    fn new(gateway: &Arc<Gateway>, session: &Arc<ClientSession>) -> Option<Self> {
+        let mut listens = listens(session);
         if listens.open >= MOST_STREAMS {
             return None;
         }
         listens.open += 1;
         Some(Self {
+            gateway: gateway.clone(),
             session: session.clone(),
             resources: Vec::new(),
         })
@@ -95,70 +98,89 @@ impl Opened {
     /// Holds resource `uri` for the stream: the session subscribes to it
     /// with the server that serves it, unless one of its streams holds it
     /// already. Whether it is held.
-    async fn hold(&mut self, gateway: &Gateway, uri: &str) -> bool {
+    async fn hold(&mut self, uri: &str) -> bool {
         let Some(server) = server_of(&self.session, uri) else {
             return false;
         };
         let key = (server.clone(), uri.to_string());
-        let held = self.held(&key) > 0;
-        if !held && !subscription(gateway, &self.session, &server, uri, true).await {
+        let order = listens(&self.session).order.clone();
+        let _in_order = order.lock().await;
+        let first = {
+            let mut listens = listens(&self.session);
+            let count = listens.held.entry(key.clone()).or_default();
+            *count += 1;
+            *count == 1
+        };
+        // Counted from here, so that it is let go of whatever happens next.
+        self.resources.push(key);
+        let (gateway, session) = (&self.gateway, &self.session);
+        if first && !subscription(gateway, session, &server, uri, true).await {
+            if let Some(key) = self.resources.pop() {
+                release(&mut listens(&self.session), &key);
+            }
             return false;
         }
-        let mut listens = self
-            .session
-            .listens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *listens.held.entry(key.clone()).or_default() += 1;
-        self.resources.push(key);
         true
-    }
-
-    /// How many of the session's streams hold `key`.
-    fn held(&self, key: &(String, String)) -> usize {
-        let listens = self
-            .session
-            .listens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        listens.held.get(key).copied().unwrap_or(0)
-    }
-
-    /// Closes the stream: the resources no other stream of the session
-    /// holds are unsubscribed from.
-    async fn close(mut self, gateway: &Gateway) {
-        for key in std::mem::take(&mut self.resources) {
-            let last = {
-                let mut listens = self
-                    .session
-                    .listens
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let count = listens.held.entry(key.clone()).or_default();
-                *count = count.saturating_sub(1);
-                let last = *count == 0;
-                if last {
-                    listens.held.remove(&key);
-                }
-                last
-            };
-            if last {
-                let (server, uri) = key;
-                subscription(gateway, &self.session, &server, &uri, false).await;
-            }
-        }
     }
 }
 
 impl Drop for Opened {
     fn drop(&mut self) {
-        let mut listens = self
-            .session
-            .listens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        listens.open = listens.open.saturating_sub(1);
+        let last: Vec<_> = {
+            let mut listens = listens(&self.session);
+            listens.open = listens.open.saturating_sub(1);
+            let resources = std::mem::take(&mut self.resources);
+            resources
+                .into_iter()
+                .filter(|key| release(&mut listens, key))
+                .collect()
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if last.is_empty() {
+            return;
+        }
+        let (gateway, session) = (self.gateway.clone(), self.session.clone());
+        // The resources no stream of the session holds any longer are
+        // unsubscribed from, within one request timeout in all.
+        runtime.spawn(async move {
+            let order = listens(&session).order.clone();
+            let _in_order = order.lock().await;
+            let unsubscribing = async {
+                for (server, uri) in last {
+                    // A stream that named it since holds it again.
+                    let held = listens(&session)
+                        .held
+                        .contains_key(&(server.clone(), uri.clone()));
+                    if !held {
+                        subscription(&gateway, &session, &server, &uri, false).await;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(gateway.timeout(), unsubscribing).await;
+        });
     }
+}
+
+/// Counts one stream fewer holding `key`; whether none holds it now.
+fn release(listens: &mut Listens, key: &(String, String)) -> bool {
+    let Some(count) = listens.held.get_mut(key) else {
+        return false;
+    };
+    *count = count.saturating_sub(1);
+    let last = *count == 0;
+    if last {
+        listens.held.remove(key);
+    }
+    last
+}
+
+fn listens(session: &ClientSession) -> std::sync::MutexGuard<'_, Listens> {
+    session
+        .listens
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Opens the stream `session`'s agent asked for with `params` (request
@@ -172,7 +194,7 @@ pub async fn listen(
     id: &RawValue,
     params: &Value,
 ) -> Result<mpsc::Receiver<String>, String> {
-    let mut opened = Opened::new(&session).ok_or_else(|| {
+    let mut opened = Opened::new(gateway, &session).ok_or_else(|| {
         format!("an agent may keep {MOST_STREAMS} subscriptions/listen streams open at most")
     })?;
     let filter = &params["notifications"];
@@ -198,7 +220,7 @@ pub async fn listen(
         if tokio::time::Instant::now() >= deadline {
             break;
         }
-        if opened.hold(gateway, &uri).await {
+        if opened.hold(&uri).await {
             honoured.resources.push(uri);
         }
     }
@@ -218,13 +240,12 @@ pub async fn listen(
         let (honoured, id) = (honoured.clone(), id.to_owned());
         tokio::spawn(relay(session, server, notices, honoured, id, sender));
     }
-    let gateway = gateway.clone();
     tokio::spawn(async move {
         tokio::select! {
             () = sender.closed() => {}
             () = session.ended() => {}
         }
-        opened.close(&gateway).await;
+        drop(opened);
     });
     Ok(events)
 }

@@ -9,7 +9,7 @@
 //! session and once; a parked call its agent does not come back for within
 //! the request timeout is cancelled, and the server told.
 
-use crate::gateway::calls::{Call, Next};
+use crate::gateway::calls::{Aborting, Call, Next};
 use crate::gateway::inbound;
 use crate::gateway::sessions::ClientSession;
 use crate::protocol::jsonrpc::{self, INVALID_PARAMS};
@@ -33,6 +33,8 @@ pub struct Parked {
     /// The key of the server's request shown to the agent: the one answer
     /// taken when it comes back.
     asked: String,
+    /// Gives it up at its deadline; ended with it.
+    _deadline: Aborting<()>,
 }
 
 /// A session's parked calls, by the handle in their `requestState`.
@@ -73,12 +75,7 @@ pub async fn drive(
                     // Progress and logging have no stream to go on.
                     continue;
                 };
-                let parked = Parked {
-                    call,
-                    what,
-                    asked: key.clone(),
-                };
-                let Some(handle) = park(session, parked, wait) else {
+                let Some(handle) = park(session, (call, what, key.clone()), wait) else {
                     let why = "too many calls of this agent are waiting for its input";
                     return Some(jsonrpc::error_response(
                         Some(id),
@@ -166,23 +163,34 @@ fn under_id(answer: String, id: &RawValue) -> String {
     }
 }
 
-/// Parks `parked` in `session` for `wait` at most: a call its agent does
+/// Parks a call (which is `what`, waiting for its agent to answer the
+/// request `asked`) in `session` for `wait` at most: a call its agent does
 /// not come back for in time is cancelled (dropped), and its server told.
-fn park(session: &Arc<ClientSession>, parked: Parked, wait: Duration) -> Option<String> {
+fn park(
+    session: &Arc<ClientSession>,
+    (call, what, asked): (Call, (String, Option<String>), String),
+    wait: Duration,
+) -> Option<String> {
     let mut lot = lot(session);
     if lot.0.len() >= MOST_PARKED {
         return None;
     }
     let handle = crate::util::encode::hex(&rand::random::<[u8; 16]>());
-    lot.0.insert(handle.clone(), parked);
     let (parked_in, parked_as) = (Arc::downgrade(session), handle.clone());
-    tokio::spawn(async move {
+    let deadline = tokio::spawn(async move {
         tokio::time::sleep(wait).await;
         if let Some(session) = parked_in.upgrade() {
             let expired = self::lot(&session).0.remove(&parked_as);
             drop(expired);
         }
     });
+    let parked = Parked {
+        call,
+        what,
+        asked,
+        _deadline: Aborting(deadline),
+    };
+    lot.0.insert(handle.clone(), parked);
     Some(handle)
 }
 

@@ -1,6 +1,7 @@
 //! A server's tools as Portcullis lists them itself, page by page: the
 //! `tools/list` request for each page, and every page's tools gathered into
-//! one listing (`{"tools": [...]}`), as bounded as a hostile server needs.
+//! one listing (`{"tools": [...]}`), bounded in pages and bytes against a
+//! hostile server.
 //! The transports send the requests and hand back the results.
 
 use anyhow::{Context, Result, bail};
@@ -11,6 +12,8 @@ use std::sync::Arc;
 
 /// The most pages of tools one listing reads.
 const MOST_PAGES: usize = 64;
+/// The most bytes of results one listing keeps.
+const MOST_BYTES: usize = 16 << 20;
 
 /// One listing in progress.
 #[derive(Debug, Default)]
@@ -19,6 +22,8 @@ pub struct ToolPages {
     /// The cursor of the next page, once one is read.
     cursor: Option<String>,
     pages: usize,
+    /// Bytes of the results read so far.
+    bytes: usize,
 }
 
 /// What a page read means.
@@ -50,6 +55,10 @@ impl ToolPages {
             #[serde(default)]
             tools: Vec<Value>,
             next_cursor: Option<String>,
+        }
+        self.bytes += result.get().len();
+        if self.bytes > MOST_BYTES {
+            bail!("the server's tools take more than {} MiB", MOST_BYTES >> 20);
         }
         let page: Page = serde_json::from_str(result.get()).context("a tools/list result")?;
         self.pages += 1;
@@ -118,5 +127,12 @@ mod tests {
         });
         assert!(outcome.unwrap_err().to_string().contains("pages"));
         assert!(ToolPages::default().add(&raw(json!({"tools": 3}))).is_err());
+        let mut huge = ToolPages::default();
+        let name = "x".repeat(1 << 20);
+        let over = (0..17).try_for_each(|n| {
+            let page = raw(json!({"tools": [{"name": name}], "nextCursor": n.to_string()}));
+            huge.add(&page).map(|_| ())
+        });
+        assert!(over.unwrap_err().to_string().contains("MiB"));
     }
 }

@@ -482,7 +482,8 @@ impl Inner {
     async fn listen(self: Arc<Self>) {
         let mut pause = FIRST_BACKOFF;
         let wait = Duration::from_secs(30);
-        loop {
+        // Stopping aborts this task; the flag is for a stop it did not see.
+        while !self.stopped.load(Ordering::SeqCst) {
             let opened = tokio::time::Instant::now();
             let outcome = match self.connection(wait).await {
                 Ok((session, _)) => self.listen_once(session.as_ref()).await,

@@ -8,7 +8,8 @@
 //
 // Usage: node ts_full_client.mjs URL TOKEN SCENARIO
 //   SCENARIO: "all", or a comma-separated list of: sampling, elicitation,
-//   roots, progress, logging, subscribe, cancel
+//   url-elicitation (URL mode, by request and by the -32042 error), roots,
+//   progress, logging, subscribe, cancel
 
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
@@ -27,7 +28,7 @@ const transport = new StreamableHTTPClientTransport(new URL(url), {
 });
 const client = new Client(
   { name: "portcullis-ts-full-agent", version: "1.0.0" },
-  { capabilities: { sampling: {}, elicitation: { form: {} }, roots: { listChanged: true } } },
+  { capabilities: { sampling: {}, elicitation: { form: {}, url: {} }, roots: { listChanged: true } } },
 );
 
 const report = { asked: [], logs: [], updates: [], calls: {} };
@@ -40,7 +41,9 @@ client.setRequestHandler(CreateMessageRequestSchema, async (request) => {
   };
 });
 client.setRequestHandler(ElicitRequestSchema, async (request) => {
-  report.asked.push({ method: "elicitation/create", message: request.params.message });
+  const mode = request.params.mode ?? "form";
+  report.asked.push({ method: "elicitation/create", mode, message: request.params.message, url: request.params.url });
+  if (mode === "url") return { action: "accept" };
   return { action: "accept", content: { name: "Ada Lovelace", check: true, integer: 7 } };
 });
 client.setRequestHandler(ListRootsRequestSchema, async () => {
@@ -64,7 +67,7 @@ const attempt = async (name, run) => {
   try {
     report.calls[name] = { result: await run() };
   } catch (error) {
-    report.calls[name] = { error: { code: error.code, message: error.message } };
+    report.calls[name] = { error: { code: error.code, message: error.message, data: error.data } };
   }
 };
 
@@ -79,6 +82,16 @@ if (wanted("sampling")) {
 if (wanted("elicitation")) {
   await attempt("elicitation", async () =>
     text(await client.callTool({ name: "trigger-elicitation-request", arguments: {} })));
+}
+if (wanted("url-elicitation")) {
+  const consent = { url: "https://consent.example.com/grant?flow=7", elicitationId: "consent-7" };
+  await attempt("url-elicitation", async () =>
+    text(await client.callTool({ name: "trigger-url-elicitation", arguments: consent })));
+  await attempt("url-elicitation-error", async () =>
+    text(await client.callTool({
+      name: "trigger-url-elicitation",
+      arguments: { url: "https://consent.example.com/grant?flow=8", elicitationId: "consent-8", errorPath: true },
+    })));
 }
 if (wanted("roots")) {
   await attempt("roots", async () => text(await client.callTool({ name: "get-roots-list", arguments: {} })));

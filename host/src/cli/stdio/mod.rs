@@ -200,11 +200,23 @@ struct Sides {
 }
 
 impl Sides {
-    /// The server's input, whichever way this direction goes.
-    fn server(&self, direction: Direction) -> &Outlet {
+    /// Sends Portcullis' own `request` to the server. The server's thread
+    /// sends it from a thread of its own: it must never wait for the
+    /// server's input while the server may be waiting for it to read.
+    fn ask_server(&self, direction: Direction, request: String) {
         match direction {
-            Direction::ClientToServer => &self.onward,
-            Direction::ServerToClient => &self.back,
+            Direction::ClientToServer => {
+                self.onward.send(request.into_bytes());
+            }
+            Direction::ServerToClient => {
+                let server = self.back.clone();
+                let sent = std::thread::Builder::new()
+                    .name("portcullis-survey".into())
+                    .spawn(move || server.send(request.into_bytes()));
+                if let Err(e) = sent {
+                    tracing::warn!("cannot send the server Portcullis' own tools/list: {e}");
+                }
+            }
         }
     }
 }
@@ -233,10 +245,10 @@ fn pump(
                 return;
             }
         };
-        if let (Direction::ServerToClient, Frame::Line(line)) = (direction, &frame)
-            && let Some(answered) = survey.take(line)
+        if direction == Direction::ServerToClient
+            && let Some(answered) = survey.take(&frame)
         {
-            surveyed(relay, survey, answered, sides.server(direction));
+            surveyed(relay, survey, answered, &sides);
             continue;
         }
         if direction == Direction::ClientToServer
@@ -269,15 +281,15 @@ fn pump(
         if relay.survey_due(direction)
             && let Some(request) = survey.start()
         {
-            sides.server(direction).send(request.into_bytes());
+            sides.ask_server(direction, request);
         }
     }
 }
 
 /// Acts on the server's answer to Portcullis' own listing: the relay
 /// learns a complete listing, which is audited (`tools-surveyed`), and
-/// calls waiting for it go on; the next request goes to the `server`.
-fn surveyed(relay: &Relay, survey: &Survey, answered: survey::Answered, server: &Outlet) {
+/// calls waiting for it go on; the next request goes to the server.
+fn surveyed(relay: &Relay, survey: &Survey, answered: survey::Answered, sides: &Sides) {
     if let Some(listing) = &answered.listed {
         relay.learn_listing(listing);
         let record = AccessRecord::tools_surveyed("stdio", Some(&relay.agent()), listing);
@@ -292,7 +304,7 @@ fn surveyed(relay: &Relay, survey: &Survey, answered: survey::Answered, server: 
         survey.ended();
     }
     if let Some(request) = answered.send {
-        server.send(request.into_bytes());
+        sides.ask_server(Direction::ServerToClient, request);
     }
 }
 

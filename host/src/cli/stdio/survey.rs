@@ -6,9 +6,12 @@
 //! its own (a random prefix no client can guess), and takes the answers out
 //! of the server's output: the client never sees them. A client's first
 //! tool call waits (briefly, bounded) for the first listing; a listing the
-//! server leaves unanswered is given up on.
+//! server leaves unanswered is given up on. An answer under one of its ids
+//! never reaches the client, even one to a listing given up on or one over
+//! the size limit.
 
 use crate::contract::MessageKind;
+use crate::protocol::framing::Frame;
 use crate::protocol::jsonrpc::{self, Message};
 use crate::surface::listing::{Paged, ToolPages};
 use serde_json::value::RawValue;
@@ -23,6 +26,8 @@ pub struct Survey {
 }
 
 struct State {
+    /// The random part of its request ids.
+    nonce: String,
     /// What its request ids start with.
     prefix: String,
     /// Requests sent so far.
@@ -61,10 +66,11 @@ pub struct Answered {
 
 impl Default for Survey {
     fn default() -> Self {
-        let prefix = crate::util::encode::hex(&rand::random::<[u8; 8]>());
+        let nonce = crate::util::encode::hex(&rand::random::<[u8; 8]>());
         Self {
             state: Mutex::new(State {
-                prefix: format!("portcullis-{prefix}-"),
+                prefix: format!("portcullis-{nonce}-"),
+                nonce,
                 sent: 0,
                 current: None,
                 first_over: false,
@@ -96,26 +102,54 @@ impl Survey {
         Some(request)
     }
 
-    /// If `line`, from the server, answers Portcullis' own request, takes
-    /// it: what it means. Anything else is the client's (`None`).
-    pub fn take(&self, line: &[u8]) -> Option<Answered> {
+    /// If `frame`, from the server, answers one of Portcullis' own requests,
+    /// takes it: what it means. An answer to an earlier listing (given up
+    /// on), or one over the size limit, is taken too, so that no id of
+    /// Portcullis' ever reaches the client. Anything else is the client's
+    /// (`None`).
+    pub fn take(&self, frame: &Frame) -> Option<Answered> {
         let mut state = self.state();
-        let round = state.current.as_mut()?;
-        let message = std::str::from_utf8(line)
-            .ok()
-            .and_then(|t| Message::parse(t).ok())?;
-        let answers = matches!(
-            message.kind(),
-            Some(MessageKind::Result | MessageKind::Error)
-        );
-        if !answers || message.id.map(jsonrpc::id_key).as_ref() != Some(&round.key) {
+        if state.sent == 0 {
             return None;
         }
-        let paged = match message.result {
-            Some(result) => round.pages.add(result),
-            None => Err(anyhow::anyhow!(
+        let (key, message) = match frame {
+            Frame::Line(line) => {
+                // Cheap first: the id's random part, which no JSON writer
+                // escapes.
+                memchr::memmem::find(line, state.nonce.as_bytes())?;
+                let message = std::str::from_utf8(line)
+                    .ok()
+                    .and_then(|t| Message::parse(t).ok())?;
+                let answers = matches!(
+                    message.kind(),
+                    Some(MessageKind::Result | MessageKind::Error)
+                );
+                (
+                    answers.then(|| message.id.map(jsonrpc::id_key))??,
+                    Some(message),
+                )
+            }
+            Frame::Oversized { prefix, suffix, .. } => {
+                let id = jsonrpc::leading_id(prefix).or_else(|| jsonrpc::trailing_id(suffix))?;
+                (jsonrpc::id_key(&id), None)
+            }
+        };
+        if !key.starts_with(&format!("\"{}", state.prefix)) {
+            return None;
+        }
+        let Some(round) = state.current.as_mut().filter(|round| round.key == key) else {
+            // An answer to a listing given up on: dropped.
+            return Some(Answered::default());
+        };
+        let paged = match message {
+            None => Err(anyhow::anyhow!("its answer is over the size limit")),
+            Some(Message {
+                result: Some(result),
+                ..
+            }) => round.pages.add(result),
+            Some(Message { error, .. }) => Err(anyhow::anyhow!(
                 "the server answered tools/list with an error: {}",
-                line_text(line)
+                error.map_or("", |e| e.get())
             )),
         };
         let mut answered = Answered::default();
@@ -197,11 +231,6 @@ fn round_again(round: &Option<Round>) -> bool {
     round.as_ref().is_some_and(|r| r.again)
 }
 
-/// A server's line as a log shows it: its start.
-fn line_text(line: &[u8]) -> String {
-    String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,10 +240,12 @@ mod tests {
         serde_json::from_str::<Value>(request).unwrap()["id"].clone()
     }
 
-    fn answer(id: &Value, result: Value) -> Vec<u8> {
-        json!({"jsonrpc": "2.0", "id": id, "result": result})
-            .to_string()
-            .into_bytes()
+    fn answer(id: &Value, result: Value) -> Frame {
+        line(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+    }
+
+    fn line(message: Value) -> Frame {
+        Frame::Line(message.to_string().into_bytes())
     }
 
     #[test]
@@ -235,7 +266,7 @@ mod tests {
                 .take(&answer(&json!("portcullis-1"), json!({"tools": []})))
                 .is_none()
         );
-        assert!(survey.take(b"not json").is_none());
+        assert!(survey.take(&Frame::Line(b"not json".to_vec())).is_none());
         let next = survey.take(&answer(
             &id,
             json!({"tools": [{"name": "a"}], "nextCursor": "c"}),
@@ -251,14 +282,13 @@ mod tests {
         let line = format!(
             r#"{{"jsonrpc":"2.0","id":"{escaped}","result":{{"tools":[{{"name":"b"}}]}}}}"#
         );
-        let done = survey.take(line.as_bytes()).unwrap();
+        let done = survey.take(&Frame::Line(line.into_bytes())).unwrap();
         let listed: Value = serde_json::from_str(done.listed.unwrap().get()).unwrap();
         assert_eq!(listed, json!({"tools": [{"name": "a"}, {"name": "b"}]}));
         assert!(done.send.is_none());
-        assert!(
-            survey.take(&answer(&id, json!({"tools": []}))).is_none(),
-            "nothing is under way"
-        );
+        // An answer to a listing no longer under way never reaches the client.
+        let stale = survey.take(&answer(&id, json!({"tools": []}))).unwrap();
+        assert!(stale.listed.is_none() && stale.failed.is_none() && stale.send.is_none());
     }
 
     #[test]
@@ -266,7 +296,12 @@ mod tests {
         let survey = Survey::default();
         let first = survey.start().unwrap();
         assert!(survey.start().is_none(), "one at a time");
-        let failed = survey.take(&json!({"jsonrpc": "2.0", "id": id_of(&first), "error": {"code": -32601, "message": "no"}}).to_string().into_bytes()).unwrap();
+        let error = json!({"code": -32601, "message": "no"});
+        let failed = survey
+            .take(&line(
+                json!({"jsonrpc": "2.0", "id": id_of(&first), "error": error}),
+            ))
+            .unwrap();
         assert!(failed.failed.unwrap().contains("error"));
         let again = failed
             .send
@@ -275,6 +310,32 @@ mod tests {
             .take(&answer(&id_of(&again), json!({"tools": []})))
             .unwrap();
         assert!(done.listed.is_some() && done.send.is_none());
+    }
+
+    #[test]
+    fn an_answer_over_the_size_limit_ends_the_listing_and_is_not_relayed() {
+        let survey = Survey::default();
+        let first = survey.start().unwrap();
+        let prefix = format!(
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{"tools":[{{"#,
+            id_of(&first)
+        );
+        let oversized = Frame::Oversized {
+            len: 1 << 30,
+            prefix: prefix.into_bytes(),
+            suffix: b"}]}}".to_vec(),
+        };
+        let taken = survey.take(&oversized).unwrap();
+        assert!(taken.failed.unwrap().contains("size limit"));
+        let theirs = Frame::Oversized {
+            len: 1 << 30,
+            prefix: br#"{"jsonrpc":"2.0","id":3,"result":{"#.to_vec(),
+            suffix: b"}}".to_vec(),
+        };
+        assert!(
+            survey.take(&theirs).is_none(),
+            "the client's answer is the relay's"
+        );
     }
 
     #[test]
