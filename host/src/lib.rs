@@ -3,7 +3,9 @@
 //! Every JSON-RPC message between an MCP client and server is read once,
 //! strictly ([`protocol`]), becomes an [`Exchange`](contract::Exchange) view,
 //! passes the checks of the [`surface`] (pinning, schemas, rate limits) and
-//! the chain of sandboxed policy components ([`policy`]), may wait for a
+//! the chain of sandboxed policy components ([`policy`], pulled from OCI
+//! registries and checked against their signatures by [`registry`] when
+//! named `oci://`), may wait for a
 //! person ([`approval`]), and leaves one record in the [`audit`] trail. The
 //! [`relay`] ties those together independently of the transport; the
 //! [`upstream`] module reaches the servers; the fronts are `portcullis stdio`
@@ -12,7 +14,7 @@
 //!
 //! The modules are layered, each using only those listed before it
 //! (`scripts/check-layers` enforces it; ARCHITECTURE.md draws it):
-//! util, config → contract → protocol → policy → identity, surface,
+//! util, config → contract → protocol → policy, registry → identity, surface,
 //! approval → audit → relay → upstream → runtime → http → gateway, admin →
 //! cli, fuzzing.
 
@@ -28,6 +30,7 @@ pub mod http;
 pub mod identity;
 pub mod policy;
 pub mod protocol;
+pub mod registry;
 pub mod relay;
 pub mod runtime;
 pub mod surface;

@@ -183,6 +183,50 @@ pub struct ReloadedPolicy {
     /// sha256 of its module before, if it served before.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_sha256: Option<String>,
+    /// For a registry module: the `oci://` reference configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// For a registry module: the manifest digest now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// For a registry module: the manifest digest before, if it served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_digest: Option<String>,
+    /// For a registry module under `[trust]`: the key that signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+}
+
+/// The audit event of a registry module refused by `[trust]` (at start or
+/// on reload; the generation serving, if any, keeps serving).
+#[derive(Debug, Serialize)]
+pub struct ModuleRecord {
+    /// When (RFC 3339, UTC, µs).
+    pub time: String,
+    /// Unique id (UUIDv7).
+    pub id: String,
+    /// Always `module-refused`.
+    pub event: &'static str,
+    /// The `oci://` reference configured.
+    pub module: String,
+    /// The manifest digest it resolved to.
+    pub digest: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+impl ModuleRecord {
+    /// The event of `refused`.
+    pub fn refused(refused: &crate::registry::Refused) -> Self {
+        Self {
+            time: rfc3339_now(),
+            id: decision_id(),
+            event: "module-refused",
+            module: refused.reference.clone(),
+            digest: refused.digest.clone(),
+            reason: refused.reason.clone(),
+        }
+    }
 }
 
 impl ReloadRecord {
@@ -454,12 +498,12 @@ pub fn load_component(sink: &SinkConfig, base: &Path) -> Result<ComponentSink> {
         bail!("not a component sink");
     };
     ComponentSink::load(ComponentOptions {
-        module: module.clone(),
+        module: module.path()?.to_path_buf(),
         allow_hosts: allow_hosts.clone(),
         settings: resolve_all(settings, base)?.into_iter().collect(),
         max_memory: usize::try_from(max_memory_mb.saturating_mul(1 << 20))?,
     })
-    .with_context(|| format!("component sink {}", module.display()))
+    .with_context(|| format!("component sink {module}"))
 }
 
 /// `values` with their `${env:}` / `${file:}` references resolved.

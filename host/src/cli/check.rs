@@ -2,9 +2,12 @@
 //! one by one so that one broken policy does not hide another, and prints a
 //! report a person can act on. It starts no server and writes no audit record.
 
-use crate::config::{Config, FailureMode, InstanceMode, Mode, PolicyConfig, SinkConfig};
+use crate::config::{
+    Config, FailureMode, InstanceMode, Mode, ModuleSource, PolicyConfig, SinkConfig,
+};
 use crate::policy::engine::PolicyEngine;
 use crate::policy::module::Policy;
+use crate::registry::Sources;
 use crate::surface::lock::Pins;
 use std::path::Path;
 use std::time::Instant;
@@ -12,7 +15,7 @@ use std::time::Instant;
 /// Runs the check, prints the report, and returns the exit code (0 when
 /// everything loaded).
 pub fn run(path: &Path) -> i32 {
-    let config = match Config::load(path) {
+    let mut config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
             println!("config   {}  INVALID\n  {e:#}", path.display());
@@ -40,6 +43,7 @@ pub fn run(path: &Path) -> i32 {
             return 1;
         }
     };
+    let sources_ok = report_sources(&mut config);
     let failed = config
         .policies
         .iter()
@@ -52,7 +56,10 @@ pub fn run(path: &Path) -> i32 {
     }
     report_approvals(&config);
     let total = config.policies.len();
-    if !lock_ok {
+    if !sources_ok {
+        println!("result   FAILED: a registry module was refused or could not be pulled");
+        1
+    } else if !lock_ok {
         println!("result   FAILED: the lock file did not load");
         1
     } else if !sinks_ok {
@@ -88,8 +95,7 @@ fn report_sinks(config: &Config) -> bool {
                 let name = sink.component_name().unwrap_or_default();
                 match crate::audit::load_component(sink, base).map(drop) {
                     Ok(()) => println!(
-                        "audit    component {name} ({}), may reach: {}",
-                        module.display(),
+                        "audit    component {name} ({module}), may reach: {}",
                         if allow_hosts.is_empty() {
                             "nothing".to_string()
                         } else {
@@ -159,6 +165,68 @@ fn report_lock(config: &Config) -> bool {
     }
 }
 
+/// Pulls every registry module (checking digests and, under `[trust]`,
+/// signatures), prints each one's source, digest and signer, and warns of
+/// references not pinned to a digest; false when one failed.
+fn report_sources(config: &mut Config) -> bool {
+    if config.modules().all(|m| m.reference().is_none()) {
+        return true;
+    }
+    let sources = match Sources::new(config) {
+        Ok(sources) => sources,
+        Err(e) => {
+            println!("sources  FAILED\n  {e:#}");
+            return false;
+        }
+    };
+    if sources.trusting() {
+        let keys: Vec<_> = config
+            .trust
+            .keys
+            .iter()
+            .map(|k| k.display().to_string())
+            .collect();
+        println!(
+            "trust    registry modules must be signed by one of: {}",
+            keys.join(", ")
+        );
+    } else {
+        println!(
+            "trust    WARNING: no [trust] keys: registry modules are checked against their digests only"
+        );
+    }
+    let mut ok = true;
+    for module in config.modules_mut() {
+        let ModuleSource::Oci { reference, pulled } = module else {
+            continue;
+        };
+        match sources.pull(reference) {
+            Ok(module) => {
+                let signer = match &module.signer {
+                    Some(key) => format!("signed by {key}"),
+                    None => "signature not checked".into(),
+                };
+                println!(
+                    "module   {reference}\n         digest {}  {signer}",
+                    module.digest
+                );
+                if reference.digest.is_none() {
+                    println!(
+                        "         WARNING: named by tag only: pin it (…@{}) so every gateway runs these bytes",
+                        module.digest
+                    );
+                }
+                *pulled = Some(Box::new(module));
+            }
+            Err(e) => {
+                ok = false;
+                println!("module   {reference}  REFUSED\n  {e:#}");
+            }
+        }
+    }
+    ok
+}
+
 /// Loads one policy and prints its line; true if it loaded.
 fn report_policy(engine: &PolicyEngine, config: &Config, p: &PolicyConfig) -> bool {
     let started = Instant::now();
@@ -193,11 +261,7 @@ fn report_policy(engine: &PolicyEngine, config: &Config, p: &PolicyConfig) -> bo
             true
         }
         Err(e) => {
-            println!(
-                "policy   {:<16} FAILED  {}\n  {e:#}",
-                p.name,
-                p.module.display()
-            );
+            println!("policy   {:<16} FAILED  {}\n  {e:#}", p.name, p.module);
             false
         }
     }

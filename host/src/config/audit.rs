@@ -19,7 +19,7 @@ pub struct AuditConfig {
 
 impl AuditConfig {
     /// The modules of its component sinks.
-    pub fn sink_modules(&self) -> impl Iterator<Item = &PathBuf> {
+    pub fn sink_modules(&self) -> impl Iterator<Item = &ModuleSource> {
         self.sinks.iter().filter_map(|sink| match sink {
             SinkConfig::Component { module, .. } => Some(module),
             _ => None,
@@ -113,8 +113,9 @@ pub enum SinkConfig {
     /// may send HTTP requests to the hosts granted here and nothing else;
     /// spooled on disk until delivered.
     Component {
-        /// The component (relative to the config file).
-        module: PathBuf,
+        /// The component: a path relative to the config file, or an `oci://`
+        /// reference.
+        module: ModuleSource,
         /// Its name, unique among component sinks: its spool and metrics go
         /// by it (default: the module's file name without `.wasm`).
         name: Option<String>,
@@ -193,8 +194,7 @@ impl SinkConfig {
         let SinkConfig::Component { module, name, .. } = self else {
             return None;
         };
-        let stem = || module.file_stem().unwrap_or_default().to_string_lossy();
-        Some(name.clone().unwrap_or_else(|| stem().into_owned()))
+        Some(name.clone().unwrap_or_else(|| module.stem()))
     }
 
     /// Which records it gets, and the fields removed from them.

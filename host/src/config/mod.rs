@@ -7,6 +7,7 @@
 mod agents;
 mod approvals;
 mod audit;
+mod modules;
 mod policies;
 mod secrets;
 mod serve;
@@ -16,6 +17,7 @@ mod surface;
 pub use agents::*;
 pub use approvals::*;
 pub use audit::*;
+pub use modules::*;
 pub use policies::*;
 pub use secrets::*;
 pub use serve::*;
@@ -77,6 +79,15 @@ pub struct Config {
     /// The admin listener: the approvals API and page.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// The keys whose signatures registry modules must carry.
+    #[serde(default)]
+    pub trust: TrustConfig,
+    /// How to reach registries, by host (with port when not the default).
+    #[serde(default)]
+    pub registries: BTreeMap<String, RegistryConfig>,
+    /// The cache of registry modules and how often followed tags are checked.
+    #[serde(default)]
+    pub policy_sources: PolicySourcesConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -151,9 +162,25 @@ impl Config {
         Ok(config)
     }
 
+    /// Every module it names: the policies', then the component sinks'.
+    pub fn modules(&self) -> impl Iterator<Item = &ModuleSource> {
+        let policies = self.policies.iter().map(|p| &p.module);
+        policies.chain(self.audit.sink_modules())
+    }
+
+    /// Every module it names, to record what was pulled for them.
+    pub fn modules_mut(&mut self) -> impl Iterator<Item = &mut ModuleSource> {
+        let policies = self.policies.iter_mut().map(|p| &mut p.module);
+        let sinks = self.audit.sinks.iter_mut().filter_map(|sink| match sink {
+            SinkConfig::Component { module, .. } => Some(module),
+            _ => None,
+        });
+        policies.chain(sinks)
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         for policy in &mut self.policies {
-            policy.module = base.join(&policy.module);
+            policy.module.resolve_against(base);
             for fixture in &mut policy.fixtures {
                 *fixture = base.join(&*fixture);
             }
@@ -169,7 +196,7 @@ impl Config {
                 SinkConfig::Component {
                     module, spool_dir, ..
                 } => {
-                    *module = base.join(&*module);
+                    module.resolve_against(base);
                     spool(spool_dir);
                 }
                 SinkConfig::Stdout { .. } | SinkConfig::Stderr { .. } => {}
@@ -180,6 +207,12 @@ impl Config {
         }
         if let Some(dir) = &mut self.engine.cache_dir {
             *dir = base.join(&*dir);
+        }
+        if let Some(dir) = &mut self.policy_sources.cache_dir {
+            *dir = base.join(&*dir);
+        }
+        for key in &mut self.trust.keys {
+            *key = base.join(&*key);
         }
         if let Some(store) = &mut self.approvals.store {
             *store = base.join(&*store);
@@ -221,6 +254,28 @@ impl Config {
     pub fn lock_file(&self) -> PathBuf {
         self.lock_path()
             .map_or_else(|| self.default_lock(), Path::to_path_buf)
+    }
+
+    fn validate_sources(&self) -> Result<()> {
+        if self.policy_sources.refresh_secs == 0 {
+            bail!("policy_sources.refresh_secs: must be at least 1");
+        }
+        for (host, registry) in &self.registries {
+            if host.contains('/') || host.is_empty() {
+                bail!(
+                    "registries.\"{host}\": a registry is named by its host (and port), e.g. registries.\"ghcr.io\""
+                );
+            }
+            if registry.token.is_some()
+                && (registry.username.is_some() || registry.password.is_some())
+            {
+                bail!("registries.\"{host}\": give a token or a username and password, not both");
+            }
+            if registry.username.is_some() != registry.password.is_some() {
+                bail!("registries.\"{host}\": username and password go together");
+            }
+        }
+        Ok(())
     }
 
     fn validate_approvals(&self) -> Result<()> {
@@ -379,6 +434,7 @@ impl Config {
         if serve.max_connections > MAX_CONNECTIONS {
             bail!("serve.max_connections: must be at most {MAX_CONNECTIONS}");
         }
+        self.validate_sources()?;
         let mut names = std::collections::HashSet::new();
         for (i, policy) in self.policies.iter().enumerate() {
             let at = format!("policy[{i}]");
@@ -394,6 +450,9 @@ impl Config {
             }
             if policy.recycle_after == 0 {
                 bail!("{at}.recycle_after: must be at least 1");
+            }
+            if policy.follow && policy.module.reference().is_none_or(|r| r.tag.is_none()) {
+                bail!("{at}.follow: only a module named by an oci:// tag can be followed");
             }
             if policy.timeout_ms == Some(0) {
                 bail!("{at}.timeout_ms: must be at least 1");
@@ -462,7 +521,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             config.policies[0].module,
-            Path::new("/etc/portcullis/policies/ro.wasm")
+            ModuleSource::File("/etc/portcullis/policies/ro.wasm".into())
         );
         assert!(
             matches!(&config.audit.sinks[0], SinkConfig::File { path, .. } if path == Path::new("/var/log/audit.jsonl"))

@@ -9,8 +9,13 @@ use super::*;
 pub struct PolicyConfig {
     /// Unique name, used in errors, logs and audit records.
     pub name: String,
-    /// Path to the `.wasm` component (relative to the config file).
-    pub module: PathBuf,
+    /// The `.wasm` component: a path relative to the config file, or an
+    /// `oci://` reference to a registry.
+    pub module: ModuleSource,
+    /// For a module named by tag: check the registry every
+    /// `[policy_sources] refresh_secs` and reload when the tag moves.
+    #[serde(default)]
+    pub follow: bool,
     /// Settings handed to the policy's `configure` as JSON.
     #[serde(default = "empty_settings")]
     pub settings: serde_json::Value,
@@ -51,6 +56,15 @@ pub struct PolicyConfig {
     /// every reload); relative to the config file.
     #[serde(default)]
     pub fixtures: Vec<PathBuf>,
+}
+
+impl PolicyConfig {
+    /// The fixtures it must pass: the config's, then those that travelled
+    /// with its registry module.
+    pub fn all_fixtures(&self) -> impl Iterator<Item = &PathBuf> {
+        let pulled = self.module.pulled().into_iter();
+        self.fixtures.iter().chain(pulled.flat_map(|p| &p.fixtures))
+    }
 }
 
 fn default_recycle_after() -> u64 {
@@ -148,6 +162,15 @@ impl Default for EngineConfig {
             cache: true,
         }
     }
+}
+
+/// Portcullis' cache directory when the config names none:
+/// `$XDG_CACHE_HOME/portcullis`, else `~/.cache/portcullis`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("portcullis"))
 }
 
 fn default_timeout_ms() -> u64 {

@@ -197,7 +197,7 @@ fn payload_of(exchange: &mut Exchange) -> &mut Option<String> {
 impl Link {
     fn load(engine: &PolicyEngine, config: &Config, p: &PolicyConfig) -> Result<Self> {
         let policy = Policy::load(engine, config, p)
-            .with_context(|| format!("policy '{}' ({})", p.name, p.module.display()))?;
+            .with_context(|| format!("policy '{}' ({})", p.name, p.module))?;
         let globs = |patterns: &[String]| patterns.iter().map(|g| WildMatch::new(g)).collect();
         Ok(Self {
             policy,

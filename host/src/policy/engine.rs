@@ -92,7 +92,12 @@ impl PolicyEngine {
 
         let cache_dir = config
             .cache
-            .then(|| config.cache_dir.clone().or_else(default_cache_dir))
+            .then(|| {
+                config
+                    .cache_dir
+                    .clone()
+                    .or_else(crate::config::default_cache_dir)
+            })
             .flatten();
         Ok(Self {
             engine,
@@ -205,13 +210,6 @@ fn store_artifact(dir: &Path, artifact: &Path, checksum: &Path, bytes: &[u8]) ->
     std::fs::rename(&tmp, artifact)?;
     std::fs::write(checksum, hex(&Sha256::digest(bytes)))?;
     Ok(())
-}
-
-fn default_cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("portcullis"))
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] while policies run, and

@@ -24,7 +24,9 @@
 //! expected.
 
 use crate::config::DriftKind;
-use crate::config::{Config, EngineConfig, FailureMode, InstanceMode, Mode, PolicyConfig};
+use crate::config::{
+    Config, EngineConfig, FailureMode, InstanceMode, Mode, ModuleSource, PolicyConfig,
+};
 use crate::contract::{
     Agent, Direction, Drifted, Exchange, MessageKind, Outcome, ToolAnnotations, ToolDrift,
 };
@@ -255,7 +257,8 @@ pub fn standalone(
         name: module
             .file_stem()
             .map_or("policy".into(), |s| s.to_string_lossy().into_owned()),
-        module: module.to_path_buf(),
+        module: ModuleSource::File(module.to_path_buf()),
+        follow: false,
         settings: settings.clone(),
         agents: vec!["*".into()],
         servers: vec!["*".into()],

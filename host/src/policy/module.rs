@@ -10,7 +10,7 @@ use crate::policy::engine::{
     EPOCH_TICK, EpochTicker, LogLine, PolicyEngine, PolicyState, truncate,
 };
 use crate::policy::kv::{KeyValue, MemoryStore};
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use std::sync::{Arc, Mutex};
 use wasmtime::{ResourceLimiter, Store, Trap};
 
@@ -94,7 +94,16 @@ impl Policy {
     /// Compiles the module, links it, and instantiates and configures it once
     /// so that bad modules and bad settings fail here, not on traffic.
     pub fn load(engine: &PolicyEngine, config: &Config, policy: &PolicyConfig) -> Result<Self> {
-        let module = engine.prepare(&policy.module)?;
+        let module = engine.prepare(policy.module.path()?)?;
+        if let Some(pulled) = policy.module.pulled()
+            && pulled.component.strip_prefix("sha256:") != Some(&*module.sha256)
+        {
+            bail!(
+                "{} changed in the cache after it was verified (expected {})",
+                pulled.path.display(),
+                pulled.component
+            );
+        }
         // Start-up and fixtures run against a scratch store, so what the
         // fixtures count never reaches the counters of live traffic.
         let mut loaded = Self {
@@ -116,7 +125,7 @@ impl Policy {
             .map_err(|f| anyhow!("{f}"))
             .context("the policy did not start")?;
         loaded.release(first);
-        for fixture in &policy.fixtures {
+        for fixture in policy.all_fixtures() {
             crate::policy::fixtures::check(&loaded, fixture)?;
         }
         loaded.store = engine.store();

@@ -6,7 +6,7 @@
 //! Building the next generation and swapping it in is `runtime::reload`'s.
 
 use crate::approval::hold::Holding;
-use crate::audit::{ApprovalRecord, Audit};
+use crate::audit::{ApprovalRecord, Audit, ModuleRecord};
 use crate::config::Config;
 use crate::identity::jwt::Verifier;
 use crate::policy::chain::Guard;
@@ -56,7 +56,11 @@ impl Generation {
     ) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        let config = Config::parse(&text, path)?;
+        let mut config = Config::parse(&text, path)?;
+        if let Err(e) = crate::registry::resolve(&mut config) {
+            audit_refusal(&config, extra_audit, &e);
+            return Err(e);
+        }
         let guard = Guard::load(engine, &config)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let jwt = config
@@ -79,8 +83,11 @@ impl Generation {
         for policy in guard.policies() {
             fingerprint.update(policy.sha256.as_bytes());
         }
-        for module in config.audit.sink_modules() {
-            fingerprint.update(std::fs::read(module).unwrap_or_default());
+        for module in config.modules() {
+            match module.pulled() {
+                Some(pulled) => fingerprint.update(pulled.digest.as_bytes()),
+                None => fingerprint.update(std::fs::read(module.path()?).unwrap_or_default()),
+            }
         }
         Ok(Self {
             number,
@@ -98,14 +105,35 @@ impl Generation {
     /// The files whose change calls for a reload, as absolute paths.
     pub fn watched_files(&self) -> HashSet<PathBuf> {
         let policies = self.config.policies.iter();
-        std::iter::once(&self.config.path)
-            .chain(policies.clone().map(|p| &p.module))
-            .chain(policies.flat_map(|p| &p.fixtures))
-            .chain(self.config.jwt.iter().filter_map(|j| j.jwks_file.as_ref()))
-            .chain(self.config.pinning.iter().filter_map(|p| p.lock.as_ref()))
-            .chain(self.config.audit.sink_modules())
+        let modules = self.config.modules().filter_map(|m| m.file());
+        std::iter::once(self.config.path.as_path())
+            .chain(modules)
+            .chain(policies.flat_map(|p| &p.fixtures).map(PathBuf::as_path))
+            .chain(
+                self.config
+                    .jwt
+                    .iter()
+                    .filter_map(|j| j.jwks_file.as_deref()),
+            )
+            .chain(self.config.pinning.iter().filter_map(|p| p.lock.as_deref()))
             .filter_map(|p| std::path::absolute(p).ok())
             .collect()
+    }
+}
+
+/// Audits a registry module refused by `[trust]` through the sinks
+/// `config` opens (those that do not themselves wait on a refused module).
+fn audit_refusal(config: &Config, extra_audit: Option<&Path>, error: &anyhow::Error) {
+    let Some(refused) = error.downcast_ref::<crate::registry::Refused>() else {
+        return;
+    };
+    let written = Audit::open(config, extra_audit.map(Path::to_path_buf))
+        .and_then(|audit| audit.write(&ModuleRecord::refused(refused)));
+    if let Err(e) = written {
+        tracing::error!(
+            "cannot audit the refused module {}: {e:#}",
+            refused.reference
+        );
     }
 }
 

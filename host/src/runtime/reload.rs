@@ -21,6 +21,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+/// The most moved tags remembered as tried.
+const MAX_TRIED: usize = 1024;
 /// A burst of file events ends after this much quiet...
 const QUIET: Duration = Duration::from_millis(20);
 /// ...or after this long, whichever comes first.
@@ -38,6 +40,8 @@ pub enum Trigger {
     File,
     /// SIGHUP.
     Signal,
+    /// A followed tag moved in its registry.
+    Registry,
 }
 
 impl Trigger {
@@ -45,6 +49,7 @@ impl Trigger {
         match self {
             Trigger::File => "file",
             Trigger::Signal => "signal",
+            Trigger::Registry => "registry",
         }
     }
 }
@@ -204,6 +209,7 @@ impl Reloader {
             })
             .context("cannot watch files")?
         };
+        self.clone().follow_tags(triggers.clone())?;
         let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
             .context("cannot watch SIGHUP")?;
         std::thread::Builder::new()
@@ -226,6 +232,52 @@ impl Reloader {
                 }
             })
             .context("cannot start the reload thread")?;
+        Ok(())
+    }
+
+    /// Checks the tags of policies with `follow = true` every
+    /// `[policy_sources] refresh_secs`, from a background thread, and asks
+    /// for a reload when one names a digest not tried yet, or one tried whose
+    /// signatures changed since (one refused stays refused until then).
+    fn follow_tags(self: Arc<Self>, triggers: mpsc::Sender<Trigger>) -> Result<()> {
+        std::thread::Builder::new()
+            .name("portcullis-follow".into())
+            .spawn(move || {
+                let mut tried = HashSet::new();
+                loop {
+                    let generation = self.current.get();
+                    let every = generation.config.policy_sources.refresh_secs;
+                    std::thread::sleep(Duration::from_secs(every));
+                    let moved =
+                        match crate::registry::sources::moved_tags(&self.current.get().config) {
+                            Ok(moved) => moved,
+                            Err(e) => {
+                                tracing::warn!("cannot check followed tags: {e:#}");
+                                continue;
+                            }
+                        };
+                    let new: Vec<_> = moved.into_iter().filter(|m| !tried.contains(m)).collect();
+                    if new.is_empty() {
+                        continue;
+                    }
+                    for moved in new {
+                        tracing::info!(
+                            policy = moved.policy,
+                            from = moved.from,
+                            to = moved.to,
+                            "a followed tag moved; reloading"
+                        );
+                        if tried.len() >= MAX_TRIED {
+                            tried.clear();
+                        }
+                        tried.insert(moved);
+                    }
+                    if triggers.send(Trigger::Registry).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("cannot start the thread that follows tags")?;
         Ok(())
     }
 
@@ -269,7 +321,7 @@ fn settle(next: &mpsc::Receiver<Trigger>, first: Trigger) -> Trigger {
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match next.recv_timeout(QUIET.min(left)) {
             Ok(Trigger::Signal) => trigger = Trigger::Signal,
-            Ok(Trigger::File) => {}
+            Ok(Trigger::File | Trigger::Registry) => {}
             Err(_) => break,
         }
     }
@@ -311,12 +363,31 @@ fn reload_record(
     let policies = generation
         .guard
         .policies()
-        .map(|p| ReloadedPolicy {
-            name: p.name.to_string(),
-            sha256: p.sha256.to_string(),
-            previous_sha256: previous
-                .and_then(|g| g.guard.policies().find(|q| q.name == p.name))
-                .map(|q| q.sha256.to_string()),
+        .map(|p| {
+            let module = |g: &Generation| {
+                let configured = g.config.policies.iter().find(|c| *c.name == *p.name);
+                configured.map(|c| c.module.clone())
+            };
+            let now = module(generation);
+            let pulled = now.as_ref().and_then(|m| m.pulled());
+            let before = previous.and_then(module);
+            ReloadedPolicy {
+                name: p.name.to_string(),
+                sha256: p.sha256.to_string(),
+                previous_sha256: previous
+                    .and_then(|g| g.guard.policies().find(|q| q.name == p.name))
+                    .map(|q| q.sha256.to_string()),
+                source: now
+                    .as_ref()
+                    .and_then(|m| m.reference())
+                    .map(|r| r.to_string()),
+                digest: pulled.map(|p| p.digest.clone()),
+                previous_digest: before
+                    .as_ref()
+                    .and_then(|m| m.pulled())
+                    .map(|p| p.digest.clone()),
+                signer: pulled.and_then(|p| p.signer.clone()),
+            }
         })
         .collect();
     ReloadRecord::new(trigger.as_str(), result, generation.number, error, policies)

@@ -1,0 +1,367 @@
+//! Turning a config's `oci://` modules into verified local files: the tag
+//! resolved to a digest (or the digest taken as pinned), the manifest and
+//! blobs taken from the cache or pulled into it and checked against their
+//! digests, and, under `[trust]`, the artifact's cosign signatures checked
+//! against the trusted keys, every time. A digest-pinned module whose
+//! content is cached needs no registry; signatures are asked for anew and
+//! taken from the cache only when the registry cannot be reached.
+
+use crate::config::{Config, ModuleSource, OciReference, Pulled};
+use crate::registry::artifact::{self, Contents, MAX_MANIFEST_BYTES};
+use crate::registry::cache::{Cache, Mismatch};
+use crate::registry::client::{Failure, Registries};
+use crate::registry::signature::{self, TrustedKey};
+use anyhow::{Context, Result, bail};
+use oci_client::manifest::OciDescriptor;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// A registry module refused by `[trust]`: it is not validly signed by a
+/// trusted key. The error carries what the audit event names.
+#[derive(Debug)]
+pub struct Refused {
+    /// The module as configured.
+    pub reference: String,
+    /// The digest it resolved to.
+    pub digest: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}) is refused: {}",
+            self.reference, self.digest, self.reason
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Where registry modules come from, and whom they must be signed by.
+pub struct Sources {
+    registries: Registries,
+    cache: Cache,
+    keys: Vec<TrustedKey>,
+}
+
+impl Sources {
+    /// The sources `config` sets up: its registries, its cache, its trusted
+    /// keys (each must load).
+    pub fn new(config: &Config) -> Result<Self> {
+        let keys = config
+            .trust
+            .keys
+            .iter()
+            .map(|path| TrustedKey::load(path).context("trust.keys"))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            registries: Registries::new(config)?,
+            cache: Cache::new(cache_dir(config)?),
+            keys,
+        })
+    }
+
+    /// Sources with no trusted keys and no configured credentials, for the
+    /// commands that work on one reference.
+    pub fn standalone(cache_dir: PathBuf) -> Result<Self> {
+        Ok(Self {
+            registries: Registries::unconfigured()?,
+            cache: Cache::new(cache_dir),
+            keys: Vec::new(),
+        })
+    }
+
+    /// The registries.
+    pub fn registries(&self) -> &Registries {
+        &self.registries
+    }
+
+    /// Whether signatures are required.
+    pub fn trusting(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// The digest `reference` names: its own, else its tag's now.
+    pub fn digest(&self, reference: &OciReference) -> Result<String> {
+        if let Some(digest) = &reference.digest {
+            return Ok(digest.clone());
+        }
+        match self.registries.digest_of(reference) {
+            Ok(digest) if crate::config::is_sha256_digest(&digest) => Ok(digest),
+            Ok(digest) => bail!("the registry names {reference} by a digest that is not sha256: {digest}"),
+            Err(Failure::Unreachable(e)) => Err(e.context(format!(
+                "{reference} is named by its tag only, and its registry cannot be reached; pin a digest (…@sha256:…) to start from the cache"
+            ))),
+            Err(failure) => Err(failure.into_error()),
+        }
+    }
+
+    /// Pulls (or finds in the cache) the module `reference` names, checks
+    /// it, and under `[trust]` its signature.
+    pub fn pull(&self, reference: &OciReference) -> Result<Pulled> {
+        let digest = self.digest(reference)?;
+        let refused = |e: anyhow::Error| Refused {
+            reference: reference.to_string(),
+            digest: digest.clone(),
+            reason: format!("{e:#}"),
+        };
+        let tampered = |e: anyhow::Error| match e.downcast_ref::<Mismatch>() {
+            Some(_) => refused(e).into(),
+            None => e,
+        };
+        let contents = self.contents(reference, &digest).map_err(tampered)?;
+        let path = self
+            .blob(reference, &contents.module, artifact::MAX_MODULE_BYTES)
+            .map_err(tampered)?;
+        let fixtures = contents
+            .fixtures
+            .iter()
+            .map(|layer| self.blob(reference, layer, artifact::MAX_FIXTURE_BYTES))
+            .collect::<Result<_>>()
+            .map_err(tampered)?;
+        let signer = if self.trusting() {
+            let signer = self
+                .signer(&self.keys, reference, &digest)
+                .map_err(refused)?;
+            Some(signer)
+        } else {
+            None
+        };
+        Ok(Pulled {
+            digest,
+            path,
+            component: contents.module.digest.clone(),
+            fixtures,
+            signer,
+        })
+    }
+
+    /// The manifest `digest` of `reference`'s repository, read.
+    pub fn contents(&self, reference: &OciReference, digest: &str) -> Result<Contents> {
+        let bytes = self.manifest(reference, digest)?;
+        Contents::read(&bytes).with_context(|| format!("{reference} ({digest})"))
+    }
+
+    /// The manifest bytes `digest`, from the cache or the registry.
+    pub fn manifest(&self, reference: &OciReference, digest: &str) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.cache.get(digest)? {
+            return Ok(bytes);
+        }
+        let (bytes, _) = self.registries.manifest(&reference.at_digest(digest))?;
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            bail!(
+                "the manifest of {reference} is {} bytes; at most {MAX_MANIFEST_BYTES} are read",
+                bytes.len()
+            );
+        }
+        self.cache
+            .put(digest, &bytes)
+            .with_context(|| format!("the registry's manifest for {reference}@{digest}"))?;
+        Ok(bytes)
+    }
+
+    /// The cached file of the blob `layer`, pulled first if needed.
+    fn blob(&self, reference: &OciReference, layer: &OciDescriptor, limit: u64) -> Result<PathBuf> {
+        self.blob_bytes(reference, layer, limit)?;
+        self.cache.blob_path(&layer.digest)
+    }
+
+    /// The bytes of the blob `layer`, from the cache or pulled into it.
+    pub fn blob_bytes(
+        &self,
+        reference: &OciReference,
+        layer: &OciDescriptor,
+        limit: u64,
+    ) -> Result<Vec<u8>> {
+        artifact::check_size(layer, limit)?;
+        if let Some(bytes) = self.cache.get(&layer.digest)? {
+            return Ok(bytes);
+        }
+        let bytes = self.registries.blob(reference, &layer.digest, limit)?;
+        if bytes.len() as i64 != layer.size {
+            bail!(
+                "blob {} of {reference} is {} bytes, not the {} its manifest says",
+                layer.digest,
+                bytes.len(),
+                layer.size
+            );
+        }
+        self.cache
+            .put(&layer.digest, &bytes)
+            .with_context(|| format!("blob {} of {reference}", layer.digest))?;
+        Ok(bytes)
+    }
+
+    /// The signature manifest of the artifact `digest`: the registry's
+    /// (recorded in the cache), or the cache's when the registry cannot be
+    /// reached; `None` when it has none.
+    pub fn signature_manifest(
+        &self,
+        reference: &OciReference,
+        digest: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let signatures = reference.at_tag(&signature::signature_tag(digest));
+        match self.registries.manifest(&signatures) {
+            Ok((bytes, _)) if bytes.len() as u64 > MAX_MANIFEST_BYTES => {
+                bail!(
+                    "the signature manifest of {reference} is larger than {MAX_MANIFEST_BYTES} bytes"
+                )
+            }
+            Ok((bytes, _)) => {
+                self.cache.set_signatures(digest, Some(&bytes))?;
+                Ok(Some(bytes))
+            }
+            Err(Failure::NotFound(_)) => {
+                self.cache.set_signatures(digest, None)?;
+                Ok(None)
+            }
+            Err(Failure::Unreachable(e)) => {
+                let cached = self.cache.signatures(digest)?;
+                tracing::warn!(
+                    module = %reference,
+                    "the registry cannot be reached; checking the signatures last seen ({}): {e:#}",
+                    if cached.is_some() { "cached" } else { "none" }
+                );
+                Ok(cached)
+            }
+            Err(Failure::Other(e)) => Err(e),
+        }
+    }
+
+    /// The first of `keys` that signed the artifact `digest`.
+    pub fn signer(
+        &self,
+        keys: &[TrustedKey],
+        reference: &OciReference,
+        digest: &str,
+    ) -> Result<String> {
+        let stored = match self.signature_manifest(reference, digest)? {
+            Some(bytes) => signature::stored(
+                &artifact::read_manifest(&bytes).context("its signature manifest")?,
+            ),
+            None => Vec::new(),
+        };
+        signature::signer(keys, digest, &stored, |layer| {
+            self.blob_bytes(reference, layer, signature::MAX_PAYLOAD_BYTES)
+        })
+    }
+
+    /// Every signature of the artifact `digest`, with the payload each
+    /// signs, for reports.
+    pub fn signatures(
+        &self,
+        reference: &OciReference,
+        digest: &str,
+    ) -> Result<Vec<(signature::Stored, Vec<u8>)>> {
+        let Some(bytes) = self.signature_manifest(reference, digest)? else {
+            return Ok(Vec::new());
+        };
+        let manifest = artifact::read_manifest(&bytes).context("its signature manifest")?;
+        signature::stored(&manifest)
+            .into_iter()
+            .map(|stored| {
+                let payload =
+                    self.blob_bytes(reference, &stored.layer, signature::MAX_PAYLOAD_BYTES)?;
+                Ok((stored, payload))
+            })
+            .collect()
+    }
+}
+
+/// Where `config` caches registry modules: `[policy_sources] cache_dir`,
+/// else `oci` beside the compile cache.
+pub fn cache_dir(config: &Config) -> Result<PathBuf> {
+    if let Some(dir) = &config.policy_sources.cache_dir {
+        return Ok(dir.clone());
+    }
+    let compile_cache = config
+        .engine
+        .cache_dir
+        .clone()
+        .or_else(crate::config::default_cache_dir)
+        .context(
+            "no cache directory for registry modules: set [policy_sources] cache_dir (or HOME)",
+        )?;
+    Ok(compile_cache.join("oci"))
+}
+
+/// Pulls and checks every registry module `config` names (policies and
+/// component sinks), each once, and records what was pulled in the config.
+pub fn resolve(config: &mut Config) -> Result<()> {
+    let wanted: Vec<OciReference> = config
+        .modules()
+        .filter_map(|m| m.reference().cloned())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let sources = Sources::new(config)?;
+    let mut pulled = BTreeMap::new();
+    for reference in wanted {
+        if let std::collections::btree_map::Entry::Vacant(slot) = pulled.entry(reference) {
+            let module = sources.pull(slot.key())?;
+            slot.insert(Box::new(module));
+        }
+    }
+    for module in config.modules_mut() {
+        if let ModuleSource::Oci {
+            reference,
+            pulled: slot,
+        } = module
+        {
+            *slot = pulled.get(reference).cloned();
+        }
+    }
+    Ok(())
+}
+
+/// A followed policy whose tag names another digest than the one it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Moved {
+    /// The policy.
+    pub policy: String,
+    /// The digest it runs.
+    pub from: String,
+    /// The digest its tag names now.
+    pub to: String,
+    /// The digest of that one's signature manifest, if any: a module
+    /// refused for want of a signature is worth trying again once signed.
+    pub signatures: Option<String>,
+}
+
+/// The followed policies of `config` whose tag has moved.
+pub fn moved_tags(config: &Config) -> Result<Vec<Moved>> {
+    let followed: Vec<_> = config.policies.iter().filter(|p| p.follow).collect();
+    if followed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let registries = Registries::new(config)?;
+    let mut moved = Vec::new();
+    for policy in followed {
+        let (Some(reference), Some(pulled)) = (policy.module.reference(), policy.module.pulled())
+        else {
+            continue;
+        };
+        let now = registries
+            .digest_of(&reference.at_tag(reference.tag.as_deref().unwrap_or("latest")))?;
+        if now == pulled.digest {
+            continue;
+        }
+        let signatures =
+            match registries.digest_of(&reference.at_tag(&signature::signature_tag(&now))) {
+                Ok(digest) => Some(digest),
+                Err(Failure::NotFound(_)) => None,
+                Err(failure) => return Err(failure.into_error()),
+            };
+        moved.push(Moved {
+            policy: policy.name.clone(),
+            from: pulled.digest.clone(),
+            to: now,
+            signatures,
+        });
+    }
+    Ok(moved)
+}
