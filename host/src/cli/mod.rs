@@ -9,6 +9,7 @@ pub mod audit;
 pub mod bench;
 pub mod check;
 pub mod pin;
+pub mod policy;
 pub mod scaffold;
 pub mod serve;
 pub mod stdio;
@@ -99,6 +100,12 @@ enum Commands {
     Audit {
         #[command(subcommand)]
         action: crate::cli::audit::Action,
+    },
+    /// Share policy modules through OCI registries: keygen, push, sign,
+    /// verify, pull, inspect.
+    Policy {
+        #[command(subcommand)]
+        action: crate::cli::policy::Action,
     },
     /// Validate a config file and load every policy in it.
     Check {
@@ -195,6 +202,7 @@ fn run(cli: Cli) -> Result<i32> {
         Commands::Serve { config, audit_file } => serve::command(config, audit_file),
         Commands::Admin { config, listen } => admin::command(&config, listen),
         Commands::Check { config } => Ok(crate::cli::check::run(&config)),
+        Commands::Policy { action } => crate::cli::policy::run(&action),
         Commands::Audit { action } => crate::cli::audit::run(&action),
         Commands::Approvals {
             config,
