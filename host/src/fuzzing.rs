@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("jwt", jwt),
     ("sse", sse),
+    ("oci", oci),
 ];
 
 /// Newline framing with a small cap: frames never exceed it, and an
@@ -162,6 +163,31 @@ pub fn config(data: &[u8]) {
         return;
     };
     let _ = Config::parse(text, Path::new("/nonexistent/fuzz/portcullis.toml"));
+}
+
+/// What a registry sends and a config names: an `oci://` reference reads
+/// back as itself once written, a manifest or signature manifest is read
+/// or refused (within its bounds), never a panic.
+pub fn oci(data: &[u8]) {
+    use crate::config::OciReference;
+    use crate::registry::{artifact, signature};
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(reference) = text.parse::<OciReference>()
+    {
+        let again: OciReference = reference
+            .to_string()
+            .parse()
+            .expect("a reference reads back");
+        assert_eq!(again, reference, "{text}");
+    }
+    if let Ok(contents) = artifact::Contents::read(data) {
+        assert!(contents.fixtures.len() <= artifact::MAX_FIXTURES);
+        assert!(contents.module.size as u64 <= artifact::MAX_MODULE_BYTES);
+    }
+    if let Ok(manifest) = artifact::read_manifest(data) {
+        assert!(signature::stored(&manifest).len() <= signature::MAX_SIGNATURES);
+    }
+    let _ = artifact::Description::of(data);
 }
 
 /// The HS256 secret of the `jwt` target's config.
