@@ -229,6 +229,13 @@ fn report_sources(config: &mut Config) -> bool {
 
 /// Loads one policy and prints its line; true if it loaded.
 fn report_policy(engine: &PolicyEngine, config: &Config, p: &PolicyConfig) -> bool {
+    if p.module.path().is_err() {
+        println!(
+            "policy   {:<16} FAILED  its module was not pulled (above)",
+            p.name
+        );
+        return false;
+    }
     let started = Instant::now();
     let mode = match p.mode {
         Mode::Enforce => "enforce",

@@ -23,20 +23,11 @@ pub fn digest_of(bytes: &[u8]) -> String {
 
 /// Content that is not what its digest says: tampered with, or damaged.
 #[derive(Debug)]
-pub struct Mismatch {
-    /// The digest it should have.
-    pub expected: String,
-    /// The digest it has.
-    pub actual: String,
-}
+pub struct Mismatch(pub String);
 
 impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the content does not match its digest: expected {}, got {}",
-            self.expected, self.actual
-        )
+        write!(f, "the content does not match its digest: {}", self.0)
     }
 }
 
@@ -83,11 +74,7 @@ impl Cache {
     pub fn put(&self, digest: &str, bytes: &[u8]) -> Result<PathBuf> {
         let actual = digest_of(bytes);
         if actual != digest {
-            return Err(Mismatch {
-                expected: digest.into(),
-                actual,
-            }
-            .into());
+            return Err(Mismatch(format!("expected {digest}, got {actual}")).into());
         }
         let path = self.blob_path(digest)?;
         write_atomically(&path, bytes)?;

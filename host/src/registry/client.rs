@@ -64,6 +64,10 @@ impl Failure {
             OciDistributionError::ServerError { code, .. } => *code == 404,
             _ => false,
         };
+        if let OciDistributionError::DigestError(mismatch) = &error {
+            let mismatch = crate::registry::cache::Mismatch(mismatch.to_string());
+            return Failure::Other(anyhow!(mismatch).context(what.to_string()));
+        }
         let error = anyhow!(error).context(what.to_string());
         if unreachable {
             Failure::Unreachable(error)
