@@ -423,6 +423,40 @@ def test_an_https_registry_with_credentials_from_the_config_or_the_docker_config
         served.stop()
 
 
+def test_a_mirror_made_by_skopeo_runs_the_same_signed_module(tmp_path: Path, registry: Registry, sandbox: Path):
+    """Air-gapped mirrors: Debian's skopeo copies the artifact and its
+    signature between registries; the digest and the signature hold."""
+    skopeo = shutil.which("skopeo")
+    assert skopeo, "Debian's skopeo is not installed (scripts/setup installs it)"
+    private, public = keygen(tmp_path, "team")
+    pinned = push(READ_ONLY, registry.ref("team/read-only:1"))
+    sign(pinned, private)
+    digest = pinned.split("@")[1]
+    mirror = Registry(tmp_path / "mirror")
+    try:
+        plain = ["--src-tls-verify=false", "--dest-tls-verify=false"]
+        for source, target in [(f"team/read-only@{digest}", "team/read-only:1"),
+                               (f"team/read-only:{digest.replace(':', '-')}.sig",
+                                f"team/read-only:{digest.replace(':', '-')}.sig")]:
+            copied = subprocess.run([skopeo, "copy", "--all", *plain, f"docker://{registry.host}/{source}",
+                                     f"docker://{mirror.host}/{target}"], capture_output=True, text=True,
+                                    timeout=120)
+            assert copied.returncode == 0, copied.stderr
+        registry.stop()
+        mirrored = f"{mirror.ref('team/read-only')}@{digest}"
+        config = gateway_config(tmp_path, mirrored, keys=[public])
+        assert "signed by team.pub" in portcullis("check", str(config)).stdout
+
+        async def scenario():
+            async with proxied_filesystem(config, tmp_path / "audit.jsonl", sandbox) as session:
+                assert await outcome(session, sandbox) == "denied"
+
+        asyncio.run(scenario())
+        registry.start()
+    finally:
+        mirror.stop()
+
+
 def cosign_decrypt(private_pem: str, password: bytes) -> bytes:
     """The PKCS#8 DER inside an encrypted cosign private key, per cosign's
     format: a PEM-wrapped JSON envelope, scrypt as the KDF, NaCl secretbox."""
