@@ -284,9 +284,19 @@ def test_a_followed_tag_swaps_in_signed_versions_under_load_and_refuses_unsigned
             assert asyncio.get_running_loop().time() < deadline, f"never saw '{wanted}'"
             await asyncio.sleep(0.2)
 
+    status_dir = tmp_path / "status"
+
+    def serving() -> str:
+        shown = subprocess.run([str(PORTCULLIS), "status", "--json"], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PORTCULLIS_STATUS_DIR": str(status_dir)})
+        [process] = json.loads(shown.stdout)
+        return process["policies"][0]["source"]
+
     async def scenario():
-        async with proxied_filesystem(config, audit, sandbox) as session:
+        async with proxied_filesystem(config, audit, sandbox, env={"PORTCULLIS_STATUS_DIR": str(status_dir)}) \
+                as session:
             assert await outcome(session, sandbox) == "allowed"
+            assert serving() == f"{tag} ({allows.split('@')[1]})"
             done = asyncio.Event()
 
             async def hammer():
@@ -306,6 +316,7 @@ def test_a_followed_tag_swaps_in_signed_versions_under_load_and_refuses_unsigned
             denies = push(READ_ONLY, tag, "--fixtures", str(fixtures_file(tmp_path)))
             sign(denies, private)
             await until(session, "denied")
+            assert serving() == f"{tag} ({denies.split('@')[1]})"
             done.set()
             await background
             return allows, denies

@@ -102,6 +102,11 @@ impl Generation {
         })
     }
 
+    /// How the config names the policy `name`.
+    pub fn policy_config(&self, name: &str) -> Option<&crate::config::PolicyConfig> {
+        self.config.policies.iter().find(|p| p.name == name)
+    }
+
     /// The files whose change calls for a reload, as absolute paths.
     pub fn watched_files(&self) -> HashSet<PathBuf> {
         let policies = self.config.policies.iter();

@@ -342,10 +342,14 @@ fn policy_statuses(generation: &Generation, before: Option<&Status>) -> Vec<Poli
                         .find(|q| *q.name == *p.name && *q.sha256 == *p.sha256)
                 })
                 .map(|q| q.loaded_at.clone());
+            let module = generation.policy_config(&p.name).map(|c| &c.module);
+            let source = module.and_then(|m| Some((m.reference()?, m.pulled()?)));
             PolicyStatus {
                 name: p.name.to_string(),
                 sha256: p.sha256.to_string(),
                 loaded_at: earlier.unwrap_or_else(|| generation.loaded_at.clone()),
+                source: source
+                    .map(|(reference, pulled)| format!("{reference} ({})", pulled.digest)),
             }
         })
         .collect()
@@ -364,10 +368,7 @@ fn reload_record(
         .guard
         .policies()
         .map(|p| {
-            let module = |g: &Generation| {
-                let configured = g.config.policies.iter().find(|c| *c.name == *p.name);
-                configured.map(|c| c.module.clone())
-            };
+            let module = |g: &Generation| g.policy_config(&p.name).map(|c| c.module.clone());
             let now = module(generation);
             let pulled = now.as_ref().and_then(|m| m.pulled());
             let before = previous.and_then(module);

@@ -42,6 +42,10 @@ pub struct PolicyStatus {
     pub sha256: String,
     /// When this version was loaded (RFC 3339).
     pub loaded_at: String,
+    /// For a registry module: the reference and the manifest digest it
+    /// resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// The outcome of a reload attempt.
@@ -142,6 +146,9 @@ pub fn print(json: bool) -> Result<()> {
                 &p.sha256[..16.min(p.sha256.len())],
                 p.loaded_at
             );
+            if let Some(source) = &p.source {
+                println!("         from {source}");
+            }
         }
         match &s.last_reload {
             Some(r) => println!(
