@@ -312,6 +312,12 @@ def test_a_followed_tag_swaps_in_signed_versions_under_load_and_refuses_unsigned
                 assert loop.time() < deadline, "the unsigned module was never refused"
                 await asyncio.sleep(0.2)
             assert await outcome(session, sandbox) == "allowed"
+            # The rest of the config still reloads meanwhile, on the version that serves.
+            config.write_text(config.read_text() + "# edited\n")
+            while not [r for r in read_audit(audit) if r.get("event") == "reload" and r["trigger"] == "file"]:
+                assert loop.time() < deadline, "the edited config was never reloaded"
+                await asyncio.sleep(0.2)
+            assert await outcome(session, sandbox) == "allowed"
             # Moved to a signed one: swapped in.
             denies = push(READ_ONLY, tag, "--fixtures", str(fixtures_file(tmp_path)))
             sign(denies, private)
@@ -324,14 +330,17 @@ def test_a_followed_tag_swaps_in_signed_versions_under_load_and_refuses_unsigned
     first, second = asyncio.run(scenario())
     assert set(seen) <= {"allowed", "denied"} and "allowed" in seen
     records = read_audit(audit)
-    swaps = [r for r in records if r.get("event") == "reload" and r["result"] == "ok"]
-    assert [s["trigger"] for s in swaps] == ["registry"]
+    edited = [r for r in records if r.get("event") == "reload" and r["trigger"] == "file"]
+    assert [r["result"] for r in edited] == ["ok"] and edited[0]["policies"][0]["digest"] == first.split("@")[1]
+    swaps = [r for r in records if r.get("event") == "reload" and r["trigger"] == "registry"]
+    assert [s["result"] for s in swaps] == ["ok"]
     policy = swaps[0]["policies"][0]
     assert policy["source"] == tag
     assert policy["previous_digest"] == first.split("@")[1] and policy["digest"] == second.split("@")[1]
     assert policy["signer"].startswith("team.pub (sha256:")
-    failed = [r for r in records if r.get("event") == "reload" and r["result"] == "failed"]
-    assert failed and "is refused: it is not signed" in failed[0]["error"]
+    refused = [r for r in records if r.get("event") == "module-refused"]
+    assert refused and refused[0]["module"] == tag and "it is not signed" in refused[0]["reason"]
+    assert refused[0]["digest"] not in (first.split("@")[1], second.split("@")[1])
 
 
 def fixtures_file(directory: Path) -> Path:

@@ -42,6 +42,9 @@ const MAX_STDERR: usize = 4096;
 pub struct ComponentOptions {
     /// The component file.
     pub module: PathBuf,
+    /// For a registry module: the digest (`sha256:…`) its bytes must have,
+    /// checked on the bytes compiled.
+    pub digest: Option<String>,
     /// The hosts it may send requests to (`host` or `host:port`).
     pub allow_hosts: Vec<String>,
     /// Its settings, references resolved.
@@ -83,6 +86,12 @@ impl ComponentSink {
     pub fn load(options: ComponentOptions) -> Result<Self> {
         let engine = engine()?;
         let wasm = std::fs::read(&options.module).context("cannot read the module")?;
+        if let Some(expected) = &options.digest {
+            let actual = crate::audit::bytes_digest(&wasm);
+            if expected.strip_prefix("sha256:") != Some(actual.as_str()) {
+                bail!("it changed in the cache after it was verified (expected {expected})");
+            }
+        }
         let component = Component::new(engine, &wasm)
             .map_err(|e| anyhow!("it is not a valid component: {e:#}"))?;
         let mut linker = Linker::new(engine);
@@ -400,6 +409,7 @@ mod tests {
     fn state(grants: &[&str]) -> SinkState {
         SinkState::new(&ComponentOptions {
             module: PathBuf::new(),
+            digest: None,
             allow_hosts: grants.iter().map(|g| g.to_string()).collect(),
             settings: Vec::new(),
             max_memory: 1 << 20,

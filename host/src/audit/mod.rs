@@ -499,6 +499,7 @@ pub fn load_component(sink: &SinkConfig, base: &Path) -> Result<ComponentSink> {
     };
     ComponentSink::load(ComponentOptions {
         module: module.path()?.to_path_buf(),
+        digest: module.pulled().map(|p| p.component.clone()),
         allow_hosts: allow_hosts.clone(),
         settings: resolve_all(settings, base)?.into_iter().collect(),
         max_memory: usize::try_from(max_memory_mb.saturating_mul(1 << 20))?,
@@ -567,11 +568,29 @@ impl Audit {
     /// Opens every sink of `config`'s `[audit]`, plus a file sink at
     /// `extra_file`.
     pub fn open(config: &Config, extra_file: Option<PathBuf>) -> Result<Self> {
+        Self::open_sinks(config, extra_file, false)
+    }
+
+    /// Opens the sinks of `config` that can be opened before its registry
+    /// modules were all pulled: all but component sinks still waiting on
+    /// theirs (to record why a module was refused).
+    pub fn open_pulled(config: &Config, extra_file: Option<PathBuf>) -> Result<Self> {
+        Self::open_sinks(config, extra_file, true)
+    }
+
+    fn open_sinks(config: &Config, extra_file: Option<PathBuf>, pulled_only: bool) -> Result<Self> {
         let base = config.path.parent().unwrap_or(Path::new("."));
         let config = &config.audit;
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         let extra = extra_file.map(SinkConfig::file);
         for sink in config.sinks.iter().chain(&extra) {
+            if pulled_only
+                && let SinkConfig::Component { module, .. } = sink
+                && module.path().is_err()
+            {
+                tracing::warn!("audit sink {module} is skipped: its module was not pulled");
+                continue;
+            }
             let opened: Box<dyn Sink> = match sink {
                 SinkConfig::File {
                     path,

@@ -267,6 +267,17 @@ fn pull(sources: &Sources, reference: &OciReference) -> Result<i32> {
     Ok(0)
 }
 
+/// `text` from a registry, with control characters (terminal escapes)
+/// shown escaped.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 fn inspect(sources: &Sources, reference: &OciReference) -> Result<i32> {
     let digest = sources.digest(reference)?;
     let manifest = sources.manifest(reference, &digest)?;
@@ -275,24 +286,25 @@ fn inspect(sources: &Sources, reference: &OciReference) -> Result<i32> {
     println!("digest      {digest}");
     println!(
         "config      {} ({})",
-        contents.manifest.config.media_type, contents.manifest.config.digest
+        printable(&contents.manifest.config.media_type),
+        contents.manifest.config.digest
     );
     println!(
         "module      {} {} bytes ({})",
-        artifact::title(&contents.module),
+        printable(&artifact::title(&contents.module)),
         contents.module.size,
         contents.module.digest
     );
     for fixture in &contents.fixtures {
         println!(
             "fixtures    {} {} bytes ({})",
-            artifact::title(fixture),
+            printable(&artifact::title(fixture)),
             fixture.size,
             fixture.digest
         );
     }
     for (key, value) in contents.manifest.annotations.iter().flatten() {
-        println!("annotation  {key} = {value}");
+        println!("annotation  {} = {}", printable(key), printable(value));
     }
     let signatures = sources.signatures(reference, &digest)?;
     if signatures.is_empty() {
@@ -301,11 +313,13 @@ fn inspect(sources: &Sources, reference: &OciReference) -> Result<i32> {
     for (stored, payload) in &signatures {
         let signed: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
         println!(
-            "signature   {} for {} (payload {})",
-            &stored.signature[..stored.signature.len().min(24)],
-            signed["critical"]["image"]["docker-manifest-digest"]
-                .as_str()
-                .unwrap_or("?"),
+            "signature   {}… for {} (payload {})",
+            printable(&stored.signature.chars().take(24).collect::<String>()),
+            printable(
+                signed["critical"]["image"]["docker-manifest-digest"]
+                    .as_str()
+                    .unwrap_or("?")
+            ),
             stored.layer.digest
         );
     }

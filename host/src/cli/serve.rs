@@ -26,7 +26,7 @@ pub fn command(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32>
         );
     }
     let engine = Arc::new(PolicyEngine::new(&config.engine)?);
-    let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1)?;
+    let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1, None)?;
     let current = Arc::new(Current::new(generation));
     current.cancel_orphans();
     let runtime = http::runtime()?;

@@ -451,8 +451,15 @@ impl Config {
             if policy.recycle_after == 0 {
                 bail!("{at}.recycle_after: must be at least 1");
             }
-            if policy.follow && policy.module.reference().is_none_or(|r| r.tag.is_none()) {
-                bail!("{at}.follow: only a module named by an oci:// tag can be followed");
+            if policy.follow
+                && policy
+                    .module
+                    .reference()
+                    .is_none_or(|r| r.tag.is_none() || r.digest.is_some())
+            {
+                bail!(
+                    "{at}.follow: only a module named by an oci:// tag without a digest can be followed"
+                );
             }
             if policy.timeout_ms == Some(0) {
                 bail!("{at}.timeout_ms: must be at least 1");

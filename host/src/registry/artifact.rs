@@ -258,6 +258,18 @@ pub fn read_manifest(bytes: &[u8]) -> Result<OciImageManifest> {
     let text = std::str::from_utf8(bytes).context("the manifest is not UTF-8")?;
     crate::protocol::strict_json::check(text)
         .map_err(|refusal| anyhow::anyhow!("the manifest is ambiguous JSON: {refusal}"))?;
+    // An index that also carries layers reads as one thing to other tools
+    // and as another here: neither is taken.
+    let shape: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).context("the manifest is not a JSON object")?;
+    if shape.contains_key("manifests") {
+        bail!("an image index, not an image manifest");
+    }
+    if let Some(media_type) = shape.get("mediaType")
+        && media_type.as_str() != Some(crate::registry::client::MANIFEST_MEDIA_TYPE)
+    {
+        bail!("a manifest of media type {media_type}, not an OCI image manifest");
+    }
     let manifest: OciImageManifest =
         serde_json::from_str(text).context("not an OCI image manifest")?;
     if manifest.schema_version != 2 {
@@ -347,6 +359,13 @@ mod tests {
         assert!(Contents::read(&manifest(vec![layer(WASM_MEDIA_TYPE, -1)])).is_err());
         assert!(Contents::read(&manifest(vec![layer(WASM_MEDIA_TYPE, 1 << 40)])).is_err());
         assert!(Contents::read(&manifest(vec![layer(WASM_MEDIA_TYPE, 10)])).is_ok());
+        let index = br#"{"schemaVersion":2,"manifests":[],"config":{"mediaType":"a","digest":"b","size":1},"layers":[]}"#;
+        assert!(
+            read_manifest(index)
+                .unwrap_err()
+                .to_string()
+                .contains("index")
+        );
         let repeated = br#"{"schemaVersion":2,"schemaVersion":2,"config":{},"layers":[]}"#;
         assert!(
             read_manifest(repeated)

@@ -23,6 +23,8 @@ use std::time::Duration;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a registry may leave a response unfinished between reads.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one call (a manifest, a blob, an upload) may take in all.
+const CALL_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Manifests Portcullis reads: OCI image manifests.
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -157,19 +159,32 @@ impl Registries {
             .lock()
             .expect("plain hosts poisoned")
             .contains(host);
+        let attempt = |plain: bool| {
+            let client = self.client(host, plain);
+            let bounded = async {
+                // The timer needs the runtime: made inside it.
+                tokio::time::timeout(CALL_DEADLINE, work(&client, &target, &auth)).await
+            };
+            self.runtime.block_on(bounded).unwrap_or_else(|_| {
+                Err(Failure::Unreachable(anyhow!(
+                    "{host} did not answer within {} s",
+                    CALL_DEADLINE.as_secs()
+                )))
+            })
+        };
         if access.insecure || known_plain {
-            return self
-                .runtime
-                .block_on(work(&self.client(host, true), &target, &auth));
+            return attempt(true);
         }
-        match self
-            .runtime
-            .block_on(work(&self.client(host, false), &target, &auth))
-        {
-            Err(Failure::Unreachable(_)) if reference.is_loopback() => {
-                let answer = self
-                    .runtime
-                    .block_on(work(&self.client(host, true), &target, &auth));
+        match attempt(false) {
+            Err(Failure::Unreachable(e)) if reference.is_loopback() => {
+                // Credentials never go over the fallback: a local user could
+                // listen on a registry's port while it is down.
+                if !matches!(auth, RegistryAuth::Anonymous) {
+                    return Err(Failure::Unreachable(e.context(format!(
+                        "credentials for {host} are not sent over plain HTTP (set insecure = true in [registries.\"{host}\"] to allow it)"
+                    ))));
+                }
+                let answer = attempt(true);
                 if !matches!(answer, Err(Failure::Unreachable(_))) {
                     self.plain
                         .lock()

@@ -30,7 +30,7 @@ pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 /// The payload's `critical.type`.
 const PAYLOAD_TYPE: &str = "cosign container image signature";
 /// The most signature layers read for one artifact.
-pub const MAX_SIGNATURES: usize = 32;
+pub const MAX_SIGNATURES: usize = 128;
 /// The largest signature payload read.
 pub const MAX_PAYLOAD_BYTES: u64 = 64 << 10;
 

@@ -112,6 +112,16 @@ impl Sources {
             Some(_) => refused(e).into(),
             None => e,
         };
+        // Signatures first: nothing unsigned is downloaded under [trust].
+        let signer = if self.trusting() {
+            let stored = self.stored_signatures(reference, &digest)?;
+            let signer = signature::signer(&self.keys, &digest, &stored, |layer| {
+                self.blob_bytes(reference, layer, signature::MAX_PAYLOAD_BYTES)
+            });
+            Some(signer.map_err(refused)?)
+        } else {
+            None
+        };
         let contents = self.contents(reference, &digest).map_err(tampered)?;
         let path = self
             .blob(reference, &contents.module, artifact::MAX_MODULE_BYTES)
@@ -122,14 +132,6 @@ impl Sources {
             .map(|layer| self.blob(reference, layer, artifact::MAX_FIXTURE_BYTES))
             .collect::<Result<_>>()
             .map_err(tampered)?;
-        let signer = if self.trusting() {
-            let signer = self
-                .signer(&self.keys, reference, &digest)
-                .map_err(refused)?;
-            Some(signer)
-        } else {
-            None
-        };
         Ok(Pulled {
             digest,
             path,
@@ -238,15 +240,24 @@ impl Sources {
         reference: &OciReference,
         digest: &str,
     ) -> Result<String> {
-        let stored = match self.signature_manifest(reference, digest)? {
-            Some(bytes) => signature::stored(
-                &artifact::read_manifest(&bytes).context("its signature manifest")?,
-            ),
-            None => Vec::new(),
-        };
+        let stored = self.stored_signatures(reference, digest)?;
         signature::signer(keys, digest, &stored, |layer| {
             self.blob_bytes(reference, layer, signature::MAX_PAYLOAD_BYTES)
         })
+    }
+
+    /// The signatures stored for the artifact `digest` (none if it has no
+    /// signature manifest).
+    fn stored_signatures(
+        &self,
+        reference: &OciReference,
+        digest: &str,
+    ) -> Result<Vec<signature::Stored>> {
+        let Some(bytes) = self.signature_manifest(reference, digest)? else {
+            return Ok(Vec::new());
+        };
+        let manifest = artifact::read_manifest(&bytes).context("its signature manifest")?;
+        Ok(signature::stored(&manifest))
     }
 
     /// Every signature of the artifact `digest`, with the payload each
@@ -256,11 +267,7 @@ impl Sources {
         reference: &OciReference,
         digest: &str,
     ) -> Result<Vec<(signature::Stored, Vec<u8>)>> {
-        let Some(bytes) = self.signature_manifest(reference, digest)? else {
-            return Ok(Vec::new());
-        };
-        let manifest = artifact::read_manifest(&bytes).context("its signature manifest")?;
-        signature::stored(&manifest)
+        self.stored_signatures(reference, digest)?
             .into_iter()
             .map(|stored| {
                 let payload =
@@ -290,21 +297,47 @@ pub fn cache_dir(config: &Config) -> Result<PathBuf> {
 
 /// Pulls and checks every registry module `config` names (policies and
 /// component sinks), each once, and records what was pulled in the config.
-pub fn resolve(config: &mut Config) -> Result<()> {
+///
+/// With the config `previous` generation ran: a tag that is not followed
+/// keeps the digest it was resolved to then (tags are resolved at start);
+/// a followed tag that now names a version refused by `[trust]` keeps the
+/// version it ran, so the rest of the config still reloads. Those
+/// refusals are returned, for the audit trail.
+pub fn resolve(config: &mut Config, previous: Option<&Config>) -> Result<Vec<Refused>> {
     let wanted: Vec<OciReference> = config
         .modules()
         .filter_map(|m| m.reference().cloned())
         .collect();
     if wanted.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let sources = Sources::new(config)?;
     let mut pulled = BTreeMap::new();
+    let mut refusals = Vec::new();
     for reference in wanted {
-        if let std::collections::btree_map::Entry::Vacant(slot) = pulled.entry(reference) {
-            let module = sources.pull(slot.key())?;
-            slot.insert(Box::new(module));
-        }
+        let std::collections::btree_map::Entry::Vacant(slot) = pulled.entry(reference) else {
+            continue;
+        };
+        let reference = slot.key();
+        let earlier = previous.and_then(|p| ran(p, reference));
+        let followed = config
+            .policies
+            .iter()
+            .any(|p| p.follow && p.module.reference() == Some(reference));
+        let module = match earlier {
+            Some(digest) if !followed => sources.pull(&keep(reference, digest))?,
+            Some(digest) => match sources.pull(reference) {
+                Err(e) if e.downcast_ref::<Refused>().is_some() => {
+                    let refused = e.downcast::<Refused>().expect("checked above");
+                    tracing::warn!("{refused}; {} keeps serving", digest);
+                    refusals.push(refused);
+                    sources.pull(&keep(reference, digest))?
+                }
+                pulled => pulled?,
+            },
+            None => sources.pull(reference)?,
+        };
+        slot.insert(Box::new(module));
     }
     for module in config.modules_mut() {
         if let ModuleSource::Oci {
@@ -315,7 +348,24 @@ pub fn resolve(config: &mut Config) -> Result<()> {
             *slot = pulled.get(reference).cloned();
         }
     }
-    Ok(())
+    Ok(refusals)
+}
+
+/// The digest `config` ran `reference` at, if it named it.
+fn ran<'c>(config: &'c Config, reference: &OciReference) -> Option<&'c str> {
+    config
+        .modules()
+        .find(|m| m.reference() == Some(reference))
+        .and_then(|m| m.pulled())
+        .map(|p| p.digest.as_str())
+}
+
+/// `reference` held at `digest` (its tag kept, as a label).
+fn keep(reference: &OciReference, digest: &str) -> OciReference {
+    OciReference {
+        digest: Some(digest.to_string()),
+        ..reference.clone()
+    }
 }
 
 /// A followed policy whose tag names another digest than the one it runs.
@@ -332,7 +382,8 @@ pub struct Moved {
     pub signatures: Option<String>,
 }
 
-/// The followed policies of `config` whose tag has moved.
+/// The followed policies of `config` whose tag has moved. A registry that
+/// cannot answer is logged and skipped; the others are still checked.
 pub fn moved_tags(config: &Config) -> Result<Vec<Moved>> {
     let followed: Vec<_> = config.policies.iter().filter(|p| p.follow).collect();
     if followed.is_empty() {
@@ -345,23 +396,39 @@ pub fn moved_tags(config: &Config) -> Result<Vec<Moved>> {
         else {
             continue;
         };
-        let now = registries
-            .digest_of(&reference.at_tag(reference.tag.as_deref().unwrap_or("latest")))?;
-        if now == pulled.digest {
-            continue;
+        match moved_tag(&registries, reference, &pulled.digest) {
+            Ok(Some((to, signatures))) => moved.push(Moved {
+                policy: policy.name.clone(),
+                from: pulled.digest.clone(),
+                to,
+                signatures,
+            }),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(policy = policy.name, "cannot check its tag: {e:#}"),
         }
-        let signatures =
-            match registries.digest_of(&reference.at_tag(&signature::signature_tag(&now))) {
-                Ok(digest) => Some(digest),
-                Err(Failure::NotFound(_)) => None,
-                Err(failure) => return Err(failure.into_error()),
-            };
-        moved.push(Moved {
-            policy: policy.name.clone(),
-            from: pulled.digest.clone(),
-            to: now,
-            signatures,
-        });
     }
     Ok(moved)
+}
+
+/// The digest `reference`'s tag names now and its signature manifest's
+/// digest, when it is not `running`.
+fn moved_tag(
+    registries: &Registries,
+    reference: &OciReference,
+    running: &str,
+) -> Result<Option<(String, Option<String>)>> {
+    let now = registries.digest_of(reference)?;
+    if !crate::config::is_sha256_digest(&now) {
+        bail!("the registry names {reference} by a digest that is not sha256: {now}");
+    }
+    if now == running {
+        return Ok(None);
+    }
+    let signatures = reference.at_tag(&signature::signature_tag(&now));
+    let signatures = match registries.digest_of(&signatures) {
+        Ok(digest) => Some(digest),
+        Err(Failure::NotFound(_)) => None,
+        Err(failure) => return Err(failure.into_error()),
+    };
+    Ok(Some((now, signatures)))
 }

@@ -48,19 +48,27 @@ impl Generation {
     /// Reads the config at `path` and builds everything it names. Any error —
     /// in the config, a module, its settings or its fixtures — fails the whole
     /// generation.
+    /// `previous`, the generation serving, keeps its registry modules'
+    /// digests where a tag is not followed or names a refused version.
     pub fn load(
         engine: &PolicyEngine,
         path: &Path,
         extra_audit: Option<&Path>,
         number: u64,
+        previous: Option<&Generation>,
     ) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
         let mut config = Config::parse(&text, path)?;
-        if let Err(e) = crate::registry::resolve(&mut config) {
-            audit_refusal(&config, extra_audit, &e);
-            return Err(e);
-        }
+        let refusals = match crate::registry::resolve(&mut config, previous.map(|g| &g.config)) {
+            Ok(refusals) => refusals,
+            Err(e) => {
+                if let Some(refused) = e.downcast_ref::<crate::registry::Refused>() {
+                    audit_refusal(&config, extra_audit, refused);
+                }
+                return Err(e);
+            }
+        };
         let guard = Guard::load(engine, &config)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let jwt = config
@@ -72,6 +80,9 @@ impl Generation {
         let pins = config.lock_path().map(Pins::load).transpose()?;
         let rates = RateRules::new(&config.rate_limits);
         let audit = Audit::open(&config, extra_audit.map(Path::to_path_buf))?;
+        for refused in &refusals {
+            audit.write(&ModuleRecord::refused(refused))?;
+        }
         let mut fingerprint = Sha256::new();
         fingerprint.update(text.as_bytes());
         if let Some(pins) = &pins {
@@ -121,18 +132,16 @@ impl Generation {
                     .filter_map(|j| j.jwks_file.as_deref()),
             )
             .chain(self.config.pinning.iter().filter_map(|p| p.lock.as_deref()))
+            .chain(self.config.trust.keys.iter().map(PathBuf::as_path))
             .filter_map(|p| std::path::absolute(p).ok())
             .collect()
     }
 }
 
 /// Audits a registry module refused by `[trust]` through the sinks
-/// `config` opens (those that do not themselves wait on a refused module).
-fn audit_refusal(config: &Config, extra_audit: Option<&Path>, error: &anyhow::Error) {
-    let Some(refused) = error.downcast_ref::<crate::registry::Refused>() else {
-        return;
-    };
-    let written = Audit::open(config, extra_audit.map(Path::to_path_buf))
+/// `config` can open (a component sink whose module was not pulled cannot).
+fn audit_refusal(config: &Config, extra_audit: Option<&Path>, refused: &crate::registry::Refused) {
+    let written = Audit::open_pulled(config, extra_audit.map(Path::to_path_buf))
         .and_then(|audit| audit.write(&ModuleRecord::refused(refused)));
     if let Err(e) = written {
         tracing::error!(

@@ -13,7 +13,7 @@ fn relay(dir: &std::path::Path, limits: &str) -> Relay {
     let loaded = crate::config::Config::load(&config).unwrap();
     let engine = PolicyEngine::new(&loaded.engine).unwrap();
     let trail = dir.join("audit.jsonl");
-    let generation = Generation::load(&engine, &config, Some(&trail), 1).unwrap();
+    let generation = Generation::load(&engine, &config, Some(&trail), 1, None).unwrap();
     let agent = Agent {
         id: "bot".into(),
         attributes: vec![],

@@ -11,18 +11,21 @@
 
 use crate::audit::{ReloadRecord, ReloadedPolicy};
 use crate::policy::engine::PolicyEngine;
+use crate::registry::sources::Moved;
 use crate::relay::generation::{Current, Generation};
 use crate::runtime::status::{PolicyStatus, ReloadStatus, Status};
 use crate::upstream::Health;
 use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-/// The most moved tags remembered as tried.
-const MAX_TRIED: usize = 1024;
+/// A moved tag whose reload did not take it is tried again after this
+/// many polls (a refusal for a passing reason, such as a registry error,
+/// heals; a lasting one costs one attempt per this many polls).
+const RETRY_AFTER_POLLS: u32 = 10;
 /// A burst of file events ends after this much quiet...
 const QUIET: Duration = Duration::from_millis(20);
 /// ...or after this long, whichever comes first.
@@ -120,6 +123,7 @@ impl Reloader {
             &self.config,
             self.extra_audit.as_deref(),
             current.number + 1,
+            Some(&current),
         );
         let outcome = match next {
             Ok(next) if next.fingerprint == current.fingerprint => {
@@ -238,16 +242,16 @@ impl Reloader {
     /// Checks the tags of policies with `follow = true` every
     /// `[policy_sources] refresh_secs`, from a background thread, and asks
     /// for a reload when one names a digest not tried yet, or one tried whose
-    /// signatures changed since (one refused stays refused until then).
+    /// signatures changed since (see [`worth_a_reload`]).
     fn follow_tags(self: Arc<Self>, triggers: mpsc::Sender<Trigger>) -> Result<()> {
         std::thread::Builder::new()
             .name("portcullis-follow".into())
             .spawn(move || {
-                let mut tried = HashSet::new();
+                let mut tried = HashMap::new();
                 loop {
                     let generation = self.current.get();
-                    let every = generation.config.policy_sources.refresh_secs;
-                    std::thread::sleep(Duration::from_secs(every));
+                    let every = Duration::from_secs(generation.config.policy_sources.refresh_secs);
+                    std::thread::sleep(every);
                     let moved =
                         match crate::registry::sources::moved_tags(&self.current.get().config) {
                             Ok(moved) => moved,
@@ -256,21 +260,8 @@ impl Reloader {
                                 continue;
                             }
                         };
-                    let new: Vec<_> = moved.into_iter().filter(|m| !tried.contains(m)).collect();
-                    if new.is_empty() {
+                    if !worth_a_reload(&mut tried, moved, every * RETRY_AFTER_POLLS) {
                         continue;
-                    }
-                    for moved in new {
-                        tracing::info!(
-                            policy = moved.policy,
-                            from = moved.from,
-                            to = moved.to,
-                            "a followed tag moved; reloading"
-                        );
-                        if tried.len() >= MAX_TRIED {
-                            tried.clear();
-                        }
-                        tried.insert(moved);
                     }
                     if triggers.send(Trigger::Registry).is_err() {
                         return;
@@ -312,6 +303,29 @@ fn changes_content(kind: &notify::EventKind) -> bool {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
     }
+}
+
+/// Whether `moved` holds a move not tried yet, or tried longer than `retry`
+/// ago; notes the time of each move it reports. A move that is no longer
+/// there (taken, or the tag moved back) is forgotten, so the same move
+/// later is tried afresh.
+fn worth_a_reload(tried: &mut HashMap<Moved, Instant>, moved: Vec<Moved>, retry: Duration) -> bool {
+    tried.retain(|m, _| moved.contains(m));
+    let mut due = false;
+    for m in moved {
+        let stale = tried.get(&m).is_none_or(|at| at.elapsed() >= retry);
+        if stale {
+            tracing::info!(
+                policy = m.policy,
+                from = m.from,
+                to = m.to,
+                "a followed tag moved; reloading"
+            );
+            tried.insert(m, Instant::now());
+            due = true;
+        }
+    }
+    due
 }
 
 /// Waits for a burst of triggers to end; a signal in the burst wins.
@@ -392,4 +406,59 @@ fn reload_record(
         })
         .collect();
     ReloadRecord::new(trigger.as_str(), result, generation.number, error, policies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moved(from: &str, to: &str, signatures: Option<&str>) -> Moved {
+        Moved {
+            policy: "gate".into(),
+            from: from.into(),
+            to: to.into(),
+            signatures: signatures.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_move_is_tried_once_until_it_changes_goes_away_or_is_due_again() {
+        let hour = Duration::from_secs(3600);
+        let mut tried = HashMap::new();
+        assert!(worth_a_reload(
+            &mut tried,
+            vec![moved("a", "b", None)],
+            hour
+        ));
+        assert!(!worth_a_reload(
+            &mut tried,
+            vec![moved("a", "b", None)],
+            hour
+        ));
+        // Signed since: worth another try.
+        assert!(worth_a_reload(
+            &mut tried,
+            vec![moved("a", "b", Some("s"))],
+            hour
+        ));
+        // Taken (no move left), then rolled back and re-released: tried afresh.
+        assert!(!worth_a_reload(&mut tried, vec![], hour));
+        assert!(worth_a_reload(
+            &mut tried,
+            vec![moved("b", "a", None)],
+            hour
+        ));
+        assert!(!worth_a_reload(&mut tried, vec![], hour));
+        assert!(worth_a_reload(
+            &mut tried,
+            vec![moved("a", "b", Some("s"))],
+            hour
+        ));
+        // A refusal for a passing reason is retried once due.
+        assert!(worth_a_reload(
+            &mut tried,
+            vec![moved("a", "b", Some("s"))],
+            Duration::ZERO
+        ));
+    }
 }

@@ -69,7 +69,7 @@ pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
     let engine = Arc::new(PolicyEngine::new(
         &crate::config::Config::load(config_path)?.engine,
     )?);
-    let mut generation = Generation::load(&engine, config_path, None, 1)?;
+    let mut generation = Generation::load(&engine, config_path, None, 1, None)?;
     let remote = ServerConfig {
         command: None,
         url: Some(server_url.clone()),

@@ -253,7 +253,7 @@ fn reload_latency(allows: &Path, refuses: &Path, params: &str, rounds: usize) ->
     let text = "[engine]\ncache_dir = \"cache\"\n[[policy]]\nname = \"policy\"\nmodule = \"policy.wasm\"\n";
     std::fs::write(&config, text)?;
     let engine = Arc::new(PolicyEngine::new(&Config::load(&config)?.engine)?);
-    let generation = Generation::load(&engine, &config, None, 1)?;
+    let generation = Generation::load(&engine, &config, None, 1, None)?;
     let agent = Agent {
         id: "bench-agent".into(),
         attributes: vec![],

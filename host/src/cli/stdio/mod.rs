@@ -371,7 +371,7 @@ pub fn command(
     crate::audit::stdout_carries_mcp();
     let (name, server) = pick_server(&config, server, command)?;
     let engine = Arc::new(PolicyEngine::new(&config.engine)?);
-    let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1)?;
+    let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1, None)?;
     let agent = Agent {
         id: config.agent.id.clone(),
         attributes: config.agent.attributes.clone().into_iter().collect(),
