@@ -349,6 +349,20 @@ def fixtures_file(directory: Path) -> Path:
     return path
 
 
+def test_fixtures_that_travel_with_a_module_must_pass_before_it_serves(tmp_path: Path, registry: Registry,
+                                                                       sandbox: Path):
+    private, public = keygen(tmp_path, "team")
+    # The fixtures promise writes are refused; this module allows every call.
+    pinned = push(ALLOWS, registry.ref("team/broken:1"), "--fixtures", str(fixtures_file(tmp_path)))
+    sign(pinned, private)
+    config = gateway_config(tmp_path, pinned, keys=[public])
+    checked = portcullis("check", str(config), check=False)
+    assert checked.returncode == 1, checked.stdout
+    assert "fixture 'writes are refused'" in checked.stdout and "signed by team.pub" in checked.stdout
+    stderr = stdio_refuses(config, sandbox, tmp_path / "audit.jsonl")
+    assert "fixture 'writes are refused'" in stderr, stderr
+
+
 def test_a_digest_pinned_module_starts_from_the_cache_with_the_registry_down(tmp_path: Path,
                                                                           registry: Registry, sandbox: Path):
     private, public = keygen(tmp_path, "team")
