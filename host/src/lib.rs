@@ -33,6 +33,7 @@ pub mod protocol;
 pub mod registry;
 pub mod relay;
 pub mod runtime;
+pub mod state;
 pub mod surface;
 pub mod upstream;
 pub mod util;

@@ -12,6 +12,7 @@ mod policies;
 mod secrets;
 mod serve;
 mod servers;
+mod state;
 mod surface;
 
 pub use agents::*;
@@ -22,6 +23,7 @@ pub use policies::*;
 pub use secrets::*;
 pub use serve::*;
 pub use servers::*;
+pub use state::*;
 pub use surface::*;
 
 use anyhow::{Context, Result, bail};
@@ -88,6 +90,9 @@ pub struct Config {
     /// The cache of registry modules and how often followed tags are checked.
     #[serde(default)]
     pub policy_sources: PolicySourcesConfig,
+    /// Shared state (Redis), for several processes enforcing as one.
+    #[serde(default)]
+    pub state: StateConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -254,6 +259,21 @@ impl Config {
     pub fn lock_file(&self) -> PathBuf {
         self.lock_path()
             .map_or_else(|| self.default_lock(), Path::to_path_buf)
+    }
+
+    fn validate_state(&self) -> Result<()> {
+        if self.state.timeout_ms == 0 {
+            bail!("state.timeout_ms: must be at least 1");
+        }
+        if self.state.prefix.is_empty() || self.state.prefix.contains(char::is_whitespace) {
+            bail!("state.prefix: must be a word without spaces");
+        }
+        if let Some(url) = &self.state.redis
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            bail!("state.redis: not a redis:// or rediss:// URL");
+        }
+        Ok(())
     }
 
     fn validate_sources(&self) -> Result<()> {
@@ -435,6 +455,7 @@ impl Config {
             bail!("serve.max_connections: must be at most {MAX_CONNECTIONS}");
         }
         self.validate_sources()?;
+        self.validate_state()?;
         let mut names = std::collections::HashSet::new();
         for (i, policy) in self.policies.iter().enumerate() {
             let at = format!("policy[{i}]");

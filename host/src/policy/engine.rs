@@ -109,6 +109,13 @@ impl PolicyEngine {
         })
     }
 
+    /// The engine with `store` for the policies' counters instead of this
+    /// process' memory.
+    pub fn with_store(mut self, store: Arc<dyn KeyValue>) -> Self {
+        self.store = store;
+        self
+    }
+
     /// The key-value store policies keep their counters in, for the life of
     /// the process.
     pub fn store(&self) -> Arc<dyn KeyValue> {
@@ -454,7 +461,7 @@ impl contract::portcullis::policy::surface::Host for PolicyState {
 
 impl contract::portcullis::policy::store::Host for PolicyState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.store.get(&self.policy, &key))
+        Ok(self.store.get(&self.policy, &key)?)
     }
 
     fn set(&mut self, key: String, value: String, ttl_ms: Option<u64>) -> wasmtime::Result<()> {

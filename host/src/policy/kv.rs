@@ -1,11 +1,14 @@
 //! The key-value store behind the policies' `store` import: counters and
 //! values with an optional time to live, kept for the life of the process
 //! and shared by every instance and generation of a policy. Each policy has
-//! its own keyspace. [`KeyValue`] is the seam where a store shared between
-//! Portcullis processes can replace the in-memory one.
+//! its own keyspace. [`MemoryStore`] is one process'; [`SharedStore`], in
+//! the deployment's Redis (`[state] redis`), is every process' at once. A
+//! store that cannot answer fails the policy's call (a trap), so the policy
+//! fails as configured (closed, by default).
 
+use crate::state::Shared;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 /// Longest key a policy may use, in bytes.
@@ -30,7 +33,7 @@ impl std::error::Error for StoreError {}
 /// A store of string values by (policy, key).
 pub trait KeyValue: Send + Sync {
     /// The value, unless unset or expired.
-    fn get(&self, policy: &str, key: &str) -> Option<String>;
+    fn get(&self, policy: &str, key: &str) -> Result<Option<String>, StoreError>;
     /// Sets the value, expiring after `ttl` (never when `None`).
     fn set(
         &self,
@@ -114,11 +117,11 @@ impl MemoryStore {
 }
 
 impl KeyValue for MemoryStore {
-    fn get(&self, policy: &str, key: &str) -> Option<String> {
+    fn get(&self, policy: &str, key: &str) -> Result<Option<String>, StoreError> {
         let now = Instant::now();
-        self.with(policy, |space| {
+        Ok(self.with(policy, |space| {
             space.live(key, now).map(|e| e.value.clone())
-        })
+        }))
     }
 
     fn set(
@@ -171,6 +174,103 @@ impl KeyValue for MemoryStore {
     }
 }
 
+/// The store in the deployment's Redis: `PREFIX:kv:LEN:POLICY:KEY`, the
+/// policy's name length-prefixed so no two policies' keys meet. The size
+/// limits are this process' to check; the number of keys is Redis' to bound
+/// (its `maxmemory`).
+pub struct SharedStore(pub Arc<Shared>);
+
+/// `increment`: an integer is incremented (its expiry kept); a value that
+/// is not one counts as 0 (its expiry kept); a missing key is created with
+/// the TTL in `ARGV[2]` (none when empty).
+static INCREMENT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local held = redis.call('GET', KEYS[1])
+if held and string.match(held, '^-?%d+$') then
+  return redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+local ttl = ARGV[2]
+if held then
+  local left = redis.call('PTTL', KEYS[1])
+  ttl = left > 0 and tostring(left) or ''
+end
+if ttl ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return redis.call('INCRBY', KEYS[1], 0)
+"#,
+    )
+});
+
+impl SharedStore {
+    fn key(&self, policy: &str, key: &str) -> String {
+        self.0.key(&["kv", &policy.len().to_string(), policy, key])
+    }
+}
+
+fn unavailable(e: crate::state::Unavailable) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// Milliseconds of `ttl`, at least 1 (Redis refuses 0).
+fn millis(ttl: Duration) -> u64 {
+    (ttl.as_millis() as u64).max(1)
+}
+
+impl KeyValue for SharedStore {
+    fn get(&self, policy: &str, key: &str) -> Result<Option<String>, StoreError> {
+        let key = self.key(policy, key);
+        self.0
+            .call(|c| redis::cmd("GET").arg(&key).query(c))
+            .map_err(unavailable)
+    }
+
+    fn set(
+        &self,
+        policy: &str,
+        key: &str,
+        value: String,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(StoreError(format!(
+                "store value of {} bytes exceeds {MAX_VALUE_BYTES}",
+                value.len()
+            )));
+        }
+        let key = self.key(policy, key);
+        self.0
+            .call(|c| {
+                let mut set = redis::cmd("SET");
+                set.arg(&key).arg(&value);
+                if let Some(ttl) = ttl {
+                    set.arg("PX").arg(millis(ttl));
+                }
+                set.query::<()>(c)
+            })
+            .map_err(unavailable)
+    }
+
+    fn increment(
+        &self,
+        policy: &str,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, StoreError> {
+        check_key(key)?;
+        let key = self.key(policy, key);
+        let ttl = ttl.map(|t| millis(t).to_string()).unwrap_or_default();
+        self.0
+            .call(|c| INCREMENT.key(&key).arg(delta).arg(&ttl).invoke(c))
+            .map_err(unavailable)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,9 +281,9 @@ mod tests {
         let window = Some(Duration::from_millis(30));
         assert_eq!(store.increment("quota", "bot", 1, window).unwrap(), 1);
         assert_eq!(store.increment("quota", "bot", 2, window).unwrap(), 3);
-        assert_eq!(store.get("quota", "bot").as_deref(), Some("3"));
+        assert_eq!(store.get("quota", "bot").unwrap().as_deref(), Some("3"));
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(store.get("quota", "bot"), None, "expired");
+        assert_eq!(store.get("quota", "bot").unwrap(), None, "expired");
         assert_eq!(store.increment("quota", "bot", 1, window).unwrap(), 1);
     }
 
@@ -191,9 +291,9 @@ mod tests {
     fn policies_have_their_own_keys() {
         let store = MemoryStore::default();
         store.set("a", "k", "from a".into(), None).unwrap();
-        assert_eq!(store.get("b", "k"), None);
+        assert_eq!(store.get("b", "k").unwrap(), None);
         assert_eq!(store.increment("b", "k", 5, None).unwrap(), 5);
-        assert_eq!(store.get("a", "k").as_deref(), Some("from a"));
+        assert_eq!(store.get("a", "k").unwrap().as_deref(), Some("from a"));
         assert_eq!(
             store.increment("a", "k", 1, None).unwrap(),
             1,

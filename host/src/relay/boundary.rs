@@ -12,7 +12,7 @@ use crate::protocol::jsonrpc::{DENIED, INVALID_PARAMS};
 use crate::relay::generation::Generation;
 use crate::relay::session::Session;
 use crate::surface::drift::{self, ToolDrift};
-use crate::surface::ratelimit::{Buckets, Caller};
+use crate::surface::ratelimit::{Buckets, Caller, Limited, Refusal};
 use crate::surface::schema::Schemas;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -57,6 +57,28 @@ pub enum Listing {
     Refuse(Stop),
 }
 
+/// The refusal of a call over its rate.
+fn rate_stop(limited: &Limited) -> Stop {
+    let ms = limited.retry_after.as_millis().max(1) as u64;
+    let reason = format!(
+        "Rate limit exceeded: at most {}; retry after {:.1} s",
+        limited.limit,
+        ms as f64 / 1000.0
+    );
+    let data = Map::from_iter([
+        ("retryAfterMs".into(), json!(ms)),
+        ("retryAfter".into(), json!(ms.div_ceil(1000))),
+        ("limit".into(), json!(limited.limit)),
+    ]);
+    Stop {
+        code: RATE_LIMITED,
+        by: RATE_LIMIT,
+        reason,
+        data,
+        tag: "rate-limited",
+    }
+}
+
 /// What the boundary remembers, for the life of the process.
 #[derive(Default)]
 pub struct Boundary {
@@ -68,6 +90,15 @@ pub struct Boundary {
 }
 
 impl Boundary {
+    /// A boundary whose rate buckets live in the deployment's `shared`
+    /// state.
+    pub fn shared(shared: std::sync::Arc<crate::state::Shared>) -> Self {
+        Self {
+            buckets: Buckets::Shared(shared),
+            ..Self::default()
+        }
+    }
+
     /// Checks a request from the agent; `drift` is the drift of its tool.
     pub fn request(
         &self,
@@ -90,25 +121,20 @@ impl Boundary {
                 method: &exchange.method,
                 tool: exchange.tool.as_deref(),
             };
-            if let Err(limited) = self.buckets.admit(&g.rates, &caller, Instant::now()) {
-                let ms = limited.retry_after.as_millis().max(1) as u64;
-                let reason = format!(
-                    "Rate limit exceeded: at most {}; retry after {:.1} s",
-                    limited.limit,
-                    ms as f64 / 1000.0
-                );
-                let data = Map::from_iter([
-                    ("retryAfterMs".into(), json!(ms)),
-                    ("retryAfter".into(), json!(ms.div_ceil(1000))),
-                    ("limit".into(), json!(limited.limit)),
-                ]);
-                return Err(Stop {
-                    code: RATE_LIMITED,
-                    by: RATE_LIMIT,
-                    reason,
-                    data,
-                    tag: "rate-limited",
-                });
+            match self.buckets.admit(&g.rates, &caller, Instant::now()) {
+                Ok(()) => {}
+                Err(Refusal::Limited(limited)) => return Err(rate_stop(&limited)),
+                Err(Refusal::Unavailable(why)) => {
+                    return Err(Stop {
+                        code: RATE_LIMITED,
+                        by: RATE_LIMIT,
+                        reason: format!(
+                            "Rate limits cannot be checked, so the call is refused: {why}"
+                        ),
+                        data: Map::from_iter([("retryAfter".into(), json!(1))]),
+                        tag: "rate-limit-unavailable",
+                    });
+                }
             }
         }
         let Some(tool) = exchange.tool.as_deref() else {

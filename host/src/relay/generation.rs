@@ -12,6 +12,7 @@ use crate::identity::jwt::Verifier;
 use crate::policy::chain::Guard;
 use crate::policy::engine::PolicyEngine;
 use crate::relay::boundary::Boundary;
+use crate::state::Shared;
 use crate::surface::lock::Pins;
 use crate::surface::ratelimit::RateRules;
 use crate::util::encode::hex;
@@ -164,10 +165,21 @@ pub struct Current {
 impl Current {
     /// `generation` in charge.
     pub fn new(generation: Generation) -> Self {
+        Self::with_boundary(generation, Boundary::default())
+    }
+
+    /// `generation` in charge, with the deployment's `shared` state (from
+    /// `[state]`) holding what processes must agree on.
+    pub fn shared(generation: Generation, shared: Option<Arc<Shared>>) -> Self {
+        let boundary = shared.map_or_else(Boundary::default, Boundary::shared);
+        Self::with_boundary(generation, boundary)
+    }
+
+    fn with_boundary(generation: Generation, boundary: Boundary) -> Self {
         Self {
             holding: Holding::new(&generation.config),
             generation: RwLock::new(Arc::new(generation)),
-            boundary: Boundary::default(),
+            boundary,
         }
     }
 

@@ -2,11 +2,18 @@
 //! generation ([`RateRules`]), and token buckets ([`Buckets`]) that outlive
 //! reloads, so changing an unrelated setting does not hand every agent a
 //! fresh allowance. A request passes only if every rule that applies to it
-//! has a token; a refusal says when to retry.
+//! has a token; a refusal says when to retry. With `[state] redis` the
+//! buckets live in Redis, taken and refilled atomically by one script on
+//! Redis' own clock, so a limit holds across every process of a deployment;
+//! when Redis cannot be reached, a request that a rule applies to is
+//! refused (fail closed).
 
 use crate::config::{RateDimension, RateLimitConfig};
+use crate::state::{Shared, Unavailable};
+use crate::util::encode::hex;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use wildmatch::WildMatch;
 
@@ -39,6 +46,16 @@ pub struct Limited {
     pub retry_after: Duration,
     /// The limit, as a person reads it.
     pub limit: String,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// A bucket was empty.
+    Limited(Limited),
+    /// The shared buckets could not be read: refused, as nothing can say
+    /// it is within its limits.
+    Unavailable(Unavailable),
 }
 
 /// What a request is counted as.
@@ -123,12 +140,23 @@ impl Rule {
     }
 }
 
-/// Token buckets, for the life of the process.
-#[derive(Default)]
-pub struct Buckets(Mutex<HashMap<String, Bucket>>);
+/// Token buckets: this process' own, for its life, or shared in Redis.
+pub enum Buckets {
+    /// In this process' memory.
+    Memory(Mutex<HashMap<String, Bucket>>),
+    /// In the deployment's Redis.
+    Shared(Arc<Shared>),
+}
 
+impl Default for Buckets {
+    fn default() -> Self {
+        Buckets::Memory(Mutex::default())
+    }
+}
+
+/// One bucket kept in memory.
 #[derive(Clone, Copy)]
-struct Bucket {
+pub struct Bucket {
     tokens: f64,
     at: Instant,
     /// When it will be full again, and so can be forgotten.
@@ -148,48 +176,114 @@ impl Bucket {
 
 impl Buckets {
     /// Takes a token from every bucket of every rule that applies, or none
-    /// if one is empty.
-    pub fn admit(&self, rules: &RateRules, caller: &Caller, now: Instant) -> Result<(), Limited> {
+    /// if one is empty (or, shared, cannot be read).
+    pub fn admit(&self, rules: &RateRules, caller: &Caller, now: Instant) -> Result<(), Refusal> {
         let applying: Vec<&Rule> = rules.0.iter().filter(|r| r.applies(caller)).collect();
         if applying.is_empty() {
             return Ok(());
         }
-        let mut buckets = self.0.lock().expect("rate buckets poisoned");
-        let mut taken = Vec::with_capacity(applying.len());
-        for rule in applying {
-            let key = rule.bucket(caller);
-            let full = Bucket {
-                tokens: rule.capacity,
-                at: now,
-                full_at: now,
-            };
-            let bucket = buckets.get(&key).map_or(full, |b| b.refilled(rule, now));
-            if bucket.tokens < 1.0 {
-                let wait = (1.0 - bucket.tokens) / rule.per_second;
-                return Err(Limited {
-                    retry_after: Duration::from_secs_f64(wait),
-                    limit: rule.describe(caller),
-                });
-            }
-            taken.push((key, rule, bucket));
+        match self {
+            Buckets::Memory(buckets) => admit_here(buckets, &applying, caller, now),
+            Buckets::Shared(shared) => admit_shared(shared, &applying, caller),
         }
-        if buckets.len() >= MAX_BUCKETS {
-            buckets.retain(|_, b| b.full_at > now);
-        }
-        for (key, rule, bucket) in taken {
-            let tokens = bucket.tokens - 1.0;
-            let full_at = now + Duration::from_secs_f64((rule.capacity - tokens) / rule.per_second);
-            buckets.insert(
-                key,
-                Bucket {
-                    tokens,
-                    at: now,
-                    full_at,
-                },
-            );
-        }
-        Ok(())
     }
+}
+
+fn admit_here(
+    buckets: &Mutex<HashMap<String, Bucket>>,
+    applying: &[&Rule],
+    caller: &Caller,
+    now: Instant,
+) -> Result<(), Refusal> {
+    let mut buckets = buckets.lock().expect("rate buckets poisoned");
+    let mut taken = Vec::with_capacity(applying.len());
+    for &rule in applying {
+        let key = rule.bucket(caller);
+        let full = Bucket {
+            tokens: rule.capacity,
+            at: now,
+            full_at: now,
+        };
+        let bucket = buckets.get(&key).map_or(full, |b| b.refilled(rule, now));
+        if bucket.tokens < 1.0 {
+            let wait = (1.0 - bucket.tokens) / rule.per_second;
+            return Err(Refusal::Limited(Limited {
+                retry_after: Duration::from_secs_f64(wait),
+                limit: rule.describe(caller),
+            }));
+        }
+        taken.push((key, rule, bucket));
+    }
+    if buckets.len() >= MAX_BUCKETS {
+        buckets.retain(|_, b| b.full_at > now);
+    }
+    for (key, rule, bucket) in taken {
+        let tokens = bucket.tokens - 1.0;
+        let full_at = now + Duration::from_secs_f64((rule.capacity - tokens) / rule.per_second);
+        buckets.insert(
+            key,
+            Bucket {
+                tokens,
+                at: now,
+                full_at,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Takes a token from each bucket in `KEYS` (capacity and tokens per
+/// millisecond in `ARGV`, two per key), all or none, on Redis' clock.
+/// Returns `{0, "0"}`, or the 1-based index of an empty bucket and the
+/// milliseconds until it has a token. A bucket expires once it would be
+/// full again.
+static TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local tokens = {}
+for i, key in ipairs(KEYS) do
+  local capacity = tonumber(ARGV[2 * i - 1])
+  local rate = tonumber(ARGV[2 * i])
+  local held = redis.call('HMGET', key, 'tokens', 'at')
+  local left = tonumber(held[1]) or capacity
+  local at = tonumber(held[2]) or now
+  left = math.min(capacity, left + math.max(0, now - at) * rate)
+  if left < 1 then
+    return {i, tostring((1 - left) / rate)}
+  end
+  tokens[i] = left - 1
+end
+for i, key in ipairs(KEYS) do
+  local capacity = tonumber(ARGV[2 * i - 1])
+  local rate = tonumber(ARGV[2 * i])
+  redis.call('HSET', key, 'tokens', tostring(tokens[i]), 'at', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((capacity - tokens[i]) / rate) + 1000)
+end
+return {0, '0'}
+"#,
+    )
+});
+
+fn admit_shared(shared: &Shared, applying: &[&Rule], caller: &Caller) -> Result<(), Refusal> {
+    let mut take = TAKE.prepare_invoke();
+    for rule in applying {
+        let bucket = hex(&Sha256::digest(rule.bucket(caller).as_bytes()));
+        take.key(shared.key(&["rate", &bucket[..32]]));
+        take.arg(rule.capacity).arg(rule.per_second / 1000.0);
+    }
+    let (empty, wait_ms): (usize, String) = shared
+        .call(|connection| take.invoke(connection))
+        .map_err(Refusal::Unavailable)?;
+    let Some(rule) = empty.checked_sub(1).and_then(|i| applying.get(i)) else {
+        return Ok(());
+    };
+    let wait_ms: f64 = wait_ms.parse().unwrap_or(1000.0);
+    Err(Refusal::Limited(Limited {
+        retry_after: Duration::from_secs_f64(wait_ms.max(0.0) / 1000.0),
+        limit: rule.describe(caller),
+    }))
 }
 
 #[cfg(test)]
@@ -218,7 +312,9 @@ mod tests {
         for _ in 0..3 {
             assert!(buckets.admit(&rules, &call("a", "write"), now).is_ok());
         }
-        let refused = buckets.admit(&rules, &call("a", "write"), now).unwrap_err();
+        let Err(Refusal::Limited(refused)) = buckets.admit(&rules, &call("a", "write"), now) else {
+            panic!("not refused for its rate");
+        };
         assert_eq!(refused.retry_after, Duration::from_secs(20));
         assert_eq!(
             refused.limit,

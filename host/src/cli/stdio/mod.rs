@@ -13,6 +13,7 @@ use crate::audit::AccessRecord;
 use crate::config::Config;
 use crate::contract::{Agent, Direction};
 use crate::policy::engine::PolicyEngine;
+use crate::policy::kv::SharedStore;
 use crate::protocol::framing::{Frame, FrameReader};
 use crate::protocol::jsonrpc::{self, Message};
 use crate::relay::Relay;
@@ -370,7 +371,12 @@ pub fn command(
     let config = Config::load(&config_path)?;
     crate::audit::stdout_carries_mcp();
     let (name, server) = pick_server(&config, server, command)?;
-    let engine = Arc::new(PolicyEngine::new(&config.engine)?);
+    let shared = crate::state::Shared::open(&config)?.map(Arc::new);
+    let engine = PolicyEngine::new(&config.engine)?;
+    let engine = Arc::new(match &shared {
+        Some(shared) => engine.with_store(Arc::new(SharedStore(shared.clone()))),
+        None => engine,
+    });
     let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1, None)?;
     let agent = Agent {
         id: config.agent.id.clone(),
@@ -382,7 +388,7 @@ pub fn command(
         policies = generation.guard.policies().count(),
         "portcullis relaying"
     );
-    let current = Arc::new(Current::new(generation));
+    let current = Arc::new(Current::shared(generation, shared));
     current.cancel_orphans();
     let relay = Arc::new(Relay::new(
         current.clone(),
