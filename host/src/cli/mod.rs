@@ -241,6 +241,26 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// The policy engine and shared state `config` sets up: with `[state]
+/// redis`, the policies' store is the deployment's, and so are the rate
+/// buckets of the [`Current`](crate::relay::generation::Current) built with
+/// the state returned.
+fn engine_and_state(
+    config: &crate::config::Config,
+) -> Result<(
+    std::sync::Arc<crate::policy::engine::PolicyEngine>,
+    Option<std::sync::Arc<crate::state::Shared>>,
+)> {
+    use std::sync::Arc;
+    let shared = crate::state::Shared::open(config)?.map(Arc::new);
+    let engine = crate::policy::engine::PolicyEngine::new(&config.engine)?;
+    let engine = match &shared {
+        Some(shared) => engine.with_store(Arc::new(crate::policy::kv::SharedStore(shared.clone()))),
+        None => engine,
+    };
+    Ok((Arc::new(engine), shared))
+}
+
 /// How long a stopping Portcullis waits for its delivering audit sinks.
 const AUDIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -7,8 +7,6 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::gateway::http::Listener;
 use crate::http;
-use crate::policy::engine::PolicyEngine;
-use crate::policy::kv::SharedStore;
 use crate::relay::generation::{Current, Generation};
 use crate::runtime::reload::Reloader;
 use crate::runtime::status::Status;
@@ -26,12 +24,7 @@ pub fn command(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32>
             config_path.display()
         );
     }
-    let shared = crate::state::Shared::open(&config)?.map(Arc::new);
-    let engine = PolicyEngine::new(&config.engine)?;
-    let engine = Arc::new(match &shared {
-        Some(shared) => engine.with_store(Arc::new(SharedStore(shared.clone()))),
-        None => engine,
-    });
+    let (engine, shared) = crate::cli::engine_and_state(&config)?;
     let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1, None)?;
     let current = Arc::new(Current::shared(generation, shared));
     current.cancel_orphans();

@@ -10,7 +10,6 @@ use crate::gateway::Gateway;
 use crate::gateway::http::Listener;
 use crate::http;
 use crate::identity::key_hash;
-use crate::policy::engine::PolicyEngine;
 use crate::relay::generation::{Current, Generation};
 use crate::upstream;
 use crate::util::stats::{Stats, micros};
@@ -66,9 +65,8 @@ pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
     let server_url = format!("http://{}/mcp", server.local_addr()?);
     tokio::spawn(serve_fast(server, tool.to_string()));
 
-    let engine = Arc::new(PolicyEngine::new(
-        &crate::config::Config::load(config_path)?.engine,
-    )?);
+    let (engine, shared) =
+        crate::cli::engine_and_state(&crate::config::Config::load(config_path)?)?;
     let mut generation = Generation::load(&engine, config_path, None, 1, None)?;
     let remote = ServerConfig {
         command: None,
@@ -86,7 +84,7 @@ pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
     };
     generation.config.servers = BTreeMap::from([("fast".to_string(), remote)]);
     generation.config.agents = BTreeMap::from([("bench-agent".to_string(), agent)]);
-    let current = Arc::new(Current::new(generation));
+    let current = Arc::new(Current::shared(generation, shared));
     let generation = current.get();
     let names: Vec<&str> = generation
         .config

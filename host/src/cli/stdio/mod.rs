@@ -12,8 +12,6 @@ mod survey;
 use crate::audit::AccessRecord;
 use crate::config::Config;
 use crate::contract::{Agent, Direction};
-use crate::policy::engine::PolicyEngine;
-use crate::policy::kv::SharedStore;
 use crate::protocol::framing::{Frame, FrameReader};
 use crate::protocol::jsonrpc::{self, Message};
 use crate::relay::Relay;
@@ -371,12 +369,7 @@ pub fn command(
     let config = Config::load(&config_path)?;
     crate::audit::stdout_carries_mcp();
     let (name, server) = pick_server(&config, server, command)?;
-    let shared = crate::state::Shared::open(&config)?.map(Arc::new);
-    let engine = PolicyEngine::new(&config.engine)?;
-    let engine = Arc::new(match &shared {
-        Some(shared) => engine.with_store(Arc::new(SharedStore(shared.clone()))),
-        None => engine,
-    });
+    let (engine, shared) = crate::cli::engine_and_state(&config)?;
     let generation = Generation::load(&engine, &config_path, audit_file.as_deref(), 1, None)?;
     let agent = Agent {
         id: config.agent.id.clone(),
