@@ -135,3 +135,59 @@ def test_two_replicas_enforce_one_rate_limit_and_one_quota_and_fail_closed_witho
     quota_down = [r for r in records if r.get("tool") == "echo" and r.get("kind") == "request"
                   and r.get("outcome") == "deny" and r.get("decided_by") == "quota"]
     assert len(quota_down) == 5  # three over the quota, two with Redis down
+
+
+def test_a_quarantine_found_by_one_replica_holds_on_the_other(tmp_path: Path, sandbox: Path, redis: Redis):
+    from conftest import notes_server, pin, write_config
+    notes = [tmp_path / "notes-a", tmp_path / "notes-b"]
+    for directory in notes:
+        directory.mkdir()
+    pinned = pin(write_config(notes[0], [], notes_server(notes[0])))
+    assert pinned.returncode == 0, pinned.stderr
+    lock = notes[0] / "portcullis.lock.json"
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+
+    def extra(directory: Path) -> str:
+        return notes_server(directory) + f"""
+[state]
+redis = "redis://127.0.0.1:{redis.port}/0"
+prefix = "{prefix}"
+
+[pinning]
+lock = "{lock}"
+on_drift = "hide"
+[pinning.on]
+description = "deny-server"
+"""
+
+    replicas = []
+    for name, directory in zip("ab", notes):
+        (tmp_path / name).mkdir()
+        replicas.append(Gateway(tmp_path / name, sandbox, extra(directory)))
+    try:
+        async def scenario():
+            async with connect(replicas[0], "admin") as first, connect(replicas[1], "admin") as second:
+                before = await outcome(second, "notes__write_note", {"text": "before"})
+                for _ in range(3):  # the third stage poisons search's description, on replica a's server only
+                    await first.call_tool("notes__advance", {})
+                await first.list_tools()  # replica a sees the drift: the server is quarantined
+                listed = await outcome(first, "notes__write_note", {"text": "on a"})
+                # Replica b's own server never changed; the quarantine holds there within a second.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while (after := await outcome(second, "notes__write_note", {"text": "after"})) == "ok":
+                    assert loop.time() < deadline, "the quarantine never reached replica b"
+                    await asyncio.sleep(0.2)
+                redis.stop()
+                await asyncio.sleep(1.5)  # past the second for which what Redis said stands
+                down = await outcome(second, "notes__write_note", {"text": "down"})
+                return before, listed, after, down
+
+        before, listed, after, down = asyncio.run(scenario())
+    finally:
+        for replica in replicas:
+            replica.stop()
+    assert before == "ok"
+    assert "quarantined" in listed, listed
+    assert "server 'notes' is quarantined" in after, after
+    assert "cannot be checked" in down and "Redis" in down, down

@@ -10,13 +10,12 @@ use crate::config::{DriftAction, PinningConfig};
 use crate::contract::Exchange;
 use crate::protocol::jsonrpc::{DENIED, INVALID_PARAMS};
 use crate::relay::generation::Generation;
+use crate::relay::quarantine::Quarantines;
 use crate::relay::session::Session;
 use crate::surface::drift::{self, ToolDrift};
 use crate::surface::ratelimit::{Buckets, Caller, Limited, Refusal};
 use crate::surface::schema::Schemas;
 use serde_json::{Map, Value, json};
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// JSON-RPC: a request over its rate limit.
@@ -83,8 +82,8 @@ fn rate_stop(limited: &Limited) -> Stop {
 #[derive(Default)]
 pub struct Boundary {
     buckets: Buckets,
-    /// Quarantined servers: the lock digest in force and why.
-    quarantine: Mutex<HashMap<String, (String, String)>>,
+    /// Quarantined servers.
+    quarantines: Quarantines,
     /// Input schemas from listings, compiled.
     pub schemas: Schemas,
 }
@@ -94,7 +93,8 @@ impl Boundary {
     /// state.
     pub fn shared(shared: std::sync::Arc<crate::state::Shared>) -> Self {
         Self {
-            buckets: Buckets::Shared(shared),
+            buckets: Buckets::Shared(shared.clone()),
+            quarantines: Quarantines::shared(shared),
             ..Self::default()
         }
     }
@@ -237,29 +237,16 @@ impl Boundary {
     /// Why `server` is quarantined under the lock in force, if it is.
     fn quarantined(&self, g: &Generation, server: &str) -> Option<String> {
         let digest = &g.pins.as_ref()?.digest;
-        let quarantine = self.quarantine.lock().expect("quarantine poisoned");
-        quarantine
-            .get(server)
-            .filter(|(under, _)| under == digest)
-            .map(|(_, why)| why.clone())
+        self.quarantines.why(server, digest)
     }
 
-    /// Quarantines `server` until the lock file changes; returns why.
     fn quarantine(&self, server: &str, digest: &str, cause: &ToolDrift) -> String {
         let why = format!(
             "Refused by Portcullis: server '{server}' is quarantined: tool '{}' differs from its pinned definition ({}); every request is refused until the server is pinned again (`portcullis pin`)",
             cause.tool,
             kinds(cause)
         );
-        let mut quarantine = self.quarantine.lock().expect("quarantine poisoned");
-        if quarantine
-            .get(server)
-            .is_none_or(|(under, _)| under != digest)
-        {
-            tracing::error!(server, "{why}");
-            quarantine.insert(server.to_string(), (digest.to_string(), why.clone()));
-        }
-        quarantine[server].1.clone()
+        self.quarantines.quarantine(server, digest, why)
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod boundary;
 pub mod generation;
 mod held;
+mod quarantine;
 mod record;
 pub mod session;
 #[cfg(test)]
