@@ -15,14 +15,20 @@ use std::time::{Duration, Instant};
 /// How long what Redis said of a server is taken as still true.
 const FRESH: Duration = Duration::from_secs(1);
 
+/// What Redis said of a server under a lock, and when it was asked.
+struct Seen {
+    at: Instant,
+    why: Option<String>,
+}
+
 /// The quarantines this process knows of, and the deployment's.
 #[derive(Default)]
 pub struct Quarantines {
     /// Found here: server → (lock digest, why).
     here: Mutex<HashMap<String, (String, String)>>,
     shared: Option<Arc<Shared>>,
-    /// What Redis last said: (server, lock digest) → (when asked, why).
-    seen: Mutex<HashMap<(String, String), (Instant, Option<String>)>>,
+    /// What Redis last said, by (server, lock digest).
+    seen: Mutex<HashMap<(String, String), Seen>>,
 }
 
 impl Quarantines {
@@ -43,10 +49,10 @@ impl Quarantines {
         drop(here);
         let shared = self.shared.as_ref()?;
         let asked = (server.to_string(), digest.to_string());
-        if let Some((at, why)) = self.seen.lock().expect("quarantine poisoned").get(&asked)
-            && at.elapsed() < FRESH
+        if let Some(seen) = self.seen.lock().expect("quarantine poisoned").get(&asked)
+            && seen.at.elapsed() < FRESH
         {
-            return why.clone();
+            return seen.why.clone();
         }
         let key = shared.key(&["quarantine", digest, server]);
         let why = match shared.call(|c| redis::cmd("GET").arg(&key).query::<Option<String>>(c)) {
@@ -61,7 +67,14 @@ impl Quarantines {
         if seen.len() >= 10_000 {
             seen.clear();
         }
-        seen.insert(asked, (Instant::now(), why.clone()));
+        let at = Instant::now();
+        seen.insert(
+            asked,
+            Seen {
+                at,
+                why: why.clone(),
+            },
+        );
         why
     }
 
