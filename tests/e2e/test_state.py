@@ -191,3 +191,57 @@ description = "deny-server"
     assert "quarantined" in listed, listed
     assert "server 'notes' is quarantined" in after, after
     assert "cannot be checked" in down and "Redis" in down, down
+
+
+def test_each_replica_names_itself_in_its_chained_trail_and_status_and_each_trail_verifies(
+        tmp_path: Path, sandbox: Path):
+    import json
+    import os
+    from conftest import PORTCULLIS
+    trails = {name: tmp_path / f"trail-{name}.jsonl" for name in "ab"}
+    replicas = {}
+    for name in "ab":
+        (tmp_path / name).mkdir()
+        extra = f"""
+[state]
+replica = "${{env:REPLICA_NAME}}"
+
+[[audit.sinks]]
+type = "file"
+path = "{trails[name]}"
+chain = true
+"""
+        replicas[name] = Gateway(tmp_path / name, sandbox, extra, env={"REPLICA_NAME": f"replica-{name}"})
+    try:
+        async def scenario():
+            for gateway in replicas.values():
+                async with connect(gateway, "admin") as session:
+                    for _ in range(3):
+                        assert await outcome(session, "files__list_allowed_directories", {}) == "ok"
+
+        asyncio.run(scenario())
+        statuses = {name: gateway.status() for name, gateway in replicas.items()}
+    finally:
+        for gateway in replicas.values():
+            gateway.stop()
+    assert {name: s.get("replica") for name, s in statuses.items()} == {"a": "replica-a", "b": "replica-b"}
+    for name, trail in trails.items():
+        records = read_audit(trail)
+        assert records and all(r["replica"] == f"replica-{name}" for r in records)
+
+    def verify() -> subprocess.CompletedProcess:
+        return subprocess.run([str(PORTCULLIS), "audit", "verify", str(trails["a"]), str(trails["b"])],
+                              capture_output=True, text=True, env=os.environ)
+
+    verified = verify()
+    assert verified.returncode == 0, verified.stdout
+    assert [line.split(":")[0] for line in verified.stdout.splitlines()] == ["replica replica-a",
+                                                                               "replica replica-b"]
+    lines = trails["b"].read_text().splitlines()
+    altered = json.loads(lines[1])
+    altered["agent"] = "someone-else"
+    lines[1] = json.dumps(altered, separators=(",", ":"))
+    trails["b"].write_text("\n".join(lines) + "\n")
+    broken = verify()
+    assert broken.returncode == 1
+    assert "replica replica-a: ok" in broken.stdout and "replica replica-b: BROKEN" in broken.stdout, broken.stdout

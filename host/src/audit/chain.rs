@@ -52,33 +52,37 @@ pub fn line_hash(line: &str) -> String {
     hex(&Sha256::digest(line.trim_end_matches('\n').as_bytes()))
 }
 
-/// `line` (one JSON object and a newline) chained after `head`, and the new
-/// head.
-pub fn link(line: &str, head: &Head) -> Result<(String, Head)> {
+/// `line` (one JSON object, a newline optional) with the member `name`
+/// (a plain key) set to the JSON text `value`, last.
+pub fn with_member(line: &str, name: &str, value: &str) -> Result<String> {
     let body = line.trim_end_matches('\n');
     let Some(open) = body.strip_suffix('}') else {
         bail!("an audit record is not a JSON object");
     };
-    let seq = head.seq + 1;
     let separator = if open.trim_end().ends_with('{') {
         ""
     } else {
         ","
     };
-    let linked = format!(
-        r#"{open}{separator}"chain":{{"seq":{seq},"prev":"{}"}}}}"#,
-        head.hash
-    );
+    Ok(format!("{open}{separator}\"{name}\":{value}}}\n"))
+}
+
+/// `line` (one JSON object and a newline) chained after `head`, and the new
+/// head.
+pub fn link(line: &str, head: &Head) -> Result<(String, Head)> {
+    let seq = head.seq + 1;
+    let chain = format!(r#"{{"seq":{seq},"prev":"{}"}}"#, head.hash);
+    let linked = with_member(line, "chain", &chain)?;
     let next = Head {
         seq,
         hash: line_hash(&linked),
     };
-    Ok((linked + "\n", next))
+    Ok((linked, next))
 }
 
 /// A checkpoint record stating `head`, written after it; `previous_file`
 /// names the file rotated out just before, if any.
-pub fn checkpoint(head: &Head, previous_file: Option<&Path>) -> String {
+pub fn checkpoint(head: &Head, previous_file: Option<&Path>, replica: Option<&str>) -> String {
     #[derive(Serialize)]
     struct Checkpoint<'a> {
         time: String,
@@ -87,6 +91,8 @@ pub fn checkpoint(head: &Head, previous_file: Option<&Path>) -> String {
         head: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         previous_file: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replica: Option<&'a str>,
     }
     let record = Checkpoint {
         time: crate::util::clock::rfc3339_now(),
@@ -96,8 +102,33 @@ pub fn checkpoint(head: &Head, previous_file: Option<&Path>) -> String {
         previous_file: previous_file
             .and_then(Path::file_name)
             .map(|name| name.to_string_lossy().into_owned()),
+        replica,
     };
     serde_json::to_string(&record).unwrap_or_default() + "\n"
+}
+
+/// One replica's trail (`None`: a process without a replica name) and
+/// what verifying it found.
+pub type ReplicaTrail = (Option<String>, Result<Verified, Broken>);
+
+/// The trails of several replicas, told apart by the `replica` of each
+/// file's first record, each verified on its own (a file without one is
+/// the trail of a process without a replica name).
+pub fn verify_replicas(files: &[PathBuf]) -> Result<Vec<ReplicaTrail>> {
+    let mut trails: std::collections::BTreeMap<Option<String>, Vec<PathBuf>> = Default::default();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let replica = text
+            .lines()
+            .find_map(|line| serde_json::from_str::<Value>(line).ok())
+            .and_then(|record| record["replica"].as_str().map(str::to_string));
+        trails.entry(replica).or_default().push(file.clone());
+    }
+    trails
+        .into_iter()
+        .map(|(replica, files)| Ok((replica, verify(&files)?)))
+        .collect()
 }
 
 /// What [`verify`] found.
@@ -231,6 +262,19 @@ mod tests {
         let path = dir.join("audit.jsonl");
         std::fs::write(&path, lines.concat()).unwrap();
         (path, lines)
+    }
+
+    #[test]
+    fn a_member_goes_last_in_any_object() {
+        assert_eq!(
+            with_member("{}\n", "replica", "\"a\"").unwrap(),
+            "{\"replica\":\"a\"}\n"
+        );
+        assert_eq!(
+            with_member("{\"n\":1}", "replica", "\"a\"").unwrap(),
+            "{\"n\":1,\"replica\":\"a\"}\n"
+        );
+        assert!(with_member("[1]", "replica", "\"a\"").is_err());
     }
 
     #[test]

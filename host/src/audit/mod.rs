@@ -562,6 +562,8 @@ pub struct Audit {
     sinks: Vec<Box<dyn Sink>>,
     include_arguments: bool,
     include_policy_logs: bool,
+    /// The replica named in every record, when `[state] replica` is set.
+    replica: Option<String>,
 }
 
 impl Audit {
@@ -580,6 +582,7 @@ impl Audit {
 
     fn open_sinks(config: &Config, extra_file: Option<PathBuf>, pulled_only: bool) -> Result<Self> {
         let base = config.path.parent().unwrap_or(Path::new("."));
+        let replica = config.state.replica(base)?;
         let config = &config.audit;
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         let extra = extra_file.map(SinkConfig::file);
@@ -605,6 +608,7 @@ impl Audit {
                         rotate_bytes: *rotate_bytes,
                         rotate_secs: *rotate_secs,
                         fsync: *fsync,
+                        replica: replica.clone(),
                     };
                     Box::new(FileSink::open_with(path, options)?)
                 }
@@ -648,6 +652,7 @@ impl Audit {
             sinks,
             include_arguments: config.include_arguments,
             include_policy_logs: config.include_policy_logs,
+            replica: replica.map(|r| serde_json::Value::from(r).to_string()),
         })
     }
 
@@ -658,6 +663,7 @@ impl Audit {
             sinks,
             include_arguments: true,
             include_policy_logs: false,
+            replica: None,
         }
     }
 
@@ -676,6 +682,9 @@ impl Audit {
     pub fn write(&self, record: &impl Serialize) -> Result<()> {
         let mut line = serde_json::to_string(record)?;
         line.push('\n');
+        if let Some(replica) = &self.replica {
+            line = chain::with_member(&line, "replica", replica)?;
+        }
         let failures: Vec<String> = self
             .sinks
             .iter()

@@ -22,7 +22,7 @@ pub trait Sink: Send + Sync {
 }
 
 /// How a file sink keeps its file.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileOptions {
     /// Chain the records (tamper evidence; see [`super::chain`]).
     pub chain: bool,
@@ -33,6 +33,8 @@ pub struct FileOptions {
     /// Flush each record to the disk before the message goes on (survives
     /// a power loss; concurrent records share an fsync).
     pub fsync: bool,
+    /// The replica writing, named in its checkpoints.
+    pub replica: Option<String>,
 }
 
 /// Appends JSON Lines to a file. With chaining or rotation, every process
@@ -122,8 +124,10 @@ impl FileSink {
             let rotated = self.rotate()?;
             self.reopen(open)?;
             if let Some(tail) = tail {
-                let (checkpoint, next) =
-                    chain::link(&chain::checkpoint(&tail, Some(&rotated)), &tail)?;
+                let (checkpoint, next) = chain::link(
+                    &chain::checkpoint(&tail, Some(&rotated), self.options.replica.as_deref()),
+                    &tail,
+                )?;
                 open.file.write_all(checkpoint.as_bytes())?;
                 head = Some(next);
             }
@@ -139,7 +143,10 @@ impl FileSink {
         let (linked, mut head) = chain::link(line, &head)?;
         let mut out = linked;
         if head.seq % chain::CHECKPOINT_EVERY == 0 {
-            let (checkpoint, next) = chain::link(&chain::checkpoint(&head, None), &head)?;
+            let (checkpoint, next) = chain::link(
+                &chain::checkpoint(&head, None, self.options.replica.as_deref()),
+                &head,
+            )?;
             out.push_str(&checkpoint);
             head = next;
         }
@@ -477,7 +484,7 @@ mod tests {
             ..FileOptions::default()
         };
         // Two writers, as two processes would be.
-        let a = FileSink::open_with(&path, options).unwrap();
+        let a = FileSink::open_with(&path, options.clone()).unwrap();
         let b = FileSink::open_with(&path, options).unwrap();
         for i in 0..120 {
             let sink = if i % 3 == 0 { &b } else { &a };

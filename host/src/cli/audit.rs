@@ -18,7 +18,8 @@ pub enum Action {
     /// Check that a chained trail is unbroken; names the first record that
     /// was altered, removed or reordered (exit status 1).
     Verify {
-        /// The trail's files, rotated ones included, in any order.
+        /// The trail's files, rotated ones included, in any order (several
+        /// replicas' trails are told apart by the replica their records name).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -115,23 +116,27 @@ pub fn run(action: &Action) -> Result<i32> {
     }
 }
 
+/// Verifies the trail in `files`, or each replica's trail among them
+/// (told apart by the replica its records name); 1 if any is broken.
 fn verify(files: &[PathBuf]) -> Result<i32> {
-    match chain::verify(files)? {
-        Ok(verified) => {
-            println!(
-                "ok: {} records in {} file(s), unbroken; head is record {} ({})",
+    let mut code = 0;
+    for (replica, outcome) in chain::verify_replicas(files)? {
+        let whose = replica.map_or_else(String::new, |r| format!("replica {r}: "));
+        match outcome {
+            Ok(verified) => println!(
+                "{whose}ok: {} records in {} file(s), unbroken; head is record {} ({})",
                 verified.records,
                 verified.files.len(),
                 verified.head.seq,
                 verified.head.hash
-            );
-            Ok(0)
-        }
-        Err(broken) => {
-            println!("BROKEN at {broken}");
-            Ok(1)
+            ),
+            Err(broken) => {
+                println!("{whose}BROKEN at {broken}");
+                code = 1;
+            }
         }
     }
+    Ok(code)
 }
 
 impl Trail {

@@ -21,6 +21,26 @@ pub struct StateConfig {
     /// Redis.
     #[serde(default = "default_state_prefix")]
     pub prefix: String,
+    /// This process' name among the deployment's replicas (e.g.
+    /// `${env:HOSTNAME}`): in every audit record and checkpoint, in `portcullis
+    /// status` and in `/metrics`.
+    pub replica: Option<String>,
+}
+
+impl StateConfig {
+    /// The replica's name, its references resolved and checked: letters,
+    /// digits, `.`, `_` and `-`, at most 64.
+    pub fn replica(&self, base: &Path) -> Result<Option<String>> {
+        let Some(replica) = &self.replica else {
+            return Ok(None);
+        };
+        let name = resolve_secret(replica, base).context("state.replica")?;
+        let valid = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(valid) {
+            bail!("state.replica: '{name}' is not a name (letters, digits, . _ -, at most 64)");
+        }
+        Ok(Some(name))
+    }
 }
 
 impl Default for StateConfig {
@@ -29,6 +49,7 @@ impl Default for StateConfig {
             redis: None,
             timeout_ms: default_state_timeout_ms(),
             prefix: default_state_prefix(),
+            replica: None,
         }
     }
 }

@@ -76,6 +76,11 @@ impl Reloader {
         server: &str,
     ) -> Self {
         let generation = current.get();
+        let base = config.parent().unwrap_or(std::path::Path::new("."));
+        let replica = generation.config.state.replica(base).ok().flatten();
+        if let Some(replica) = &replica {
+            crate::util::metrics::global().replica(replica);
+        }
         let status = Status {
             pid: std::process::id(),
             config: std::path::absolute(&config).unwrap_or_else(|_| config.clone()),
@@ -85,6 +90,7 @@ impl Reloader {
             policies: policy_statuses(&generation, None),
             last_reload: None,
             servers: BTreeMap::new(),
+            replica,
         };
         Self {
             engine,

@@ -31,6 +31,9 @@ pub struct Status {
     /// In `serve` mode: how each upstream server is doing.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub servers: BTreeMap<String, Health>,
+    /// Its name among the deployment's replicas (`[state] replica`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// One serving policy.
@@ -139,6 +142,9 @@ pub fn print(json: bool) -> Result<()> {
             s.config.display()
         );
         println!("  started {}  generation {}", s.started, s.generation);
+        if let Some(replica) = &s.replica {
+            println!("  replica {replica}");
+        }
         for p in &s.policies {
             println!(
                 "  policy {:<20} sha256 {}  loaded {}",

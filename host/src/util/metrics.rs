@@ -76,6 +76,8 @@ struct Counts {
     deliveries: BTreeMap<String, DeliveryCounts>,
     /// Server connections of sessions' or agents' own running, by server.
     server_instances: BTreeMap<String, u64>,
+    /// This process' name among the deployment's replicas.
+    replica: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -208,6 +210,12 @@ impl Metrics {
     }
 
     /// `running` connections of sessions' or agents' own to `server` now.
+    /// Names this process among the deployment's replicas.
+    pub fn replica(&self, name: &str) {
+        let mut counts = self.counts.lock().expect("metrics poisoned");
+        counts.replica = Some(name.to_string());
+    }
+
     pub fn server_instances(&self, server: &str, running: u64) {
         let mut counts = self.counts.lock().expect("metrics lock poisoned");
         counts.server_instances.insert(server.to_string(), running);
@@ -337,6 +345,16 @@ impl Metrics {
         for (server, n) in &counts.server_instances {
             let _ = writeln!(out, "{name}{{server=\"{}\"}} {n}", escape(server));
         }
+        if let Some(replica) = &counts.replica {
+            let name = "portcullis_replica_info";
+            header(
+                &mut out,
+                name,
+                "gauge",
+                "This process' name among the deployment's replicas.",
+            );
+            let _ = writeln!(out, "{name}{{replica=\"{}\"}} 1", escape(replica));
+        }
         if let Some(pending) = pending {
             let name = "portcullis_approvals_pending";
             header(
@@ -388,8 +406,10 @@ mod tests {
         metrics.approval("approved");
         metrics.listener("accept-error");
         metrics.server_instances("everything", 3);
+        metrics.replica("replica-a");
         let text = metrics.render(Some(2));
         for line in [
+            "portcullis_replica_info{replica=\"replica-a\"} 1",
             "portcullis_server_instances{server=\"everything\"} 3",
             "portcullis_decisions_total{server=\"fs\",outcome=\"allow\"} 2",
             "portcullis_decisions_total{server=\"fs\\\"x\",outcome=\"deny\"} 1",

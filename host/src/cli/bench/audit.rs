@@ -56,7 +56,7 @@ pub fn run(records: usize) -> Result<()> {
     ];
     for (n, (label, options)) in variants.into_iter().enumerate() {
         let path = dir.join(format!("audit-{n}.jsonl"));
-        let audit = Audit::with_sinks(vec![Box::new(FileSink::open_with(&path, options)?)]);
+        let audit = Audit::with_sinks(vec![Box::new(FileSink::open_with(&path, options.clone())?)]);
         // A disk flush per record is a thousand times slower: fewer of them.
         let count = if options.fsync {
             records / 200
