@@ -24,9 +24,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mcp.shared.exceptions import MCPError
 
 from conftest import PORTCULLIS, POLICIES, proxied_filesystem, read_audit
+from test_reload import outcome
 from test_serve import free_port
 
 READ_ONLY = POLICIES / "read_only.wasm"  # `{}`: refuses tools not annotated read-only
@@ -169,17 +169,6 @@ def gateway_config(directory: Path, module: str, *, keys: list[Path] = (), follo
     config = directory / "portcullis.toml"
     config.write_text("\n".join(lines) + "\n")
     return config
-
-
-async def outcome(session, sandbox: Path) -> str:
-    """'allowed' or 'denied' for a write through the gate; anything else fails the test."""
-    try:
-        result = await session.call_tool("create_directory", {"path": str(sandbox / "made")})
-    except MCPError as error:
-        assert error.code == -32001 and "Denied by policy 'gate'" in error.message, error.message
-        return "denied"
-    assert not result.is_error, result
-    return "allowed"
 
 
 def stdio_refuses(config: Path, sandbox: Path, audit: Path) -> str:

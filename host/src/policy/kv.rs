@@ -106,6 +106,18 @@ fn check_key(key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Refuses a key or a value over its size limit.
+fn check_entry(key: &str, value: &str) -> Result<(), StoreError> {
+    check_key(key)?;
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(StoreError(format!(
+            "store value of {} bytes exceeds {MAX_VALUE_BYTES}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 impl MemoryStore {
     fn with<T>(&self, policy: &str, f: impl FnOnce(&mut Keyspace) -> T) -> T {
         let mut policies = self.policies.lock().expect("store lock poisoned");
@@ -131,13 +143,7 @@ impl KeyValue for MemoryStore {
         value: String,
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        check_key(key)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(StoreError(format!(
-                "store value of {} bytes exceeds {MAX_VALUE_BYTES}",
-                value.len()
-            )));
-        }
+        check_entry(key, &value)?;
         let now = Instant::now();
         self.with(policy, |space| {
             space.room_for(key, now)?;
@@ -235,13 +241,7 @@ impl KeyValue for SharedStore {
         value: String,
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        check_key(key)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(StoreError(format!(
-                "store value of {} bytes exceeds {MAX_VALUE_BYTES}",
-                value.len()
-            )));
-        }
+        check_entry(key, &value)?;
         let key = self.key(policy, key);
         self.0
             .call(|c| {
