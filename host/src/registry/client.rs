@@ -103,6 +103,9 @@ pub struct Registries {
     clients: Mutex<HashMap<(String, bool), Arc<Client>>>,
     /// Loopback hosts found to speak plain HTTP.
     plain: Mutex<std::collections::HashSet<String>>,
+    /// The Docker config file's credentials, by host, read once (a
+    /// credential helper is a process to run).
+    docker: Mutex<HashMap<String, RegistryAuth>>,
 }
 
 impl Registries {
@@ -137,6 +140,7 @@ impl Registries {
             access,
             clients: Mutex::new(HashMap::new()),
             plain: Mutex::default(),
+            docker: Mutex::default(),
         })
     }
 
@@ -151,7 +155,7 @@ impl Registries {
         let access = self.access.get(host).cloned().unwrap_or_default();
         let auth = match &access.auth {
             Some(auth) => auth.clone(),
-            None => docker_config_auth(host).map_err(Failure::Other)?,
+            None => self.docker_auth(host).map_err(Failure::Other)?,
         };
         let target = oci_reference(reference);
         let known_plain = self
@@ -195,6 +199,18 @@ impl Registries {
             }
             answer => answer,
         }
+    }
+
+    /// The Docker config file's credentials for `host`, read the first time
+    /// they are needed.
+    fn docker_auth(&self, host: &str) -> Result<RegistryAuth> {
+        let mut known = self.docker.lock().expect("docker credentials poisoned");
+        if let Some(auth) = known.get(host) {
+            return Ok(auth.clone());
+        }
+        let auth = docker_config_auth(host)?;
+        known.insert(host.to_string(), auth.clone());
+        Ok(auth)
     }
 
     /// The client for `host` over HTTPS or plain HTTP.
