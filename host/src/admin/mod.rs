@@ -17,7 +17,7 @@
 
 use crate::approval::store::{Ambiguous, Approval, Approvals, Refused, State, Verdict};
 use crate::audit::{AccessRecord, Audit};
-use crate::config::{ApproverEntry, Config};
+use crate::config::{ApproverEntry, Config, StoreLocation};
 use crate::http::{self, Body};
 use crate::identity;
 use crate::relay::generation::Current;
@@ -117,7 +117,7 @@ impl Deployment {
 /// The admin listener's state.
 pub struct Admin {
     deployment: Deployment,
-    store_path: PathBuf,
+    store_location: StoreLocation,
     config_path: PathBuf,
     store: Mutex<Option<Arc<Approvals>>>,
     guard: http::Guard,
@@ -128,7 +128,7 @@ impl Admin {
     pub fn new(config: &Config, deployment: Deployment) -> Self {
         Self {
             deployment,
-            store_path: config.approvals_store(),
+            store_location: config.approvals_store(),
             config_path: config.path.clone(),
             store: Mutex::new(None),
             guard: http::Guard::of(&config.serve),
@@ -367,8 +367,8 @@ impl Admin {
     /// The store, once it exists (the first held call creates it).
     fn store(&self) -> Result<Option<Arc<Approvals>>> {
         let mut store = self.store.lock().expect("store lock poisoned");
-        if store.is_none() && self.store_path.exists() {
-            *store = Some(Arc::new(Approvals::open(&self.store_path)?));
+        if store.is_none() && crate::approval::store::exists(&self.store_location) {
+            *store = Some(Arc::new(Approvals::open(&self.store_location)?));
         }
         Ok(store.clone())
     }

@@ -7,16 +7,15 @@
 use crate::approval::notify::Notifier;
 use crate::approval::store::{Approval, Approvals, Call, Terms};
 use crate::approval::waiting::{Awaiting, Then};
-use crate::config::{AdminConfig, ApprovalRule, ApprovalsConfig, Config};
+use crate::config::{AdminConfig, ApprovalRule, ApprovalsConfig, Config, StoreLocation};
 use anyhow::{Result, anyhow};
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use wildmatch::WildMatch;
 
 /// Where this process holds calls.
 pub struct Holding {
-    path: PathBuf,
+    location: StoreLocation,
     holder: String,
     store: OnceLock<Result<Arc<Approvals>, String>>,
     awaiting: OnceLock<Result<Arc<Awaiting>, String>>,
@@ -69,7 +68,7 @@ impl Holding {
     /// Holding as `config` says, for this process.
     pub fn new(config: &Config) -> Self {
         Self {
-            path: config.approvals_store(),
+            location: config.approvals_store(),
             holder: this_process(),
             store: OnceLock::new(),
             awaiting: OnceLock::new(),
@@ -94,7 +93,7 @@ impl Holding {
     pub fn store(&self) -> Result<Arc<Approvals>> {
         self.store
             .get_or_init(|| {
-                Approvals::open(&self.path)
+                Approvals::open(&self.location)
                     .map(Arc::new)
                     .map_err(|e| format!("{e:#}"))
             })
@@ -137,29 +136,53 @@ impl Holding {
     /// ended (their calls can no longer run); nothing when there is no store
     /// yet.
     pub fn cancel_orphans(&self) -> Result<Vec<Approval>> {
-        if !self.path.exists() {
+        if !crate::approval::store::exists(&self.location) {
             return Ok(Vec::new());
         }
         self.store()?.cancel_orphans(alive)
     }
 }
 
-/// This process as a holder: its pid and start time (clock ticks since
-/// boot), which together name it even after the pid is reused.
+/// This process as a holder: its machine's host name, its pid and its start
+/// time (clock ticks since boot), which together name it even after the pid
+/// is reused, and tell it from a replica's on another machine.
 fn this_process() -> String {
     let pid = std::process::id();
-    format!("{pid}:{}", start_time(pid).unwrap_or_default())
+    format!(
+        "{}:{pid}:{}",
+        host_name(),
+        start_time(pid).unwrap_or_default()
+    )
 }
 
-/// Whether the process a holder names is still running.
+/// Whether the process a holder names may still be running: one on this
+/// machine is looked up; one on another machine (a replica sharing a
+/// PostgreSQL store) cannot be, so it counts as running, and its calls'
+/// approvals end by expiring.
 pub fn alive(holder: &str) -> bool {
-    let Some((pid, started)) = holder.split_once(':') else {
+    let (host, process) = match holder.split(':').count() {
+        3 => holder.split_once(':').expect("three parts"),
+        // Written before holders named their machine: one on this one.
+        2 => ("", holder),
+        _ => return false,
+    };
+    if !host.is_empty() && host != host_name() {
+        return true;
+    }
+    let Some((pid, started)) = process.split_once(':') else {
         return false;
     };
     pid.parse()
         .ok()
         .and_then(start_time)
         .is_some_and(|now| now == started)
+}
+
+/// This machine's host name (a pod's name on Kubernetes).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().replace(':', "_"))
+        .unwrap_or_default()
 }
 
 /// A process' start time from /proc (field 22 of its stat line).
@@ -175,12 +198,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn this_process_is_alive_and_a_stale_holder_is_not() {
+    fn this_process_is_alive_and_a_stale_holder_here_is_not() {
         let me = this_process();
         assert!(alive(&me), "{me}");
-        let (pid, _) = me.split_once(':').unwrap();
-        assert!(!alive(&format!("{pid}:1")), "same pid, another start");
-        assert!(!alive("4194305:1"), "no such pid");
+        let (host, process) = me.split_once(':').unwrap();
+        let (pid, started) = process.split_once(':').unwrap();
+        assert!(
+            !alive(&format!("{host}:{pid}:1")),
+            "same pid, another start"
+        );
+        assert!(!alive(&format!("{host}:4194305:1")), "no such pid");
+        assert!(alive(&format!("{pid}:{started}")), "written before hosts");
+        assert!(!alive(&format!("{pid}:1")));
+        assert!(
+            alive("another-machine:4194305:1"),
+            "another machine's replica cannot be looked up"
+        );
         assert!(!alive("garbage"));
     }
 }

@@ -1,8 +1,10 @@
 //! Waiting for decisions without a thread per held call: one watcher thread
 //! per process looks at the approvals store for every call this process
 //! holds — at once when this process changed the store (an approver on its
-//! admin listener, a cancelled call), else every [`POLL`] for decisions
-//! made elsewhere (the CLI, another process) — expires the overdue ones,
+//! admin listener, a cancelled call, or, where the store notifies, a
+//! decision on another replica), else every
+//! [`Approvals::poll_interval`] for decisions made elsewhere (the CLI,
+//! another process) — expires the overdue ones,
 //! and hands each ended approval to what its holder said to do then. A held
 //! call costs an entry in a map, never a blocked thread, so calls held by one
 //! agent cannot starve anybody else's.
@@ -13,9 +15,6 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
-
-/// How often decisions made by other processes are looked for.
-pub const POLL: Duration = Duration::from_millis(200);
 
 /// What to do once an approval has ended (or could not be read).
 pub type Then = Box<dyn FnOnce(Result<Approval>) + Send>;
@@ -114,7 +113,7 @@ impl Awaiting {
                 .min()
                 .unwrap_or(u64::MAX);
             if !waiters.changed && soonest > now {
-                let nap = Duration::from_millis(soonest - now).min(POLL);
+                let nap = Duration::from_millis(soonest - now).min(self.store.poll_interval());
                 let (woken, _) = self
                     .wake
                     .wait_timeout(waiters, nap)
@@ -187,7 +186,8 @@ fn watch(awaiting: &Weak<Awaiting>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::approval::store::tests::request;
+    use crate::approval::store::tests::{locations, request};
+    use crate::config::StoreLocation;
     use std::sync::mpsc;
 
     fn waiting(awaiting: &Awaiting, approval: &Approval) -> mpsc::Receiver<Result<Approval>> {
@@ -204,9 +204,13 @@ mod tests {
 
     #[test]
     fn many_held_calls_share_one_watcher_and_each_gets_its_ending() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("approvals.db");
-        let store = Arc::new(Approvals::open(&path).unwrap());
+        for (_dir, location) in locations() {
+            many_held_calls_end_in(&location);
+        }
+    }
+
+    fn many_held_calls_end_in(location: &StoreLocation) {
+        let store = Arc::new(Approvals::open(location).unwrap());
         let awaiting = Awaiting::start(store.clone()).unwrap();
         let mut endings = Vec::new();
         for i in 0..200 {
@@ -217,9 +221,10 @@ mod tests {
         }
         assert_eq!(awaiting.waiting(), 200);
         // Decided here (wakes the watcher at once) and by another handle,
-        // as another process would (found by polling).
+        // as another process would (notified by PostgreSQL, found by
+        // polling an SQLite file).
         store.settle("a-7", State::Denied, "alice", None).unwrap();
-        let elsewhere = Approvals::open(&path).unwrap();
+        let elsewhere = Approvals::open(location).unwrap();
         elsewhere
             .settle("a-9", State::Approved, "bob", None)
             .unwrap();
@@ -235,7 +240,8 @@ mod tests {
     #[test]
     fn an_overdue_approval_is_expired_by_its_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Approvals::open(&dir.path().join("a.db")).unwrap());
+        let store =
+            Arc::new(Approvals::open(&StoreLocation::File(dir.path().join("a.db"))).unwrap());
         let awaiting = Awaiting::start(store.clone()).unwrap();
         let approval = store
             .request(&request("soon", Duration::from_millis(50)))

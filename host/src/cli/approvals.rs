@@ -5,7 +5,7 @@
 //! decision by `--as` or their login name — one of `[approvers]` when any
 //! are configured, and one the call's approval rule names.
 
-use crate::approval::store::{Approval, Approvals, Refused, State, Verdict};
+use crate::approval::store::{self, Approval, Approvals, Refused, State, Verdict};
 use crate::config::Config;
 use crate::util::clock::now_ms;
 use anyhow::{Context, Result, bail};
@@ -54,14 +54,11 @@ pub enum Action {
 /// `approver` (default: the login name); returns the exit status.
 pub fn run(config: &Path, approver: Option<&str>, action: &Action) -> Result<i32> {
     let config = Config::load(config)?;
-    let path = config.approvals_store();
-    if !path.exists() {
-        bail!(
-            "no approvals store at {} yet: no call has been held under this config",
-            path.display()
-        );
+    let location = config.approvals_store();
+    if !store::exists(&location) {
+        bail!("no approvals store at {location} yet: no call has been held under this config");
     }
-    let store = Approvals::open(&path)?;
+    let store = Approvals::open(&location)?;
     match action {
         Action::List { all, json } => {
             let state = (!all).then_some(State::Pending);
@@ -107,7 +104,7 @@ pub fn run(config: &Path, approver: Option<&str>, action: &Action) -> Result<i32
 fn find(store: &Approvals, id: &str) -> Result<Approval> {
     store
         .find(id)?
-        .with_context(|| format!("no approval '{id}' in {}", store.path().display()))
+        .with_context(|| format!("no approval '{id}' in {}", store.location()))
 }
 
 /// Decides a pending approval as `approver` (default: the login name),

@@ -2,6 +2,7 @@
 //! one by one so that one broken policy does not hide another, and prints a
 //! report a person can act on. It starts no server and writes no audit record.
 
+use crate::approval::store;
 use crate::config::{
     Config, FailureMode, InstanceMode, Mode, ModuleSource, PolicyConfig, SinkConfig,
 };
@@ -115,14 +116,21 @@ fn report_sinks(config: &Config) -> bool {
     ok
 }
 
-/// Loads the lock file, when `[pinning]` is configured, and prints what it
-/// pins; true unless it failed to load.
-/// Where held calls wait and who may decide them.
+/// Where held calls wait (and the store's schema version, read without
+/// changing it) and who may decide them.
 fn report_approvals(config: &Config) {
     let approvals = &config.approvals;
+    let location = config.approvals_store();
+    let schema = match store::schema_version(&location) {
+        Ok((Some(version), latest)) if version == latest => format!("schema version {version}"),
+        Ok((Some(version), latest)) => {
+            format!("schema version {version}, migrated to {latest} on first use")
+        }
+        Ok((None, latest)) => format!("not created yet: schema version {latest} on first use"),
+        Err(e) => format!("WARNING: cannot be read: {e:#}"),
+    };
     println!(
-        "approve  store {}, {} rule(s), {} approver(s), {} webhook(s)",
-        config.approvals_store().display(),
+        "approve  store {location} ({schema}), {} rule(s), {} approver(s), {} webhook(s)",
         approvals.rules.len(),
         config.approvers.len(),
         approvals.notify.len()
@@ -137,6 +145,8 @@ fn report_approvals(config: &Config) {
     }
 }
 
+/// Loads the lock file, when `[pinning]` is configured, and prints what it
+/// pins; true unless it failed to load.
 fn report_lock(config: &Config) -> bool {
     let (Some(pinning), Some(path)) = (&config.pinning, config.lock_path()) else {
         return true;

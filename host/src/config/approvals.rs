@@ -8,9 +8,12 @@ use super::*;
 #[serde(deny_unknown_fields)]
 pub struct ApprovalsConfig {
     /// The approvals store, shared by every Portcullis process of the
-    /// deployment and `portcullis approvals` (default: beside the config,
-    /// `NAME.approvals.db` for `NAME.toml`); relative to the config file.
-    pub store: Option<PathBuf>,
+    /// deployment and `portcullis approvals`: an SQLite file, relative to
+    /// the config file (default: beside it, `NAME.approvals.db` for
+    /// `NAME.toml`), or a PostgreSQL database shared by replicas on many
+    /// machines, `postgres://USER:PASSWORD@HOST:PORT/DB` (`${env:}` /
+    /// `${file:}` references allowed).
+    pub store: Option<String>,
     /// How long a held call waits for a decision before it is refused.
     #[serde(default = "default_expiry_secs")]
     pub expiry_secs: u64,
@@ -84,4 +87,59 @@ pub struct ApprovalRule {
     /// supports it; an approver may still decide first.
     #[serde(default)]
     pub elicit: bool,
+}
+
+/// Where the approvals store is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreLocation {
+    /// An SQLite file, shared by the processes of one machine.
+    File(PathBuf),
+    /// A PostgreSQL database, shared by replicas on many machines.
+    Postgres {
+        /// Its URL as configured, references unresolved (they are resolved
+        /// when it is opened).
+        url: String,
+        /// The config file's folder, which `${file:}` references are
+        /// relative to.
+        base: PathBuf,
+    },
+}
+
+impl StoreLocation {
+    /// The store `store` names, relative to the config folder `base`.
+    pub fn of(store: &str, base: &Path) -> Self {
+        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+            StoreLocation::Postgres {
+                url: store.to_string(),
+                base: base.to_path_buf(),
+            }
+        } else {
+            StoreLocation::File(base.join(store))
+        }
+    }
+
+    /// `url` with the password in it, if any, hidden.
+    pub fn redacted(url: &str) -> String {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.to_string();
+        };
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                let user = userinfo.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:***@{host}{path}")
+            }
+            _ => url.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::File(path) => write!(f, "{}", path.display()),
+            StoreLocation::Postgres { url, .. } => f.write_str(&Self::redacted(url)),
+        }
+    }
 }

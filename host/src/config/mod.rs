@@ -219,9 +219,6 @@ impl Config {
         for key in &mut self.trust.keys {
             *key = base.join(&*key);
         }
-        if let Some(store) = &mut self.approvals.store {
-            *store = base.join(&*store);
-        }
         let default_lock = self.default_lock();
         if let Some(pinning) = &mut self.pinning {
             let lock = pinning.lock.as_ref().map_or(default_lock, |l| base.join(l));
@@ -242,11 +239,11 @@ impl Config {
     }
 
     /// The approvals store.
-    pub fn approvals_store(&self) -> PathBuf {
-        self.approvals
-            .store
-            .clone()
-            .unwrap_or_else(|| self.beside("approvals.db"))
+    pub fn approvals_store(&self) -> StoreLocation {
+        match &self.approvals.store {
+            Some(store) => StoreLocation::of(store, self.path.parent().unwrap_or(Path::new("."))),
+            None => StoreLocation::File(self.beside("approvals.db")),
+        }
     }
 
     /// The lock file of `[pinning]`, if pinning is configured.

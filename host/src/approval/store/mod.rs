@@ -1,8 +1,9 @@
 //! Pending approvals: a call a policy says needs a person is held, and its
 //! approval lives here until someone decides it, it expires, or its client
-//! gives up. The store is one SQLite file shared by every Portcullis process
-//! of a deployment and by `portcullis approvals`, so whoever decides acts on
-//! the same record the held call waits on. An approval is bound to the agent,
+//! gives up. The store is shared by every Portcullis process of a deployment
+//! and by `portcullis approvals` — an SQLite file on one machine
+//! ([`sqlite`]), a PostgreSQL database across replicas ([`postgres`]) — so
+//! whoever decides acts on the same record the held call waits on. An approval is bound to the agent,
 //! server, tool and the sha256 of the canonical arguments: the call that runs
 //! is exactly the call that was shown. The rule that matched the call is
 //! stored with it — who may decide, how many must approve, how long an
@@ -15,17 +16,16 @@
 //! sharing it honours them. One agent may have only so many approvals
 //! pending at once ([`Request::max_pending`]).
 
-mod schema;
+mod postgres;
+mod sqlite;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use crate::config::StoreLocation;
 use crate::util::clock::now_ms;
 use anyhow::{Context, Result, bail};
-use rusqlite::{Connection, OptionalExtension, Row, params};
-use schema::{BUSY, fetch, migrate, read, restrict, to_wal, with_votes};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Where an approval stands.
@@ -276,12 +276,6 @@ impl From<anyhow::Error> for Refused {
     }
 }
 
-impl From<rusqlite::Error> for Refused {
-    fn from(e: rusqlite::Error) -> Self {
-        Refused::Store(e.into())
-    }
-}
-
 /// An approval as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Approval {
@@ -316,42 +310,174 @@ pub struct Approval {
     pub used_ms: Option<u64>,
 }
 
-/// The shared approvals store.
-pub struct Approvals {
-    path: PathBuf,
-    db: Mutex<Connection>,
-    /// The key receipts for its approvals are sealed with.
-    receipt_key: [u8; 32],
-    /// Told after each change made through this handle.
-    on_change: OnceLock<Box<dyn Fn() + Send + Sync>>,
+/// How an approval ends.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Ending {
+    /// The state it ends in.
+    pub state: State,
+    /// Who ended it.
+    pub by: String,
+    /// Their comment, or why it ended.
+    pub comment: Option<String>,
+    /// When, in ms since the epoch.
+    pub at: u64,
 }
 
-const COLUMNS: &str = "id, created_ms, expires_ms, agent, server, method, tool, arguments_sha256, \
-     arguments, policy, reason, tags, state, decided_by, decided_ms, comment, holder, \
-     approvers, required, reuse_ms, elicit, used_ms";
+/// What a person's decision does to a pending approval.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Ruling {
+    /// It ends (denied, or expired before the decision).
+    End(Ending),
+    /// One more approver's approval, which ends it when it is the last one
+    /// needed.
+    Vote { vote: Vote, then: Option<Ending> },
+}
+
+/// What `verdict` by `by` at `now` does to approval `current` as it stands
+/// in the store, under the terms stored with it: the one place the rules
+/// of deciding live, whichever store keeps the approval.
+fn ruling(
+    current: &Approval,
+    verdict: Verdict,
+    by: &str,
+    comment: Option<&str>,
+    now: u64,
+) -> Result<Ruling, Refused> {
+    if current.state != State::Pending {
+        return Err(Refused::Ended(Box::new(current.clone())));
+    }
+    let ending = |state: State, by: &str, comment: Option<&str>| Ending {
+        state,
+        by: by.to_string(),
+        comment: comment.map(str::to_string),
+        at: now,
+    };
+    if now >= current.expires_ms {
+        return Ok(Ruling::End(ending(
+            State::Expired,
+            "portcullis",
+            Some(EXPIRED),
+        )));
+    }
+    if verdict == Verdict::Deny {
+        return Ok(Ruling::End(ending(State::Denied, by, comment)));
+    }
+    if current.votes.iter().any(|v| v.approver == by) {
+        return Err(Refused::AlreadyApproved(Box::new(current.clone())));
+    }
+    let vote = Vote {
+        approver: by.to_string(),
+        decided_ms: now,
+        comment: comment.map(str::to_string),
+    };
+    let last = current.votes.len() + 1 >= current.terms.required as usize;
+    let then = last.then(|| {
+        let mut voters: Vec<&str> = current.votes.iter().map(|v| v.approver.as_str()).collect();
+        voters.push(by);
+        ending(State::Approved, &voters.join(", "), comment)
+    });
+    Ok(Ruling::Vote { vote, then })
+}
+
+/// A decision's change to approval `id`, made atomically with reading it.
+pub(crate) type Rule<'a> = &'a (dyn Fn(&Approval) -> Result<Ruling, Refused> + Sync);
+
+/// What keeps the approvals: each operation is atomic, and every change is
+/// seen by every process sharing the store.
+trait Backend: Send + Sync {
+    /// Records `request` as pending from `now`, unless its agent already has
+    /// `max_pending` pending ([`TooManyPending`]).
+    fn insert(&self, request: &Request, now: u64) -> Result<Approval>;
+    /// Approval `id` exactly, with its votes.
+    fn fetch(&self, id: &str) -> Result<Option<Approval>>;
+    /// The ids starting with `prefix`, at most two.
+    fn ids_starting(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Of the approvals `ids`, those no longer pending.
+    fn ended_among(&self, ids: &[String]) -> Result<Vec<Approval>>;
+    /// Marks approved approval `id` used at `now`, once.
+    fn consume(&self, id: &str, now: u64) -> Result<bool>;
+    /// Expires the pending approvals past their expiry at `now`; how many.
+    fn expire_overdue(&self, now: u64) -> Result<usize>;
+    /// Approvals in `state` (all when `None`), newest first.
+    fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Approval>>;
+    /// Ended approvals, most recently ended first.
+    fn recent(&self, limit: usize) -> Result<Vec<Approval>>;
+    /// The newest approval of exactly `call` whose reuse window is open at `now`.
+    fn reusable(&self, call: &Call, now: u64) -> Result<Option<Approval>>;
+    /// Applies `rule` to approval `id` as it stands, in one transaction;
+    /// the approval as it then stands.
+    fn decide(&self, id: &str, rule: Rule) -> Result<Approval, Refused>;
+    /// Ends approval `id` as `ending` says, if it is still pending.
+    fn end(&self, id: &str, ending: &Ending) -> Result<()>;
+    /// The receipt key, made by whichever process comes first.
+    fn receipt_key(&self) -> Result<[u8; 32]>;
+    /// Calls `hook` whenever another process changes the store, where the
+    /// store can say so; false where it cannot (it is then looked at every
+    /// [`Approvals::poll_interval`]).
+    fn watch(&self, hook: Hook) -> Result<bool>;
+}
+
+/// What is told of changes to the store.
+pub(crate) type Hook = Arc<dyn Fn() + Send + Sync>;
+
+/// The shared approvals store.
+pub struct Approvals {
+    location: StoreLocation,
+    backend: Box<dyn Backend>,
+    /// The key receipts for its approvals are sealed with.
+    receipt_key: [u8; 32],
+    /// Told after each change, made through this handle or (where the store
+    /// notifies) by another process.
+    on_change: OnceLock<Hook>,
+    /// Whether changes made elsewhere are notified.
+    notified: OnceLock<bool>,
+}
+
+/// How often a store that cannot notify is looked at for decisions made
+/// elsewhere.
+const POLL: Duration = Duration::from_millis(200);
+
+/// How often a store that notifies is looked at anyway, in case a
+/// notification was lost with its connection.
+const BACKSTOP: Duration = Duration::from_secs(5);
+
+/// Whether a store has been created at `location` (a PostgreSQL store
+/// always counts: its tables are made on first use).
+pub fn exists(location: &StoreLocation) -> bool {
+    match location {
+        StoreLocation::File(path) => path.exists(),
+        StoreLocation::Postgres { .. } => true,
+    }
+}
+
+/// The schema version of the store at `location` and the newest this
+/// Portcullis knows, without creating or migrating it; `None` when nothing
+/// was created there yet.
+pub fn schema_version(location: &StoreLocation) -> Result<(Option<u32>, u32)> {
+    match location {
+        StoreLocation::File(path) => Ok((sqlite::version(path)?, sqlite::LATEST)),
+        StoreLocation::Postgres { url, base } => {
+            Ok((postgres::version(url, base)?, postgres::LATEST))
+        }
+    }
+}
 
 impl Approvals {
-    /// Opens (creating if need be) the store at `path`, readable and
-    /// writable by this user only: whoever can write it can approve.
-    pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let mut db = Connection::open(path)
-            .with_context(|| format!("cannot open the approvals store {}", path.display()))?;
-        restrict(path)?;
-        db.busy_timeout(BUSY)?;
-        to_wal(&db).context("cannot switch the approvals store to WAL")?;
-        migrate(&mut db)
-            .with_context(|| format!("{} is not an approvals store", path.display()))?;
-        let receipt_key = receipt_key(&db)
-            .with_context(|| format!("cannot read the receipt key of {}", path.display()))?;
+    /// Opens the store at `location`, creating or migrating it if need be.
+    pub fn open(location: &StoreLocation) -> Result<Self> {
+        let backend: Box<dyn Backend> = match location {
+            StoreLocation::File(path) => Box::new(sqlite::Sqlite::open(path)?),
+            StoreLocation::Postgres { url, base } => Box::new(postgres::Postgres::open(url, base)?),
+        };
+        let receipt_key = backend
+            .receipt_key()
+            .with_context(|| format!("cannot read the receipt key of {location}"))?;
         Ok(Self {
-            path: path.to_path_buf(),
-            db: Mutex::new(db),
+            location: location.clone(),
+            backend,
             receipt_key,
             on_change: OnceLock::new(),
+            notified: OnceLock::new(),
         })
     }
 
@@ -362,10 +488,31 @@ impl Approvals {
         &self.receipt_key
     }
 
-    /// Calls `hook` after each change made through this handle (once: a
-    /// second hook is ignored).
+    /// Calls `hook` after each change made through this handle and, where
+    /// the store notifies (PostgreSQL), after each change made by another
+    /// process (once: a second hook is ignored).
     pub fn on_change(&self, hook: impl Fn() + Send + Sync + 'static) {
-        let _ = self.on_change.set(Box::new(hook));
+        let hook: Hook = Arc::new(hook);
+        if self.on_change.set(hook.clone()).is_err() {
+            return;
+        }
+        let notified = self.backend.watch(hook).unwrap_or_else(|e| {
+            tracing::warn!(
+                "changes to the approvals store will be looked for every {BACKSTOP:?}: {e:#}"
+            );
+            false
+        });
+        let _ = self.notified.set(notified);
+    }
+
+    /// How often the store should be looked at for changes made elsewhere:
+    /// often where nothing tells of them, seldom where they are notified.
+    pub fn poll_interval(&self) -> Duration {
+        match (&self.location, self.notified.get()) {
+            (StoreLocation::File(_), _) => POLL,
+            (StoreLocation::Postgres { .. }, Some(true)) => BACKSTOP,
+            (StoreLocation::Postgres { .. }, _) => POLL,
+        }
     }
 
     fn changed(&self) {
@@ -375,117 +522,47 @@ impl Approvals {
     }
 
     /// Where the store is.
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn location(&self) -> &StoreLocation {
+        &self.location
     }
 
     /// Records a pending approval for `request`.
     pub fn request(&self, request: &Request) -> Result<Approval> {
-        let now = now_ms();
-        let expires = now + request.expires_in.as_millis() as u64;
-        let (call, terms) = (&request.call, &request.terms);
-        let tags = serde_json::to_string(&call.tags)?;
-        let approvers = terms
-            .approvers
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()?;
-        let mut db = self.db();
-        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if request.max_pending > 0 {
-            let pending: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM approvals WHERE agent = ?1 AND state = 'pending' \
-                 AND expires_ms > ?2",
-                params![call.agent, now as i64],
-                |r| r.get(0),
-            )?;
-            if pending >= i64::from(request.max_pending) {
-                return Err(TooManyPending {
-                    agent: call.agent.clone(),
-                    limit: request.max_pending,
-                }
-                .into());
-            }
-        }
-        tx.execute(
-                &format!("INSERT INTO approvals ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'pending', NULL, NULL, NULL, ?13, ?14, ?15, ?16, ?17, NULL)"),
-                params![
-                    request.id,
-                    now as i64,
-                    expires as i64,
-                    call.agent,
-                    call.server,
-                    call.method,
-                    call.tool,
-                    call.arguments_sha256,
-                    call.arguments,
-                    call.policy,
-                    call.reason,
-                    tags,
-                    request.holder,
-                    approvers,
-                    terms.required,
-                    terms.reuse_ms as i64,
-                    request.elicit
-                ],
-            )
-            .context("cannot record the approval")?;
-        let recorded =
-            fetch(&tx, &request.id)?.context("the approval vanished as it was recorded")?;
-        tx.commit()?;
-        drop(db);
+        let recorded = self.backend.insert(request, now_ms())?;
         self.changed();
         Ok(recorded)
     }
 
     /// The approval `id`, exactly.
     pub fn get(&self, id: &str) -> Result<Option<Approval>> {
-        fetch(&self.db(), id)
+        self.backend.fetch(id)
     }
 
     /// The approval `id`, or the only one whose id starts with it (as people
     /// type ids); [`Ambiguous`] when several do.
     pub fn find(&self, id: &str) -> Result<Option<Approval>> {
-        let db = self.db();
-        if let Some(exact) = fetch(&db, id)? {
+        if let Some(exact) = self.backend.fetch(id)? {
             return Ok(Some(exact));
         }
         if id.len() < 4 {
             return Ok(None);
         }
-        let mut query =
-            db.prepare("SELECT id FROM approvals WHERE substr(id, 1, length(?1)) = ?1 LIMIT 2")?;
-        let found: Vec<String> = query
-            .query_map([id], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        match found.as_slice() {
+        match self.backend.ids_starting(id)?.as_slice() {
             [] => Ok(None),
-            [one] => fetch(&db, one),
+            [one] => self.backend.fetch(one),
             _ => Err(Ambiguous(id.to_string()).into()),
         }
     }
 
     /// Of the approvals `ids`, those no longer pending.
     pub fn ended_among(&self, ids: &[String]) -> Result<Vec<Approval>> {
-        let db = self.db();
-        let mut query = db.prepare(&format!(
-            "SELECT {COLUMNS} FROM approvals WHERE state != 'pending' \
-             AND id IN (SELECT value FROM json_each(?1))"
-        ))?;
-        let rows = query.query_map([serde_json::to_string(ids)?], read)?;
-        let approvals: Vec<Approval> = rows.map(|r| r?).collect::<Result<_>>()?;
-        approvals.into_iter().map(|a| with_votes(&db, a)).collect()
+        self.backend.ended_among(ids)
     }
 
     /// Marks approved approval `id` as used by the receipt a client carried
     /// back; false if it was used before (a receipt runs its call once).
     pub fn consume(&self, id: &str) -> Result<bool> {
-        let used = self.db().execute(
-            "UPDATE approvals SET used_ms = ?2 WHERE id = ?1 AND state = 'approved' \
-             AND used_ms IS NULL",
-            params![id, now_ms() as i64],
-        )?;
-        Ok(used == 1)
+        self.backend.consume(id, now_ms())
     }
 
     /// Approvals in `state` (all when `None`), newest first, at most `limit`.
@@ -493,58 +570,21 @@ impl Approvals {
     /// process does that itself when it looks; a call answered
     /// `input_required` that never came back has nobody looking).
     pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Approval>> {
-        let db = self.db();
-        let expired = db.execute(
-            "UPDATE approvals SET state = 'expired', decided_by = 'portcullis', \
-             decided_ms = expires_ms, comment = ?2 WHERE state = 'pending' AND expires_ms <= ?1",
-            params![now_ms() as i64, EXPIRED],
-        )?;
-        if expired > 0 {
+        if self.backend.expire_overdue(now_ms())? > 0 {
             self.changed();
         }
-        let mut query = db.prepare(&format!(
-            "SELECT {COLUMNS} FROM approvals WHERE ?1 IS NULL OR state = ?1 \
-             ORDER BY created_ms DESC, id DESC LIMIT ?2"
-        ))?;
-        let rows = query.query_map(params![state.map(State::as_str), limit as i64], read)?;
-        let approvals: Vec<Approval> = rows.map(|r| r?).collect::<Result<_>>()?;
-        approvals.into_iter().map(|a| with_votes(&db, a)).collect()
+        self.backend.list(state, limit)
     }
 
     /// Ended approvals, most recently ended first, at most `limit`.
     pub fn recent(&self, limit: usize) -> Result<Vec<Approval>> {
-        let db = self.db();
-        let mut query = db.prepare(&format!(
-            "SELECT {COLUMNS} FROM approvals WHERE state != 'pending' \
-             ORDER BY decided_ms DESC, id DESC LIMIT ?1"
-        ))?;
-        let rows = query.query_map([limit as i64], read)?;
-        let approvals: Vec<Approval> = rows.map(|r| r?).collect::<Result<_>>()?;
-        approvals.into_iter().map(|a| with_votes(&db, a)).collect()
+        self.backend.recent(limit)
     }
 
     /// An approval of exactly `call` (same agent, server, method, tool and
     /// arguments) that may still be reused at `now` (ms since the epoch).
     pub fn reusable(&self, call: &Call, now: u64) -> Result<Option<Approval>> {
-        let db = self.db();
-        let id: Option<String> = db
-            .query_row(
-                "SELECT id FROM approvals WHERE state = 'approved' AND agent = ?1 \
-                 AND server = ?2 AND method = ?3 AND tool IS ?4 AND arguments_sha256 = ?5 \
-                 AND reuse_ms > 0 AND decided_ms + reuse_ms > ?6 \
-                 ORDER BY decided_ms DESC LIMIT 1",
-                params![
-                    call.agent,
-                    call.server,
-                    call.method,
-                    call.tool,
-                    call.arguments_sha256,
-                    now as i64
-                ],
-                |r| r.get(0),
-            )
-            .optional()?;
-        id.map_or(Ok(None), |id| fetch(&db, &id))
+        self.backend.reusable(call, now)
     }
 
     /// A person's decision on approval `id` (or a unique prefix of it), held
@@ -570,50 +610,10 @@ impl Approvals {
                 approvers: approvers.clone(),
             });
         }
-        let mut db = self.db();
-        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_ms();
-        let current = fetch(&tx, &approval.id)?.ok_or_else(|| Refused::Unknown(id.to_string()))?;
-        if current.state != State::Pending {
-            return Err(Refused::Ended(Box::new(current)));
-        }
-        if now >= current.expires_ms {
-            end(
-                &tx,
-                &current.id,
-                State::Expired,
-                "portcullis",
-                Some(EXPIRED),
-                now,
-            )?;
-        } else if verdict == Verdict::Deny {
-            end(&tx, &current.id, State::Denied, by, comment, now)?;
-        } else {
-            if current.votes.iter().any(|v| v.approver == by) {
-                return Err(Refused::AlreadyApproved(Box::new(current)));
-            }
-            tx.execute(
-                "INSERT INTO votes (approval, approver, decided_ms, comment) VALUES (?1, ?2, ?3, ?4)",
-                params![current.id, by, now as i64, comment],
-            )?;
-            if current.votes.len() + 1 >= current.terms.required as usize {
-                let mut voters: Vec<&str> =
-                    current.votes.iter().map(|v| v.approver.as_str()).collect();
-                voters.push(by);
-                end(
-                    &tx,
-                    &current.id,
-                    State::Approved,
-                    &voters.join(", "),
-                    comment,
-                    now,
-                )?;
-            }
-        }
-        let decided =
-            fetch(&tx, &current.id)?.context("the approval vanished as it was decided")?;
-        tx.commit()?;
-        drop(db);
+        let decided = self.backend.decide(&approval.id, &|current| {
+            ruling(current, verdict, by, comment, now)
+        })?;
         self.changed();
         Ok(decided)
     }
@@ -640,10 +640,17 @@ impl Approvals {
         } else {
             (state, by, comment)
         };
-        let db = self.db();
-        end(&db, &approval.id, state, by, comment, now)?;
-        let settled = fetch(&db, &approval.id)?.context("the approval vanished as it was decided");
-        drop(db);
+        let ending = Ending {
+            state,
+            by: by.to_string(),
+            comment: comment.map(str::to_string),
+            at: now,
+        };
+        self.backend.end(&approval.id, &ending)?;
+        let settled = self
+            .backend
+            .fetch(&approval.id)?
+            .context("the approval vanished as it was decided");
         self.changed();
         settled
     }
@@ -684,42 +691,89 @@ impl Approvals {
             })
             .collect()
     }
-
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().expect("approvals store poisoned")
-    }
 }
 
 /// Why an approval nobody decided ended.
 pub const EXPIRED: &str = "nobody decided in time";
 
-/// The store's receipt key, made on first use.
-fn receipt_key(db: &Connection) -> Result<[u8; 32]> {
-    let fresh: [u8; 32] = rand::random();
-    db.execute(
-        "INSERT OR IGNORE INTO keys (name, key) VALUES ('receipts', ?1)",
-        [&fresh[..]],
-    )?;
-    let key: Vec<u8> = db.query_row("SELECT key FROM keys WHERE name = 'receipts'", [], |r| {
-        r.get(0)
-    })?;
-    key.try_into()
-        .map_err(|_| anyhow::anyhow!("the receipt key is not 32 bytes"))
+/// The columns of an approval's row, in the order both stores read them.
+const COLUMNS: &str = "id, created_ms, expires_ms, agent, server, method, tool, arguments_sha256, \
+     arguments, policy, reason, tags, state, decided_by, decided_ms, comment, holder, \
+     approvers, required, reuse_ms, elicit, used_ms";
+
+/// An approval's row as both stores keep it, before its text is parsed.
+struct Row {
+    id: String,
+    created_ms: i64,
+    expires_ms: i64,
+    agent: String,
+    server: String,
+    method: String,
+    tool: Option<String>,
+    arguments_sha256: String,
+    arguments: String,
+    policy: String,
+    reason: String,
+    tags: String,
+    state: String,
+    decided_by: Option<String>,
+    decided_ms: Option<i64>,
+    comment: Option<String>,
+    holder: String,
+    approvers: Option<String>,
+    required: i64,
+    reuse_ms: i64,
+    elicit: bool,
+    used_ms: Option<i64>,
 }
 
-/// Ends pending approval `id` as `state`.
-fn end(
-    db: &Connection,
-    id: &str,
-    state: State,
-    by: &str,
-    comment: Option<&str>,
-    now: u64,
-) -> Result<()> {
-    db.execute(
-        "UPDATE approvals SET state = ?2, decided_by = ?3, decided_ms = ?4, comment = ?5 \
-         WHERE id = ?1 AND state = 'pending'",
-        params![id, state.as_str(), by, now as i64, comment],
-    )?;
-    Ok(())
+impl Row {
+    /// The approval it holds (without its votes).
+    fn parse(self) -> Result<Approval> {
+        Ok(Approval {
+            id: self.id,
+            created_ms: self.created_ms as u64,
+            expires_ms: self.expires_ms as u64,
+            call: Call {
+                agent: self.agent,
+                server: self.server,
+                method: self.method,
+                tool: self.tool,
+                arguments_sha256: self.arguments_sha256,
+                arguments: self.arguments,
+                policy: self.policy,
+                reason: self.reason,
+                tags: serde_json::from_str(&self.tags).context("unreadable tags")?,
+            },
+            state: State::parse(&self.state)?,
+            decided_by: self.decided_by,
+            decided_ms: self.decided_ms.map(|v| v as u64),
+            comment: self.comment,
+            holder: self.holder,
+            terms: Terms {
+                approvers: self
+                    .approvers
+                    .map(|a| serde_json::from_str(&a))
+                    .transpose()
+                    .context("unreadable approvers")?,
+                required: u32::try_from(self.required).unwrap_or(1),
+                reuse_ms: self.reuse_ms as u64,
+            },
+            votes: Vec::new(),
+            elicit: self.elicit,
+            used_ms: self.used_ms.map(|v| v as u64),
+        })
+    }
+}
+
+/// What a request stores beside its call: its tags and approvers as JSON.
+fn encoded(request: &Request) -> Result<(String, Option<String>)> {
+    let tags = serde_json::to_string(&request.call.tags)?;
+    let approvers = request
+        .terms
+        .approvers
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()?;
+    Ok((tags, approvers))
 }
