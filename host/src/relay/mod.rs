@@ -536,6 +536,7 @@ impl Relay {
                 Err(e) => {
                     // The details (a store's path, say) are for the log.
                     tracing::error!("cannot hold a call for approval: {e:#}");
+                    record.tags.push("approval:unavailable".into());
                     let why = format!(
                         "approval required ({}), but Portcullis cannot hold the call for it",
                         refusal.reason
