@@ -32,15 +32,16 @@ from test_serve import KEYS, Gateway, connect, free_port, sha256
 APPROVERS = {"alice": "alice-key-51d0", "bob": "bob-key-8e22", "carol": "carol-key-c4a7"}
 
 
-def admin_config(port: int, extra: str = "") -> str:
-    """The approval gate on the files server, three approvers, and the admin
-    listener on `port`."""
+def admin_config(port: int, extra: str = "", servers: str = '["*"]') -> str:
+    """The approval gate (on the servers `servers` names), three approvers,
+    and the admin listener on `port`."""
     approvers = "".join(f'\n[approvers.{name}]\napi_key_sha256 = "{sha256(key)}"\n' for name, key in APPROVERS.items())
     return f"""
 [[policy]]
 name = "approval-gate"
 module = "{POLICIES / 'approval_gate.wasm'}"
 methods = ["tools/call"]
+servers = {servers}
 settings = {{ tools = ["write_file", "create_directory"] }}
 
 [admin]

@@ -48,6 +48,12 @@ pub struct ServeConfig {
     /// How long a client may take to send a request's body, in seconds.
     #[serde(default = "default_body_timeout")]
     pub body_timeout_secs: u64,
+    /// Keys (`${env:}` / `${file:}` references; each at least 32 characters)
+    /// that seal session ids, so any replica holding them can resume a
+    /// 2025-revision session another opened: the first seals, all open.
+    /// Empty: random ids, each session served by the replica that opened it.
+    #[serde(default)]
+    pub session_keys: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -64,6 +70,7 @@ impl Default for ServeConfig {
             max_connections: default_max_connections(),
             header_timeout_secs: default_header_timeout(),
             body_timeout_secs: default_body_timeout(),
+            session_keys: Vec::new(),
         }
     }
 }

@@ -16,9 +16,10 @@
 //! it refuses at the door is audited.
 
 use crate::audit::AccessRecord;
-use crate::gateway::Gateway;
 use crate::gateway::calls::{Aborting, Call, Next};
-use crate::gateway::sessions::Scope;
+use crate::gateway::sessions::{ClientSession, Scope};
+use crate::gateway::{Gateway, Refused};
+
 use crate::gateway::stateless;
 use crate::gateway::{listening, rounds};
 use crate::http::{
@@ -265,12 +266,7 @@ impl Listener {
                 "Mcp-Session-Id header is required (initialize first)",
             );
         };
-        let Some(session) = self
-            .gateway
-            .session(id, &identity)
-            .filter(|s| s.scope == scope)
-        else {
-            door.unknown_session(&identity).await;
+        let Some(session) = self.find_session(id, &identity, &scope, door).await else {
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
         if let Some(version) = headers.get(VERSION_HEADER)
@@ -301,6 +297,45 @@ impl Listener {
             Next::Answer(None) => empty(StatusCode::ACCEPTED),
             Next::Event(first) => call_stream(first, call),
         }
+    }
+
+    /// Session `id` of `identity` on `scope`: open here, or resumed from its
+    /// sealed id (audited as `session-resumed`); `None`, audited, when there
+    /// is no such session for it.
+    async fn find_session(
+        &self,
+        id: &str,
+        identity: &Identity,
+        scope: &Scope,
+        door: &Door,
+    ) -> Option<Arc<ClientSession>> {
+        let session = match self.gateway.session(id, identity) {
+            Some(session) => Some(session),
+            None => match self.gateway.resume(id, identity) {
+                Ok(session) => {
+                    let mut resumed = AccessRecord::new(
+                        "session-resumed",
+                        Some(&identity.agent),
+                        &door.path,
+                        door.peer,
+                    );
+                    resumed.protocol_version = Some(session.protocol.clone());
+                    door.record(resumed).await;
+                    Some(session)
+                }
+                Err(Refused::Unknown) => None,
+                Err(refused) => {
+                    door.refused("session-refused", Some(identity), refused.to_string())
+                        .await;
+                    return None;
+                }
+            },
+        };
+        let session = session.filter(|s| &s.scope == scope);
+        if session.is_none() {
+            door.unknown_session(identity).await;
+        }
+        session
     }
 
     /// An `initialize` request: a new session, recorded in the trail before
@@ -380,12 +415,7 @@ impl Listener {
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
             return response;
         };
-        let Some(session) = self
-            .gateway
-            .session(id, identity)
-            .filter(|s| &s.scope == scope)
-        else {
-            door.unknown_session(identity).await;
+        let Some(session) = self.find_session(id, identity, scope, door).await else {
             return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
         };
         let Some(stream) = session.open_stream() else {

@@ -17,6 +17,7 @@ pub mod instances;
 pub mod judging;
 pub mod listening;
 pub mod naming;
+pub mod resumable;
 pub mod rounds;
 pub mod routing;
 pub mod sessions;
@@ -31,6 +32,7 @@ use crate::gateway::inbound::Outlet;
 use crate::gateway::instances::{Full, Instances, Limits};
 use crate::gateway::judging::{Armed, Pass, Returning, judge};
 use crate::gateway::naming::Naming;
+use crate::gateway::resumable::{Opened, Seals};
 use crate::gateway::routing::{LISTINGS, Listing, Route};
 use crate::gateway::sessions::{
     ClientSession, Own, Reach, Scope, Sessions, Stopping, TooManySessions,
@@ -85,6 +87,8 @@ pub enum Refused {
     Sessions(TooManySessions),
     /// As many server connections of sessions' own run as may.
     Instances(Full),
+    /// No session with that id can be resumed here.
+    Unknown,
 }
 
 impl std::fmt::Display for Refused {
@@ -92,6 +96,7 @@ impl std::fmt::Display for Refused {
         match self {
             Refused::Sessions(too_many) => too_many.fmt(f),
             Refused::Instances(full) => full.fmt(f),
+            Refused::Unknown => f.write_str("no session with this Mcp-Session-Id for this agent"),
         }
     }
 }
@@ -117,6 +122,9 @@ pub struct Gateway {
     sessions: Arc<Sessions>,
     /// Each shared server's tools, as Portcullis last listed them.
     catalogue: Arc<Catalogue>,
+    /// The keys session ids are sealed with, so any replica can resume
+    /// them (`serve.session_keys`).
+    seals: Option<Seals>,
 }
 
 /// Each shared server's tools, as Portcullis last listed them.
@@ -145,6 +153,18 @@ impl Gateway {
                 Ok((name, served))
             })
             .collect::<anyhow::Result<_>>()?;
+        let base = config.path.parent().unwrap_or(std::path::Path::new("."));
+        let seals = match &config.serve.session_keys[..] {
+            [] => None,
+            keys => {
+                let keys = keys
+                    .iter()
+                    .map(|key| crate::config::resolve_secret(key, base))
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .map_err(|e| anyhow::anyhow!("serve.session_keys: {e:#}"))?;
+                Some(Seals::new(&keys)?)
+            }
+        };
         let gateway = Self {
             current,
             servers,
@@ -157,6 +177,7 @@ impl Gateway {
             timeout: Duration::from_secs(config.serve.request_timeout_secs),
             sessions: Arc::default(),
             catalogue: Arc::default(),
+            seals,
         };
         gateway.survey_shared();
         Ok(gateway)
@@ -230,16 +251,63 @@ impl Gateway {
         self.servers.contains_key(server)
     }
 
-    /// The session `id`, if it exists and belongs to `identity`'s agent.
+    /// The session `id`, if it exists here and belongs to `identity`'s
+    /// agent.
     pub fn session(&self, id: &str, identity: &Identity) -> Option<Arc<ClientSession>> {
         self.sessions.get(id, &identity.agent.id)
     }
 
+    /// What session `id` was opened with, if its id was sealed by this
+    /// deployment for `identity`'s agent.
+    fn sealed(&self, id: &str, identity: &Identity) -> Option<Opened> {
+        let opened = self.seals.as_ref()?.open(id)?;
+        (opened.agent == identity.agent.id).then_some(opened)
+    }
+
+    /// Session `id`, opened here again from its sealed id (another replica
+    /// opened it, or this one before a restart): for its own agent only,
+    /// reaching what that agent may reach now. Not for a session whose
+    /// servers run an instance of its own (`per-session`): their state
+    /// cannot follow it. Refused, too, when the agent has its fill of
+    /// sessions here.
+    pub fn resume(&self, id: &str, identity: &Identity) -> Result<Arc<ClientSession>, Refused> {
+        let opened = self.sealed(id, identity).ok_or(Refused::Unknown)?;
+        let scope = opened.scope();
+        let servers = match &scope {
+            Scope::All => self.reachable(identity),
+            Scope::Server(server) if self.has_server(server) => vec![server.clone()],
+            Scope::Server(_) => return Err(Refused::Unknown),
+        };
+        if servers
+            .iter()
+            .any(|s| matches!(self.servers.get(s), Some(Served::PerSession(_))))
+        {
+            return Err(Refused::Unknown);
+        }
+        let limit = self.current.get().config.serve.max_sessions_per_agent;
+        self.sessions.room_for(&identity.agent.id, limit)?;
+        let introduction = Introduction {
+            protocol: opened.protocol.clone(),
+            capabilities: opened.capabilities,
+            client_info: opened.client_info,
+        };
+        let session = self.open(
+            id.to_string(),
+            identity.clone(),
+            scope,
+            opened.protocol,
+            introduction,
+        )?;
+        Ok(self.sessions.adopt(session, limit)?)
+    }
+
     /// Ends session `id` (the client's DELETE), cancelling the calls it
     /// holds; false if it was not there.
+    /// A sealed session that was never resumed here ends here at once (the
+    /// replicas that did resume it let it expire).
     pub fn end(&self, id: &str, identity: &Identity) -> bool {
         let Some(session) = self.sessions.remove(id, &identity.agent.id) else {
-            return false;
+            return self.sealed(id, identity).is_some();
         };
         session.cancel_held("the client ended its session");
         session.end();
@@ -300,7 +368,8 @@ impl Gateway {
             .filter(|v| PROTOCOL_VERSIONS.contains(&v.as_str()))
             .unwrap_or_else(|| PROTOCOL_VERSIONS[0].to_string());
         let introduction = Introduction::on_behalf(&params, &protocol);
-        let session = self.open(identity, scope, protocol.clone(), introduction)?;
+        let id = self.new_session_id(&identity, &scope, &introduction);
+        let session = self.open(id, identity, scope, protocol.clone(), introduction)?;
         let result = match &session.scope {
             Scope::Server(server) => {
                 match session.upstreams[server].initialized(self.timeout).await {
@@ -328,11 +397,36 @@ impl Gateway {
         Ok((Some(session), answer))
     }
 
-    /// A new session of `identity` on `scope`, with a relay per server and
+    /// The id of a new session: sealed, so any replica can resume it, where
+    /// `serve.session_keys` are set; random otherwise.
+    fn new_session_id(
+        &self,
+        identity: &Identity,
+        scope: &Scope,
+        introduction: &Introduction,
+    ) -> String {
+        let sealed = self.seals.as_ref().and_then(|seals| {
+            seals.seal(&Opened {
+                agent: identity.agent.id.clone(),
+                server: match scope {
+                    Scope::All => None,
+                    Scope::Server(server) => Some(server.clone()),
+                },
+                protocol: introduction.protocol.clone(),
+                capabilities: introduction.capabilities.clone(),
+                client_info: introduction.client_info.clone(),
+                opened_ms: crate::util::clock::now_ms(),
+            })
+        });
+        sealed.unwrap_or_else(uuid_like)
+    }
+
+    /// A session `id` of `identity` on `scope`, with a relay per server and
     /// a connection to each: the shared one, or its own, introduced as
     /// `introduction` says.
     fn open(
         &self,
+        id: String,
         identity: Identity,
         scope: Scope,
         protocol: String,
@@ -379,7 +473,7 @@ impl Gateway {
             reach.upstreams.insert(server, upstream);
         }
         Ok(Arc::new(ClientSession::new(
-            uuid_like(),
+            id,
             identity,
             scope,
             protocol,
@@ -470,7 +564,8 @@ impl Gateway {
             let protocol = stateless::VERSION.to_string();
             let params = json!({ "capabilities": capabilities });
             let introduction = Introduction::on_behalf(&params, PROTOCOL_VERSIONS[0]);
-            self.open(identity.clone(), scope.clone(), protocol, introduction)
+            let id = uuid_like();
+            self.open(id, identity.clone(), scope.clone(), protocol, introduction)
         })
     }
 

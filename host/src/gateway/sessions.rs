@@ -378,6 +378,27 @@ impl Sessions {
         Ok(())
     }
 
+    /// Keeps `session`, resumed here from its sealed id, if its agent has
+    /// room for it; when a request resumed it first, that one.
+    pub fn adopt(
+        &self,
+        session: Arc<ClientSession>,
+        limit: usize,
+    ) -> Result<Arc<ClientSession>, TooManySessions> {
+        let mut open = self.open();
+        if let Some(resumed) = open.by_id.get(&session.id) {
+            return Ok(resumed.clone());
+        }
+        let agent = session.identity.agent.id.clone();
+        let count = open.per_agent.entry(agent.clone()).or_default();
+        if limit > 0 && *count >= limit {
+            return Err(TooManySessions { agent, limit });
+        }
+        *count += 1;
+        open.by_id.insert(session.id.clone(), session.clone());
+        Ok(session)
+    }
+
     /// The session `id`, if it belongs to `agent`; it counts as used now.
     pub fn get(&self, id: &str, agent: &str) -> Option<Arc<ClientSession>> {
         let open = self.open();

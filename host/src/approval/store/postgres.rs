@@ -121,7 +121,7 @@ impl Target {
                 .connect(self.tls.clone())
                 .with_context(|| format!("cannot connect to the approvals store {}", self.shown))?;
             client.batch_execute(&format!(
-                "SET statement_timeout = {}",
+                "SET statement_timeout = {}; SET client_min_messages = warning",
                 STATEMENT_TIMEOUT.as_millis()
             ))?;
             Ok(client)
@@ -230,7 +230,12 @@ impl Postgres {
         if client.is_closed() {
             *slot = None;
         }
-        done.with_context(|| format!("the approvals store {} failed", self.target.shown))
+        // The database's own errors name the store; the store's refusals
+        // (too many pending) speak for themselves.
+        done.map_err(|e| match e.is::<postgres::Error>() {
+            true => e.context(format!("the approvals store {} failed", self.target.shown)),
+            false => e,
+        })
     }
 
     /// Runs `work` in a transaction that notifies [`CHANNEL`] of `id` when

@@ -278,6 +278,10 @@ fn an_agent_may_have_only_so_many_pending() {
             refused.downcast_ref::<TooManyPending>().is_some(),
             "{refused}"
         );
+        assert!(
+            refused.to_string().contains("already has 3 calls waiting"),
+            "the refusal speaks for itself: {refused}"
+        );
         let mut other = fourth.clone();
         other.id = "cap-other".into();
         other.call.agent = "another-bot".into();
