@@ -271,3 +271,30 @@ def test_a_replica_killed_under_load_costs_only_the_calls_in_flight(deployment: 
         reached_anywhere |= reached
     assert {note for note, outcome in results.items() if outcome == "ok"} <= reached_anywhere
     assert all(n > 0 for n in served_by([read_audit(r.audit) for r in deployment.replicas], "note"))
+
+
+def test_a_replica_told_to_stop_finishes_its_calls_while_the_other_serves(deployment: Deployment):
+    leaving = deployment.replicas[0]
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    slow = {"jsonrpc": "2.0", "id": 7, "method": "test/slow", "params": {"_meta": meta}}
+    headers = {"Authorization": f"Bearer {KEYS['admin']}", "MCP-Protocol-Version": "2026-07-28",
+               "Mcp-Method": "test/slow"}
+    answers: list = []
+    under_way = threading.Thread(target=lambda: answers.append(
+        leaving.post("/servers/echo/mcp", json.dumps(slow).encode(), headers)))
+    under_way.start()
+    deadline = time.monotonic() + 30
+    while not (leaving.echo_log.exists() and b"test/slow" in leaving.echo_log.read_bytes()):
+        assert time.monotonic() < deadline, "the slow call never reached the server"
+        time.sleep(0.05)
+    leaving.process.send_signal(signal.SIGTERM)
+    # While it drains, the balancer sends every call to the other replica.
+    meanwhile = [stateless_call(deployment.url, "note", {"n": f"m{i}"}, server="echo") for i in range(10)]
+    under_way.join(timeout=60)
+    assert leaving.process.wait(timeout=60) == 0
+
+    [(status, _, body)] = answers
+    assert status == 200, body
+    assert json.loads(body)["result"]["method"] == "test/slow", "the call under way finished"
+    assert all("result" in answer for answer in meanwhile), meanwhile
+    assert served_by([read_audit(r.audit) for r in deployment.replicas], "note")[1] == 10

@@ -54,6 +54,10 @@ pub struct ServeConfig {
     /// Empty: random ids, each session served by the replica that opened it.
     #[serde(default)]
     pub session_keys: Vec<String>,
+    /// Once told to stop (SIGTERM), how long the requests under way may
+    /// take to finish; new connections are refused at once.
+    #[serde(default = "default_drain")]
+    pub drain_secs: u64,
 }
 
 impl Default for ServeConfig {
@@ -71,6 +75,7 @@ impl Default for ServeConfig {
             header_timeout_secs: default_header_timeout(),
             body_timeout_secs: default_body_timeout(),
             session_keys: Vec::new(),
+            drain_secs: default_drain(),
         }
     }
 }
@@ -97,6 +102,10 @@ fn default_max_connections() -> usize {
 
 /// The most connections a listener may be configured to serve at once.
 pub(super) const MAX_CONNECTIONS: usize = 1 << 20;
+
+fn default_drain() -> u64 {
+    30
+}
 
 fn default_header_timeout() -> u64 {
     30

@@ -2,7 +2,8 @@
 //! blocking threads capped), the listening socket, and the accept loop every
 //! listener runs — at most so many connections at once, headers and bodies
 //! within their time, accepting on through errors such as running out of
-//! file descriptors.
+//! file descriptors — and draining: once told to stop, it accepts nothing
+//! more and lets the requests under way finish, for so long.
 
 use super::response::Body;
 use anyhow::{Context, Result};
@@ -51,6 +52,9 @@ pub struct Guard {
     pub header_timeout: Duration,
     /// How long a client may take to send a request's body.
     pub body_timeout: Duration,
+    /// How long the requests under way may take to finish once the
+    /// listener is told to stop.
+    pub drain: Duration,
 }
 
 impl Guard {
@@ -60,6 +64,7 @@ impl Guard {
             max_connections: serve.max_connections,
             header_timeout: Duration::from_secs(serve.header_timeout_secs),
             body_timeout: Duration::from_secs(serve.body_timeout_secs),
+            drain: Duration::from_secs(serve.drain_secs),
         }
     }
 }
@@ -70,13 +75,43 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Answers every HTTP/1 request on `socket` with `respond` until `shutdown`
-/// completes, as `guard` says. A failed `accept` (say, no file descriptor
-/// left) is logged and counted, and accepting goes on after a pause.
+/// completes, as `guard` says; then drains: the socket closes (a balancer
+/// sends new connections elsewhere), each connection closes after the
+/// request it is serving, and those still serving after `guard.drain` are
+/// cut. A failed `accept` (say, no file descriptor left) is logged and
+/// counted, and accepting goes on after a pause.
 pub async fn serve<R, F>(
     socket: tokio::net::TcpListener,
     guard: Guard,
     shutdown: impl Future<Output = ()>,
     respond: R,
+) -> Result<()>
+where
+    R: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    accept(socket, guard, shutdown, respond, &connections).await?;
+    if tokio::time::timeout(guard.drain, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still under way after {:?} of draining are cut",
+            guard.drain
+        );
+    }
+    Ok(())
+}
+
+/// Accepts connections on `socket` until `shutdown`, each watched by
+/// `connections`.
+async fn accept<R, F>(
+    socket: tokio::net::TcpListener,
+    guard: Guard,
+    shutdown: impl Future<Output = ()>,
+    respond: R,
+    connections: &hyper_util::server::graceful::GracefulShutdown,
 ) -> Result<()>
 where
     R: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -113,18 +148,19 @@ where
         };
         backoff = ACCEPT_BACKOFF_MIN;
         let respond = respond.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let answer = respond(request, peer);
+            async move { Ok::<_, Infallible>(answer.await) }
+        });
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(guard.header_timeout)
+            .serve_connection(io, service);
+        let connection = connections.watch(connection);
         tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |request| {
-                let answer = respond(request, peer);
-                async move { Ok::<_, Infallible>(answer.await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(guard.header_timeout)
-                .serve_connection(io, service)
-                .await;
+            let served = connection.await;
             if let Err(e) = served {
                 if e.is_timeout() {
                     crate::util::metrics::global().listener("slow-client");
