@@ -106,32 +106,55 @@ pub enum StoreLocation {
 }
 
 impl StoreLocation {
-    /// The store `store` names, relative to the config folder `base`.
+    /// The store `store` names, relative to the config folder `base`; a
+    /// reference naming the whole of it (`${env:APPROVALS_URL}`) is
+    /// resolved to tell which kind it is.
     pub fn of(store: &str, base: &Path) -> Self {
-        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+        let named = match store.starts_with("${") {
+            true => resolve_secret(store, base).unwrap_or_default(),
+            false => store.to_string(),
+        };
+        if named.starts_with("postgres://") || named.starts_with("postgresql://") {
             StoreLocation::Postgres {
                 url: store.to_string(),
                 base: base.to_path_buf(),
             }
         } else {
-            StoreLocation::File(base.join(store))
+            StoreLocation::File(base.join(named))
         }
     }
 
-    /// `url` with the password in it, if any, hidden.
+    /// `url` with the password in it, if any, hidden: in its user
+    /// information, or as a `password` parameter.
     pub fn redacted(url: &str) -> String {
         let Some((scheme, rest)) = url.split_once("://") else {
             return url.to_string();
         };
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(authority_end);
-        match authority.rsplit_once('@') {
+        let authority = match authority.rsplit_once('@') {
             Some((userinfo, host)) if userinfo.contains(':') => {
                 let user = userinfo.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{host}{path}")
+                format!("{user}:***@{host}")
             }
-            _ => url.to_string(),
-        }
+            _ => authority.to_string(),
+        };
+        let path = match path.split_once('?') {
+            Some((path, query)) => {
+                let hidden: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                            format!("{key}=***")
+                        }
+                        _ => pair.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", hidden.join("&"))
+            }
+            None => path.to_string(),
+        };
+        format!("{scheme}://{authority}{path}")
     }
 }
 
@@ -139,7 +162,15 @@ impl std::fmt::Display for StoreLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreLocation::File(path) => write!(f, "{}", path.display()),
-            StoreLocation::Postgres { url, .. } => f.write_str(&Self::redacted(url)),
+            // A reference naming the whole URL is shown resolved (where it
+            // resolves), its password hidden.
+            StoreLocation::Postgres { url, base } => {
+                let shown = match url.starts_with("${") {
+                    true => resolve_secret(url, base).unwrap_or_else(|_| url.clone()),
+                    false => url.clone(),
+                };
+                f.write_str(&Self::redacted(&shown))
+            }
         }
     }
 }

@@ -265,10 +265,19 @@ impl Config {
         if self.state.prefix.is_empty() || self.state.prefix.contains(char::is_whitespace) {
             bail!("state.prefix: must be a word without spaces");
         }
+        // A reference naming the whole URL is checked once resolved, at start.
         if let Some(url) = &self.state.redis
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("${"))
         {
             bail!("state.redis: not a redis:// or rediss:// URL");
+        }
+        if let Some(store) = &self.approvals.store
+            && store.starts_with("${")
+        {
+            let base = self.path.parent().unwrap_or(Path::new("."));
+            resolve_secret(store, base).map_err(|e| anyhow::anyhow!("approvals.store: {e:#}"))?;
         }
         Ok(())
     }
@@ -553,6 +562,48 @@ mod tests {
         );
         assert_eq!(config.policies[0].failure, FailureMode::Closed);
         assert_eq!(config.policies[0].mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn the_approvals_store_is_a_file_or_a_postgres_url_and_its_password_is_never_shown() {
+        let base = Path::new("/etc/portcullis");
+        assert_eq!(
+            StoreLocation::of("state/approvals.db", base),
+            StoreLocation::File("/etc/portcullis/state/approvals.db".into())
+        );
+        let url = "postgres://portcullis:${env:PGPASSWORD}@db:5432/gw";
+        assert!(matches!(
+            StoreLocation::of(url, base),
+            StoreLocation::Postgres { .. }
+        ));
+        // SAFETY: the test sets a variable no other test reads.
+        unsafe {
+            std::env::set_var(
+                "PORTCULLIS_TEST_APPROVALS_URL",
+                "postgresql://u:hunter2@db/gw",
+            )
+        };
+        let whole = StoreLocation::of("${env:PORTCULLIS_TEST_APPROVALS_URL}", base);
+        assert!(matches!(whole, StoreLocation::Postgres { .. }), "{whole:?}");
+        assert_eq!(
+            StoreLocation::redacted("postgres://u:hunter2@db:5432/gw?sslmode=require"),
+            "postgres://u:***@db:5432/gw?sslmode=require"
+        );
+        assert_eq!(
+            StoreLocation::redacted("postgres://u@db/gw"),
+            "postgres://u@db/gw"
+        );
+        assert_eq!(
+            StoreLocation::redacted("postgres://db/gw?user=u&password=hunter2&sslmode=require"),
+            "postgres://db/gw?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            whole.to_string(),
+            "postgresql://u:***@db/gw",
+            "shown resolved, its password hidden"
+        );
+        let unset = parse("[approvals]\nstore = \"${env:PORTCULLIS_TEST_UNSET_STORE}\"\n");
+        assert!(format!("{:#}", unset.unwrap_err()).contains("PORTCULLIS_TEST_UNSET_STORE"));
     }
 
     #[test]

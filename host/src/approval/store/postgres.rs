@@ -104,7 +104,7 @@ impl Target {
         let tls = native_tls::TlsConnector::builder()
             .build()
             .context("cannot set up TLS for PostgreSQL")?;
-        let shown = crate::config::StoreLocation::redacted(url);
+        let shown = crate::config::StoreLocation::redacted(&resolved);
         Ok(Self {
             config,
             tls: MakeTlsConnector::new(tls),
