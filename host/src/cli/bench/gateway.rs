@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 pub(super) const KEY: &str = "bench-agent-key";
 /// How long each throughput measurement runs.
-const THROUGHPUT_RUN: Duration = Duration::from_secs(3);
+pub(super) const THROUGHPUT_RUN: Duration = Duration::from_secs(3);
 
 /// Measures and prints: `calls` sequential calls per path, then throughput
 /// with `clients` concurrent sessions per path.
@@ -175,14 +175,19 @@ async fn measure(
     Ok(())
 }
 
-async fn bind() -> Result<tokio::net::TcpListener> {
+pub(super) async fn bind() -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("binding a local port")
 }
 
 /// Calls per second with `clients` sessions calling back to back.
-async fn throughput(url: &str, key: Option<&str>, call: &str, clients: usize) -> Result<f64> {
+pub(super) async fn throughput(
+    url: &str,
+    key: Option<&str>,
+    call: &str,
+    clients: usize,
+) -> Result<f64> {
     let mut sessions = Vec::new();
     for _ in 0..clients {
         sessions.push(Session::open(url, key).await?);
@@ -299,7 +304,7 @@ impl Session {
 }
 
 /// A Streamable HTTP MCP server that answers at once: one read-only tool.
-async fn serve_fast(socket: tokio::net::TcpListener, tool: String) {
+pub(super) async fn serve_fast(socket: tokio::net::TcpListener, tool: String) {
     let tool = Arc::new(tool);
     while let Ok((stream, _)) = socket.accept().await {
         let tool = tool.clone();

@@ -1,12 +1,14 @@
 //! `portcullis bench`: measures what Portcullis adds to a call, in one run —
 //! the policy chain on one `tools/call` with fresh and with reused instances,
 //! and the stdio relay's round trip against the same server spoken to
-//! directly, or ([`gateway`]) `portcullis serve` against the same HTTP server
-//! — and prints medians, percentiles and ratios; and ([`soak`]) a long run
-//! through `serve` that must leave memory flat and the trail verifiable.
+//! directly, or ([`gateway`]) `portcullis serve` against the same HTTP server,
+//! or ([`replicas`]) several `serve` processes behind a balancer — and prints
+//! medians, percentiles and ratios; and ([`soak`]) a long run through `serve`
+//! that must leave memory flat and the trail verifiable.
 
 mod audit;
 mod gateway;
+mod replicas;
 mod soak;
 
 use crate::config::{Config, EngineConfig, InstanceMode};
@@ -69,6 +71,12 @@ pub struct BenchArgs {
     /// in-process HTTP MCP server, against that server called directly.
     #[arg(long, requires = "config")]
     gateway: bool,
+    /// With `--gateway`: also measure 1 to this many `portcullis serve`
+    /// processes behind HAProxy (round robin) sharing rate buckets in
+    /// Redis, against one keeping them in memory (needs Debian's haproxy
+    /// and redis-server).
+    #[arg(long, requires = "gateway", value_name = "N")]
+    replicas: Option<usize>,
     /// With `--gateway` or `--soak`: concurrent sessions.
     #[arg(long, default_value_t = 16)]
     clients: usize,
@@ -117,6 +125,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     if let Some(calls) = args.soak {
         return soak::run(config_path, &args.tool, &arguments, calls, args.clients);
+    }
+    if let Some(replicas) = args.replicas {
+        return replicas::run(
+            config_path,
+            &args.tool,
+            &arguments,
+            args.calls,
+            args.clients,
+            replicas,
+        );
     }
     if args.gateway {
         return gateway::run(
