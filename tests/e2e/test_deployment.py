@@ -32,7 +32,7 @@ def test_the_replica_config_checks_with_its_environment():
     # The store is named, its password hidden; that it cannot be reached
     # here is a warning, not a failure.
     [store] = [line for line in checked.stdout.splitlines() if line.startswith("approve")]
-    assert "postgres://portcullis:***@127.0.0.1:1/portcullis" in store and "s3cret" not in checked.stdout
+    assert "postgres://portcullis@127.0.0.1:1/portcullis" in store and "s3cret" not in checked.stdout
     assert "WARNING: cannot be read" in store
 
 

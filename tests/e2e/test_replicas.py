@@ -119,7 +119,9 @@ calls = 5
 per_secs = 3600
 by = ["agent"]
 """, servers='["files"]')
-            replica = Gateway(tmp_path / name, sandbox, extra, serve=f'session_keys = ["{SESSION_KEY}"]')
+            # A drain longer than any test waits: what ends sooner ended on its own.
+            serve = f'session_keys = ["{SESSION_KEY}"]\ndrain_secs = 600'
+            replica = Gateway(tmp_path / name, sandbox, extra, serve=serve)
             self.replicas.append(replica)
             wait_ready(f"http://127.0.0.1:{admin_port}")
             self.admins.append(Admin(admin_port))
@@ -279,6 +281,17 @@ def test_a_replica_told_to_stop_finishes_its_calls_while_the_other_serves(deploy
     slow = {"jsonrpc": "2.0", "id": 7, "method": "test/slow", "params": {"_meta": meta}}
     headers = {"Authorization": f"Bearer {KEYS['admin']}", "MCP-Protocol-Version": "2026-07-28",
                "Mcp-Method": "test/slow"}
+    # A 2025 session's event stream stands open on the leaving replica.
+    initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
+    _, opened, _ = leaving.post("/servers/echo/mcp", json.dumps(initialize).encode(),
+                                {"Authorization": f"Bearer {KEYS['admin']}"})
+    stream = urllib.request.urlopen(urllib.request.Request(f"{leaving.url}/servers/echo/mcp", headers={
+        "Authorization": f"Bearer {KEYS['admin']}", "Accept": "text/event-stream",
+        "Mcp-Session-Id": opened["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}), timeout=120)
+    streamed: list = []
+    reading = threading.Thread(target=lambda: streamed.append(stream.read()))
+    reading.start()
     answers: list = []
     under_way = threading.Thread(target=lambda: answers.append(
         leaving.post("/servers/echo/mcp", json.dumps(slow).encode(), headers)))
@@ -291,7 +304,11 @@ def test_a_replica_told_to_stop_finishes_its_calls_while_the_other_serves(deploy
     # While it drains, the balancer sends every call to the other replica.
     meanwhile = [stateless_call(deployment.url, "note", {"n": f"m{i}"}, server="echo") for i in range(10)]
     under_way.join(timeout=60)
+    reading.join(timeout=60)
+    # Far sooner than its drain: the stream ended as it began, and the call
+    # under way finished.
     assert leaving.process.wait(timeout=60) == 0
+    assert streamed, "the standing event stream ended when the replica began to drain"
 
     [(status, _, body)] = answers
     assert status == 200, body

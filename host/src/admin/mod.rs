@@ -333,7 +333,7 @@ impl Admin {
                 }
             }
         });
-        http::event_stream("snapshot", receiver, None, false)
+        http::event_stream("snapshot", receiver, None, http::Ending::Never)
     }
 
     /// Pending approvals, recent decisions and the policies serving, as

@@ -9,18 +9,31 @@ use crate::approval::store::{Approval, Approvals, Call, Terms};
 use crate::approval::waiting::{Awaiting, Then};
 use crate::config::{AdminConfig, ApprovalRule, ApprovalsConfig, Config, StoreLocation};
 use anyhow::{Result, anyhow};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use wildmatch::WildMatch;
 
 /// Where this process holds calls.
 pub struct Holding {
     location: StoreLocation,
     holder: String,
-    store: OnceLock<Result<Arc<Approvals>, String>>,
-    awaiting: OnceLock<Result<Arc<Awaiting>, String>>,
+    /// The store and its watcher, once opened; a failure to open them is
+    /// remembered for [`RETRY`], then tried again.
+    opened: Mutex<Opening>,
     notifier: OnceLock<Notifier>,
 }
+
+/// The store and its watcher, as far as they were opened.
+#[derive(Default)]
+struct Opening {
+    store: Option<Arc<Approvals>>,
+    awaiting: Option<Arc<Awaiting>>,
+    failed: Option<(Instant, String)>,
+}
+
+/// How long a store that could not be opened is not tried again (calls
+/// that need it meanwhile are refused at once).
+const RETRY: Duration = Duration::from_secs(1);
 
 /// What the approval rule a call falls under says.
 #[derive(Debug, PartialEq)]
@@ -70,8 +83,7 @@ impl Holding {
         Self {
             location: config.approvals_store(),
             holder: this_process(),
-            store: OnceLock::new(),
-            awaiting: OnceLock::new(),
+            opened: Mutex::default(),
             notifier: OnceLock::new(),
         }
     }
@@ -89,16 +101,39 @@ impl Holding {
             .tell(urls, approval, page.as_deref());
     }
 
-    /// The store, opened on first use; the error says why it cannot be.
+    /// The store, opened on first use; the error says why it cannot be (a
+    /// database that was down is tried again, at most every [`RETRY`]).
     pub fn store(&self) -> Result<Arc<Approvals>> {
-        self.store
-            .get_or_init(|| {
-                Approvals::open(&self.location)
-                    .map(Arc::new)
-                    .map_err(|e| format!("{e:#}"))
-            })
-            .clone()
-            .map_err(|e| anyhow!(e))
+        self.with_opened(|opened| {
+            if let Some(store) = &opened.store {
+                return Ok(store.clone());
+            }
+            if let Some((at, why)) = &opened.failed
+                && at.elapsed() < RETRY
+            {
+                return Err(anyhow!(why.clone()));
+            }
+            match Approvals::open(&self.location) {
+                Ok(store) => {
+                    let store = Arc::new(store);
+                    opened.store = Some(store.clone());
+                    opened.failed = None;
+                    Ok(store)
+                }
+                Err(e) => {
+                    opened.failed = Some((Instant::now(), format!("{e:#}")));
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn with_opened<T>(&self, work: impl FnOnce(&mut Opening) -> T) -> T {
+        let mut opened = self
+            .opened
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        work(&mut opened)
     }
 
     /// This process, as the holder of its calls.
@@ -115,20 +150,22 @@ impl Holding {
         expires_ms: u64,
         then: Then,
     ) -> Result<(), (anyhow::Error, Then)> {
-        let awaiting = self
-            .awaiting
-            .get_or_init(|| {
-                self.store()
-                    .and_then(Awaiting::start)
-                    .map_err(|e| format!("{e:#}"))
+        let awaiting = self.store().and_then(|store| {
+            self.with_opened(|opened| match &opened.awaiting {
+                Some(awaiting) => Ok(awaiting.clone()),
+                None => {
+                    let awaiting = Awaiting::start(store)?;
+                    opened.awaiting = Some(awaiting.clone());
+                    Ok(awaiting)
+                }
             })
-            .clone();
+        });
         match awaiting {
             Ok(awaiting) => {
                 awaiting.on_end(id, expires_ms, then);
                 Ok(())
             }
-            Err(e) => Err((anyhow!(e), then)),
+            Err(e) => Err((e, then)),
         }
     }
 
@@ -139,35 +176,50 @@ impl Holding {
         if !crate::approval::store::exists(&self.location) {
             return Ok(Vec::new());
         }
-        self.store()?.cancel_orphans(alive)
+        let across_machines = matches!(self.location, StoreLocation::Postgres { .. });
+        self.store()?
+            .cancel_orphans(|holder| alive(holder, across_machines))
     }
 }
 
-/// This process as a holder: its machine's host name, its pid and its start
-/// time (clock ticks since boot), which together name it even after the pid
-/// is reused, and tell it from a replica's on another machine.
+/// This process as a holder: where its pid means something (see
+/// [`pid_space`]), its pid and its start time (clock ticks since boot),
+/// which together name it even after the pid is reused, and tell it from a
+/// replica's on another machine or in another container.
 fn this_process() -> String {
     let pid = std::process::id();
     format!(
         "{}:{pid}:{}",
-        host_name(),
+        pid_space(),
         start_time(pid).unwrap_or_default()
     )
 }
 
-/// Whether the process a holder names may still be running: one on this
-/// machine is looked up; one on another machine (a replica sharing a
-/// PostgreSQL store) cannot be, so it counts as running, and its calls'
-/// approvals end by expiring.
-pub fn alive(holder: &str) -> bool {
-    let (host, process) = match holder.split(':').count() {
+/// Whether the process a holder names may still be running: one in this
+/// pid space is looked up; one of this host before it booted again is gone,
+/// unless the store is shared `across_machines` (PostgreSQL: another
+/// machine may bear the same host name); any other (a replica elsewhere, a
+/// container of its own) cannot be looked up, so it counts as running, and
+/// its calls' approvals end by expiring.
+pub fn alive(holder: &str, across_machines: bool) -> bool {
+    let (place, process) = match holder.split(':').count() {
         3 => holder.split_once(':').expect("three parts"),
-        // Written before holders named their machine: one on this one.
+        // Written before holders named their place: one of this machine.
         2 => ("", holder),
         _ => return false,
     };
-    if !host.is_empty() && host != host_name() {
-        return true;
+    let here = pid_space();
+    if !place.is_empty() && place != here {
+        let host_boot = |place: &str| {
+            let mut parts = place.split('~');
+            (
+                parts.next().map(str::to_string),
+                parts.next().map(str::to_string),
+            )
+        };
+        let ((host, boot), (my_host, my_boot)) = (host_boot(place), host_boot(&here));
+        let rebooted = host == my_host && boot != my_boot;
+        return across_machines || !rebooted;
     }
     let Some((pid, started)) = process.split_once(':') else {
         return false;
@@ -178,11 +230,20 @@ pub fn alive(holder: &str) -> bool {
         .is_some_and(|now| now == started)
 }
 
-/// This machine's host name (a pod's name on Kubernetes).
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().replace(':', "_"))
-        .unwrap_or_default()
+/// Where this process' pid can be looked up: its host name (a pod's name on
+/// Kubernetes), the machine's boot and its pid namespace. Containers sharing
+/// a host name (host networking, a fixed `hostname`) but not their pids —
+/// each replica pid 1 of its own — are told apart.
+fn pid_space() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let host = read("/proc/sys/kernel/hostname");
+    let boot = read("/proc/sys/kernel/random/boot_id");
+    let namespace = std::fs::read_link("/proc/self/ns/pid")
+        .map(|link| link.display().to_string())
+        .unwrap_or_default();
+    let boot: String = boot.trim().chars().take(8).collect();
+    let namespace: String = namespace.chars().filter(char::is_ascii_digit).collect();
+    format!("{}~{boot}~{namespace}", host.trim()).replace(':', "_")
 }
 
 /// A process' start time from /proc (field 22 of its stat line).
@@ -200,20 +261,41 @@ mod tests {
     #[test]
     fn this_process_is_alive_and_a_stale_holder_here_is_not() {
         let me = this_process();
-        assert!(alive(&me), "{me}");
-        let (host, process) = me.split_once(':').unwrap();
+        assert!(alive(&me, false) && alive(&me, true), "{me}");
+        let (place, process) = me.split_once(':').unwrap();
         let (pid, started) = process.split_once(':').unwrap();
+        for across in [false, true] {
+            assert!(
+                !alive(&format!("{place}:{pid}:1"), across),
+                "same pid, another start"
+            );
+            assert!(!alive(&format!("{place}:4194305:1"), across), "no such pid");
+            assert!(
+                alive(&format!("{pid}:{started}"), across),
+                "written before places"
+            );
+            assert!(!alive(&format!("{pid}:1"), across));
+            assert!(!alive("garbage", across));
+            assert!(
+                alive("another-machine~12345678~4026531836:4194305:1", across),
+                "another machine's replica cannot be looked up"
+            );
+        }
+        let mut parts = place.split('~');
+        let (host, _, namespace) = (parts.next().unwrap(), parts.next(), parts.next().unwrap());
+        let other_container = format!("{place}0:1:1");
         assert!(
-            !alive(&format!("{host}:{pid}:1")),
-            "same pid, another start"
+            alive(&other_container, false),
+            "a container with the same host name but its own pids is another place"
         );
-        assert!(!alive(&format!("{host}:4194305:1")), "no such pid");
-        assert!(alive(&format!("{pid}:{started}")), "written before hosts");
-        assert!(!alive(&format!("{pid}:1")));
+        let before_boot = format!("{host}~zzzzzzzz~{namespace}:{pid}:{started}");
         assert!(
-            alive("another-machine:4194305:1"),
-            "another machine's replica cannot be looked up"
+            !alive(&before_boot, false),
+            "this host before it booted again: gone"
         );
-        assert!(!alive("garbage"));
+        assert!(
+            alive(&before_boot, true),
+            "across machines, the same host name may be another machine's"
+        );
     }
 }

@@ -82,8 +82,18 @@ pub fn command(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32>
             // It ends with the runtime, after the MCP listener.
             tokio::spawn(admin.run(socket, std::future::pending()));
         }
-        crate::gateway::http::run(listener, socket, guard, super::shutdown_signal()).await
+        // Calls held for a person cannot wait for one through the drain:
+        // they are refused at once (their clients may ask again elsewhere),
+        // and the drain lets every other call finish.
+        let stopping = gateway.clone();
+        let shutdown = async move {
+            super::shutdown_signal().await;
+            let cancel = move || stopping.cancel_held("Portcullis was stopped");
+            let _ = tokio::task::spawn_blocking(cancel).await;
+        };
+        crate::gateway::http::run(listener, socket, guard, shutdown).await
     });
+    // One held while the first were cancelled.
     gateway.cancel_held("Portcullis was stopped");
     gateway.stop();
     // No status update after the report is withdrawn; held calls, just

@@ -124,37 +124,35 @@ impl StoreLocation {
         }
     }
 
-    /// `url` with the password in it, if any, hidden: in its user
-    /// information, or as a `password` parameter.
+    /// What `url` names, to show: its user, hosts, ports and database, as
+    /// the PostgreSQL driver reads them — never its password, wherever the
+    /// URL put it.
     pub fn redacted(url: &str) -> String {
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return url.to_string();
+        use postgres::config::Host;
+        let Ok(config) = url.parse::<postgres::Config>() else {
+            return "postgres://(not a PostgreSQL URL)".into();
         };
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(authority_end);
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, host)) if userinfo.contains(':') => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                format!("{user}:***@{host}")
-            }
-            _ => authority.to_string(),
-        };
-        let path = match path.split_once('?') {
-            Some((path, query)) => {
-                let hidden: Vec<String> = query
-                    .split('&')
-                    .map(|pair| match pair.split_once('=') {
-                        Some((key, _)) if key.eq_ignore_ascii_case("password") => {
-                            format!("{key}=***")
-                        }
-                        _ => pair.to_string(),
-                    })
-                    .collect();
-                format!("{path}?{}", hidden.join("&"))
-            }
-            None => path.to_string(),
-        };
-        format!("{scheme}://{authority}{path}")
+        let user = config
+            .get_user()
+            .map_or_else(String::new, |user| format!("{user}@"));
+        let ports = config.get_ports();
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let name = match host {
+                    Host::Tcp(name) => name.clone(),
+                    Host::Unix(path) => path.display().to_string(),
+                };
+                match ports.get(i).or(ports.first()) {
+                    Some(port) => format!("{name}:{port}"),
+                    None => name,
+                }
+            })
+            .collect();
+        let database = config.get_dbname().unwrap_or_default();
+        format!("postgres://{user}{}/{database}", hosts.join(","))
     }
 }
 
@@ -162,14 +160,11 @@ impl std::fmt::Display for StoreLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreLocation::File(path) => write!(f, "{}", path.display()),
-            // A reference naming the whole URL is shown resolved (where it
-            // resolves), its password hidden.
+            // Shown resolved (where its references resolve), its password
+            // never.
             StoreLocation::Postgres { url, base } => {
-                let shown = match url.starts_with("${") {
-                    true => resolve_secret(url, base).unwrap_or_else(|_| url.clone()),
-                    false => url.clone(),
-                };
-                f.write_str(&Self::redacted(&shown))
+                let resolved = resolve_secret(url, base).unwrap_or_else(|_| url.clone());
+                f.write_str(&Self::redacted(&resolved))
             }
         }
     }

@@ -585,21 +585,34 @@ mod tests {
         };
         let whole = StoreLocation::of("${env:PORTCULLIS_TEST_APPROVALS_URL}", base);
         assert!(matches!(whole, StoreLocation::Postgres { .. }), "{whole:?}");
-        assert_eq!(
-            StoreLocation::redacted("postgres://u:hunter2@db:5432/gw?sslmode=require"),
-            "postgres://u:***@db:5432/gw?sslmode=require"
-        );
-        assert_eq!(
-            StoreLocation::redacted("postgres://u@db/gw"),
-            "postgres://u@db/gw"
-        );
-        assert_eq!(
-            StoreLocation::redacted("postgres://db/gw?user=u&password=hunter2&sslmode=require"),
-            "postgres://db/gw?user=u&password=***&sslmode=require"
-        );
+        for (url, shown) in [
+            (
+                "postgres://u:hunter2@db:5432/gw?sslmode=require",
+                "postgres://u@db:5432/gw",
+            ),
+            ("postgres://u@db:5432/gw", "postgres://u@db:5432/gw"),
+            ("postgres://u:ab/cd@db/gw", "postgres://u@db:5432/gw"),
+            (
+                "postgres://db/gw?user=u&password=hunter2",
+                "postgres://u@db:5432/gw",
+            ),
+            (
+                "postgres://db/gw?user=u&pass%77ord=hunter2",
+                "postgres://u@db:5432/gw",
+            ),
+            ("postgresql://u:p@a:1,b:2/gw", "postgres://u@a:1,b:2/gw"),
+            ("not a url: hunter2", "postgres://(not a PostgreSQL URL)"),
+        ] {
+            let redacted = StoreLocation::redacted(url);
+            assert!(
+                !redacted.contains("hunter2") && !redacted.contains("cd@"),
+                "{url}"
+            );
+            assert_eq!(redacted, shown, "{url}");
+        }
         assert_eq!(
             whole.to_string(),
-            "postgresql://u:***@db/gw",
+            "postgres://u@db:5432/gw",
             "shown resolved, its password hidden"
         );
         let unset = parse("[approvals]\nstore = \"${env:PORTCULLIS_TEST_UNSET_STORE}\"\n");

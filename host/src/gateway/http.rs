@@ -23,7 +23,8 @@ use crate::gateway::{Gateway, Refused};
 use crate::gateway::stateless;
 use crate::gateway::{listening, rounds};
 use crate::http::{
-    Body, BodyError, Guard, event_stream, full, json_response, plain, read_body, serve, sse_event,
+    Body, BodyError, Ending, Guard, event_stream, full, json_response, plain, read_body, serve,
+    sse_event,
 };
 use crate::identity::{self, Identity};
 use crate::protocol::jsonrpc::{self, Message};
@@ -151,7 +152,7 @@ impl Listener {
         match *request.method() {
             Method::POST => self.post(request, identity, scope, limits, &door).await,
             Method::DELETE => match session_id(request.headers()) {
-                Some(id) if self.gateway.end(id, &identity) => {
+                Some(id) if self.end_session(id, &identity).await => {
                     let ended =
                         AccessRecord::new("session-ended", Some(&identity.agent), &path, peer);
                     door.record(ended).await;
@@ -266,8 +267,9 @@ impl Listener {
                 "Mcp-Session-Id header is required (initialize first)",
             );
         };
-        let Some(session) = self.find_session(id, &identity, &scope, door).await else {
-            return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
+        let session = match self.find_session(id, &identity, &scope, door).await {
+            Ok(session) => session,
+            Err(answer) => return answer,
         };
         if let Some(version) = headers.get(VERSION_HEADER)
             && version.as_bytes() != session.protocol.as_bytes()
@@ -299,43 +301,76 @@ impl Listener {
         }
     }
 
+    /// Ends session `id` of `identity` (its held calls are cancelled in the
+    /// approvals store: off the async workers); false if there is none.
+    async fn end_session(&self, id: &str, identity: &Identity) -> bool {
+        let (gateway, id, identity) = (self.gateway.clone(), id.to_string(), identity.clone());
+        tokio::task::spawn_blocking(move || gateway.end(&id, &identity))
+            .await
+            .unwrap_or(false)
+    }
+
     /// Session `id` of `identity` on `scope`: open here, or resumed from its
-    /// sealed id (audited as `session-resumed`); `None`, audited, when there
-    /// is no such session for it.
+    /// sealed id, once the trail has `session-resumed` (no session the trail
+    /// does not know of); otherwise the answer to give, audited.
     async fn find_session(
         &self,
         id: &str,
         identity: &Identity,
         scope: &Scope,
         door: &Door,
-    ) -> Option<Arc<ClientSession>> {
-        let session = match self.gateway.session(id, identity) {
-            Some(session) => Some(session),
-            None => match self.gateway.resume(id, identity) {
-                Ok(session) => {
-                    let mut resumed = AccessRecord::new(
-                        "session-resumed",
-                        Some(&identity.agent),
-                        &door.path,
-                        door.peer,
-                    );
-                    resumed.protocol_version = Some(session.protocol.clone());
-                    door.record(resumed).await;
-                    Some(session)
-                }
-                Err(Refused::Unknown) => None,
-                Err(refused) => {
-                    door.refused("session-refused", Some(identity), refused.to_string())
-                        .await;
-                    return None;
-                }
-            },
-        };
-        let session = session.filter(|s| &s.scope == scope);
-        if session.is_none() {
-            door.unknown_session(identity).await;
+    ) -> Result<Arc<ClientSession>, Response<Body>> {
+        if let Some(session) = self
+            .gateway
+            .session(id, identity)
+            .filter(|s| &s.scope == scope)
+        {
+            return Ok(session);
         }
-        session
+        let session = match self.gateway.resume(id, identity, scope) {
+            Ok(session) => session,
+            Err(Refused::Unknown) => {
+                door.unknown_session(identity).await;
+                return Err(plain(
+                    StatusCode::NOT_FOUND,
+                    "unknown session; initialize again",
+                ));
+            }
+            Err(refused) => {
+                let why = refused.to_string();
+                door.refused("session-refused", Some(identity), why.clone())
+                    .await;
+                let status = StatusCode::TOO_MANY_REQUESTS;
+                return Err(rpc_error(status, jsonrpc::INVALID_REQUEST, &why));
+            }
+        };
+        let mut resumed = AccessRecord::new(
+            "session-resumed",
+            Some(&identity.agent),
+            &door.path,
+            door.peer,
+        );
+        resumed.protocol_version = Some(session.protocol.clone());
+        let current = self.current.clone();
+        let written =
+            tokio::task::spawn_blocking(move || current.get().audit.write(&resumed)).await;
+        match written {
+            Ok(Ok(())) => Ok(session),
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => format!("{e:#}"),
+                    _ => "the audit task failed".to_string(),
+                };
+                tracing::error!("cannot audit a resumed session: {why}");
+                self.gateway.forget(&session.id, identity);
+                let why = format!("the audit trail cannot record the session: {why}");
+                Err(rpc_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    jsonrpc::AUDIT_FAILED,
+                    &why,
+                ))
+            }
+        }
     }
 
     /// An `initialize` request: a new session, recorded in the trail before
@@ -415,8 +450,9 @@ impl Listener {
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
             return response;
         };
-        let Some(session) = self.find_session(id, identity, scope, door).await else {
-            return plain(StatusCode::NOT_FOUND, "unknown session; initialize again");
+        let session = match self.find_session(id, identity, scope, door).await {
+            Ok(session) => session,
+            Err(answer) => return answer,
         };
         let Some(stream) = session.open_stream() else {
             return plain(
@@ -428,8 +464,8 @@ impl Listener {
             "message",
             self.gateway.notices(&session),
             Some(Box::new(stream)),
-            // It ends with the session.
-            true,
+            // It ends with the session, or when this replica drains.
+            Ending::WithEventsOrDrain,
         )
     }
 
@@ -503,7 +539,7 @@ impl Listener {
                         door.peer,
                     );
                     door.record(opened).await;
-                    event_stream("message", events, None, true)
+                    event_stream("message", events, None, Ending::WithEventsOrDrain)
                 }
                 Err(why) => {
                     door.refused("listen-refused", Some(&identity), why.clone())
@@ -677,7 +713,12 @@ fn call_stream(first: String, mut call: Call) -> Response<Body> {
             }
         }
     });
-    event_stream("message", stream, Some(Box::new(Aborting(relaying))), true)
+    event_stream(
+        "message",
+        stream,
+        Some(Box::new(Aborting(relaying))),
+        Ending::WithEvents,
+    )
 }
 
 /// How many events of a call may wait for its client to read them.

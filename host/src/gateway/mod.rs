@@ -258,24 +258,37 @@ impl Gateway {
     }
 
     /// What session `id` was opened with, if its id was sealed by this
-    /// deployment for `identity`'s agent.
+    /// deployment for `identity`'s agent no longer than
+    /// [`resumable::MAX_AGE`] ago.
     fn sealed(&self, id: &str, identity: &Identity) -> Option<Opened> {
         let opened = self.seals.as_ref()?.open(id)?;
-        (opened.agent == identity.agent.id).then_some(opened)
+        let age = crate::util::clock::now_ms().saturating_sub(opened.opened_ms);
+        (opened.agent == identity.agent.id && age <= resumable::MAX_AGE.as_millis() as u64)
+            .then_some(opened)
     }
 
     /// Session `id`, opened here again from its sealed id (another replica
-    /// opened it, or this one before a restart): for its own agent only,
-    /// reaching what that agent may reach now. Not for a session whose
-    /// servers run an instance of its own (`per-session`): their state
-    /// cannot follow it. Refused, too, when the agent has its fill of
-    /// sessions here.
-    pub fn resume(&self, id: &str, identity: &Identity) -> Result<Arc<ClientSession>, Refused> {
+    /// opened it, or this one before a restart): for its own agent only, on
+    /// the endpoint it was opened on (`scope`, the request's), reaching what
+    /// that agent may reach now. Not for a session whose servers run an
+    /// instance of its own (`per-session`): their state cannot follow it.
+    /// Refused, too, when the agent has its fill of sessions here.
+    pub fn resume(
+        &self,
+        id: &str,
+        identity: &Identity,
+        asked: &Scope,
+    ) -> Result<Arc<ClientSession>, Refused> {
         let opened = self.sealed(id, identity).ok_or(Refused::Unknown)?;
         let scope = opened.scope();
+        if scope != *asked {
+            return Err(Refused::Unknown);
+        }
         let servers = match &scope {
             Scope::All => self.reachable(identity),
-            Scope::Server(server) if self.has_server(server) => vec![server.clone()],
+            Scope::Server(server) if self.has_server(server) && identity.may_use(server) => {
+                vec![server.clone()]
+            }
             Scope::Server(_) => return Err(Refused::Unknown),
         };
         if servers
@@ -312,6 +325,14 @@ impl Gateway {
         session.cancel_held("the client ended its session");
         session.end();
         true
+    }
+
+    /// Drops session `id` of `identity`, just resumed here, that nothing
+    /// used yet.
+    pub fn forget(&self, id: &str, identity: &Identity) {
+        if let Some(session) = self.sessions.remove(id, &identity.agent.id) {
+            session.end();
+        }
     }
 
     /// Cancels every call a session holds for approval (Portcullis is

@@ -24,6 +24,10 @@ const PREFIX: &str = "ps1.";
 /// Bound into every seal, so a sealed id is good for nothing else.
 const AAD: &[u8] = b"portcullis session id v1";
 
+/// How long after it was opened a session may be resumed from its id:
+/// past it, its client initializes again.
+pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// The shortest key text accepted.
 pub const MIN_KEY_LEN: usize = 32;
 

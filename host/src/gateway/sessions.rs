@@ -387,6 +387,13 @@ impl Sessions {
     ) -> Result<Arc<ClientSession>, TooManySessions> {
         let mut open = self.open();
         if let Some(resumed) = open.by_id.get(&session.id) {
+            // Ids are sealed per agent: another agent's is never handed out.
+            if resumed.identity.agent.id != session.identity.agent.id {
+                return Err(TooManySessions {
+                    agent: session.identity.agent.id.clone(),
+                    limit,
+                });
+            }
             return Ok(resumed.clone());
         }
         let agent = session.identity.agent.id.clone();

@@ -5,5 +5,5 @@
 pub mod response;
 pub mod server;
 
-pub use response::{Body, event_stream, full, json_response, plain, sse_event};
+pub use response::{Body, Ending, event_stream, full, json_response, plain, sse_event};
 pub use server::{BodyError, Guard, bind, read_body, runtime, serve};

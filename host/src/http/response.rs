@@ -16,25 +16,48 @@ use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// The drain's signal, as a stream waits on it (behind a lock only so that
+/// the body is `Sync`; the stream alone polls it).
+type Drained = std::sync::Mutex<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>;
+
 /// How often an idle event stream gets a comment line.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Every response body.
 pub type Body = BoxBody<Bytes, Infallible>;
 
+/// How an event stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// When its events end (a call's answer): a draining process lets it
+    /// finish.
+    WithEvents,
+    /// When its events end, or when the process starts draining (a
+    /// session's standing stream: its client reconnects elsewhere).
+    WithEventsOrDrain,
+    /// Only when the client goes away (notices nobody sends).
+    Never,
+}
+
 /// A `text/event-stream` response of `events` (JSON texts), each an SSE
-/// event named `name`. It `ends` when `events` does, or else stays open
-/// until the client goes away. `kept` lives as long as the stream.
+/// event named `name`, ending as `ending` says. `kept` lives as long as the
+/// stream.
 pub fn event_stream(
     name: &'static str,
     events: mpsc::Receiver<String>,
     kept: Option<Box<dyn Send + Sync>>,
-    ends: bool,
+    ending: Ending,
 ) -> Response<Body> {
+    let drained = (ending == Ending::WithEventsOrDrain).then(|| {
+        let future: Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(super::server::drained());
+        std::sync::Mutex::new(future)
+    });
     let stream = EventStream {
         name,
         notices: Some(events),
-        ends,
+        ends: ending != Ending::Never,
+        drained,
         _kept: kept,
         keepalive: tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE),
     };
@@ -53,6 +76,9 @@ pub fn event_stream(
 struct EventStream {
     name: &'static str,
     ends: bool,
+    /// Completes when the process starts draining, for a stream that ends
+    /// then.
+    drained: Option<Drained>,
     _kept: Option<Box<dyn Send + Sync>>,
     notices: Option<mpsc::Receiver<String>>,
     keepalive: tokio::time::Interval,
@@ -67,6 +93,14 @@ impl hyper::body::Body for EventStream {
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
+        if let Some(drained) = &mut this.drained {
+            let drained = drained
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if drained.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
         if let Some(notices) = &mut this.notices {
             match notices.poll_recv(cx) {
                 Poll::Ready(Some(notice)) => {

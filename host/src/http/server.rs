@@ -69,6 +69,21 @@ impl Guard {
     }
 }
 
+/// Told once this process starts draining: event streams that stand open
+/// (a session's `GET` stream, `subscriptions/listen`) end then, so that
+/// they do not hold the drain, and their clients reconnect elsewhere.
+fn drain_signal() -> &'static tokio::sync::watch::Sender<bool> {
+    static DRAINING: std::sync::OnceLock<tokio::sync::watch::Sender<bool>> =
+        std::sync::OnceLock::new();
+    DRAINING.get_or_init(|| tokio::sync::watch::channel(false).0)
+}
+
+/// Completes once this process starts draining.
+pub async fn drained() {
+    let mut draining = drain_signal().subscribe();
+    let _ = draining.wait_for(|draining| *draining).await;
+}
+
 /// The first pause after a failed `accept`; it doubles up to
 /// [`ACCEPT_BACKOFF_MAX`] while accepting keeps failing.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -92,6 +107,7 @@ where
 {
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     accept(socket, guard, shutdown, respond, &connections).await?;
+    drain_signal().send_replace(true);
     if tokio::time::timeout(guard.drain, connections.shutdown())
         .await
         .is_err()

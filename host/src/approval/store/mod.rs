@@ -243,7 +243,7 @@ impl std::fmt::Display for Refused {
                 f,
                 "{} already has your approval; it needs {} more",
                 a.id,
-                a.terms.required as usize - a.votes.len()
+                (a.terms.required as usize).saturating_sub(a.votes.len())
             ),
             Refused::Ended(a) => write!(
                 f,

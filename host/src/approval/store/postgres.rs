@@ -80,6 +80,15 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// connection.
 const RECONNECT: Duration = Duration::from_secs(1);
 
+/// How long a call waits for the connection another call is using before
+/// it fails (closed: the held call is refused), so a database that stops
+/// answering ties up one thread per replica, not every one.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// How long data sent may go unacknowledged before the connection counts as
+/// lost (a database or network that silently stopped).
+const UNACKNOWLEDGED: Duration = Duration::from_secs(10);
+
 /// How to reach the database.
 #[derive(Clone)]
 struct Target {
@@ -99,8 +108,17 @@ impl Target {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
-        config.keepalives_idle(Duration::from_secs(30));
-        config.application_name("portcullis");
+        config
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(UNACKNOWLEDGED)
+            .application_name("portcullis");
+        // A database off this machine is reached over TLS unless the URL
+        // says otherwise: a peer on the path must not answer for it.
+        if !resolved.contains("sslmode=") && !local(&config) {
+            config.ssl_mode(postgres::config::SslMode::Require);
+        }
         let tls = native_tls::TlsConnector::builder()
             .build()
             .context("cannot set up TLS for PostgreSQL")?;
@@ -129,6 +147,20 @@ impl Target {
     }
 }
 
+/// Whether every host `config` names is this machine (loopback or a Unix
+/// socket).
+fn local(config: &postgres::Config) -> bool {
+    config.get_hosts().iter().all(|host| match host {
+        postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        postgres::config::Host::Unix(_) => true,
+    })
+}
+
 /// Runs `work` on a thread of its own, off any async runtime.
 fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| {
@@ -147,7 +179,7 @@ pub(super) fn version(url: &str, base: &Path) -> Result<Option<u32>> {
     off_runtime(|| {
         let exists: bool = client
             .query_one("SELECT to_regclass('approvals_schema') IS NOT NULL", &[])?
-            .get(0);
+            .try_get(0)?;
         if !exists {
             return Ok(None);
         }
@@ -156,7 +188,7 @@ pub(super) fn version(url: &str, base: &Path) -> Result<Option<u32>> {
                 "SELECT COALESCE(MAX(version), 0) FROM approvals_schema",
                 &[],
             )?
-            .get(0);
+            .try_get(0)?;
         Ok(Some(version as u32))
     })
 }
@@ -174,7 +206,7 @@ fn migrate(client: &mut Client) -> Result<()> {
             "SELECT COALESCE(MAX(version), 0) FROM approvals_schema",
             &[],
         )?
-        .get(0);
+        .try_get(0)?;
     if version as u32 > LATEST {
         bail!(
             "its schema version {version} is newer than this Portcullis knows ({LATEST}): \
@@ -217,10 +249,7 @@ impl Postgres {
     /// Runs `work` with the connection, off any async runtime; a connection
     /// found closed is dropped, and made again by the next call.
     fn with<T: Send>(&self, work: impl FnOnce(&mut Client) -> Result<T> + Send) -> Result<T> {
-        let mut slot = self
-            .client
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = self.connection()?;
         if slot.as_ref().is_none_or(Client::is_closed) {
             *slot = None;
             *slot = Some(self.target.connect()?);
@@ -236,6 +265,30 @@ impl Postgres {
             true => e.context(format!("the approvals store {} failed", self.target.shown)),
             false => e,
         })
+    }
+
+    /// The connection, once no other call uses it, for at most
+    /// [`LOCK_WAIT`].
+    fn connection(&self) -> Result<std::sync::MutexGuard<'_, Option<Client>>> {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match self.client.try_lock() {
+                Ok(slot) => return Ok(slot),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                    return Ok(poisoned.into_inner());
+                }
+                Err(std::sync::TryLockError::WouldBlock)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => bail!(
+                    "the approvals store {} is not answering: another call has had it for \
+                     over {LOCK_WAIT:?}",
+                    self.target.shown
+                ),
+            }
+        }
     }
 
     /// Runs `work` in a transaction that notifies [`CHANNEL`] of `id` when
@@ -271,7 +324,7 @@ impl Backend for Postgres {
                          AND state = 'pending' AND expires_ms > $2",
                         &[&call.agent, &(now as i64)],
                     )?
-                    .get(0);
+                    .try_get(0)?;
                 if pending >= i64::from(request.max_pending) {
                     return Err(TooManyPending {
                         agent: call.agent.clone(),
@@ -321,7 +374,7 @@ impl Backend for Postgres {
                 "SELECT id FROM approvals WHERE left(id, length($1)) = $1 LIMIT 2",
                 &[&prefix],
             )?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
+            rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
         })
     }
 
@@ -349,13 +402,19 @@ impl Backend for Postgres {
     }
 
     fn expire_overdue(&self, now: u64) -> Result<usize> {
-        self.changing("", |tx| {
+        // Replicas are told only when something expired.
+        self.with(|client| {
+            let mut tx = client.transaction()?;
             let expired = tx.execute(
                 "UPDATE approvals SET state = 'expired', decided_by = 'portcullis', \
                  decided_ms = expires_ms, comment = $2 WHERE state = 'pending' \
                  AND expires_ms <= $1",
                 &[&(now as i64), &super::EXPIRED],
             )?;
+            if expired > 0 {
+                tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
+            }
+            tx.commit()?;
             Ok(expired as usize)
         })
     }
@@ -406,7 +465,8 @@ impl Backend for Postgres {
                         &(now as i64),
                     ],
                 )?
-                .map(|r| r.get(0));
+                .map(|r| r.try_get(0))
+                .transpose()?;
             id.map_or(Ok(None), |id| fetch(client, &id))
         })
     }
@@ -465,7 +525,7 @@ impl Backend for Postgres {
             )?;
             Ok(client
                 .query_one("SELECT key FROM approval_keys WHERE name = 'receipts'", &[])?
-                .get(0))
+                .try_get(0)?)
         })?;
         key.try_into()
             .map_err(|_| anyhow!("the receipt key is not 32 bytes"))
@@ -540,12 +600,14 @@ fn with_votes(client: &mut impl GenericClient, mut approval: Approval) -> Result
     )?;
     approval.votes = rows
         .iter()
-        .map(|r| Vote {
-            approver: r.get(0),
-            decided_ms: r.get::<_, i64>(1) as u64,
-            comment: r.get(2),
+        .map(|r| {
+            Ok(Vote {
+                approver: r.try_get(0)?,
+                decided_ms: r.try_get::<_, i64>(1)? as u64,
+                comment: r.try_get(2)?,
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok(approval)
 }
 

@@ -67,7 +67,7 @@ pub fn run(
         let server = bind().await?;
         let server_url = format!("http://{}/mcp", server.local_addr()?);
         tokio::spawn(serve_fast(server, tool.to_string()));
-        let mut redis = Redis::start(&work)?;
+        let redis = Redis::start(&work)?;
         let call = json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call",
                            "params": { "name": tool, "arguments": arguments } })
         .to_string();
@@ -104,7 +104,7 @@ pub fn run(
                 baseline = Some(measured);
             }
         }
-        redis.stop();
+        drop(redis);
         Ok(())
     });
     let _ = std::fs::remove_dir_all(&work);
@@ -128,7 +128,7 @@ async fn measure(
         replicas.push(Replica::start(config, work, i, server_url, redis)?);
     }
     let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
-    let mut balancer = Balancer::start(work, &ports)?;
+    let balancer = Balancer::start(work, &ports)?;
     let url = format!("http://127.0.0.1:{}/servers/fast/mcp", balancer.port);
 
     let direct = Session::open(server_url, None).await?;
@@ -171,10 +171,8 @@ async fn measure(
         cpu_balancer: per_call(before.1, after.1),
         cpu_redis: per_call(before.2, after.2),
     };
-    balancer.stop();
-    for mut replica in replicas {
-        replica.stop();
-    }
+    drop(balancer);
+    drop(replicas);
     Ok(measured)
 }
 
@@ -242,16 +240,19 @@ impl Replica {
             .context("cannot start a replica")?;
         let mut replica = Self { child, port };
         if let Err(e) = wait_healthy(port, &mut replica.child) {
-            replica.stop();
+            drop(replica);
             let log = std::fs::read_to_string(work.join(format!("replica-{index}.log")))
                 .unwrap_or_default();
             bail!("{e}: {log}");
         }
         Ok(replica)
     }
+}
 
-    fn stop(&mut self) {
-        // SIGTERM, so that it drains and exits as in production.
+/// A replica is stopped with SIGTERM, so that it drains and exits as in
+/// production, whichever way the bench ends.
+impl Drop for Replica {
+    fn drop(&mut self) {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
@@ -383,14 +384,13 @@ impl Balancer {
             .spawn()
             .context("cannot start haproxy")?;
         let mut balancer = Self { child, port };
-        if let Err(e) = wait_listening(port, &mut balancer.child) {
-            balancer.stop();
-            return Err(e.context("haproxy did not start"));
-        }
+        wait_listening(port, &mut balancer.child).context("haproxy did not start")?;
         Ok(balancer)
     }
+}
 
-    fn stop(&mut self) {
+impl Drop for Balancer {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -424,14 +424,13 @@ impl Redis {
             child,
             url: format!("redis://127.0.0.1:{port}/0"),
         };
-        if let Err(e) = wait_listening(port, &mut redis.child) {
-            redis.stop();
-            return Err(e.context("redis-server did not start"));
-        }
+        wait_listening(port, &mut redis.child).context("redis-server did not start")?;
         Ok(redis)
     }
+}
 
-    fn stop(&mut self) {
+impl Drop for Redis {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -502,10 +501,11 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// A folder of the bench's own for configs, logs and trails.
+/// A new folder of the bench's own for configs, logs and trails (made
+/// here, so nobody else's).
 fn tempfile_dir() -> Result<PathBuf> {
-    let dir =
-        std::env::temp_dir().join(format!("portcullis-bench-replicas-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let suffix: u64 = rand::random();
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-replicas-{suffix:016x}"));
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }
