@@ -99,13 +99,9 @@ def wait_ready(url: str) -> None:
     raise AssertionError(f"{url} never came up")
 
 
-@pytest.fixture
-def approving(tmp_path: Path, sandbox: Path):
-    """`portcullis serve` with the approval gate, approvers and an admin
-    listener; rules: only alice decides write_file; create_directory needs two
-    of the three and stays approved for a minute."""
-    port = free_port()
-    rules = """
+# Only alice decides write_file; create_directory needs two of the three
+# and stays approved for a minute.
+RULES = """
 [[approvals.rules]]
 tools = ["write_file"]
 approvers = ["alice"]
@@ -115,7 +111,14 @@ tools = ["create_directory"]
 required = 2
 reuse_secs = 60
 """
-    gateway = Gateway(tmp_path, sandbox, admin_config(port, rules))
+
+
+@pytest.fixture
+def approving(tmp_path: Path, sandbox: Path):
+    """`portcullis serve` with the approval gate, approvers, an admin
+    listener and the approval [`RULES`]."""
+    port = free_port()
+    gateway = Gateway(tmp_path, sandbox, admin_config(port, RULES))
     wait_ready(f"http://127.0.0.1:{port}")
     yield gateway, Admin(port)
     gateway.stop()

@@ -40,7 +40,8 @@ SESSION_KEY = "a-session-key-of-at-least-32-characters-0f9c"
 class Balancer:
     """HAProxy on a loopback port, round robin over the replicas' ports,
     checking each one's /healthz and sending a request whose replica refused
-    the connection to the next one."""
+    the connection to the next one (each request on a connection of its
+    own, as examples/replicas/haproxy.cfg says why)."""
 
     def __init__(self, directory: Path, ports: list[int]):
         self.port = free_port()
@@ -55,6 +56,7 @@ defaults
     timeout server 300s
     retries 3
     option redispatch 1
+    http-reuse never
 frontend mcp
     bind 127.0.0.1:{self.port}
     default_backend replicas

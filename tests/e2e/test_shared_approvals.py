@@ -21,19 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PORTCULLIS, ROOT, read_audit
-from test_approvals import APPROVERS, Admin, admin_config, call_tool, wait_ready
+from test_approvals import APPROVERS, RULES, Admin, admin_config, call_tool, wait_ready
 from test_serve import Gateway, free_port
-
-RULES = """
-[[approvals.rules]]
-tools = ["write_file"]
-approvers = ["alice"]
-
-[[approvals.rules]]
-tools = ["create_directory"]
-required = 2
-reuse_secs = 60
-"""
 
 
 class Postgres:

@@ -147,8 +147,8 @@ async fn measure(
             .iter()
             .map(|r| cpu(r.child.id()))
             .sum::<Result<Duration>>()?,
-        cpu(balancer.child.id())?,
-        cpu(redis.child.id())?,
+        cpu(balancer.process.0.id())?,
+        cpu(redis.process.0.id())?,
     );
     let started = Instant::now();
     let rate = throughput(&url, Some(KEY), call, clients).await?;
@@ -158,8 +158,8 @@ async fn measure(
             .iter()
             .map(|r| cpu(r.child.id()))
             .sum::<Result<Duration>>()?,
-        cpu(balancer.child.id())?,
-        cpu(redis.child.id())?,
+        cpu(balancer.process.0.id())?,
+        cpu(redis.process.0.id())?,
     );
     let per_call = |from: Duration, to: Duration| (to - from).as_secs_f64() * 1e6 / done;
     let measured = Measured {
@@ -352,9 +352,19 @@ fn absolute(value: Option<&mut toml::Value>, base: &Path) {
     }
 }
 
+/// A child process, killed when dropped, whichever way the bench ends.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// HAProxy, round robin over `ports`.
 struct Balancer {
-    child: Child,
+    process: Process,
     port: u16,
 }
 
@@ -383,22 +393,15 @@ impl Balancer {
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start haproxy")?;
-        let mut balancer = Self { child, port };
-        wait_listening(port, &mut balancer.child).context("haproxy did not start")?;
-        Ok(balancer)
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut process = Process(child);
+        wait_listening(port, &mut process.0).context("haproxy did not start")?;
+        Ok(Self { process, port })
     }
 }
 
 /// `redis-server` on a loopback port, keeping nothing on disk.
 struct Redis {
-    child: Child,
+    process: Process,
     url: String,
 }
 
@@ -420,19 +423,12 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start redis-server")?;
-        let mut redis = Self {
-            child,
+        let mut process = Process(child);
+        wait_listening(port, &mut process.0).context("redis-server did not start")?;
+        Ok(Self {
+            process,
             url: format!("redis://127.0.0.1:{port}/0"),
-        };
-        wait_listening(port, &mut redis.child).context("redis-server did not start")?;
-        Ok(redis)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        })
     }
 }
 
