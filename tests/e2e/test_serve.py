@@ -99,12 +99,20 @@ module = "{POLICIES / 'read_only.wasm'}"
 agents = ["reader"]
 servers = ["files"]
 {extra}""")
-        self.stderr = open(tmp_path / "serve.log", "w")
+        self.log = tmp_path / "serve.log"
         self.env = {**os.environ, "PORTCULLIS_STATUS_DIR": str(tmp_path / "status"), **(env or {})}
-        self.process = subprocess.Popen([str(PORTCULLIS), "serve", "--config", str(config), "--audit-file",
-                                         str(self.audit)], stderr=self.stderr, env=self.env)
+        self.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            if self.process.poll() is not None and f"cannot listen on 127.0.0.1:{self.port}" in self.log.read_text():
+                # The free port was taken meanwhile (say, as another
+                # connection's own end): another one.
+                self.stderr.close()
+                taken, self.port = self.port, free_port()
+                config.write_text(config.read_text().replace(f'listen = "127.0.0.1:{taken}"',
+                                                             f'listen = "127.0.0.1:{self.port}"', 1))
+                self.start()
+                continue
             try:
                 health = self.health()
                 # A server named broken* is expected never to come up.
@@ -115,6 +123,11 @@ servers = ["files"]
                 pass
             time.sleep(0.2)
         raise AssertionError(f"gateway not ready: {(tmp_path / 'serve.log').read_text()}")
+
+    def start(self) -> None:
+        self.stderr = open(self.log, "w")
+        self.process = subprocess.Popen([str(PORTCULLIS), "serve", "--config", str(self.config), "--audit-file",
+                                         str(self.audit)], stderr=self.stderr, env=self.env)
 
     @property
     def url(self) -> str:
