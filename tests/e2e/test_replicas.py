@@ -317,3 +317,31 @@ def test_a_replica_told_to_stop_finishes_its_calls_while_the_other_serves(deploy
     assert json.loads(body)["result"]["method"] == "test/slow", "the call under way finished"
     assert all("result" in answer for answer in meanwhile), meanwhile
     assert served_by([read_audit(r.audit) for r in deployment.replicas], "note")[1] == 10
+
+
+def test_a_session_its_client_ended_on_one_replica_is_not_resumed_on_another(deployment: Deployment):
+    a, b = deployment.replicas
+    auth = {"Authorization": f"Bearer {KEYS['admin']}"}
+    initialize = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}).encode()
+    listing = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+
+    def opened_on(replica: Gateway) -> dict[str, str]:
+        _, headers, _ = replica.post("/servers/echo/mcp", initialize, auth)
+        return {**auth, "Mcp-Session-Id": headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+
+    def end_on(replica: Gateway, session: dict[str, str]) -> int:
+        request = urllib.request.Request(f"{replica.url}/servers/echo/mcp", method="DELETE", headers=session)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+
+    kept, ended = opened_on(a), opened_on(a)
+    ended_status = end_on(b, ended)
+    resumed, _, _ = b.post("/servers/echo/mcp", listing, kept)
+    refused, _, _ = b.post("/servers/echo/mcp", listing, ended)
+
+    assert ended_status == 200, "ended on a replica that never had it"
+    assert resumed == 200, "a live session is resumed on the other replica"
+    assert refused == 404, "an ended one is not, whichever replica its client ended it on"
+    events = [r.get("event") for r in read_audit(b.audit)]
+    assert events.count("session-resumed") == 1 and "session-unknown" in events

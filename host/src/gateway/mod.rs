@@ -284,6 +284,20 @@ impl Gateway {
         if scope != *asked {
             return Err(Refused::Unknown);
         }
+        // One its client ended stays ended; when that cannot be checked, it
+        // is not resumed (its client initializes again).
+        if let Some(state) = &self.current.state {
+            match resumable::revoked(state, id) {
+                Ok(false) => {}
+                Ok(true) => return Err(Refused::Unknown),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot tell whether a session was ended, so it is not resumed: {e}"
+                    );
+                    return Err(Refused::Unknown);
+                }
+            }
+        }
         let servers = match &scope {
             Scope::All => self.reachable(identity),
             Scope::Server(server) if self.has_server(server) && identity.may_use(server) => {
@@ -316,11 +330,19 @@ impl Gateway {
 
     /// Ends session `id` (the client's DELETE), cancelling the calls it
     /// holds; false if it was not there.
-    /// A sealed session that was never resumed here ends here at once (the
-    /// replicas that did resume it let it expire).
+    /// A sealed session is remembered as ended in the shared state, so no
+    /// replica resumes it again (those that did let their copies expire);
+    /// one that was never resumed here ends here at once.
     pub fn end(&self, id: &str, identity: &Identity) -> bool {
+        let sealed = self.sealed(id, identity).is_some();
+        if sealed
+            && let Some(state) = &self.current.state
+            && let Err(e) = resumable::revoke(state, id)
+        {
+            tracing::warn!("cannot tell the other replicas a session ended: {e}");
+        }
         let Some(session) = self.sessions.remove(id, &identity.agent.id) else {
-            return self.sealed(id, identity).is_some();
+            return sealed;
         };
         session.cancel_held("the client ended its session");
         session.end();

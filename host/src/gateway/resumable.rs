@@ -7,9 +7,12 @@
 //! requests and answers. Only what `initialize` settled travels; what a
 //! session learns later (resource routes, subscriptions, servers' questions
 //! in flight) stays with the replica that learned it. The first key seals;
-//! every key opens, so keys can be rotated.
+//! every key opens, so keys can be rotated. A session its client ended is
+//! remembered in the deployment's shared state (`[state] redis`), so that
+//! no replica resumes it again.
 
 use crate::gateway::sessions::Scope;
+use crate::state::{Shared, Unavailable};
 use anyhow::{Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -128,6 +131,34 @@ impl Seals {
             serde_json::from_slice(plain).ok()
         })
     }
+}
+
+/// Remembers that session `id` ended, for as long as it could otherwise be
+/// resumed ([`MAX_AGE`]).
+pub fn revoke(state: &Shared, id: &str) -> Result<(), Unavailable> {
+    let key = ended_key(state, id);
+    let ttl = MAX_AGE.as_millis() as u64;
+    state.call(|c| {
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(ttl)
+            .query::<()>(c)
+    })
+}
+
+/// Whether session `id` was ended by its client on any replica.
+pub fn revoked(state: &Shared, id: &str) -> Result<bool, Unavailable> {
+    let key = ended_key(state, id);
+    state.call(|c| redis::cmd("EXISTS").arg(&key).query::<bool>(c))
+}
+
+/// The key an ended session is remembered under: its id's digest (ids are
+/// long, and say nothing once they are digested).
+fn ended_key(state: &Shared, id: &str) -> String {
+    let digest = crate::util::encode::hex(&Sha256::digest(id.as_bytes()));
+    state.key(&["session-ended", &digest])
 }
 
 #[cfg(test)]

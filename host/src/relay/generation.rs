@@ -160,26 +160,35 @@ pub struct Current {
     pub boundary: Boundary,
     /// Where calls are held for approval.
     pub holding: Holding,
+    /// The deployment's shared state (`[state] redis`), if any.
+    pub state: Option<Arc<Shared>>,
 }
 
 impl Current {
     /// `generation` in charge.
     pub fn new(generation: Generation) -> Self {
-        Self::with_boundary(generation, Boundary::default())
+        Self::with_boundary(generation, Boundary::default(), None)
     }
 
     /// `generation` in charge, with the deployment's `shared` state (from
     /// `[state]`) holding what processes must agree on.
     pub fn shared(generation: Generation, shared: Option<Arc<Shared>>) -> Self {
-        let boundary = shared.map_or_else(Boundary::default, Boundary::shared);
-        Self::with_boundary(generation, boundary)
+        let boundary = shared
+            .clone()
+            .map_or_else(Boundary::default, Boundary::shared);
+        Self::with_boundary(generation, boundary, shared)
     }
 
-    fn with_boundary(generation: Generation, boundary: Boundary) -> Self {
+    fn with_boundary(
+        generation: Generation,
+        boundary: Boundary,
+        state: Option<Arc<Shared>>,
+    ) -> Self {
         Self {
             holding: Holding::new(&generation.config),
             generation: RwLock::new(Arc::new(generation)),
             boundary,
+            state,
         }
     }
 
