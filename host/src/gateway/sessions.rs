@@ -330,6 +330,18 @@ struct Open {
 }
 
 impl Open {
+    /// Keeps `session`, if its agent has room for it (`limit`, 0: no limit).
+    fn keep(&mut self, session: Arc<ClientSession>, limit: usize) -> Result<(), TooManySessions> {
+        let agent = session.identity.agent.id.clone();
+        let count = self.per_agent.entry(agent.clone()).or_default();
+        if limit > 0 && *count >= limit {
+            return Err(TooManySessions { agent, limit });
+        }
+        *count += 1;
+        self.by_id.insert(session.id.clone(), session);
+        Ok(())
+    }
+
     fn remove(&mut self, id: &str) -> Option<Arc<ClientSession>> {
         let session = self.by_id.remove(id)?;
         let agent = &session.identity.agent.id;
@@ -367,15 +379,7 @@ impl Sessions {
 
     /// Keeps `session`, if its agent has room for it.
     pub fn insert(&self, session: Arc<ClientSession>, limit: usize) -> Result<(), TooManySessions> {
-        let agent = session.identity.agent.id.clone();
-        let mut open = self.open();
-        let count = open.per_agent.entry(agent.clone()).or_default();
-        if limit > 0 && *count >= limit {
-            return Err(TooManySessions { agent, limit });
-        }
-        *count += 1;
-        open.by_id.insert(session.id.clone(), session);
-        Ok(())
+        self.open().keep(session, limit)
     }
 
     /// Keeps `session`, resumed here from its sealed id, if its agent has
@@ -396,13 +400,7 @@ impl Sessions {
             }
             return Ok(resumed.clone());
         }
-        let agent = session.identity.agent.id.clone();
-        let count = open.per_agent.entry(agent.clone()).or_default();
-        if limit > 0 && *count >= limit {
-            return Err(TooManySessions { agent, limit });
-        }
-        *count += 1;
-        open.by_id.insert(session.id.clone(), session.clone());
+        open.keep(session.clone(), limit)?;
         Ok(session)
     }
 
