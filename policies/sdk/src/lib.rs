@@ -28,6 +28,7 @@
 
 extern crate self as portcullis_policy;
 
+pub mod document;
 pub mod secrets;
 
 wit_bindgen::generate!({
@@ -37,6 +38,7 @@ wit_bindgen::generate!({
     export_macro_name: "__export_hooks",
     default_bindings_module: "::portcullis_policy",
     runtime_path: "::portcullis_policy::__wit_bindgen::rt",
+    additional_derives: [PartialEq],
 });
 
 #[doc(hidden)]

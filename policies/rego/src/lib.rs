@@ -1,0 +1,191 @@
+//! Rego: judges each message with Rego modules, evaluated by regorus inside
+//! the component, over Portcullis' input document (`input`) and the
+//! settings' `data`. It owns the settings' meaning and the rules that turn
+//! a query's value into a verdict; the modules themselves are the user's.
+//!
+//! The query's value decides:
+//! - a set or array: empty allows; otherwise it lists the reasons to deny;
+//! - a boolean: `true` allows, `false` denies;
+//! - an object (e.g. `data.mcp`, the whole package): `deny` (reasons)
+//!   denies; `allow = false` denies; `require_approval` (reasons) holds the
+//!   call for a person; `modify` replaces the payload; `tags` label the
+//!   record whatever the outcome;
+//! - undefined, or anything else: denies, so a typo never allows.
+
+use portcullis_policy::Verdict;
+use serde::Deserialize;
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+/// The settings as written in the config.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// One module's text.
+    #[serde(default)]
+    policy: Option<String>,
+    /// Several modules, by name (the name shows in errors).
+    #[serde(default)]
+    modules: BTreeMap<String, String>,
+    /// The query whose value decides.
+    #[serde(default = "default_query")]
+    query: String,
+    /// The `data` document the modules read besides `input`.
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+fn default_query() -> String {
+    "data.mcp".into()
+}
+
+/// Compiled modules and the query, ready to judge messages.
+pub struct Rego {
+    engine: RefCell<regorus::Engine>,
+    query: String,
+}
+
+impl<'de> Deserialize<'de> for Rego {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Rego::new(Settings::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Rego {
+    /// Parses the modules, loads `data` and checks that the query names a
+    /// package some module defines.
+    pub fn new(settings: Settings) -> Result<Self, String> {
+        let mut engine = regorus::Engine::new();
+        let mut modules = settings.modules;
+        if let Some(policy) = settings.policy {
+            modules.insert("policy.rego".into(), policy);
+        }
+        if modules.is_empty() {
+            return Err("give the Rego text in `policy` or `modules`".into());
+        }
+        for (name, text) in modules {
+            engine
+                .add_policy(name.clone(), text)
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+        if let Some(data) = settings.data {
+            if !data.is_object() {
+                return Err("data must be a table".into());
+            }
+            engine
+                .add_data(regorus::Value::from(data))
+                .map_err(|e| format!("data: {e}"))?;
+        }
+        let packages = engine.get_packages().map_err(|e| e.to_string())?;
+        let query = settings.query;
+        if !packages
+            .iter()
+            .any(|p| query == *p || query.starts_with(&format!("{p}.")))
+        {
+            return Err(format!(
+                "query '{query}' names no package the modules define ({})",
+                packages.join(", ")
+            ));
+        }
+        Ok(Rego {
+            engine: RefCell::new(engine),
+            query,
+        })
+    }
+
+    /// Judges the input document.
+    pub fn judge(&self, input: Value) -> Verdict {
+        let mut engine = self.engine.borrow_mut();
+        engine.set_input(regorus::Value::from(input));
+        let value = match engine.eval_query(self.query.clone(), false) {
+            Ok(results) => results
+                .result
+                .into_iter()
+                .next()
+                .and_then(|r| r.expressions.into_iter().next())
+                .map(|e| e.value),
+            Err(e) => return Verdict::deny(format!("{} failed: {e}", self.query)),
+        };
+        let value = match value.map(|v| v.to_json_str()) {
+            None => return Verdict::deny(format!("{} is undefined", self.query)),
+            Some(Err(e)) => {
+                return Verdict::deny(format!("{} gave no JSON value: {e}", self.query));
+            }
+            Some(Ok(text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
+        };
+        verdict(&self.query, &value)
+    }
+}
+
+/// The verdict a query's value stands for (the rules in the top comment).
+fn verdict(query: &str, value: &Value) -> Verdict {
+    match value {
+        Value::Array(reasons) if reasons.is_empty() => Verdict::allow(),
+        Value::Array(reasons) => Verdict::deny(joined(reasons)),
+        Value::Bool(true) => Verdict::allow(),
+        Value::Bool(false) => Verdict::deny(format!("{query} is false")),
+        Value::Object(decision) => {
+            let listed = |key: &str| match decision.get(key) {
+                Some(Value::Array(items)) if !items.is_empty() => Some(joined(items)),
+                _ => None,
+            };
+            let verdict = if let Some(reasons) = listed("deny") {
+                Verdict::deny(reasons)
+            } else if decision.get("allow") == Some(&Value::Bool(false)) {
+                Verdict::deny(format!("{query}.allow is false"))
+            } else if let Some(reasons) = listed("require_approval") {
+                Verdict::require_approval(reasons)
+            } else if let Some(payload) = decision.get("modify").filter(|m| !m.is_null()) {
+                Verdict::modify(payload)
+            } else {
+                Verdict::allow()
+            };
+            let tags = decision.get("tags").and_then(Value::as_array);
+            tags.into_iter()
+                .flatten()
+                .fold(verdict, |v, t| v.tag(text(t)))
+        }
+        other => Verdict::deny(format!(
+            "{query} is {other}, not a set of reasons, a boolean or an object"
+        )),
+    }
+}
+
+fn joined(reasons: &[Value]) -> String {
+    reasons.iter().map(text).collect::<Vec<_>>().join("; ")
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The component's hooks (built only for WebAssembly; natively the
+/// evaluator above is a library, for tests and the benchmark).
+#[cfg(target_arch = "wasm32")]
+mod component {
+    use super::*;
+    use portcullis_policy::{Exchange, Policy, document::document, drift};
+
+    struct Component;
+
+    impl Policy for Component {
+        type Settings = Rego;
+
+        fn on_request(rego: &Rego, exchange: &Exchange) -> Verdict {
+            rego.judge(document(exchange, &drift()))
+        }
+
+        fn on_response(rego: &Rego, exchange: &Exchange) -> Verdict {
+            rego.judge(document(exchange, &drift()))
+        }
+    }
+
+    portcullis_policy::export!(Component);
+}
+
+#[cfg(test)]
+mod tests;
