@@ -161,6 +161,12 @@ impl Config {
         config.path = path.to_path_buf();
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        for (i, policy) in config.policies.iter_mut().enumerate() {
+            let name = policy.name.clone();
+            policy
+                .read_settings_files()
+                .map_err(|e| anyhow::anyhow!("{}: policy[{i}] ('{name}').{e:#}", path.display()))?;
+        }
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -185,10 +191,7 @@ impl Config {
 
     fn resolve_paths(&mut self, base: &Path) {
         for policy in &mut self.policies {
-            policy.module.resolve_against(base);
-            for fixture in &mut policy.fixtures {
-                *fixture = base.join(&*fixture);
-            }
+            policy.resolve_paths(base);
         }
         let default_spool = self.beside("spool");
         let spool = |dir: &mut Option<PathBuf>| {

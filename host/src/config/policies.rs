@@ -19,6 +19,13 @@ pub struct PolicyConfig {
     /// Settings handed to the policy's `configure` as JSON.
     #[serde(default = "empty_settings")]
     pub settings: serde_json::Value,
+    /// Settings read from files beside the config, for policy texts too
+    /// long to write inline (Rego modules, Cedar policies): each key becomes
+    /// a settings key whose value is the file's text, or for a list of
+    /// files, a table of their texts by file name. Portcullis reads them and
+    /// watches them for reloads; the policy still gets no filesystem.
+    #[serde(default)]
+    pub settings_files: BTreeMap<String, SettingsFiles>,
     /// Agent ids (globs) the policy applies to.
     #[serde(default = "everything")]
     pub agents: Vec<String>,
@@ -58,7 +65,95 @@ pub struct PolicyConfig {
     pub fixtures: Vec<PathBuf>,
 }
 
+/// One key of `settings_files`: a file, or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SettingsFiles {
+    /// The value is this file's text.
+    One(PathBuf),
+    /// The value is a table of these files' texts by file name.
+    Many(Vec<PathBuf>),
+}
+
+impl SettingsFiles {
+    /// The files it names.
+    pub fn paths(&self) -> &[PathBuf] {
+        match self {
+            SettingsFiles::One(path) => std::slice::from_ref(path),
+            SettingsFiles::Many(paths) => paths,
+        }
+    }
+
+    fn resolve_against(&mut self, base: &Path) {
+        match self {
+            SettingsFiles::One(path) => *path = base.join(&*path),
+            SettingsFiles::Many(paths) => paths.iter_mut().for_each(|p| *p = base.join(&*p)),
+        }
+    }
+
+    /// The settings value it stands for: the text of its file, or a table
+    /// of its files' texts by file name.
+    pub fn read(&self) -> Result<serde_json::Value> {
+        let read = |path: &Path| -> Result<String> {
+            let size = std::fs::metadata(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .len();
+            if size > MAX_SETTINGS_FILE_BYTES {
+                bail!(
+                    "{} is {size} bytes, more than the {MAX_SETTINGS_FILE_BYTES} a settings file may hold",
+                    path.display()
+                );
+            }
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        Ok(match self {
+            SettingsFiles::One(path) => serde_json::Value::String(read(path)?),
+            SettingsFiles::Many(paths) => {
+                let mut texts = serde_json::Map::new();
+                for path in paths {
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    let name = name.with_context(|| format!("{} names no file", path.display()))?;
+                    if texts.insert(name.clone(), read(path)?.into()).is_some() {
+                        bail!("two files are named {name}");
+                    }
+                }
+                serde_json::Value::Object(texts)
+            }
+        })
+    }
+}
+
+/// The largest settings file Portcullis reads (4 MiB).
+pub const MAX_SETTINGS_FILE_BYTES: u64 = 4 << 20;
+
 impl PolicyConfig {
+    /// Resolves its paths against the config file's directory.
+    pub(super) fn resolve_paths(&mut self, base: &Path) {
+        self.module.resolve_against(base);
+        for fixture in &mut self.fixtures {
+            *fixture = base.join(&*fixture);
+        }
+        for files in self.settings_files.values_mut() {
+            files.resolve_against(base);
+        }
+    }
+
+    /// Puts the texts of `settings_files` into `settings`.
+    pub(super) fn read_settings_files(&mut self) -> Result<()> {
+        for (key, files) in &self.settings_files {
+            let value = files
+                .read()
+                .with_context(|| format!("settings_files.{key}"))?;
+            let Some(settings) = self.settings.as_object_mut() else {
+                bail!("settings: must be a table");
+            };
+            if settings.insert(key.clone(), value).is_some() {
+                bail!("settings_files.{key}: settings has a {key} already");
+            }
+        }
+        Ok(())
+    }
+
     /// The fixtures it must pass: the config's, then those that travelled
     /// with its registry module.
     pub fn all_fixtures(&self) -> impl Iterator<Item = &PathBuf> {

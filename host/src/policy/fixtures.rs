@@ -260,6 +260,7 @@ pub fn standalone(
         module: ModuleSource::File(module.to_path_buf()),
         follow: false,
         settings: settings.clone(),
+        settings_files: BTreeMap::new(),
         agents: vec!["*".into()],
         servers: vec!["*".into()],
         methods: vec!["*".into()],

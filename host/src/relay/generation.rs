@@ -95,6 +95,10 @@ impl Generation {
         for policy in guard.policies() {
             fingerprint.update(policy.sha256.as_bytes());
         }
+        for policy in &config.policies {
+            // With settings_files, the settings hold texts the config does not.
+            fingerprint.update(policy.settings.to_string().as_bytes());
+        }
         for module in config.modules() {
             match module.pulled() {
                 Some(pulled) => fingerprint.update(pulled.digest.as_bytes()),
@@ -125,7 +129,17 @@ impl Generation {
         let modules = self.config.modules().filter_map(|m| m.file());
         std::iter::once(self.config.path.as_path())
             .chain(modules)
-            .chain(policies.flat_map(|p| &p.fixtures).map(PathBuf::as_path))
+            .chain(
+                policies
+                    .clone()
+                    .flat_map(|p| &p.fixtures)
+                    .map(PathBuf::as_path),
+            )
+            .chain(
+                policies
+                    .flat_map(|p| p.settings_files.values().flat_map(|f| f.paths()))
+                    .map(PathBuf::as_path),
+            )
             .chain(
                 self.config
                     .jwt
