@@ -70,6 +70,11 @@ pub struct AuditRecord {
     /// The arguments themselves, unless `audit.include_arguments = false`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<Value>,
+    /// For `tools/call` and its answer: the tool's annotations as the
+    /// server declared them in its latest `tools/list`, as the policies saw
+    /// them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<RecordedAnnotations>,
     /// For a message refused before it could be judged (unreadable,
     /// ambiguous, malformed): sha256 of its bytes as received.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,6 +116,51 @@ pub struct AuditRecord {
     pub trace: Option<String>,
 }
 
+/// A tool's annotations in an audit record, by their MCP names.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedAnnotations {
+    /// Human-readable title.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// `readOnlyHint`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only_hint: Option<bool>,
+    /// `destructiveHint`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destructive_hint: Option<bool>,
+    /// `idempotentHint`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotent_hint: Option<bool>,
+    /// `openWorldHint`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_world_hint: Option<bool>,
+}
+
+impl From<&crate::contract::ToolAnnotations> for RecordedAnnotations {
+    fn from(a: &crate::contract::ToolAnnotations) -> Self {
+        Self {
+            title: a.title.clone(),
+            read_only_hint: a.read_only_hint,
+            destructive_hint: a.destructive_hint,
+            idempotent_hint: a.idempotent_hint,
+            open_world_hint: a.open_world_hint,
+        }
+    }
+}
+
+impl From<&RecordedAnnotations> for crate::contract::ToolAnnotations {
+    fn from(a: &RecordedAnnotations) -> Self {
+        Self {
+            title: a.title.clone(),
+            read_only_hint: a.read_only_hint,
+            destructive_hint: a.destructive_hint,
+            idempotent_hint: a.idempotent_hint,
+            open_world_hint: a.open_world_hint,
+        }
+    }
+}
+
 impl AuditRecord {
     /// A record with a fresh id and time and no decision yet (`allow`).
     pub fn new(agent: &crate::contract::Agent, server: &str, direction: &'static str) -> Self {
@@ -127,6 +177,7 @@ impl AuditRecord {
             jsonrpc_id: None,
             arguments_sha256: None,
             arguments: None,
+            annotations: None,
             message_sha256: None,
             result_sha256: None,
             outcome: "allow",

@@ -10,12 +10,13 @@ pub mod bench;
 pub mod check;
 pub mod pin;
 pub mod policy;
+pub mod replay;
 pub mod scaffold;
 pub mod serve;
 pub mod stdio;
 
 use crate::runtime::status::{self};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -123,6 +124,11 @@ enum Commands {
         /// The policy's settings, as JSON.
         #[arg(long, default_value = "{}")]
         settings: String,
+        /// A settings key whose value is a file's text, as KEY=PATH (as
+        /// `settings_files` in the config); a key given several files gets
+        /// a table of their texts by file name.
+        #[arg(long = "settings-file", value_name = "KEY=PATH")]
+        settings_files: Vec<String>,
     },
     /// Judge one message with a policy module and print the verdict, the
     /// policy's log lines and the time it took.
@@ -135,6 +141,11 @@ enum Commands {
         /// The policy's settings, as JSON.
         #[arg(long, default_value = "{}")]
         settings: String,
+        /// A settings key whose value is a file's text, as KEY=PATH (as
+        /// `settings_files` in the config); a key given several files gets
+        /// a table of their texts by file name.
+        #[arg(long = "settings-file", value_name = "KEY=PATH")]
+        settings_files: Vec<String>,
     },
     /// Scaffold a policy project that builds and passes its own sample
     /// fixtures out of the box.
@@ -157,6 +168,10 @@ enum Commands {
     },
     /// Measure the policy chain and the relay's added latency.
     Bench(crate::cli::bench::BenchArgs),
+    /// Re-judge the messages recorded in audit trails with another config's
+    /// policies, and report which decisions would change (nothing is sent
+    /// anywhere).
+    Replay(crate::cli::replay::ReplayArgs),
 }
 
 pub fn main() -> ! {
@@ -222,23 +237,56 @@ fn run(cli: Cli) -> Result<i32> {
             module,
             fixtures,
             settings,
+            settings_files,
         } => {
-            let settings = serde_json::from_str(&settings).context("--settings is not JSON")?;
+            let settings = policy_settings(&settings, &settings_files)?;
             crate::policy::fixtures::test(&module, settings, &fixtures)
         }
         Commands::Eval {
             module,
             message,
             settings,
+            settings_files,
         } => {
-            let settings = serde_json::from_str(&settings).context("--settings is not JSON")?;
+            let settings = policy_settings(&settings, &settings_files)?;
             crate::policy::fixtures::eval(&module, settings, &message)
         }
         Commands::New { name, lang, dir } => {
             crate::cli::scaffold::run(&name, lang, dir.as_deref()).map(|()| 0)
         }
         Commands::Bench(args) => crate::cli::bench::run(&args).map(|()| 0),
+        Commands::Replay(args) => crate::cli::replay::run(&args),
     }
+}
+
+/// A standalone policy's settings: `--settings` JSON with the texts of
+/// each `--settings-file KEY=PATH` put in.
+fn policy_settings(json: &str, files: &[String]) -> Result<serde_json::Value> {
+    let mut settings: serde_json::Value =
+        serde_json::from_str(json).context("--settings is not JSON")?;
+    let mut named: std::collections::BTreeMap<&str, Vec<PathBuf>> = Default::default();
+    for file in files {
+        let (key, path) = file
+            .split_once('=')
+            .with_context(|| format!("--settings-file {file}: write it as KEY=PATH"))?;
+        named.entry(key).or_default().push(PathBuf::from(path));
+    }
+    for (key, mut paths) in named {
+        let files = match paths.len() {
+            1 => crate::config::SettingsFiles::One(paths.remove(0)),
+            _ => crate::config::SettingsFiles::Many(paths),
+        };
+        let value = files
+            .read()
+            .with_context(|| format!("--settings-file {key}"))?;
+        let table = settings
+            .as_object_mut()
+            .context("--settings must be a JSON object")?;
+        if table.insert(key.to_string(), value).is_some() {
+            bail!("--settings-file {key}: --settings has a {key} already");
+        }
+    }
+    Ok(settings)
 }
 
 /// The policy engine and shared state `config` sets up: with `[state]

@@ -177,6 +177,7 @@ impl Relay {
         record.kind = kind.as_str();
         record.method = Some(exchange.method.clone()).filter(|m| !m.is_empty());
         record.tool = exchange.tool.clone();
+        record.annotations = exchange.annotations.as_ref().map(Into::into);
         record.jsonrpc_id = message.id.map(ToOwned::to_owned);
         record.trace = exchange
             .params

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 const MAX_QUOTED: usize = 400;
 
 /// How one item differs from its pinned definition.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ToolDrift {
     /// The server's configured name.
     pub server: String,
