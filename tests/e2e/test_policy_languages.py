@@ -23,6 +23,7 @@ def copy_example(language: str, directory: Path, root: Path) -> Path:
     """The example's files under `directory`, guarding `root` instead of
     /srv/data, with the module named absolutely and no fixtures (they are
     written for /srv/data)."""
+    directory.mkdir(exist_ok=True)
     for file in (EXAMPLES / language).iterdir():
         text = file.read_text().replace("/srv/data", str(root))
         text = text.replace("../../../policies/target/wasm32-wasip2/release", str(POLICIES))
