@@ -26,6 +26,7 @@ use cedar_policy::{
 use portcullis_policy::Verdict;
 use serde::Deserialize;
 use serde_json::Value;
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 
@@ -39,12 +40,18 @@ pub struct Settings {
     /// validated against it (strict mode) before they serve.
     #[serde(default)]
     schema: Option<String>,
+    /// Report which policies each message exercised (`portcullis test
+    /// --coverage` sets it).
+    #[serde(default)]
+    coverage: bool,
 }
 
 /// Parsed (and validated) policies, ready to judge messages.
 pub struct Cedar {
     policies: PolicySet,
     authorizer: Authorizer,
+    /// With coverage: the policies that decided the last message (or failed).
+    exercised: Option<RefCell<Vec<String>>>,
 }
 
 impl<'de> Deserialize<'de> for Cedar {
@@ -74,6 +81,7 @@ impl Cedar {
         Ok(Cedar {
             policies,
             authorizer: Authorizer::new(),
+            exercised: settings.coverage.then(RefCell::default),
         })
     }
 
@@ -93,6 +101,10 @@ impl Cedar {
             .filter(|id| self.effect(id) == Some(Effect::Forbid))
             .collect();
         let reasons: BTreeSet<&PolicyId> = diagnostics.reason().collect();
+        if let Some(cell) = &self.exercised {
+            let decided = reasons.iter().chain(&failed).map(|id| self.name(id));
+            *cell.borrow_mut() = decided.collect();
+        }
         if failed.is_empty() && response.decision() == Decision::Allow {
             return self.tagged(Verdict::allow(), &reasons);
         }
@@ -121,8 +133,26 @@ impl Cedar {
         self.policies.policy(id).map(|p| p.effect())
     }
 
-    fn reason(&self, id: &PolicyId, failed: &BTreeSet<&PolicyId>) -> String {
+    /// With `coverage`: the coverage line of the last message judged (a
+    /// policy counts as exercised when it decided or failed).
+    pub fn coverage(&self) -> Option<String> {
+        let exercised = self.exercised.as_ref()?.borrow();
+        let all: Vec<String> = self
+            .policies
+            .policies()
+            .map(|p| self.name(p.id()))
+            .collect();
+        Some(portcullis_policy::coverage::line(&all, &exercised))
+    }
+
+    /// A policy's `@id`, else the id Cedar gave it (`policy0`, …).
+    fn name(&self, id: &PolicyId) -> String {
         let name = self.policies.annotation(id, "id").unwrap_or(id.as_ref());
+        name.to_string()
+    }
+
+    fn reason(&self, id: &PolicyId, failed: &BTreeSet<&PolicyId>) -> String {
+        let name = self.name(id);
         if failed.contains(id) {
             return format!("forbid {name} could not be evaluated");
         }
@@ -235,19 +265,27 @@ fn cedar_value(value: &Value) -> Result<Option<RestrictedExpression>, String> {
 #[cfg(target_arch = "wasm32")]
 mod component {
     use super::*;
-    use portcullis_policy::{Exchange, Policy, document::document, drift};
+    use portcullis_policy::{Exchange, Level, Policy, document::document, drift, log};
 
     struct Component;
+
+    fn judge(cedar: &Cedar, exchange: &Exchange) -> Verdict {
+        let verdict = cedar.judge(&document(exchange, &drift()));
+        if let Some(line) = cedar.coverage() {
+            log(Level::Debug, &line);
+        }
+        verdict
+    }
 
     impl Policy for Component {
         type Settings = Cedar;
 
         fn on_request(cedar: &Cedar, exchange: &Exchange) -> Verdict {
-            cedar.judge(&document(exchange, &drift()))
+            judge(cedar, exchange)
         }
 
         fn on_response(cedar: &Cedar, exchange: &Exchange) -> Verdict {
-            cedar.judge(&document(exchange, &drift()))
+            judge(cedar, exchange)
         }
     }
 

@@ -122,3 +122,14 @@ fn bad_policies_and_schema_mismatches_are_refused_at_configure() {
         .unwrap();
     assert!(err.contains("do not match the schema"), "{err}");
 }
+
+#[test]
+fn coverage_names_the_policies_that_decided() {
+    let settings = json!({ "policies": GUARD, "coverage": true });
+    let cedar = Cedar::new(serde_json::from_value(settings).unwrap()).unwrap();
+    cedar.judge(&call("write", false, json!({})));
+    let line = cedar.coverage().unwrap();
+    let line: Value = serde_json::from_str(line.strip_prefix("coverage ").unwrap()).unwrap();
+    assert_eq!(line["all"].as_array().unwrap().len(), 4);
+    assert_eq!(line["hit"], json!(["read-only"]));
+}

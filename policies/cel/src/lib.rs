@@ -20,6 +20,7 @@ use cel_interpreter::{Context, Env, Program, Value as CelValue};
 use portcullis_policy::Verdict;
 use serde::Deserialize;
 use serde_json::Value;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 /// The settings as written in the config.
@@ -31,6 +32,10 @@ pub struct Settings {
     /// A value the expressions read as `data`.
     #[serde(default)]
     data: Value,
+    /// Report which rules each message exercised (`portcullis test
+    /// --coverage` sets it).
+    #[serde(default)]
+    coverage: bool,
 }
 
 /// One rule as written in the config.
@@ -58,6 +63,7 @@ enum Effect {
 }
 
 struct Rule {
+    label: String,
     effect: Effect,
     source: String,
     program: Program,
@@ -70,6 +76,8 @@ pub struct Cel {
     rules: Vec<Rule>,
     env: Arc<Env>,
     data: CelValue,
+    /// With coverage: the rules the last message exercised.
+    exercised: Option<RefCell<Vec<usize>>>,
 }
 
 impl<'de> Deserialize<'de> for Cel {
@@ -100,10 +108,15 @@ impl Cel {
             let program = env
                 .compile(&source)
                 .map_err(|e| format!("{at}: {}: {e}", source.trim()))?;
+            let mut label = format!("{at}: {}", rule.reason.as_deref().unwrap_or(source.trim()));
             let reason = rule
                 .reason
                 .unwrap_or_else(|| format!("{at} holds: {}", source.trim()));
+            if label.chars().count() > 72 {
+                label = label.chars().take(71).chain(['…']).collect();
+            }
             rules.push(Rule {
+                label,
                 effect,
                 source,
                 program,
@@ -112,7 +125,13 @@ impl Cel {
             });
         }
         let data = cel_interpreter::to_value(&settings.data).map_err(|e| format!("data: {e}"))?;
-        Ok(Cel { rules, env, data })
+        let exercised = settings.coverage.then(RefCell::default);
+        Ok(Cel {
+            rules,
+            env,
+            data,
+            exercised,
+        })
     }
 
     /// Judges the input document.
@@ -124,26 +143,23 @@ impl Cel {
         }
         context.add_variable_from_value("data", self.data.clone());
         let mut held = [Vec::new(), Vec::new(), Vec::new()];
-        for rule in &self.rules {
-            let holds = match rule.program.execute(&context) {
-                Ok(CelValue::Bool(b)) => b,
-                Ok(other) if rule.effect != Effect::Tag => {
-                    held[slot(rule.effect)].push((
-                        format!("{} gave {other:?}, not a boolean", rule.source.trim()),
-                        &rule.tags,
-                    ));
-                    continue;
+        let mut exercised = Vec::new();
+        for (n, rule) in self.rules.iter().enumerate() {
+            let reason = match rule.program.execute(&context) {
+                Ok(CelValue::Bool(true)) => rule.reason.clone(),
+                Ok(other) if rule.effect != Effect::Tag && other != CelValue::Bool(false) => {
+                    format!("{} gave {other:?}, not a boolean", rule.source.trim())
                 }
                 Err(e) if rule.effect != Effect::Tag => {
-                    held[slot(rule.effect)]
-                        .push((format!("{} failed: {e}", rule.source.trim()), &rule.tags));
-                    continue;
+                    format!("{} failed: {e}", rule.source.trim())
                 }
-                _ => false,
+                _ => continue,
             };
-            if holds {
-                held[slot(rule.effect)].push((rule.reason.clone(), &rule.tags));
-            }
+            held[slot(rule.effect)].push((reason, &rule.tags));
+            exercised.push(n);
+        }
+        if let Some(cell) = &self.exercised {
+            *cell.borrow_mut() = exercised;
         }
         let [denied, approval, tagged] = held;
         let (verdict, deciding) = if !denied.is_empty() {
@@ -157,6 +173,17 @@ impl Cel {
             .iter()
             .flat_map(|(_, tags)| tags.iter())
             .fold(verdict, |v, t| v.tag(t.clone()))
+    }
+}
+
+impl Cel {
+    /// With `coverage`: the coverage line of the last message judged (a
+    /// rule counts as exercised when it held or failed).
+    pub fn coverage(&self) -> Option<String> {
+        let exercised = self.exercised.as_ref()?.borrow();
+        let all: Vec<String> = self.rules.iter().map(|r| r.label.clone()).collect();
+        let hit: Vec<String> = exercised.iter().map(|&n| all[n].clone()).collect();
+        Some(portcullis_policy::coverage::line(&all, &hit))
     }
 }
 
@@ -178,19 +205,27 @@ fn reasons(held: &[(String, &Vec<String>)]) -> String {
 #[cfg(target_arch = "wasm32")]
 mod component {
     use super::*;
-    use portcullis_policy::{Exchange, Policy, document::document, drift};
+    use portcullis_policy::{Exchange, Level, Policy, document::document, drift, log};
 
     struct Component;
+
+    fn judge(cel: &Cel, exchange: &Exchange) -> Verdict {
+        let verdict = cel.judge(&document(exchange, &drift()));
+        if let Some(line) = cel.coverage() {
+            log(Level::Debug, &line);
+        }
+        verdict
+    }
 
     impl Policy for Component {
         type Settings = Cel;
 
         fn on_request(cel: &Cel, exchange: &Exchange) -> Verdict {
-            cel.judge(&document(exchange, &drift()))
+            judge(cel, exchange)
         }
 
         fn on_response(cel: &Cel, exchange: &Exchange) -> Verdict {
-            cel.judge(&document(exchange, &drift()))
+            judge(cel, exchange)
         }
     }
 

@@ -89,3 +89,29 @@ fn bad_rules_are_refused_at_configure() {
     assert!(err(json!({"rules": [{"reason": "x"}]})).contains("exactly one"));
     assert!(err(json!({"rules": [{"deny": "true"}]})).contains("unknown field"));
 }
+
+#[test]
+fn coverage_names_the_rules_a_message_exercised() {
+    let cel = cel(json!({
+        "coverage": true,
+        "rules": [
+            {"deny_if": "input.tool == 'write'", "reason": "no writes"},
+            {"deny_if": "input.arguments.missing == 1", "reason": "fails without the key"},
+            {"tag_if": "true", "tags": ["seen"]},
+        ],
+    }))
+    .unwrap();
+    cel.judge(&call("write", json!({}), json!({})));
+    let line: Value =
+        serde_json::from_str(cel.coverage().unwrap().strip_prefix("coverage ").unwrap()).unwrap();
+    assert_eq!(line["all"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        line["hit"],
+        json!([
+            "rule 1: no writes",
+            "rule 2: fails without the key",
+            "rule 3: true"
+        ])
+    );
+    assert!(guard().coverage().is_none(), "only when asked");
+}

@@ -34,6 +34,10 @@ pub struct Settings {
     /// The `data` document the modules read besides `input`.
     #[serde(default)]
     data: Option<Value>,
+    /// Report which lines each message ran (`portcullis test --coverage`
+    /// sets it).
+    #[serde(default)]
+    coverage: bool,
 }
 
 fn default_query() -> String {
@@ -44,6 +48,7 @@ fn default_query() -> String {
 pub struct Rego {
     engine: RefCell<regorus::Engine>,
     query: String,
+    coverage: bool,
 }
 
 impl<'de> Deserialize<'de> for Rego {
@@ -88,15 +93,20 @@ impl Rego {
                 packages.join(", ")
             ));
         }
+        engine.set_enable_coverage(settings.coverage);
         Ok(Rego {
             engine: RefCell::new(engine),
             query,
+            coverage: settings.coverage,
         })
     }
 
     /// Judges the input document.
     pub fn judge(&self, input: Value) -> Verdict {
         let mut engine = self.engine.borrow_mut();
+        if self.coverage {
+            engine.clear_coverage_data();
+        }
         engine.set_input(regorus::Value::from(input));
         let value = match engine.eval_query(self.query.clone(), false) {
             Ok(results) => results
@@ -115,6 +125,31 @@ impl Rego {
             Some(Ok(text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
         };
         verdict(&self.query, &value)
+    }
+}
+
+impl Rego {
+    /// With `coverage`: the coverage line of the last message judged, by
+    /// module line (`name:line`).
+    pub fn coverage(&self) -> Option<String> {
+        if !self.coverage {
+            return None;
+        }
+        let report = self.engine.borrow().get_coverage_report().ok()?;
+        let (mut all, mut hit) = (Vec::new(), Vec::new());
+        for file in &report.files {
+            let mut lines: Vec<(u32, bool)> = file.covered.iter().map(|l| (*l, true)).collect();
+            lines.extend(file.not_covered.iter().map(|l| (*l, false)));
+            lines.sort_unstable();
+            for (line, covered) in lines {
+                let name = format!("{}:{line}", file.path);
+                if covered {
+                    hit.push(name.clone());
+                }
+                all.push(name);
+            }
+        }
+        Some(portcullis_policy::coverage::line(&all, &hit))
     }
 }
 
@@ -168,19 +203,27 @@ fn text(value: &Value) -> String {
 #[cfg(target_arch = "wasm32")]
 mod component {
     use super::*;
-    use portcullis_policy::{Exchange, Policy, document::document, drift};
+    use portcullis_policy::{Exchange, Level, Policy, document::document, drift, log};
 
     struct Component;
+
+    fn judge(rego: &Rego, exchange: &Exchange) -> Verdict {
+        let verdict = rego.judge(document(exchange, &drift()));
+        if let Some(line) = rego.coverage() {
+            log(Level::Debug, &line);
+        }
+        verdict
+    }
 
     impl Policy for Component {
         type Settings = Rego;
 
         fn on_request(rego: &Rego, exchange: &Exchange) -> Verdict {
-            rego.judge(document(exchange, &drift()))
+            judge(rego, exchange)
         }
 
         fn on_response(rego: &Rego, exchange: &Exchange) -> Verdict {
-            rego.judge(document(exchange, &drift()))
+            judge(rego, exchange)
         }
     }
 

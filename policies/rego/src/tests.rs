@@ -125,3 +125,20 @@ fn several_modules_share_packages() {
         Outcome::Deny(_)
     ));
 }
+
+#[test]
+fn coverage_names_the_lines_a_message_ran() {
+    let rego = rego(json!({ "policy": GUARD, "coverage": true })).unwrap();
+    rego.judge(call("write", false, json!({})));
+    let line = rego.coverage().unwrap();
+    let line: Value = serde_json::from_str(line.strip_prefix("coverage ").unwrap()).unwrap();
+    let (all, hit) = (
+        line["all"].as_array().unwrap(),
+        line["hit"].as_array().unwrap(),
+    );
+    assert!(!hit.is_empty() && hit.len() < all.len(), "{line}");
+    assert!(
+        hit.iter()
+            .all(|h| all.contains(h) && h.as_str().unwrap().starts_with("policy.rego:"))
+    );
+}

@@ -28,6 +28,7 @@
 
 extern crate self as portcullis_policy;
 
+pub mod coverage;
 pub mod document;
 pub mod secrets;
 
