@@ -177,3 +177,46 @@ def test_portcullis_test_reads_settings_files(tmp_path: Path):
                              "--settings-file", f"modules={tmp_path / 'a.rego'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "two files are named a.rego" in result.stderr, result.stderr
+
+
+def example_test_args(language: str) -> list[str]:
+    """`portcullis test` arguments giving the example's settings and files."""
+    import json
+    import tomllib
+    directory = EXAMPLES / language
+    [policy] = tomllib.loads((directory / "portcullis.toml").read_text())["policy"]
+    args = ["--settings", json.dumps(policy.get("settings", {}))]
+    for key, name in policy.get("settings_files", {}).items():
+        args += ["--settings-file", f"{key}={directory / name}"]
+    return args
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_coverage_names_the_rules_no_fixture_exercised(language: str):
+    module = POLICIES / f"{language}.wasm"
+    suite = ROOT / "examples" / "policies" / "conformance.json"
+
+    def coverage(*fixtures: Path) -> str:
+        result = subprocess.run([str(PORTCULLIS), "test", str(module), *map(str, fixtures), "--coverage",
+                                 *example_test_args(language)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    suite_only = coverage(suite)
+    exercised, total = map(int, re.search(r"coverage: (\d+) of (\d+) rules", suite_only).groups())
+    assert 0 < exercised < total, suite_only
+    # The conformance suite has no call to a denied tool; the examples' own fixtures do.
+    missing = {"rego": "not exercised: policy.rego:", "cedar": "not exercised: deny-list",
+               "cel": "not exercised: rule 1: the tool is on the deny list"}[language]
+    assert missing in suite_only, suite_only
+    both = coverage(suite, EXAMPLES / "fixtures.json")
+    assert "deny-list" not in both and "deny list" not in both, both
+    more = int(re.search(r"coverage: (\d+) of", both).group(1))
+    assert more > exercised, both
+
+
+def test_coverage_of_a_policy_that_does_not_report_it_is_a_clear_error():
+    result = subprocess.run([str(PORTCULLIS), "test", str(POLICIES / "read_only.wasm"),
+                             str(ROOT / "examples" / "policies" / "conformance.json"), "--coverage"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "only policies that report coverage" in result.stderr, result.stderr

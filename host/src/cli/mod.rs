@@ -121,6 +121,10 @@ enum Commands {
         /// Fixture files (JSON arrays of cases).
         #[arg(required = true)]
         fixtures: Vec<PathBuf>,
+        /// Report which of the policy's rules the cases exercised, and name
+        /// those none did (the rego, cedar and cel components report it).
+        #[arg(long)]
+        coverage: bool,
         /// The policy's settings, as JSON.
         #[arg(long, default_value = "{}")]
         settings: String,
@@ -236,11 +240,12 @@ fn run(cli: Cli) -> Result<i32> {
         Commands::Test {
             module,
             fixtures,
+            coverage,
             settings,
             settings_files,
         } => {
             let settings = policy_settings(&settings, &settings_files)?;
-            crate::policy::fixtures::test(&module, settings, &fixtures)
+            crate::policy::fixtures::test(&module, settings, &fixtures, coverage)
         }
         Commands::Eval {
             module,

@@ -30,6 +30,7 @@ use crate::config::{
 use crate::contract::{
     Agent, Direction, Drifted, Exchange, MessageKind, Outcome, ToolAnnotations, ToolDrift,
 };
+use crate::policy::coverage::Coverage;
 use crate::policy::engine::PolicyEngine;
 use crate::policy::module::{Hook, Policy};
 use crate::util::stats::Stats;
@@ -223,11 +224,22 @@ pub fn read(path: &Path) -> Result<Vec<Fixture>> {
         .with_context(|| format!("fixtures {} are not valid", path.display()))
 }
 
+/// The messages of a fixture file's cases, as a policy is shown them.
+pub fn samples(path: &Path) -> Result<Vec<Sample>> {
+    read(path)?
+        .iter()
+        .map(|case| {
+            let sample = case.exchange.to_sample();
+            sample.with_context(|| format!("fixture '{}' ({})", case.name, path.display()))
+        })
+        .collect()
+}
+
 /// Runs every case of the fixture file at `path` against `policy`; the first
 /// case that fails is the error.
 pub fn check(policy: &Policy, path: &Path) -> Result<()> {
     for case in read(path)? {
-        if let Err(why) = run(policy, &case) {
+        if let Err(why) = run(policy, &case, &mut Coverage::default()) {
             bail!("fixture '{}' ({}): {why}", case.name, path.display());
         }
     }
@@ -280,10 +292,24 @@ pub fn standalone(
 
 /// `portcullis test`: loads the module at `module` with `settings` and runs
 /// every case of every file, printing one line per case and, for a failure,
-/// what differed. Returns the exit code: 0 when every case passed.
-pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
+/// what differed; with `coverage`, asks the policy to report which of its
+/// rules the cases exercised (`coverage = true` in its settings) and prints
+/// the rules none did. Returns the exit code: 0 when every case passed.
+pub fn test(module: &Path, mut settings: Value, files: &[PathBuf], coverage: bool) -> Result<i32> {
+    if coverage {
+        let table = settings
+            .as_object_mut()
+            .context("--coverage needs the settings to be a JSON object")?;
+        table.insert("coverage".into(), Value::Bool(true));
+    }
     let engine = PolicyEngine::new(&EngineConfig::default())?;
-    let policy = standalone(&engine, module, &settings, InstanceMode::Fresh)?;
+    let policy = standalone(&engine, module, &settings, InstanceMode::Fresh)
+        .map_err(|e| if coverage {
+            e.context("with --coverage, the policy is given `coverage = true`: only policies that report coverage (the rego, cedar and cel components) accept it")
+        } else {
+            e
+        })?;
+    let mut covered = Coverage::default();
     println!(
         "policy {}  sha256 {}",
         module.display(),
@@ -292,7 +318,7 @@ pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
     let (mut passed, mut failed) = (0, 0);
     for file in files {
         for case in read(file)? {
-            match run(&policy, &case) {
+            match run(&policy, &case, &mut covered) {
                 Ok(()) => {
                     passed += 1;
                     println!("  PASS  {}  ({})", case.name, file.display());
@@ -308,6 +334,9 @@ pub fn test(module: &Path, settings: Value, files: &[PathBuf]) -> Result<i32> {
         }
     }
     println!("fixtures: {passed} passed, {failed} failed");
+    if coverage {
+        print!("{}", covered.report());
+    }
     Ok(if failed == 0 { 0 } else { 1 })
 }
 
@@ -350,16 +379,15 @@ pub fn eval(module: &Path, settings: Value, message: &Path) -> Result<i32> {
 }
 
 /// Runs one case; the error says how the verdict differed.
-fn run(policy: &Policy, case: &Fixture) -> Result<(), String> {
+fn run(policy: &Policy, case: &Fixture, coverage: &mut Coverage) -> Result<(), String> {
     let sample = case
         .exchange
         .to_sample()
         .map_err(|e| format!("invalid exchange: {e:#}"))?;
     let hook = Hook::for_direction(sample.exchange.direction);
-    let verdict = policy
-        .evaluate(hook, &sample.exchange, &sample.drift)
-        .result
-        .map_err(|f| format!("the policy {f}"))?;
+    let evaluation = policy.evaluate(hook, &sample.exchange, &sample.drift);
+    coverage.add(&evaluation.logs);
+    let verdict = evaluation.result.map_err(|f| format!("the policy {f}"))?;
     let (got, payload) = match &verdict.outcome {
         Outcome::Allow => (Expected::Allow, None),
         Outcome::Deny(_) => (Expected::Deny, None),

@@ -4,6 +4,7 @@
 //! test a module; and the key-value store behind their `store` import.
 
 pub mod chain;
+pub mod coverage;
 pub mod engine;
 pub mod fixtures;
 pub mod kv;
