@@ -521,10 +521,43 @@ pub fn bytes_digest(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// sha256 of a JSON value's canonical form (its text: serde_json keeps
-/// object keys sorted).
+/// sha256 of a JSON value's canonical form: its compact text with every
+/// object's keys sorted. The keys are sorted here, not left to serde_json's
+/// map order (a dependency may turn on its `preserve_order`).
 pub fn value_digest(value: &Value) -> String {
-    hex(&Sha256::digest(value.to_string().as_bytes()))
+    let mut hasher = Sha256::new();
+    canonical(value, &mut hasher);
+    hex(&hasher.finalize())
+}
+
+fn canonical(value: &Value, out: &mut Sha256) {
+    match value {
+        Value::Object(fields) => {
+            let mut keys: Vec<&String> = fields.keys().collect();
+            keys.sort_unstable();
+            out.update(b"{");
+            for (n, key) in keys.into_iter().enumerate() {
+                if n > 0 {
+                    out.update(b",");
+                }
+                out.update(Value::String(key.clone()).to_string().as_bytes());
+                out.update(b":");
+                canonical(&fields[key], out);
+            }
+            out.update(b"}");
+        }
+        Value::Array(items) => {
+            out.update(b"[");
+            for (n, item) in items.iter().enumerate() {
+                if n > 0 {
+                    out.update(b",");
+                }
+                canonical(item, out);
+            }
+            out.update(b"]");
+        }
+        scalar => out.update(scalar.to_string().as_bytes()),
+    }
 }
 
 /// Set when this process' stdout carries MCP messages (`portcullis stdio`):
@@ -755,6 +788,17 @@ impl Audit {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_canonical_digest_sorts_keys_and_matches_compact_sorted_text() {
+        let written: Value =
+            serde_json::from_str(r#"{ "b": [1, {"z": "\u00e9", "a": null}], "a": 1.5 }"#).unwrap();
+        let text = r#"{"a":1.5,"b":[1,{"a":null,"z":"é"}]}"#;
+        assert_eq!(
+            value_digest(&written),
+            hex(&Sha256::digest(text.as_bytes()))
+        );
+    }
+
     use super::*;
 
     #[test]
