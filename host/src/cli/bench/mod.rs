@@ -7,6 +7,7 @@
 //! that must leave memory flat and the trail verifiable.
 
 mod audit;
+mod evaluators;
 mod gateway;
 mod replicas;
 mod soak;
@@ -45,7 +46,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "{}")]
     settings: String,
     /// Config whose policy chain is measured (and used for the relay).
-    #[arg(long, required_unless_present_any = ["reload", "policy", "audit"])]
+    #[arg(long, required_unless_present_any = ["reload", "policy", "audit", "evaluators"])]
     config: Option<PathBuf>,
     /// Two policy modules, given twice: one that allows the sample call and
     /// one that refuses it. Measures the time from writing a module to the
@@ -90,6 +91,19 @@ pub struct BenchArgs {
     /// chained) and the records per second it sustains.
     #[arg(long)]
     audit: bool,
+    /// Measure the Rego, Cedar and CEL evaluator components on the examples
+    /// in this directory against the same crates evaluating natively (in a
+    /// build with the `native-evaluators` feature) and the Rust reference
+    /// policy.
+    #[arg(long, value_name = "DIR")]
+    evaluators: Option<PathBuf>,
+    /// With `--evaluators`: the Rust reference policy's module.
+    #[arg(
+        long,
+        requires = "evaluators",
+        default_value = "examples/policies/rust/dist/policy.wasm"
+    )]
+    reference: PathBuf,
     /// With `--audit`: records per variant.
     #[arg(long, default_value_t = 200_000)]
     records: usize,
@@ -113,6 +127,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if args.audit {
         audit::run(args.records)?;
+    }
+    if let Some(dir) = &args.evaluators {
+        evaluators::run(dir, &args.reference, args.iterations)?;
     }
     if !args.reload.is_empty() {
         let [allows, refuses] = args.reload.as_slice() else {
