@@ -50,6 +50,8 @@ pub struct Settings {
 pub struct Cedar {
     policies: PolicySet,
     authorizer: Authorizer,
+    /// The schema's actions and their groups (`action in Action::"writes"`).
+    actions: Vec<Entity>,
     /// With coverage: the policies that decided the last message (or failed).
     exercised: Option<RefCell<Vec<String>>>,
 }
@@ -65,9 +67,14 @@ impl Cedar {
     pub fn new(settings: Settings) -> Result<Self, String> {
         let policies =
             PolicySet::from_str(&settings.policies).map_err(|e| format!("policies: {e}"))?;
+        let mut actions = Vec::new();
         if let Some(schema) = settings.schema {
             let (schema, _) =
                 Schema::from_cedarschema_str(&schema).map_err(|e| format!("schema: {e}"))?;
+            let entities = schema
+                .action_entities()
+                .map_err(|e| format!("schema: {e}"))?;
+            actions = entities.iter().cloned().collect();
             let result = Validator::new(schema).validate(&policies, ValidationMode::Strict);
             if !result.validation_passed() {
                 let errors: Vec<String> =
@@ -81,13 +88,14 @@ impl Cedar {
         Ok(Cedar {
             policies,
             authorizer: Authorizer::new(),
+            actions,
             exercised: settings.coverage.then(RefCell::default),
         })
     }
 
     /// Judges the input document.
     pub fn judge(&self, input: &Value) -> Verdict {
-        let (request, entities) = match request(input) {
+        let (request, entities) = match request(input, &self.actions) {
             Ok(built) => built,
             Err(e) => return Verdict::deny(format!("cannot put the message to Cedar: {e}")),
         };
@@ -171,7 +179,7 @@ impl Cedar {
 }
 
 /// The Cedar request and entities for an input document.
-fn request(input: &Value) -> Result<(cedar_policy::Request, Entities), String> {
+fn request(input: &Value, actions: &[Entity]) -> Result<(cedar_policy::Request, Entities), String> {
     let text = |key: &str| input[key].as_str().unwrap_or_default().to_string();
     let (server, method) = (text("server"), text("method"));
     let agent = uid("Agent", input["agent"]["id"].as_str().unwrap_or_default())?;
@@ -220,6 +228,7 @@ fn request(input: &Value) -> Result<(cedar_policy::Request, Entities), String> {
     let action = uid("Action", &method)?;
     let request = cedar_policy::Request::new(agent, action, resource, context, None)
         .map_err(|e| e.to_string())?;
+    entities.extend(actions.iter().cloned());
     let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
     Ok((request, entities))
 }

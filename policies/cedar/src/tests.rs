@@ -133,3 +133,18 @@ fn coverage_names_the_policies_that_decided() {
     assert_eq!(line["all"].as_array().unwrap().len(), 4);
     assert_eq!(line["hit"], json!(["read-only"]));
 }
+
+#[test]
+fn action_groups_of_the_schema_apply() {
+    let schema = r#"
+        entity Agent; entity Server; entity Tool in [Server];
+        action writes;
+        action "tools/call" in [writes] appliesTo { principal: Agent, resource: Tool, context: {} };
+    "#;
+    let policies = r#"permit (principal, action, resource);
+        @reason("writes are off") forbid (principal, action in Action::"writes", resource);"#;
+    let settings = json!({ "policies": policies, "schema": schema });
+    let cedar = Cedar::new(serde_json::from_value(settings).unwrap()).unwrap();
+    let (o, _) = outcome(&cedar, call("write", false, json!({})));
+    assert!(matches!(o, Outcome::Deny(d) if d.reason == "writes are off"));
+}

@@ -5,12 +5,15 @@
 //!
 //! The query's value decides:
 //! - a set or array: empty allows; otherwise it lists the reasons to deny;
-//! - a boolean: `true` allows, `false` denies;
-//! - an object (e.g. `data.mcp`, the whole package): `deny` (reasons)
-//!   denies; `allow = false` denies; `require_approval` (reasons) holds the
-//!   call for a person; `modify` replaces the payload; `tags` label the
-//!   record whatever the outcome;
-//! - undefined, or anything else: denies, so a typo never allows.
+//! - a boolean: `true` allows, `false` denies — unless the query ends in
+//!   `.deny`, where `true` denies;
+//! - an object (e.g. `data.mcp`, the whole package): `deny` holding denies
+//!   (a non-empty set of reasons, or `true` from a `deny if …` rule, or any
+//!   other value); an `allow` present and not `true` denies;
+//!   `require_approval` holding holds the call for a person; `modify`
+//!   replaces the payload; `tags` label the record whatever the outcome;
+//! - undefined: denies, so a typo never allows; a string or number denies
+//!   with it as the reason.
 
 use portcullis_policy::Verdict;
 use serde::Deserialize;
@@ -79,7 +82,7 @@ impl Rego {
                 return Err("data must be a table".into());
             }
             engine
-                .add_data(regorus::Value::from(data))
+                .add_data(rego_value(&data))
                 .map_err(|e| format!("data: {e}"))?;
         }
         let packages = engine.get_packages().map_err(|e| e.to_string())?;
@@ -107,7 +110,7 @@ impl Rego {
         if self.coverage {
             engine.clear_coverage_data();
         }
-        engine.set_input(regorus::Value::from(input));
+        engine.set_input(rego_value(&input));
         let value = match engine.eval_query(self.query.clone(), false) {
             Ok(results) => results
                 .result
@@ -153,23 +156,44 @@ impl Rego {
     }
 }
 
+/// A JSON value as a Rego value, built member by member: regorus' own
+/// conversion reads serde's private number marker (an object whose key is
+/// `$serde_json::private::Number`) as a number, and turns the whole input
+/// undefined when that fails, which an argument must never be able to do.
+fn rego_value(value: &Value) -> regorus::Value {
+    match value {
+        Value::Null => regorus::Value::Null,
+        Value::Bool(b) => regorus::Value::from(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => regorus::Value::from(i),
+            (None, Some(u)) => regorus::Value::from(u),
+            _ => regorus::Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => regorus::Value::from(s.as_str()),
+        Value::Array(items) => {
+            regorus::Value::from(items.iter().map(rego_value).collect::<Vec<_>>())
+        }
+        Value::Object(fields) => regorus::Value::from(
+            fields
+                .iter()
+                .map(|(k, v)| (regorus::Value::from(k.as_str()), rego_value(v)))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+    }
+}
+
 /// The verdict a query's value stands for (the rules in the top comment).
 fn verdict(query: &str, value: &Value) -> Verdict {
+    let denies_when_true = query.ends_with(".deny");
     match value {
-        Value::Array(reasons) if reasons.is_empty() => Verdict::allow(),
-        Value::Array(reasons) => Verdict::deny(joined(reasons)),
-        Value::Bool(true) => Verdict::allow(),
-        Value::Bool(false) => Verdict::deny(format!("{query} is false")),
+        Value::Bool(b) if *b == denies_when_true => Verdict::deny(format!("{query} is {b}")),
+        Value::Bool(_) => Verdict::allow(),
         Value::Object(decision) => {
-            let listed = |key: &str| match decision.get(key) {
-                Some(Value::Array(items)) if !items.is_empty() => Some(joined(items)),
-                _ => None,
-            };
-            let verdict = if let Some(reasons) = listed("deny") {
+            let verdict = if let Some(reasons) = holding(query, decision, "deny") {
                 Verdict::deny(reasons)
-            } else if decision.get("allow") == Some(&Value::Bool(false)) {
-                Verdict::deny(format!("{query}.allow is false"))
-            } else if let Some(reasons) = listed("require_approval") {
+            } else if let Some(allow) = decision.get("allow").filter(|a| **a != Value::Bool(true)) {
+                Verdict::deny(format!("{query}.allow is {allow}"))
+            } else if let Some(reasons) = holding(query, decision, "require_approval") {
                 Verdict::require_approval(reasons)
             } else if let Some(payload) = decision.get("modify").filter(|m| !m.is_null()) {
                 Verdict::modify(payload)
@@ -181,9 +205,29 @@ fn verdict(query: &str, value: &Value) -> Verdict {
                 .flatten()
                 .fold(verdict, |v, t| v.tag(text(t)))
         }
-        other => Verdict::deny(format!(
-            "{query} is {other}, not a set of reasons, a boolean or an object"
-        )),
+        reasons => match holding_value(query, reasons) {
+            Some(reasons) => Verdict::deny(reasons),
+            None => Verdict::allow(),
+        },
+    }
+}
+
+/// The reasons `decision[key]` gives, if it holds.
+fn holding(query: &str, decision: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
+    holding_value(&format!("{query}.{key}"), decision.get(key)?)
+}
+
+/// Whether a rule's value holds, and its reasons: a non-empty set or array
+/// holds with its elements as reasons; `true`, a string or any other value
+/// holds too (a `deny if …` rule is `true`); only an empty set or array,
+/// `false` and `null` do not.
+fn holding_value(name: &str, value: &Value) -> Option<String> {
+    match value {
+        Value::Array(reasons) if reasons.is_empty() => None,
+        Value::Array(reasons) => Some(joined(reasons)),
+        Value::Bool(false) | Value::Null => None,
+        Value::Bool(true) => Some(format!("{name} is true")),
+        other => Some(text(other)),
     }
 }
 

@@ -129,7 +129,9 @@ fn several_modules_share_packages() {
 #[test]
 fn coverage_names_the_lines_a_message_ran() {
     let rego = rego(json!({ "policy": GUARD, "coverage": true })).unwrap();
-    rego.judge(call("write", false, json!({})));
+    let mut list = call("write", false, json!({}));
+    list["method"] = json!("tools/list");
+    rego.judge(list);
     let line = rego.coverage().unwrap();
     let line: Value = serde_json::from_str(line.strip_prefix("coverage ").unwrap()).unwrap();
     let (all, hit) = (
@@ -140,5 +142,77 @@ fn coverage_names_the_lines_a_message_ran() {
     assert!(
         hit.iter()
             .all(|h| all.contains(h) && h.as_str().unwrap().starts_with("policy.rego:"))
+    );
+}
+
+#[test]
+fn an_argument_cannot_turn_the_input_undefined() {
+    // regorus' own conversion reads this key as serde's private number marker.
+    let rego = rego(json!({ "policy": GUARD })).unwrap();
+    let forged = call(
+        "write",
+        false,
+        json!({"z": {"$serde_json::private::Number": "x"}}),
+    );
+    assert!(matches!(rego.judge(forged).outcome, Outcome::Deny(_)));
+    let policy = "package mcp\ndeny contains \"number\" if is_number(input.arguments.z)";
+    let rego = rego_with(policy);
+    let numeric = call(
+        "x",
+        true,
+        json!({"z": {"$serde_json::private::Number": "1"}}),
+    );
+    assert_eq!(
+        rego.judge(numeric).outcome,
+        Outcome::Allow,
+        "an object stays an object"
+    );
+}
+
+fn rego_with(policy: &str) -> Rego {
+    rego(json!({ "policy": policy })).unwrap()
+}
+
+#[test]
+fn rules_of_any_shape_that_hold_deny() {
+    let deny_if = rego_with("package mcp\ndeny if input.tool == \"x\"");
+    match deny_if.judge(call("x", true, json!({}))).outcome {
+        Outcome::Deny(d) => assert_eq!(d.reason, "data.mcp.deny is true"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        deny_if.judge(call("y", true, json!({}))).outcome,
+        Outcome::Allow
+    );
+    let message = rego_with("package mcp\ndeny := \"no\" if input.tool == \"x\"");
+    assert!(
+        matches!(message.judge(call("x", true, json!({}))).outcome, Outcome::Deny(d) if d.reason == "no")
+    );
+    let approval = rego_with("package mcp\nrequire_approval if input.tool == \"x\"");
+    assert!(matches!(
+        approval.judge(call("x", true, json!({}))).outcome,
+        Outcome::RequireApproval(_)
+    ));
+    let allow = rego_with("package mcp\nallow := \"yes\"");
+    assert!(
+        matches!(
+            allow.judge(call("x", true, json!({}))).outcome,
+            Outcome::Deny(_)
+        ),
+        "allow must be true"
+    );
+}
+
+#[test]
+fn a_boolean_deny_query_denies_when_true() {
+    let policy = "package mcp\ndefault deny := false\ndeny if input.tool == \"x\"";
+    let rego = rego(json!({ "policy": policy, "query": "data.mcp.deny" })).unwrap();
+    assert!(matches!(
+        rego.judge(call("x", true, json!({}))).outcome,
+        Outcome::Deny(_)
+    ));
+    assert_eq!(
+        rego.judge(call("y", true, json!({}))).outcome,
+        Outcome::Allow
     );
 }
