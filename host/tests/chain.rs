@@ -122,7 +122,7 @@ fn a_modification_feeds_the_next_policy() {
     assert_eq!(
         decision.outcome,
         Decided::Modify(
-            r#"{"content":[{"text":"key [REDACTED:aws-access-key-id]","type":"text"}]}"#.into()
+            r#"{"content":[{"type":"text","text":"key [REDACTED:aws-access-key-id]"}]}"#.into()
         )
     );
     assert_eq!(

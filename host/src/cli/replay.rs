@@ -1,8 +1,8 @@
 //! `portcullis replay`: re-judges the messages recorded in audit trails with
 //! another config's policy chain, and reports which decisions would change.
-//! Nothing is relayed, no server is contacted, no audit record is written,
-//! and the policies' store is a fresh one in memory (never the deployment's
-//! Redis), so a replay has no effect anywhere.
+//! Nothing is relayed, no MCP server is contacted, no audit record is
+//! written, and the policies' store is a fresh one in memory (never the
+//! deployment's Redis); registry modules are pulled as `check` pulls them.
 //!
 //! A record is replayed only when the trail holds what the policies saw:
 //! its arguments (`audit.include_arguments`), and for a tool call the tool's
@@ -18,11 +18,11 @@ use crate::policy::chain::{Decided, Guard};
 use crate::policy::engine::PolicyEngine;
 use crate::registry::Sources;
 use crate::surface::drift::ToolDrift;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 /// The command's arguments.
@@ -44,6 +44,10 @@ pub struct ReplayArgs {
 }
 
 const OUTCOMES: [&str; 4] = ["allow", "modify", "deny", "hold"];
+
+/// The longest trail line read as a record (longer ones are counted as
+/// unreadable, never held whole).
+const MAX_RECORD_BYTES: u64 = 64 << 20;
 
 fn parse_transition(text: &str) -> Result<String, String> {
     if text == "any" {
@@ -69,6 +73,9 @@ pub fn run(args: &ReplayArgs) -> Result<i32> {
     let mut report = Report::default();
     for trail in &args.trails {
         report.replay_file(&guard, trail)?;
+    }
+    if report.replayed == 0 && !args.fail_on.is_empty() {
+        bail!("nothing in the trails could be replayed, so --fail-on cannot tell");
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -137,11 +144,23 @@ struct Recorded {
     decided_by: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
+    /// Set when the call went to a person (approved, refused, or run under
+    /// an earlier approval).
+    approval: Option<String>,
     #[serde(default)]
     drift: Vec<ToolDrift>,
     annotations: Option<RecordedAnnotations>,
     #[serde(default)]
     policies: Vec<RecordedVerdict>,
+}
+
+impl Recorded {
+    /// What the policy chain decided: a call that went to a person was
+    /// held, whatever the person then decided.
+    fn chain_outcome(&self) -> &str {
+        let asked = self.approval.is_some() || self.tags.iter().any(|t| t.starts_with("approval:"));
+        if asked { "hold" } else { &self.outcome }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,12 +260,36 @@ impl Report {
     fn replay_file(&mut self, guard: &Guard, path: &Path) -> Result<()> {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
-            if line.trim().is_empty() {
+        let mut reader = std::io::BufReader::new(file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let read = (&mut reader)
+                .take(MAX_RECORD_BYTES + 1)
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if read == 0 {
+                break;
+            }
+            if line.len() as u64 > MAX_RECORD_BYTES {
+                // Skip the rest of an over-long line without holding it.
+                while !line.ends_with(b"\n") {
+                    line.clear();
+                    let more = (&mut reader)
+                        .take(MAX_RECORD_BYTES)
+                        .read_until(b'\n', &mut line)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    if more == 0 {
+                        break;
+                    }
+                }
+                self.unreadable_lines += 1;
                 continue;
             }
-            match serde_json::from_str::<Recorded>(&line) {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<Recorded>(&line) {
                 Ok(record) if record.event.is_none() && !record.direction.is_empty() => {
                     self.records += 1;
                     self.replay(guard, &record);
@@ -275,7 +318,8 @@ impl Report {
             Decided::Deny(refusal) => ("deny", Some(refusal)),
             Decided::Hold(refusal, _) => ("hold", Some(refusal)),
         };
-        if outcome == record.outcome {
+        let before = record.chain_outcome();
+        if outcome == before {
             let would = |v: &&crate::policy::chain::PolicyVerdict| {
                 !v.enforced && matches!(v.verdict, "deny" | "require-approval")
             };
@@ -292,7 +336,7 @@ impl Report {
             method: exchange.method.clone(),
             tool: record.tool.clone(),
             before: Side {
-                outcome: record.outcome.clone(),
+                outcome: before.into(),
                 decided_by: record.decided_by.clone(),
                 reason: record.reason.clone(),
                 tags: record.tags.clone(),

@@ -138,3 +138,37 @@ fn the_summary_counts_changes_by_transition_policy_tool_and_agent() {
     );
     assert!(text.contains(&line("ci-bot", 3)), "{text}");
 }
+
+#[test]
+fn a_call_that_went_to_a_person_was_held_whatever_they_decided() {
+    let approved = record(call(json!({"approval": "a1"})));
+    assert_eq!(approved.chain_outcome(), "hold");
+    let refused = record(call(
+        json!({"outcome": "deny", "approval": "a1", "decided_by": "gate",
+                                     "policies": [{"policy": "gate"}]}),
+    ));
+    assert_eq!(refused.chain_outcome(), "hold");
+    let too_many = record(call(
+        json!({"outcome": "deny", "tags": ["approval:too-many"]}),
+    ));
+    assert_eq!(too_many.chain_outcome(), "hold");
+    assert_eq!(record(call(json!({}))).chain_outcome(), "allow");
+}
+
+#[test]
+fn unreadable_and_over_long_lines_are_counted_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("trail.jsonl");
+    let mut text = b"not json\n\xff\xfe\n{\"event\":\"reload\"}\n".to_vec();
+    text.extend(vec![b'x'; (MAX_RECORD_BYTES + 10) as usize]);
+    text.extend(b"\n\n");
+    std::fs::write(&trail, text).unwrap();
+    let config = dir.path().join("empty.toml");
+    std::fs::write(&config, "").unwrap();
+    let config = Config::load(&config).unwrap();
+    let engine = PolicyEngine::new(&config.engine).unwrap();
+    let guard = Guard::load(&engine, &config).unwrap();
+    let mut report = Report::default();
+    report.replay_file(&guard, &trail).unwrap();
+    assert_eq!((report.unreadable_lines, report.records), (3, 0));
+}
