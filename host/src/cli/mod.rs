@@ -129,8 +129,8 @@ enum Commands {
         #[arg(long, default_value = "{}")]
         settings: String,
         /// A settings key whose value is a file's text, as KEY=PATH (as
-        /// `settings_files` in the config); a key given several files gets
-        /// a table of their texts by file name.
+        /// `settings_files` in the config); a key given several files, or
+        /// written KEY[]=PATH, gets a table of their texts by file name.
         #[arg(long = "settings-file", value_name = "KEY=PATH")]
         settings_files: Vec<String>,
     },
@@ -146,8 +146,8 @@ enum Commands {
         #[arg(long, default_value = "{}")]
         settings: String,
         /// A settings key whose value is a file's text, as KEY=PATH (as
-        /// `settings_files` in the config); a key given several files gets
-        /// a table of their texts by file name.
+        /// `settings_files` in the config); a key given several files, or
+        /// written KEY[]=PATH, gets a table of their texts by file name.
         #[arg(long = "settings-file", value_name = "KEY=PATH")]
         settings_files: Vec<String>,
     },
@@ -269,16 +269,22 @@ fn run(cli: Cli) -> Result<i32> {
 fn policy_settings(json: &str, files: &[String]) -> Result<serde_json::Value> {
     let mut settings: serde_json::Value =
         serde_json::from_str(json).context("--settings is not JSON")?;
-    let mut named: std::collections::BTreeMap<&str, Vec<PathBuf>> = Default::default();
+    let mut named: std::collections::BTreeMap<&str, (bool, Vec<PathBuf>)> = Default::default();
     for file in files {
         let (key, path) = file
             .split_once('=')
             .with_context(|| format!("--settings-file {file}: write it as KEY=PATH"))?;
-        named.entry(key).or_default().push(PathBuf::from(path));
+        let (key, table) = match key.strip_suffix("[]") {
+            Some(key) => (key, true),
+            None => (key, false),
+        };
+        let entry = named.entry(key).or_default();
+        entry.0 |= table;
+        entry.1.push(PathBuf::from(path));
     }
-    for (key, mut paths) in named {
-        let files = match paths.len() {
-            1 => crate::config::SettingsFiles::One(paths.remove(0)),
+    for (key, (table, mut paths)) in named {
+        let files = match (table, paths.len()) {
+            (false, 1) => crate::config::SettingsFiles::One(paths.remove(0)),
             _ => crate::config::SettingsFiles::Many(paths),
         };
         let value = files

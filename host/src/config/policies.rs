@@ -95,16 +95,24 @@ impl SettingsFiles {
     /// of its files' texts by file name.
     pub fn read(&self) -> Result<serde_json::Value> {
         let read = |path: &Path| -> Result<String> {
-            let size = std::fs::metadata(path)
-                .with_context(|| format!("cannot read {}", path.display()))?
-                .len();
-            if size > MAX_SETTINGS_FILE_BYTES {
+            use std::io::Read;
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if !file.metadata().is_ok_and(|m| m.is_file()) {
+                bail!("{} is not a regular file", path.display());
+            }
+            let mut bytes = Vec::new();
+            file.take(MAX_SETTINGS_FILE_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if bytes.len() as u64 > MAX_SETTINGS_FILE_BYTES {
                 bail!(
-                    "{} is {size} bytes, more than the {MAX_SETTINGS_FILE_BYTES} a settings file may hold",
+                    "{} is larger than the {MAX_SETTINGS_FILE_BYTES} bytes a settings file may hold",
                     path.display()
                 );
             }
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+            String::from_utf8(bytes)
+                .with_context(|| format!("{} is not UTF-8 text", path.display()))
         };
         Ok(match self {
             SettingsFiles::One(path) => serde_json::Value::String(read(path)?),
