@@ -177,6 +177,18 @@ def test_portcullis_test_reads_settings_files(tmp_path: Path):
                              "--settings-file", f"modules={tmp_path / 'a.rego'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "two files are named a.rego" in result.stderr, result.stderr
+    result = subprocess.run([str(PORTCULLIS), "test", str(POLICIES / "rego.wasm"), str(suite), "--settings", data,
+                             "--settings-file", f"modules[]={tmp_path / 'a.rego'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_settings_file_must_be_a_regular_file(tmp_path: Path):
+    config = tmp_path / "portcullis.toml"
+    config.write_text(f'[[policy]]\nname = "r"\nmodule = "{POLICIES / "rego.wasm"}"\n'
+                      'settings_files = { policy = "/dev/zero" }\n')
+    result = check(config)
+    assert result.returncode != 0 and "/dev/zero is not a regular file" in result.stdout, result.stdout
 
 
 def example_test_args(language: str) -> list[str]:
