@@ -5,6 +5,7 @@ swap without a restart, and a policy text that does not parse is refused with
 a clear message while the old one keeps serving."""
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -120,12 +121,19 @@ def test_an_edited_policy_swaps_in_and_a_broken_one_is_refused(tmp_path: Path, s
     def failures() -> list[dict]:
         return [r for r in read_audit(audit) if r.get("event") == "reload" and r["result"] == "failed"]
 
+    def save(text: str) -> None:
+        # As editors save: a whole new file renamed over the old one, so the
+        # watcher never reads half a file.
+        temporary = policy.with_name(f".{policy.name}.swp")
+        temporary.write_text(text)
+        os.replace(temporary, policy)
+
     async def scenario():
         async with proxied_filesystem(config, audit, sandbox) as session:
             assert await read_hello(session) == "allowed"
-            policy.write_text(tighten(original))
+            save(tighten(original))
             await until(session, "denied")
-            policy.write_text(corrupt(tighten(original)))
+            save(corrupt(tighten(original)))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
             while not failures():

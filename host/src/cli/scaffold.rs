@@ -85,6 +85,14 @@ const RUST: &[Template] = &[
         "vendor/portcullis-policy/src/secrets.rs",
         include_str!("../../../policies/sdk/src/secrets.rs"),
     ),
+    file(
+        "vendor/portcullis-policy/src/document.rs",
+        include_str!("../../../policies/sdk/src/document.rs"),
+    ),
+    file(
+        "vendor/portcullis-policy/src/coverage.rs",
+        include_str!("../../../policies/sdk/src/coverage.rs"),
+    ),
 ];
 
 const JS: &[Template] = &[

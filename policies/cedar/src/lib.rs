@@ -24,6 +24,7 @@ use cedar_policy::{
     PolicyId, PolicySet, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use portcullis_policy::Verdict;
+use portcullis_policy::document::DocumentPolicy;
 use serde::Deserialize;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -93,64 +94,8 @@ impl Cedar {
         })
     }
 
-    /// Judges the input document.
-    pub fn judge(&self, input: &Value) -> Verdict {
-        let (request, entities) = match request(input, &self.actions) {
-            Ok(built) => built,
-            Err(e) => return Verdict::deny(format!("cannot put the message to Cedar: {e}")),
-        };
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.policies, &entities);
-        let diagnostics = response.diagnostics();
-        let failed: BTreeSet<&PolicyId> = diagnostics
-            .errors()
-            .map(|cedar_policy::AuthorizationError::PolicyEvaluationError(e)| e.policy_id())
-            .filter(|id| self.effect(id) == Some(Effect::Forbid))
-            .collect();
-        let reasons: BTreeSet<&PolicyId> = diagnostics.reason().collect();
-        if let Some(cell) = &self.exercised {
-            let decided = reasons.iter().chain(&failed).map(|id| self.name(id));
-            *cell.borrow_mut() = decided.collect();
-        }
-        if failed.is_empty() && response.decision() == Decision::Allow {
-            return self.tagged(Verdict::allow(), &reasons);
-        }
-        let forbids: BTreeSet<&PolicyId> = reasons
-            .into_iter()
-            .filter(|id| self.effect(id) == Some(Effect::Forbid))
-            .chain(failed.iter().copied())
-            .collect();
-        if forbids.is_empty() {
-            return Verdict::deny("no Cedar policy permits this");
-        }
-        let why: Vec<String> = forbids.iter().map(|id| self.reason(id, &failed)).collect();
-        let held = failed.is_empty()
-            && forbids
-                .iter()
-                .all(|id| self.policies.annotation(id, "approval").is_some());
-        let verdict = if held {
-            Verdict::require_approval(why.join("; "))
-        } else {
-            Verdict::deny(why.join("; "))
-        };
-        self.tagged(verdict, &forbids)
-    }
-
     fn effect(&self, id: &PolicyId) -> Option<Effect> {
         self.policies.policy(id).map(|p| p.effect())
-    }
-
-    /// With `coverage`: the coverage line of the last message judged (a
-    /// policy counts as exercised when it decided or failed).
-    pub fn coverage(&self) -> Option<String> {
-        let exercised = self.exercised.as_ref()?.borrow();
-        let all: Vec<String> = self
-            .policies
-            .policies()
-            .map(|p| self.name(p.id()))
-            .collect();
-        Some(portcullis_policy::coverage::line(&all, &exercised))
     }
 
     /// A policy's `@id`, else the id Cedar gave it (`policy0`, …).
@@ -269,37 +214,68 @@ fn cedar_value(value: &Value) -> Result<Option<RestrictedExpression>, String> {
     }))
 }
 
-/// The component's hooks (built only for WebAssembly; natively the
-/// evaluator above is a library, for tests and the benchmark).
-#[cfg(target_arch = "wasm32")]
-mod component {
-    use super::*;
-    use portcullis_policy::{Exchange, Level, Policy, document::document, drift, log};
-
-    struct Component;
-
-    fn judge(cedar: &Cedar, exchange: &Exchange) -> Verdict {
-        let verdict = cedar.judge(&document(exchange, &drift()));
-        if let Some(line) = cedar.coverage() {
-            log(Level::Debug, &line);
+impl DocumentPolicy for Cedar {
+    /// Judges the input document.
+    fn judge(&self, input: &Value) -> Verdict {
+        let (request, entities) = match request(input, &self.actions) {
+            Ok(built) => built,
+            Err(e) => return Verdict::deny(format!("cannot put the message to Cedar: {e}")),
+        };
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &entities);
+        let diagnostics = response.diagnostics();
+        let failed: BTreeSet<&PolicyId> = diagnostics
+            .errors()
+            .map(|cedar_policy::AuthorizationError::PolicyEvaluationError(e)| e.policy_id())
+            .filter(|id| self.effect(id) == Some(Effect::Forbid))
+            .collect();
+        let reasons: BTreeSet<&PolicyId> = diagnostics.reason().collect();
+        if let Some(cell) = &self.exercised {
+            let decided = reasons.iter().chain(&failed).map(|id| self.name(id));
+            *cell.borrow_mut() = decided.collect();
         }
-        verdict
+        if failed.is_empty() && response.decision() == Decision::Allow {
+            return self.tagged(Verdict::allow(), &reasons);
+        }
+        let forbids: BTreeSet<&PolicyId> = reasons
+            .into_iter()
+            .filter(|id| self.effect(id) == Some(Effect::Forbid))
+            .chain(failed.iter().copied())
+            .collect();
+        if forbids.is_empty() {
+            return Verdict::deny("no Cedar policy permits this");
+        }
+        let why: Vec<String> = forbids.iter().map(|id| self.reason(id, &failed)).collect();
+        let held = failed.is_empty()
+            && forbids
+                .iter()
+                .all(|id| self.policies.annotation(id, "approval").is_some());
+        let verdict = if held {
+            Verdict::require_approval(why.join("; "))
+        } else {
+            Verdict::deny(why.join("; "))
+        };
+        self.tagged(verdict, &forbids)
     }
 
-    impl Policy for Component {
-        type Settings = Cedar;
-
-        fn on_request(cedar: &Cedar, exchange: &Exchange) -> Verdict {
-            judge(cedar, exchange)
-        }
-
-        fn on_response(cedar: &Cedar, exchange: &Exchange) -> Verdict {
-            judge(cedar, exchange)
-        }
+    /// With `coverage`: the coverage line of the last message judged (a
+    /// policy counts as exercised when it decided or failed).
+    fn coverage(&self) -> Option<String> {
+        let exercised = self.exercised.as_ref()?.borrow();
+        let all: Vec<String> = self
+            .policies
+            .policies()
+            .map(|p| self.name(p.id()))
+            .collect();
+        Some(portcullis_policy::coverage::line(&all, &exercised))
     }
-
-    portcullis_policy::export!(Component);
 }
+
+// Natively the evaluator is a library (for tests and the benchmark); built
+// for WebAssembly it is the component.
+#[cfg(target_arch = "wasm32")]
+portcullis_policy::export_document_policy!(Cedar);
 
 #[cfg(test)]
 mod tests;

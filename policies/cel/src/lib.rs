@@ -18,6 +18,7 @@
 
 use cel_interpreter::{Context, Env, Program, Value as CelValue};
 use portcullis_policy::Verdict;
+use portcullis_policy::document::DocumentPolicy;
 use serde::Deserialize;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -133,9 +134,24 @@ impl Cel {
             exercised,
         })
     }
+}
 
+fn slot(effect: Effect) -> usize {
+    match effect {
+        Effect::Deny => 0,
+        Effect::RequireApproval => 1,
+        Effect::Tag => 2,
+    }
+}
+
+fn reasons(held: &[(String, &Vec<String>)]) -> String {
+    let reasons: Vec<&str> = held.iter().map(|(r, _)| r.as_str()).collect();
+    reasons.join("; ")
+}
+
+impl DocumentPolicy for Cel {
     /// Judges the input document.
-    pub fn judge(&self, input: &Value) -> Verdict {
+    fn judge(&self, input: &Value) -> Verdict {
         let mut context = Context::with_env(self.env.clone());
         match cel_interpreter::to_value(input) {
             Ok(input) => context.add_variable_from_value("input", input),
@@ -174,12 +190,10 @@ impl Cel {
             .flat_map(|(_, tags)| tags.iter())
             .fold(verdict, |v, t| v.tag(t.clone()))
     }
-}
 
-impl Cel {
     /// With `coverage`: the coverage line of the last message judged (a
     /// rule counts as exercised when it held or failed).
-    pub fn coverage(&self) -> Option<String> {
+    fn coverage(&self) -> Option<String> {
         let exercised = self.exercised.as_ref()?.borrow();
         let all: Vec<String> = self.rules.iter().map(|r| r.label.clone()).collect();
         let hit: Vec<String> = exercised.iter().map(|&n| all[n].clone()).collect();
@@ -187,50 +201,10 @@ impl Cel {
     }
 }
 
-fn slot(effect: Effect) -> usize {
-    match effect {
-        Effect::Deny => 0,
-        Effect::RequireApproval => 1,
-        Effect::Tag => 2,
-    }
-}
-
-fn reasons(held: &[(String, &Vec<String>)]) -> String {
-    let reasons: Vec<&str> = held.iter().map(|(r, _)| r.as_str()).collect();
-    reasons.join("; ")
-}
-
-/// The component's hooks (built only for WebAssembly; natively the
-/// evaluator above is a library, for tests and the benchmark).
+// Natively the evaluator is a library (for tests and the benchmark); built
+// for WebAssembly it is the component.
 #[cfg(target_arch = "wasm32")]
-mod component {
-    use super::*;
-    use portcullis_policy::{Exchange, Level, Policy, document::document, drift, log};
-
-    struct Component;
-
-    fn judge(cel: &Cel, exchange: &Exchange) -> Verdict {
-        let verdict = cel.judge(&document(exchange, &drift()));
-        if let Some(line) = cel.coverage() {
-            log(Level::Debug, &line);
-        }
-        verdict
-    }
-
-    impl Policy for Component {
-        type Settings = Cel;
-
-        fn on_request(cel: &Cel, exchange: &Exchange) -> Verdict {
-            judge(cel, exchange)
-        }
-
-        fn on_response(cel: &Cel, exchange: &Exchange) -> Verdict {
-            judge(cel, exchange)
-        }
-    }
-
-    portcullis_policy::export!(Component);
-}
+portcullis_policy::export_document_policy!(Cel);
 
 #[cfg(test)]
 mod tests;

@@ -16,6 +16,7 @@
 //!   with it as the reason.
 
 use portcullis_policy::Verdict;
+use portcullis_policy::document::DocumentPolicy;
 use serde::Deserialize;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -103,57 +104,6 @@ impl Rego {
             coverage: settings.coverage,
         })
     }
-
-    /// Judges the input document.
-    pub fn judge(&self, input: Value) -> Verdict {
-        let mut engine = self.engine.borrow_mut();
-        if self.coverage {
-            engine.clear_coverage_data();
-        }
-        engine.set_input(rego_value(&input));
-        let value = match engine.eval_query(self.query.clone(), false) {
-            Ok(results) => results
-                .result
-                .into_iter()
-                .next()
-                .and_then(|r| r.expressions.into_iter().next())
-                .map(|e| e.value),
-            Err(e) => return Verdict::deny(format!("{} failed: {e}", self.query)),
-        };
-        let value = match value.map(|v| v.to_json_str()) {
-            None => return Verdict::deny(format!("{} is undefined", self.query)),
-            Some(Err(e)) => {
-                return Verdict::deny(format!("{} gave no JSON value: {e}", self.query));
-            }
-            Some(Ok(text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
-        };
-        verdict(&self.query, &value)
-    }
-}
-
-impl Rego {
-    /// With `coverage`: the coverage line of the last message judged, by
-    /// module line (`name:line`).
-    pub fn coverage(&self) -> Option<String> {
-        if !self.coverage {
-            return None;
-        }
-        let report = self.engine.borrow().get_coverage_report().ok()?;
-        let (mut all, mut hit) = (Vec::new(), Vec::new());
-        for file in &report.files {
-            let mut lines: Vec<(u32, bool)> = file.covered.iter().map(|l| (*l, true)).collect();
-            lines.extend(file.not_covered.iter().map(|l| (*l, false)));
-            lines.sort_unstable();
-            for (line, covered) in lines {
-                let name = format!("{}:{line}", file.path);
-                if covered {
-                    hit.push(name.clone());
-                }
-                all.push(name);
-            }
-        }
-        Some(portcullis_policy::coverage::line(&all, &hit))
-    }
 }
 
 /// A JSON value as a Rego value, built member by member: regorus' own
@@ -188,6 +138,7 @@ fn verdict(query: &str, value: &Value) -> Verdict {
     match value {
         Value::Bool(b) if *b == denies_when_true => Verdict::deny(format!("{query} is {b}")),
         Value::Bool(_) => Verdict::allow(),
+        Value::Null => Verdict::deny(format!("{query} is null")),
         Value::Object(decision) => {
             let verdict = if let Some(reasons) = holding(query, decision, "deny") {
                 Verdict::deny(reasons)
@@ -242,37 +193,64 @@ fn text(value: &Value) -> String {
     }
 }
 
-/// The component's hooks (built only for WebAssembly; natively the
-/// evaluator above is a library, for tests and the benchmark).
-#[cfg(target_arch = "wasm32")]
-mod component {
-    use super::*;
-    use portcullis_policy::{Exchange, Level, Policy, document::document, drift, log};
-
-    struct Component;
-
-    fn judge(rego: &Rego, exchange: &Exchange) -> Verdict {
-        let verdict = rego.judge(document(exchange, &drift()));
-        if let Some(line) = rego.coverage() {
-            log(Level::Debug, &line);
+impl DocumentPolicy for Rego {
+    /// Judges the input document.
+    fn judge(&self, input: &Value) -> Verdict {
+        let mut engine = self.engine.borrow_mut();
+        if self.coverage {
+            engine.clear_coverage_data();
         }
-        verdict
+        engine.set_input(rego_value(input));
+        let value = match engine.eval_query(self.query.clone(), false) {
+            Ok(results) => results
+                .result
+                .into_iter()
+                .next()
+                .and_then(|r| r.expressions.into_iter().next())
+                .map(|e| e.value),
+            Err(e) => return Verdict::deny(format!("{} failed: {e}", self.query)),
+        };
+        let value = match value.map(|v| v.to_json_str()) {
+            None => return Verdict::deny(format!("{} is undefined", self.query)),
+            Some(Err(e)) => {
+                return Verdict::deny(format!("{} gave no JSON value: {e}", self.query));
+            }
+            Some(Ok(text)) => match serde_json::from_str(&text) {
+                Ok(value) => value,
+                Err(e) => return Verdict::deny(format!("{} gave no JSON value: {e}", self.query)),
+            },
+        };
+        verdict(&self.query, &value)
     }
 
-    impl Policy for Component {
-        type Settings = Rego;
-
-        fn on_request(rego: &Rego, exchange: &Exchange) -> Verdict {
-            judge(rego, exchange)
+    /// With `coverage`: the coverage line of the last message judged, by
+    /// module line (`name:line`).
+    fn coverage(&self) -> Option<String> {
+        if !self.coverage {
+            return None;
         }
-
-        fn on_response(rego: &Rego, exchange: &Exchange) -> Verdict {
-            judge(rego, exchange)
+        let report = self.engine.borrow().get_coverage_report().ok()?;
+        let (mut all, mut hit) = (Vec::new(), Vec::new());
+        for file in &report.files {
+            let mut lines: Vec<(u32, bool)> = file.covered.iter().map(|l| (*l, true)).collect();
+            lines.extend(file.not_covered.iter().map(|l| (*l, false)));
+            lines.sort_unstable();
+            for (line, covered) in lines {
+                let name = format!("{}:{line}", file.path);
+                if covered {
+                    hit.push(name.clone());
+                }
+                all.push(name);
+            }
         }
+        Some(portcullis_policy::coverage::line(&all, &hit))
     }
-
-    portcullis_policy::export!(Component);
 }
+
+// Natively the evaluator is a library (for tests and the benchmark); built
+// for WebAssembly it is the component.
+#[cfg(target_arch = "wasm32")]
+portcullis_policy::export_document_policy!(Rego);
 
 #[cfg(test)]
 mod tests;

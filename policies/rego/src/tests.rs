@@ -33,16 +33,16 @@ tags contains "checked" if count(deny) == 0
 #[test]
 fn a_package_decides_with_deny_approval_and_tags() {
     let rego = rego(json!({ "policy": GUARD })).unwrap();
-    let read = rego.judge(call("read", true, json!({})));
+    let read = rego.judge(&call("read", true, json!({})));
     assert_eq!(read.outcome, Outcome::Allow);
     assert_eq!(read.tags, ["checked"]);
-    let write = rego.judge(call("write", false, json!({})));
+    let write = rego.judge(&call("write", false, json!({})));
     match write.outcome {
         Outcome::Deny(d) => assert_eq!(d.reason, "tool 'write' is not declared read-only"),
         other => panic!("{other:?}"),
     }
     assert!(write.tags.is_empty());
-    let delete = rego.judge(call("delete", true, json!({})));
+    let delete = rego.judge(&call("delete", true, json!({})));
     assert_eq!(
         delete.outcome,
         Outcome::RequireApproval("deleting needs a person".into())
@@ -53,11 +53,11 @@ fn a_package_decides_with_deny_approval_and_tags() {
 fn a_deny_set_query_with_no_reasons_allows() {
     let rego = rego(json!({ "policy": GUARD, "query": "data.mcp.deny" })).unwrap();
     assert_eq!(
-        rego.judge(call("read", true, json!({}))).outcome,
+        rego.judge(&call("read", true, json!({}))).outcome,
         Outcome::Allow
     );
     assert!(matches!(
-        rego.judge(call("w", false, json!({}))).outcome,
+        rego.judge(&call("w", false, json!({}))).outcome,
         Outcome::Deny(_)
     ));
 }
@@ -69,12 +69,12 @@ fn a_boolean_allow_rule_decides() {
         rego(json!({ "policy": policy, "query": "data.mcp.allow", "data": {"trusted": "ci-bot"} }))
             .unwrap();
     assert_eq!(
-        rego.judge(call("x", false, json!({}))).outcome,
+        rego.judge(&call("x", false, json!({}))).outcome,
         Outcome::Allow
     );
     let mut other = call("x", false, json!({}));
     other["agent"]["id"] = json!("intruder");
-    match rego.judge(other).outcome {
+    match rego.judge(&other).outcome {
         Outcome::Deny(d) => assert_eq!(d.reason, "data.mcp.allow is false"),
         other => panic!("{other:?}"),
     }
@@ -84,7 +84,7 @@ fn a_boolean_allow_rule_decides() {
 fn an_undefined_query_denies() {
     let policy = "package mcp\nallow if input.tool == \"x\"";
     let rego = rego(json!({ "policy": policy, "query": "data.mcp.allow" })).unwrap();
-    match rego.judge(call("y", true, json!({}))).outcome {
+    match rego.judge(&call("y", true, json!({}))).outcome {
         Outcome::Deny(d) => assert_eq!(d.reason, "data.mcp.allow is undefined"),
         other => panic!("{other:?}"),
     }
@@ -94,7 +94,7 @@ fn an_undefined_query_denies() {
 fn modify_replaces_the_payload() {
     let policy = "package mcp\nmodify := object.union(object.remove(input.params, [\"arguments\"]), {\"arguments\": {}}) if input.tool == \"x\"";
     let rego = rego(json!({ "policy": policy })).unwrap();
-    match rego.judge(call("x", true, json!({"secret": "s"}))).outcome {
+    match rego.judge(&call("x", true, json!({"secret": "s"}))).outcome {
         Outcome::Modify(payload) => {
             assert_eq!(
                 serde_json::from_str::<Value>(&payload).unwrap(),
@@ -121,7 +121,7 @@ fn several_modules_share_packages() {
     let main = "package mcp\nimport data.lib\ndeny contains \"write\" if lib.writes[input.tool]";
     let rego = rego(json!({ "modules": { "lib.rego": lib, "main.rego": main } })).unwrap();
     assert!(matches!(
-        rego.judge(call("move_file", true, json!({}))).outcome,
+        rego.judge(&call("move_file", true, json!({}))).outcome,
         Outcome::Deny(_)
     ));
 }
@@ -131,7 +131,7 @@ fn coverage_names_the_lines_a_message_ran() {
     let rego = rego(json!({ "policy": GUARD, "coverage": true })).unwrap();
     let mut list = call("write", false, json!({}));
     list["method"] = json!("tools/list");
-    rego.judge(list);
+    rego.judge(&list);
     let line = rego.coverage().unwrap();
     let line: Value = serde_json::from_str(line.strip_prefix("coverage ").unwrap()).unwrap();
     let (all, hit) = (
@@ -154,7 +154,7 @@ fn an_argument_cannot_turn_the_input_undefined() {
         false,
         json!({"z": {"$serde_json::private::Number": "x"}}),
     );
-    assert!(matches!(rego.judge(forged).outcome, Outcome::Deny(_)));
+    assert!(matches!(rego.judge(&forged).outcome, Outcome::Deny(_)));
     let policy = "package mcp\ndeny contains \"number\" if is_number(input.arguments.z)";
     let rego = rego_with(policy);
     let numeric = call(
@@ -163,7 +163,7 @@ fn an_argument_cannot_turn_the_input_undefined() {
         json!({"z": {"$serde_json::private::Number": "1"}}),
     );
     assert_eq!(
-        rego.judge(numeric).outcome,
+        rego.judge(&numeric).outcome,
         Outcome::Allow,
         "an object stays an object"
     );
@@ -176,27 +176,27 @@ fn rego_with(policy: &str) -> Rego {
 #[test]
 fn rules_of_any_shape_that_hold_deny() {
     let deny_if = rego_with("package mcp\ndeny if input.tool == \"x\"");
-    match deny_if.judge(call("x", true, json!({}))).outcome {
+    match deny_if.judge(&call("x", true, json!({}))).outcome {
         Outcome::Deny(d) => assert_eq!(d.reason, "data.mcp.deny is true"),
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        deny_if.judge(call("y", true, json!({}))).outcome,
+        deny_if.judge(&call("y", true, json!({}))).outcome,
         Outcome::Allow
     );
     let message = rego_with("package mcp\ndeny := \"no\" if input.tool == \"x\"");
     assert!(
-        matches!(message.judge(call("x", true, json!({}))).outcome, Outcome::Deny(d) if d.reason == "no")
+        matches!(message.judge(&call("x", true, json!({}))).outcome, Outcome::Deny(d) if d.reason == "no")
     );
     let approval = rego_with("package mcp\nrequire_approval if input.tool == \"x\"");
     assert!(matches!(
-        approval.judge(call("x", true, json!({}))).outcome,
+        approval.judge(&call("x", true, json!({}))).outcome,
         Outcome::RequireApproval(_)
     ));
     let allow = rego_with("package mcp\nallow := \"yes\"");
     assert!(
         matches!(
-            allow.judge(call("x", true, json!({}))).outcome,
+            allow.judge(&call("x", true, json!({}))).outcome,
             Outcome::Deny(_)
         ),
         "allow must be true"
@@ -208,11 +208,11 @@ fn a_boolean_deny_query_denies_when_true() {
     let policy = "package mcp\ndefault deny := false\ndeny if input.tool == \"x\"";
     let rego = rego(json!({ "policy": policy, "query": "data.mcp.deny" })).unwrap();
     assert!(matches!(
-        rego.judge(call("x", true, json!({}))).outcome,
+        rego.judge(&call("x", true, json!({}))).outcome,
         Outcome::Deny(_)
     ));
     assert_eq!(
-        rego.judge(call("y", true, json!({}))).outcome,
+        rego.judge(&call("y", true, json!({}))).outcome,
         Outcome::Allow
     );
 }

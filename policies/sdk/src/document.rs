@@ -1,10 +1,54 @@
 //! The input document: one message as a JSON value, in the shape the Rego,
 //! Cedar and CEL evaluators (and anyone writing a policy over plain JSON)
-//! read. It owns that shape and nothing else; `docs/policy-languages.md`
-//! describes it field by field.
+//! read, and [`DocumentPolicy`], a policy that judges that document alone.
+//! `docs/policy-languages.md` describes the document field by field.
 
-use crate::{Direction, Exchange, MessageKind, ToolDrift};
+use crate::{Direction, Exchange, Level, MessageKind, ToolDrift, Verdict, drift, log};
 use serde_json::{Map, Value, json};
+
+/// A policy that judges a message by its input document, with the same
+/// judgement both ways (the document says which way it travels).
+pub trait DocumentPolicy: serde::de::DeserializeOwned {
+    /// Judges one message's document.
+    fn judge(&self, input: &Value) -> Verdict;
+
+    /// The coverage line of the last message judged, when asked for
+    /// (see [`crate::coverage`]).
+    fn coverage(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Judges `exchange` with `policy`, logging its coverage line if it has one.
+pub fn judge<P: DocumentPolicy>(policy: &P, exchange: &Exchange) -> Verdict {
+    let verdict = policy.judge(&document(exchange, &drift()));
+    if let Some(line) = policy.coverage() {
+        log(Level::Debug, &line);
+    }
+    verdict
+}
+
+/// Exports a [`DocumentPolicy`] as the component's hooks.
+#[macro_export]
+macro_rules! export_document_policy {
+    ($policy:ty) => {
+        struct __PortcullisDocumentPolicy;
+
+        impl $crate::Policy for __PortcullisDocumentPolicy {
+            type Settings = $policy;
+
+            fn on_request(policy: &$policy, exchange: &$crate::Exchange) -> $crate::Verdict {
+                $crate::document::judge(policy, exchange)
+            }
+
+            fn on_response(policy: &$policy, exchange: &$crate::Exchange) -> $crate::Verdict {
+                $crate::document::judge(policy, exchange)
+            }
+        }
+
+        $crate::export!(__PortcullisDocumentPolicy);
+    };
+}
 
 /// The document for `exchange`, whose tools drifted as `drift` says.
 ///

@@ -181,6 +181,7 @@ mod native {
     use super::*;
     use crate::contract::{Direction, Drifted as DriftKind, Exchange, MessageKind, ToolDrift};
     use portcullis_policy as sdk;
+    use sdk::document::DocumentPolicy;
     use serde_json::Value;
 
     /// Shown when a language has no native evaluator (each has one here).
@@ -192,7 +193,7 @@ mod native {
         let judge: Judge = match language {
             "rego" => {
                 let rules: rego::Rego = parse(settings)?;
-                Box::new(move |s: &Sample| verdict(&rules.judge(document(s))))
+                Box::new(move |s: &Sample| verdict(&rules.judge(&document(s))))
             }
             "cedar" => {
                 let rules: cedar::Cedar = parse(settings)?;
