@@ -162,9 +162,10 @@ mod tests {
                 idempotent_hint: None,
                 open_world_hint: None,
             }),
-            params: Some(format!(
-                r#"{{"name":"write_file","arguments":{arguments}}}"#
-            )),
+            params: Some(
+                json!({ "name": "write_file", "arguments": serde_json::from_str::<Value>(arguments).unwrap() })
+                    .to_string(),
+            ),
             result: None,
         }
     }
