@@ -126,3 +126,29 @@ def test_a_missing_trail_or_bad_config_is_a_clear_error(tmp_path: Path, recorded
     broken.write_text("[[policy]]\nname = 1\n")
     result = replay(broken, recorded)
     assert result.returncode == 2 and "broken.toml" in result.stderr
+
+
+def test_answers_recorded_with_their_results_are_replayed(tmp_path: Path, sandbox: Path):
+    (sandbox / "keys.txt").write_text("aws AKIAIOSFODNN7EXAMPLE\n")
+    audit = tmp_path / "answers.jsonl"
+    config = permissive(tmp_path, "[audit]\ninclude_results = true")
+
+    async def scenario():
+        async with proxied_filesystem(config, audit, sandbox) as session:
+            await session.list_tools()
+            await session.call_tool("read_text_file", {"path": str(sandbox / "keys.txt")})
+
+    asyncio.run(scenario())
+    [answer] = [r for r in read_audit(audit) if r.get("tool") == "read_text_file" and r["kind"] == "result"]
+    assert "AKIAIOSFODNN7EXAMPLE" in json.dumps(answer["result"])
+    assert answer["arguments"] == {"path": str(sandbox / "keys.txt")}, "with the request's arguments"
+
+    redacting = tmp_path / "redacting.toml"
+    redacting.write_text(f'[engine]\ncache_dir = "{tmp_path / "cache"}"\n[[policy]]\nname = "redact"\n'
+                         f'module = "{POLICIES / "redact_secrets.wasm"}"\nmethods = ["tools/call"]\n')
+    report = json.loads(replay(redacting, audit, flags=("--json",)).stdout)
+    assert "answer" not in report["skipped"], report["skipped"]
+    [change] = report["changed"]
+    assert (change["tool"], change["before"]["outcome"], change["after"]["outcome"]) == \
+        ("read_text_file", "allow", "modify")
+    assert change["after"]["tags"] == ["redacted"]

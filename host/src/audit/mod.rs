@@ -82,6 +82,9 @@ pub struct AuditRecord {
     /// sha256 of the canonical JSON of an answer's result or error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result_sha256: Option<String>,
+    /// An answer's result or error itself, with `audit.include_results`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
     /// `allow`, `modify`, `deny`, or `hold` (held for approval; the
     /// approval's id is this record's).
     pub outcome: &'static str,
@@ -180,6 +183,7 @@ impl AuditRecord {
             annotations: None,
             message_sha256: None,
             result_sha256: None,
+            result: None,
             outcome: "allow",
             code: None,
             reason: None,
@@ -646,6 +650,7 @@ pub struct Audit {
     sinks: Vec<Box<dyn Sink>>,
     include_arguments: bool,
     include_policy_logs: bool,
+    include_results: bool,
     /// The replica named in every record, when `[state] replica` is set.
     replica: Option<String>,
 }
@@ -736,6 +741,7 @@ impl Audit {
             sinks,
             include_arguments: config.include_arguments,
             include_policy_logs: config.include_policy_logs,
+            include_results: config.include_results,
             replica: replica.map(|r| serde_json::Value::from(r).to_string()),
         })
     }
@@ -747,6 +753,7 @@ impl Audit {
             sinks,
             include_arguments: true,
             include_policy_logs: false,
+            include_results: false,
             replica: None,
         }
     }
@@ -754,6 +761,12 @@ impl Audit {
     /// Whether records carry the arguments themselves.
     pub fn include_arguments(&self) -> bool {
         self.include_arguments
+    }
+
+    /// Whether answers' records carry the result and their request's
+    /// arguments.
+    pub fn include_results(&self) -> bool {
+        self.include_results
     }
 
     /// Whether records carry what policies logged.

@@ -5,11 +5,12 @@
 //! deployment's Redis); registry modules are pulled as `check` pulls them.
 //!
 //! A record is replayed only when the trail holds what the policies saw:
-//! its arguments (`audit.include_arguments`), and for a tool call the tool's
-//! annotations and drift as recorded. Answers (their results are not in the
-//! trail), records without arguments, and decisions made at the boundary
-//! rather than by a policy (rate limits, approval rules, pins) are counted
-//! and reported, never guessed.
+//! its arguments (`audit.include_arguments`), an answer's result and its
+//! request's arguments (`audit.include_results`), and for a tool call the
+//! tool's annotations and drift as recorded. Answers without their results,
+//! records without arguments, and decisions made at the boundary rather than
+//! by a policy (rate limits, approval rules, pins) are counted and reported,
+//! never guessed.
 
 use crate::audit::RecordedAnnotations;
 use crate::config::{Config, ModuleSource};
@@ -138,6 +139,7 @@ struct Recorded {
     tool: Option<String>,
     arguments_sha256: Option<String>,
     arguments: Option<Value>,
+    result: Option<Value>,
     #[serde(default)]
     outcome: String,
     reason: Option<String>,
@@ -172,7 +174,7 @@ struct RecordedVerdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Skipped {
-    /// An answer: its result is not in the trail.
+    /// An answer recorded without its result (`audit.include_results`).
     Answer,
     /// Recorded without its arguments (`audit.include_arguments = false`).
     NoArguments,
@@ -186,7 +188,9 @@ enum Skipped {
 impl Skipped {
     fn describe(self) -> &'static str {
         match self {
-            Skipped::Answer => "answers (their results are not in the trail)",
+            Skipped::Answer => {
+                "answers recorded without their results (audit.include_results = false)"
+            }
             Skipped::NoArguments => "recorded without arguments (audit.include_arguments = false)",
             Skipped::Unjudged => "refused before any policy judged them (unreadable or malformed)",
             Skipped::Boundary => {
@@ -407,9 +411,14 @@ fn exchange(record: &Recorded) -> Result<Exchange, Skipped> {
     let kind = match record.kind.as_str() {
         "request" => MessageKind::Request,
         "notification" => MessageKind::Notification,
-        "result" | "error" => return Err(Skipped::Answer),
+        "result" => MessageKind::Result,
+        "error" => MessageKind::Error,
         _ => return Err(Skipped::Unjudged),
     };
+    let answer = matches!(kind, MessageKind::Result | MessageKind::Error);
+    if answer && record.result.is_none() {
+        return Err(Skipped::Answer);
+    }
     if record.arguments_sha256.is_some() && record.arguments.is_none() {
         return Err(Skipped::NoArguments);
     }
@@ -447,7 +456,7 @@ fn exchange(record: &Recorded) -> Result<Exchange, Skipped> {
         tool: record.tool.clone(),
         annotations: record.annotations.as_ref().map(Into::into),
         params,
-        result: None,
+        result: record.result.as_ref().map(Value::to_string),
     })
 }
 

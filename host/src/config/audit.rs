@@ -12,6 +12,11 @@ pub struct AuditConfig {
     /// Record what each policy logged while judging the message.
     #[serde(default)]
     pub include_policy_logs: bool,
+    /// Record answers' results (and errors) themselves, with their
+    /// request's arguments, so `portcullis replay` can re-judge answers
+    /// too. Off by default: results can be large and sensitive.
+    #[serde(default)]
+    pub include_results: bool,
     /// Where records go; `--audit-file` adds a file sink.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
@@ -32,6 +37,7 @@ impl Default for AuditConfig {
         Self {
             include_arguments: true,
             include_policy_logs: false,
+            include_results: false,
             sinks: Vec::new(),
         }
     }

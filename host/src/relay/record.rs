@@ -191,11 +191,17 @@ impl Relay {
                 }
             }
             MessageKind::Result | MessageKind::Error => {
-                record.result_sha256 = message
-                    .payload(kind)
-                    .1
-                    .and_then(canonical_digest)
-                    .map(|(d, _)| d);
+                if let Some((digest, value)) = message.payload(kind).1.and_then(canonical_digest) {
+                    record.result_sha256 = Some(digest);
+                    record.result = g.audit.include_results().then_some(value);
+                }
+                if g.audit.include_results() {
+                    let asked = request_arguments(exchange);
+                    if let Some((digest, value)) = asked.as_deref().and_then(canonical_digest) {
+                        record.arguments_sha256 = Some(digest);
+                        record.arguments = g.audit.include_arguments().then_some(value);
+                    }
+                }
             }
         }
         record.tags = decision.tags();
@@ -391,4 +397,15 @@ fn lane(direction: Direction) -> usize {
         Direction::ClientToServer => 0,
         Direction::ServerToClient => 1,
     }
+}
+
+/// For an answer: its request's arguments (`tools/call`) or params, as a
+/// request's record holds them.
+fn request_arguments(exchange: &Exchange) -> Option<Box<RawValue>> {
+    let params: serde_json::Value = serde_json::from_str(exchange.params.as_deref()?).ok()?;
+    let asked = match (exchange.method.as_str(), params) {
+        ("tools/call", serde_json::Value::Object(mut params)) => params.remove("arguments")?,
+        (_, params) => params,
+    };
+    serde_json::value::to_raw_value(&asked).ok()
 }

@@ -62,6 +62,18 @@ fn what_the_trail_does_not_hold_is_skipped_never_guessed() {
         Some(Skipped::NoArguments)
     );
     assert_eq!(skipped(json!({"kind": "result"})), Some(Skipped::Answer));
+    let answer = exchange_of(call(
+        json!({"kind": "result", "direction": "server-to-client",
+                                         "result": {"content": []}}),
+    ));
+    assert_eq!(answer.kind, MessageKind::Result);
+    assert_eq!(answer.result.as_deref(), Some(r#"{"content":[]}"#));
+    assert!(
+        answer
+            .params
+            .unwrap()
+            .contains(r#""arguments":{"path":"/tmp/x"}"#)
+    );
     assert_eq!(skipped(json!({"kind": "invalid"})), Some(Skipped::Unjudged));
     // Refused by a rate limit: no policy decided it.
     let limited = json!({"outcome": "deny", "decided_by": "rate-limit", "policies": []});
