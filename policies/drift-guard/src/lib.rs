@@ -6,7 +6,7 @@
 //! it judges. Pair it with `[pinning] on_drift = "alert"` to let drifted
 //! tools stay listed while this policy decides what a drift means.
 
-use portcullis_policy::{DriftKind, Exchange, Globs, Policy, ToolDrift, Verdict, drift};
+use portcullis_policy::{Exchange, Globs, Policy, ToolDrift, Verdict, drift};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -29,17 +29,6 @@ fn everything() -> Globs {
 }
 
 /// A drift kind's name, as in the config and audit records.
-fn name(kind: DriftKind) -> &'static str {
-    match kind {
-        DriftKind::Added => "added",
-        DriftKind::Removed => "removed",
-        DriftKind::Description => "description",
-        DriftKind::Schema => "schema",
-        DriftKind::Annotations => "annotations",
-        DriftKind::Escalated => "escalated",
-    }
-}
-
 const KINDS: [&str; 6] = [
     "added",
     "removed",
@@ -82,7 +71,7 @@ fn kinds_of(drift: &[ToolDrift], tool: &str) -> Vec<&'static str> {
     drift
         .iter()
         .filter(|d| d.tool == tool)
-        .flat_map(|d| d.kinds.iter().map(|k| name(*k)))
+        .flat_map(|d| d.kinds.iter().map(|k| k.as_str()))
         .collect()
 }
 

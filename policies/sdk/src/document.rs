@@ -3,7 +3,7 @@
 //! read, and [`DocumentPolicy`], a policy that judges that document alone.
 //! `docs/policy-languages.md` describes the document field by field.
 
-use crate::{Direction, Exchange, Level, MessageKind, ToolDrift, Verdict, drift, log};
+use crate::{Exchange, Level, ToolDrift, Verdict, drift, log};
 use serde_json::{Map, Value, json};
 
 /// A policy that judges a message by its input document, with the same
@@ -63,8 +63,8 @@ pub fn document(exchange: &Exchange, drift: &[ToolDrift]) -> Value {
         _ => None,
     };
     json!({
-        "direction": direction(exchange.direction),
-        "kind": kind(exchange.kind),
+        "direction": exchange.direction.as_str(),
+        "kind": exchange.kind.as_str(),
         "server": exchange.server,
         "agent": {
             "id": exchange.agent.id,
@@ -80,24 +80,6 @@ pub fn document(exchange: &Exchange, drift: &[ToolDrift]) -> Value {
         "result": parse(exchange.result.as_deref()),
         "drift": drift.iter().map(drifted).collect::<Vec<_>>(),
     })
-}
-
-/// `client-to-server` or `server-to-client`.
-pub fn direction(direction: Direction) -> &'static str {
-    match direction {
-        Direction::ClientToServer => "client-to-server",
-        Direction::ServerToClient => "server-to-client",
-    }
-}
-
-/// `request`, `notification`, `result` or `error`.
-pub fn kind(kind: MessageKind) -> &'static str {
-    match kind {
-        MessageKind::Request => "request",
-        MessageKind::Notification => "notification",
-        MessageKind::Result => "result",
-        MessageKind::Error => "error",
-    }
 }
 
 fn annotations(exchange: &Exchange) -> Value {
@@ -118,19 +100,7 @@ fn annotations(exchange: &Exchange) -> Value {
 }
 
 fn drifted(drift: &ToolDrift) -> Value {
-    use crate::DriftKind::*;
-    let kinds: Vec<&str> = drift
-        .kinds
-        .iter()
-        .map(|k| match k {
-            Added => "added",
-            Removed => "removed",
-            Description => "description",
-            Schema => "schema",
-            Annotations => "annotations",
-            Escalated => "escalated",
-        })
-        .collect();
+    let kinds: Vec<&str> = drift.kinds.iter().map(|k| k.as_str()).collect();
     json!({ "server": drift.server, "tool": drift.tool, "kinds": kinds, "diff": drift.diff })
 }
 
@@ -142,7 +112,7 @@ fn parse(text: Option<&str>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Agent, DriftKind, ToolAnnotations};
+    use crate::{Agent, Direction, DriftKind, MessageKind, ToolAnnotations};
 
     fn call(arguments: &str) -> Exchange {
         Exchange {

@@ -178,6 +178,42 @@ impl From<Outcome> for Verdict {
     }
 }
 
+impl Direction {
+    /// `client-to-server` or `server-to-client`, as audit records say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToServer => "client-to-server",
+            Direction::ServerToClient => "server-to-client",
+        }
+    }
+}
+
+impl MessageKind {
+    /// `request`, `notification`, `result` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Request => "request",
+            MessageKind::Notification => "notification",
+            MessageKind::Result => "result",
+            MessageKind::Error => "error",
+        }
+    }
+}
+
+impl DriftKind {
+    /// The kind's name, as the config and audit records write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::Added => "added",
+            DriftKind::Removed => "removed",
+            DriftKind::Description => "description",
+            DriftKind::Schema => "schema",
+            DriftKind::Annotations => "annotations",
+            DriftKind::Escalated => "escalated",
+        }
+    }
+}
+
 impl Exchange {
     /// True for a `tools/call` request.
     pub fn is_tool_call(&self) -> bool {
