@@ -26,7 +26,9 @@ const MAX_BUCKETS: usize = 100_000;
 pub struct RateRules(Vec<Rule>);
 
 struct Rule {
-    /// Identifies the rule's buckets across reloads: its settings.
+    /// Identifies the rule's buckets across reloads: what it counts (its
+    /// agents, servers, tools, methods and `by`), not how much it allows,
+    /// so a limit raised or lowered keeps every bucket's state.
     id: String,
     agents: Vec<WildMatch>,
     servers: Vec<WildMatch>,
@@ -74,11 +76,19 @@ impl RateRules {
     /// Compiles the configured rules.
     pub fn new(rules: &[RateLimitConfig]) -> Self {
         let globs = |patterns: &[String]| patterns.iter().map(|g| WildMatch::new(g)).collect();
+        let mut seen: HashMap<String, usize> = HashMap::new();
         Self(
             rules
                 .iter()
                 .map(|r| Rule {
-                    id: format!("{r:?}"),
+                    id: {
+                        // Two rules counting the same (a burst and a
+                        // sustained rate, say) keep buckets of their own.
+                        let scope = scope(r);
+                        let nth = seen.entry(scope.clone()).or_default();
+                        *nth += 1;
+                        format!("{scope}#{nth}")
+                    },
                     agents: globs(&r.agents),
                     servers: globs(&r.servers),
                     tools: globs(&r.tools),
@@ -97,6 +107,27 @@ impl RateRules {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// What `rule` counts, whatever order its lists are written in.
+fn scope(rule: &RateLimitConfig) -> String {
+    let set = |list: &[String]| {
+        let mut list = list.to_vec();
+        list.sort();
+        list.dedup();
+        list
+    };
+    let mut by: Vec<String> = rule.by.iter().map(|d| format!("{d:?}")).collect();
+    by.sort();
+    by.dedup();
+    serde_json::json!([
+        set(&rule.agents),
+        set(&rule.servers),
+        set(&rule.tools),
+        set(&rule.methods),
+        by
+    ])
+    .to_string()
 }
 
 impl Rule {
@@ -333,6 +364,32 @@ mod tests {
             buckets.admit(&rules, &call("a", "write"), later).is_ok(),
             "refilled"
         );
+    }
+
+    #[test]
+    fn a_rule_whose_limit_is_edited_keeps_its_buckets() {
+        let buckets = Buckets::default();
+        let now = Instant::now();
+        let before = rules("[[rate_limits]]\ncalls = 2\nper_secs = 60\ntools = [\"a\", \"b\"]\n");
+        for _ in 0..2 {
+            assert!(buckets.admit(&before, &call("x", "a"), now).is_ok());
+        }
+        // Raised, with its lists reordered: the spent tokens stay spent.
+        let raised = rules("[[rate_limits]]\ncalls = 3\nper_secs = 60\ntools = [\"b\", \"a\"]\n");
+        assert!(buckets.admit(&raised, &call("x", "a"), now).is_err());
+        // What it counts changed: a new bucket.
+        let other = rules("[[rate_limits]]\ncalls = 3\nper_secs = 60\ntools = [\"a\"]\n");
+        assert!(buckets.admit(&other, &call("x", "a"), now).is_ok());
+        // Two rules counting the same keep buckets of their own.
+        let twice = rules(
+            "[[rate_limits]]\ncalls = 1\nper_secs = 60\ntools = [\"c\"]\n\
+             [[rate_limits]]\ncalls = 5\nper_secs = 60\ntools = [\"c\"]\n",
+        );
+        assert!(buckets.admit(&twice, &call("x", "c"), now).is_ok());
+        let Err(Refusal::Limited(refused)) = buckets.admit(&twice, &call("x", "c"), now) else {
+            panic!("the first rule's one call is spent");
+        };
+        assert!(refused.limit.starts_with("1 calls"), "{}", refused.limit);
     }
 
     #[test]
