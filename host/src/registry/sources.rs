@@ -304,26 +304,19 @@ pub fn cache_dir(config: &Config) -> Result<PathBuf> {
 /// version it ran, so the rest of the config still reloads. Those
 /// refusals are returned, for the audit trail.
 pub fn resolve(config: &mut Config, previous: Option<&Config>) -> Result<Vec<Refused>> {
-    let wanted: Vec<OciReference> = config
-        .modules()
-        .filter_map(|m| m.reference().cloned())
-        .collect();
-    if wanted.is_empty() {
+    let wanted = wanted(config);
+    if wanted.iter().all(Option::is_none) {
         return Ok(Vec::new());
     }
     let sources = Sources::new(config)?;
     let mut pulled = BTreeMap::new();
     let mut refusals = Vec::new();
-    for reference in wanted {
-        let std::collections::btree_map::Entry::Vacant(slot) = pulled.entry(reference) else {
+    for want in wanted.iter().flatten() {
+        let std::collections::btree_map::Entry::Vacant(slot) = pulled.entry(want.clone()) else {
             continue;
         };
-        let reference = slot.key();
-        let earlier = previous.and_then(|p| ran(p, reference));
-        let followed = config
-            .policies
-            .iter()
-            .any(|p| p.follow && p.module.reference() == Some(reference));
+        let (reference, followed) = slot.key();
+        let earlier = previous.and_then(|p| ran(p, reference, *followed));
         let module = match earlier {
             Some(digest) if !followed => sources.pull(&keep(reference, digest))?,
             Some(digest) => match sources.pull(reference) {
@@ -339,24 +332,38 @@ pub fn resolve(config: &mut Config, previous: Option<&Config>) -> Result<Vec<Ref
         };
         slot.insert(Box::new(module));
     }
-    for module in config.modules_mut() {
-        if let ModuleSource::Oci {
-            reference,
-            pulled: slot,
-        } = module
-        {
-            *slot = pulled.get(reference).cloned();
+    for (module, want) in config.modules_mut().zip(wanted) {
+        if let (ModuleSource::Oci { pulled: slot, .. }, Some(want)) = (module, want) {
+            *slot = pulled.get(&want).cloned();
         }
     }
     Ok(refusals)
 }
 
-/// The digest `config` ran `reference` at, if it named it.
-fn ran<'c>(config: &'c Config, reference: &OciReference) -> Option<&'c str> {
+/// Each module `config` names ([`Config::modules`] order): its registry
+/// reference, and whether it follows the reference's tag. A module that
+/// does not follow a tag keeps the version it ran, even where another
+/// policy follows the same reference.
+fn wanted(config: &Config) -> Vec<Option<(OciReference, bool)>> {
+    let follows = config.policies.iter().map(|p| p.follow);
     config
         .modules()
-        .find(|m| m.reference() == Some(reference))
-        .and_then(|m| m.pulled())
+        .zip(follows.chain(std::iter::repeat(false)))
+        .map(|(module, follows)| Some((module.reference()?.clone(), follows)))
+        .collect()
+}
+
+/// The digest `config` ran `reference` at for a module that follows its
+/// tag (`followed`) or not, if it named it so.
+fn ran<'c>(config: &'c Config, reference: &OciReference, followed: bool) -> Option<&'c str> {
+    config
+        .modules()
+        .zip(wanted(config))
+        .find(|(_, want)| {
+            want.as_ref()
+                .is_some_and(|(r, f)| r == reference && *f == followed)
+        })
+        .and_then(|(m, _)| m.pulled())
         .map(|p| p.digest.as_str())
 }
 
