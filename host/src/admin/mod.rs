@@ -146,7 +146,7 @@ impl Admin {
         let guard = self.guard;
         http::serve(socket, guard, shutdown, move |request, peer| {
             let admin = self.clone();
-            async move { admin.respond(request, peer).await }
+            async move { admin.respond(request, peer.addr).await }
         })
         .await
     }

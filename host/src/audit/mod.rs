@@ -351,6 +351,10 @@ pub struct ApprovalRecord {
     pub votes: Vec<crate::approval::store::Vote>,
     /// How long the call was held, in ms.
     pub held_ms: u64,
+    /// Why a call approved was never relayed: its client was gone, or its
+    /// agent may no longer use its server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<String>,
 }
 
 impl ApprovalRecord {
@@ -390,6 +394,7 @@ impl ApprovalRecord {
                 Vec::new()
             },
             held_ms: ended.saturating_sub(approval.created_ms),
+            withheld: None,
         }
     }
 
@@ -418,7 +423,7 @@ impl ApprovalRecord {
 /// The audit event of an agent's access to `portcullis serve`: a session
 /// opened or ended, or credentials refused. What the agent does in the
 /// session is in the message records.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AccessRecord {
     /// When (RFC 3339, UTC, µs).
     pub time: String,
@@ -451,6 +456,14 @@ pub struct AccessRecord {
     /// For `message-refused`: sha256 of the message's bytes as received.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_sha256: Option<String>,
+    /// For a refusal that sums up a window of them: how many more
+    /// refusals of this kind came from this peer (the record describes the
+    /// latest) after the first, which was written whole at `since`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeated: Option<u64>,
+    /// When the first refusal of the window was written (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 impl AccessRecord {
@@ -476,6 +489,8 @@ impl AccessRecord {
             reason: None,
             code: None,
             message_sha256: None,
+            repeated: None,
+            since: None,
         }
     }
 

@@ -53,10 +53,7 @@ pub fn command(config_path: PathBuf, audit_file: Option<PathBuf>) -> Result<i32>
             reloader.set_servers(watched.health());
         }
     });
-    let listener = Arc::new(Listener {
-        gateway: gateway.clone(),
-        current: current.clone(),
-    });
+    let listener = Arc::new(Listener::new(gateway.clone(), current.clone()));
     // Idle sessions expire, checked a few times per idle period.
     let sweeping = gateway.clone();
     let sweep = std::time::Duration::from_secs((config.serve.session_idle_secs / 4).clamp(1, 60));

@@ -41,6 +41,18 @@ pub struct ServeConfig {
     /// once; more wait in the kernel's queue until one closes. Read at start.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// How many of them one agent may hold, whatever addresses it comes
+    /// from (default: a quarter of `max_connections`); a request past it is
+    /// refused (HTTP 429) and its connection closed. Event streams count.
+    /// 0: no limit.
+    #[serde(default)]
+    pub max_connections_per_agent: Option<usize>,
+    /// How many connections one peer address may hold before a request on
+    /// them authenticates (default: an eighth of `max_connections`); more
+    /// are closed as they come. Behind a balancer that connects from one
+    /// address, raise it or set 0 (no limit). Read at start.
+    #[serde(default)]
+    pub max_connections_per_peer: Option<usize>,
     /// How long a client may take to send a request's headers, and how long
     /// an idle kept-alive connection stays open, in seconds. Read at start.
     #[serde(default = "default_header_timeout")]
@@ -72,11 +84,28 @@ impl Default for ServeConfig {
             max_server_instances: default_max_server_instances(),
             max_server_instances_per_agent: default_max_server_instances_per_agent(),
             max_connections: default_max_connections(),
+            max_connections_per_agent: None,
+            max_connections_per_peer: None,
             header_timeout_secs: default_header_timeout(),
             body_timeout_secs: default_body_timeout(),
             session_keys: Vec::new(),
             drain_secs: default_drain(),
         }
+    }
+}
+
+impl ServeConfig {
+    /// How many connections one agent may hold (0: no limit).
+    pub fn agent_share(&self) -> usize {
+        self.max_connections_per_agent
+            .unwrap_or((self.max_connections / 4).max(1))
+    }
+
+    /// How many unauthenticated connections one peer address may hold (0:
+    /// no limit).
+    pub fn peer_share(&self) -> usize {
+        self.max_connections_per_peer
+            .unwrap_or((self.max_connections / 8).max(1))
     }
 }
 

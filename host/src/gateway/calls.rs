@@ -6,6 +6,7 @@
 use crate::gateway::Gateway;
 use crate::gateway::inbound::Outlet;
 use crate::gateway::sessions::ClientSession;
+use crate::identity::Identity;
 use crate::protocol::jsonrpc;
 use crate::protocol::parsed::Parsed;
 use crate::relay::Asking;
@@ -36,13 +37,14 @@ pub enum Next {
 }
 
 impl Call {
-    /// Starts handling `request` of `session`, with `gateway`. Messages the
-    /// server sends about it are relayed only if the client `streams`
-    /// (accepts an event stream); otherwise its requests are refused.
+    /// Starts handling `request` of `session`, sent by `caller`, with
+    /// `gateway`. Messages the server sends about it are relayed only if
+    /// the client `streams` (accepts an event stream); otherwise its
+    /// requests are refused.
     pub fn start(
         gateway: Arc<Gateway>,
         session: Arc<ClientSession>,
-        request: Parsed,
+        (request, caller): (Parsed, Identity),
         asking: Asking,
         streams: bool,
     ) -> Self {
@@ -55,7 +57,7 @@ impl Call {
             let _registration = registration;
             let outlet: Option<Outlet> = streams.then_some(outlet);
             tokio::select! {
-                answer = gateway.handle(&session, request, asking, outlet.as_ref()) => answer,
+                answer = gateway.handle(&session, request, &caller, asking, outlet.as_ref()) => answer,
                 () = cancel.notified() => None,
             }
         });

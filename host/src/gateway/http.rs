@@ -17,14 +17,15 @@
 
 use crate::audit::AccessRecord;
 use crate::gateway::calls::{Aborting, Call, Next};
+use crate::gateway::door::{self, Door, Refusals};
 use crate::gateway::sessions::{ClientSession, Scope};
 use crate::gateway::{Gateway, Refused};
 
 use crate::gateway::stateless;
 use crate::gateway::{listening, rounds};
 use crate::http::{
-    Body, BodyError, Ending, Guard, event_stream, full, json_response, plain, read_body, serve,
-    sse_event,
+    Body, BodyError, Ending, Guard, Peer, event_stream, full, json_response, plain, read_body,
+    serve, sse_event,
 };
 use crate::identity::{self, Identity};
 use crate::protocol::jsonrpc::{self, Message};
@@ -38,21 +39,25 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 const SESSION_HEADER: &str = "mcp-session-id";
+/// The answer to a path that is no endpoint, or a server the agent may not
+/// use (which does not exist for it).
+const NO_ENDPOINT: &str = "no MCP endpoint here";
 const VERSION_HEADER: &str = "mcp-protocol-version";
 
 /// What the listener needs besides the gateway.
 pub struct Listener {
     /// The gateway deciding and routing.
-    pub gateway: Arc<Gateway>,
+    gateway: Arc<Gateway>,
     /// The generation in charge: agents, origins and limits are read from it
     /// per request, so a reload rotates keys without a restart.
-    pub current: Arc<Current>,
+    current: Arc<Current>,
+    /// The refusals at its door, summed up per peer.
+    refusals: Arc<Refusals>,
 }
 
 /// Serves MCP on `socket` until `shutdown` completes.
@@ -64,20 +69,45 @@ pub async fn run(
 ) -> Result<()> {
     let addr = socket.local_addr()?;
     tracing::info!(%addr, "portcullis serving MCP over Streamable HTTP");
-    serve(socket, guard, shutdown, move |request, peer| {
+    let (current, refusals) = (listener.current.clone(), listener.refusals.clone());
+    let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
+    let summarizing = tokio::spawn(door::summarize(current, refusals, async {
+        let _ = stop.await;
+    }));
+    let served = serve(socket, guard, shutdown, move |request, peer| {
         let listener = listener.clone();
         async move { listener.respond(request, peer).await }
     })
-    .await
+    .await;
+    // The refusals still being counted reach the trail before it ends.
+    let _ = stopped.send(());
+    let _ = summarizing.await;
+    served
 }
 
 impl Listener {
-    /// Answers one HTTP request from `peer`.
-    pub async fn respond(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    /// A listener in front of `gateway`, judging with `current`.
+    pub fn new(gateway: Arc<Gateway>, current: Arc<Current>) -> Self {
+        Self {
+            gateway,
+            current,
+            refusals: Arc::default(),
+        }
+    }
+
+    /// Answers one HTTP request from `from` (its peer and connection).
+    pub async fn respond(&self, request: Request<Incoming>, from: Peer) -> Response<Body> {
+        let peer = from.addr;
         let path = request.uri().path().to_string();
         if path == "/healthz" && request.method() == Method::GET {
             return self.health();
         }
+        let door = Door {
+            current: self.current.clone(),
+            refusals: self.refusals.clone(),
+            path: path.clone(),
+            peer,
+        };
         let scope = match path.as_str() {
             "/mcp" => Scope::All,
             _ => match path
@@ -87,13 +117,11 @@ impl Listener {
                 Some(server) if self.gateway.has_server(server) => {
                     Scope::Server(server.to_string())
                 }
-                _ => return plain(StatusCode::NOT_FOUND, "no MCP endpoint here"),
+                _ => {
+                    let status = StatusCode::NOT_FOUND;
+                    return door.turned_away(None, status, NO_ENDPOINT).await;
+                }
             },
-        };
-        let door = Door {
-            current: self.current.clone(),
-            path: path.clone(),
-            peer,
         };
         let generation = self.current.get();
         if let Some(origin) = request.headers().get(header::ORIGIN)
@@ -137,6 +165,22 @@ impl Listener {
                 return response;
             }
         };
+        // One agent holds at most its share of the connections, so that
+        // others (and /healthz) find one free whatever it does.
+        if let Err(over) = from
+            .seat
+            .claim(&identity.agent.id, generation.config.serve.agent_share())
+        {
+            let why = format!("{over} (serve.max_connections_per_agent)");
+            door.refused("connection-refused", Some(&identity), why.clone())
+                .await;
+            let answer = jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, &why, None);
+            let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, answer);
+            let headers = response.headers_mut();
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
         if let Scope::Server(server) = &scope
             && !identity.may_use(server)
         {
@@ -146,7 +190,7 @@ impl Listener {
                 identity.agent.id
             );
             door.refused("server-refused", Some(&identity), why).await;
-            return plain(StatusCode::NOT_FOUND, "no MCP endpoint here");
+            return plain(StatusCode::NOT_FOUND, NO_ENDPOINT);
         }
         drop(generation);
         match *request.method() {
@@ -162,14 +206,20 @@ impl Listener {
                     door.unknown_session(&identity).await;
                     plain(StatusCode::NOT_FOUND, "unknown session")
                 }
-                None => plain(StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required"),
+                None => {
+                    let why = "Mcp-Session-Id header is required";
+                    let status = StatusCode::BAD_REQUEST;
+                    door.turned_away(Some(&identity), status, why).await
+                }
             },
             Method::GET => {
                 self.events(request.headers(), &identity, &scope, &door)
                     .await
             }
             _ => {
-                let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use POST, GET or DELETE");
+                let status = StatusCode::METHOD_NOT_ALLOWED;
+                let why = "use POST, GET or DELETE";
+                let mut response = door.turned_away(Some(&identity), status, why).await;
                 response
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
@@ -194,7 +244,7 @@ impl Listener {
                     "message exceeds the size limit of {} bytes (limits.max_message_bytes)",
                     limits.max
                 );
-                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None)
+                door.message_refused(Some(&identity), jsonrpc::INVALID_REQUEST, &why, None)
                     .await;
                 return rpc_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -207,28 +257,35 @@ impl Listener {
                     "the message was not sent within {}s (serve.body_timeout_secs)",
                     limits.timeout.as_secs()
                 );
-                door.message_refused(&identity, jsonrpc::INVALID_REQUEST, &why, None)
+                door.message_refused(Some(&identity), jsonrpc::INVALID_REQUEST, &why, None)
                     .await;
                 return rpc_error(StatusCode::REQUEST_TIMEOUT, jsonrpc::INVALID_REQUEST, &why);
             }
             Err(BodyError::Failed(e)) => {
                 tracing::debug!("reading a request body failed: {e}");
-                return plain(StatusCode::BAD_REQUEST, "the body could not be read");
+                let status = StatusCode::BAD_REQUEST;
+                let why = "the body could not be read";
+                return door.turned_away(Some(&identity), status, why).await;
             }
         };
         let text = match String::from_utf8(Vec::from(body)) {
             Ok(text) => text,
             Err(e) => {
                 let why = "Parse error: body is not UTF-8";
-                door.message_refused(&identity, jsonrpc::PARSE_ERROR, why, Some(e.as_bytes()))
-                    .await;
+                door.message_refused(
+                    Some(&identity),
+                    jsonrpc::PARSE_ERROR,
+                    why,
+                    Some(e.as_bytes()),
+                )
+                .await;
                 return rpc_error(StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR, why);
             }
         };
         if jsonrpc::is_batch(&text) {
             let why = "Invalid Request: batches are not supported by this protocol revision";
             door.message_refused(
-                &identity,
+                Some(&identity),
                 jsonrpc::INVALID_REQUEST,
                 why,
                 Some(text.as_bytes()),
@@ -242,7 +299,8 @@ impl Listener {
             Err(unread) => {
                 let (code, why, body) =
                     (unread.why.code, &unread.why.message, unread.text.as_bytes());
-                door.message_refused(&identity, code, why, Some(body)).await;
+                door.message_refused(Some(&identity), code, why, Some(body))
+                    .await;
                 let id = jsonrpc::leading_id(body);
                 let answer = jsonrpc::error_response(id.as_deref(), code, why, None);
                 return json_response(StatusCode::BAD_REQUEST, answer);
@@ -262,21 +320,21 @@ impl Listener {
                 .await;
         }
         let Some(id) = session_id(&headers) else {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "Mcp-Session-Id header is required (initialize first)",
-            );
+            let why = "Mcp-Session-Id header is required (initialize first)";
+            let status = StatusCode::BAD_REQUEST;
+            return door.turned_away(Some(&identity), status, why).await;
         };
         let session = match self.find_session(id, &identity, &scope, door).await {
             Ok(session) => session,
             Err(answer) => return answer,
         };
+        session.called_by(&identity);
         if let Some(version) = headers.get(VERSION_HEADER)
             && version.as_bytes() != session.protocol.as_bytes()
         {
             let why = "MCP-Protocol-Version is not the revision this session negotiated";
             let body = request.text().as_bytes();
-            door.message_refused(&identity, jsonrpc::INVALID_REQUEST, why, Some(body))
+            door.message_refused(Some(&identity), jsonrpc::INVALID_REQUEST, why, Some(body))
                 .await;
             return plain(StatusCode::BAD_REQUEST, why);
         }
@@ -284,7 +342,7 @@ impl Listener {
         if !is_request {
             return match self
                 .gateway
-                .handle(&session, request, Asking::Connection, None)
+                .handle(&session, request, &identity, Asking::Connection, None)
                 .await
             {
                 Some(answer) => answer_response(&headers, answer),
@@ -293,7 +351,8 @@ impl Listener {
         }
         let streams = accepts(&headers, "text/event-stream");
         let gateway = self.gateway.clone();
-        let mut call = Call::start(gateway, session, request, Asking::Connection, streams);
+        let asked = (request, identity);
+        let mut call = Call::start(gateway, session, asked, Asking::Connection, streams);
         match call.next().await {
             Next::Answer(Some(answer)) => answer_response(&headers, answer),
             Next::Answer(None) => empty(StatusCode::ACCEPTED),
@@ -438,13 +497,14 @@ impl Listener {
         door: &Door,
     ) -> Response<Body> {
         if !accepts(headers, "text/event-stream") {
-            return plain(StatusCode::NOT_ACCEPTABLE, "GET streams text/event-stream");
+            let why = "GET streams text/event-stream";
+            let status = StatusCode::NOT_ACCEPTABLE;
+            return door.turned_away(Some(identity), status, why).await;
         }
         let Some(id) = session_id(headers) else {
-            let mut response = plain(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "a GET stream belongs to a session (Mcp-Session-Id)",
-            );
+            let why = "a GET stream belongs to a session (Mcp-Session-Id)";
+            let status = StatusCode::METHOD_NOT_ALLOWED;
+            let mut response = door.turned_away(Some(identity), status, why).await;
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -454,11 +514,11 @@ impl Listener {
             Ok(session) => session,
             Err(answer) => return answer,
         };
+        session.called_by(identity);
         let Some(stream) = session.open_stream() else {
-            return plain(
-                StatusCode::CONFLICT,
-                "this session has an event stream open already",
-            );
+            let why = "this session has an event stream open already";
+            let status = StatusCode::CONFLICT;
+            return door.turned_away(Some(identity), status, why).await;
         };
         event_stream(
             "message",
@@ -488,7 +548,7 @@ impl Listener {
                 && message.method.as_deref() == Some("notifications/cancelled")
             {
                 self.gateway
-                    .handle(&session, request, Asking::Connection, None)
+                    .handle(&session, request, &identity, Asking::Connection, None)
                     .await;
             }
             return empty(StatusCode::ACCEPTED);
@@ -499,7 +559,7 @@ impl Listener {
         if let Err(rejection) = stateless::check(headers, method, &params) {
             let why = &rejection.message;
             let body = request.text().as_bytes();
-            door.message_refused(&identity, rejection.code, why, Some(body))
+            door.message_refused(Some(&identity), rejection.code, why, Some(body))
                 .await;
             let answer = jsonrpc::error_response(
                 Some(id),
@@ -519,7 +579,10 @@ impl Listener {
         }
         let capabilities = &params["_meta"]["io.modelcontextprotocol/clientCapabilities"];
         let session = match self.gateway.standing(&identity, &scope, capabilities) {
-            Ok(session) => session,
+            Ok(session) => {
+                session.called_by(&identity);
+                session
+            }
             Err(refused) => {
                 let why = refused.to_string();
                 door.refused("session-refused", Some(&identity), why.clone())
@@ -530,7 +593,7 @@ impl Listener {
             }
         };
         if method == "subscriptions/listen" {
-            return match listening::listen(&self.gateway, session, id, &params).await {
+            return match listening::listen(&self.gateway, session, &identity, id, &params).await {
                 Ok(events) => {
                     let opened = AccessRecord::new(
                         "listen-opened",
@@ -581,10 +644,11 @@ impl Listener {
             let what = rounds::what(method, &params);
             let wait = self.gateway.timeout();
             let answer = if rounds::resumes(&params) {
-                rounds::resume(&session, &params, id, what, wait).await
+                rounds::resume(&session, &identity, &params, id, what, wait).await
             } else {
                 let gateway = self.gateway.clone();
-                let call = Call::start(gateway, session.clone(), request, asking, true);
+                let asked = (request, identity.clone());
+                let call = Call::start(gateway, session.clone(), asked, asking, true);
                 rounds::drive(&session, call, id, what, wait).await
             };
             let Some(answer) = answer else {
@@ -620,67 +684,6 @@ impl Listener {
 struct BodyLimits {
     max: usize,
     timeout: Duration,
-}
-
-/// Where a request came in: refusals there are audited as access events.
-struct Door {
-    current: Arc<Current>,
-    path: String,
-    peer: SocketAddr,
-}
-
-impl Door {
-    /// Writes `record` off the async workers (a sink may wait for the
-    /// disk); the refusal is answered once it is written, so a flood of
-    /// refused requests waits for the trail instead of queueing records.
-    async fn record(&self, record: AccessRecord) {
-        let current = self.current.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            if let Err(e) = current.get().audit.write(&record) {
-                tracing::error!(event = record.event, "cannot audit an access: {e:#}");
-            }
-        })
-        .await;
-        if let Err(e) = written {
-            tracing::error!("auditing an access did not finish: {e}");
-        }
-    }
-
-    /// `event` refused (by `identity`, once known), for `why`.
-    async fn refused(&self, event: &'static str, identity: Option<&Identity>, why: String) {
-        let agent = identity.map(|i| &i.agent);
-        let mut record = AccessRecord::new(event, agent, &self.path, self.peer);
-        record.reason = Some(why);
-        self.record(record).await;
-    }
-
-    /// A session id this agent has no session by (another agent's, an
-    /// expired or made-up one).
-    async fn unknown_session(&self, identity: &Identity) {
-        let why = "no session with this Mcp-Session-Id for this agent".into();
-        self.refused("session-unknown", Some(identity), why).await;
-    }
-
-    /// A message refused before any relay judged it, with its code and the
-    /// sha256 of its bytes when they were read.
-    async fn message_refused(
-        &self,
-        identity: &Identity,
-        code: i32,
-        why: &str,
-        bytes: Option<&[u8]>,
-    ) {
-        let mut record = AccessRecord::new(
-            "message-refused",
-            Some(&identity.agent),
-            &self.path,
-            self.peer,
-        );
-        record.reason = Some(why.to_string());
-        record.code = Some(code);
-        record.message_sha256 = bytes.map(crate::audit::bytes_digest);
-        self.record(record).await;
-    }
 }
 
 /// Whether the `Accept` header names `kind`.

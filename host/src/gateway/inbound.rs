@@ -13,9 +13,10 @@ use crate::audit::AccessRecord;
 use crate::contract::Direction;
 use crate::gateway::judging::{Pass, judge};
 use crate::gateway::sessions::{Asked, ClientSession};
+use crate::identity::Identity;
 use crate::protocol::jsonrpc::{self, INTERNAL_ERROR};
 use crate::protocol::parsed::Parsed;
-use crate::relay::{Asking, Relay};
+use crate::relay::{Arrival, Asking, Relay};
 use serde_json::value::RawValue;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,7 +69,13 @@ pub async fn deliver(
         let method = view.method.as_deref().unwrap_or_default().to_string();
         (method, view.id.map(ToOwned::to_owned))
     };
+    // Only where the session's caller may still go: a grant taken away
+    // takes the server's messages away too.
+    let granted = session.grants(server, &relay.current());
     let Some(upstream_id) = id else {
+        if !granted {
+            return;
+        }
         let Some(outlet) = outlet else {
             return;
         };
@@ -80,7 +87,7 @@ pub async fn deliver(
             _ => message,
         };
         let s2c = Direction::ServerToClient;
-        let judged = judge(relay, s2c, message, Asking::Connection, None).await;
+        let judged = judge(relay, s2c, message, Arrival::default()).await;
         let text = match judged.forward {
             Some(Pass::AsItCame(notice)) => notice.into_text(),
             Some(Pass::Changed(text)) => text,
@@ -96,6 +103,11 @@ pub async fn deliver(
         id: &upstream_id,
         method: &method,
     };
+    if !granted {
+        return refusing
+            .refuse("the agent may no longer use this server")
+            .await;
+    }
     let Some(outlet) = outlet else {
         let why =
             "the agent's connection cannot carry it (its client does not accept an event stream)";
@@ -109,7 +121,7 @@ pub async fn deliver(
     }
     let pair = next_pair();
     let s2c = Direction::ServerToClient;
-    let judged = judge(relay.clone(), s2c, message, Asking::Connection, Some(pair)).await;
+    let judged = judge(relay.clone(), s2c, message, Arrival::paired(Some(pair))).await;
     if let Some(reply) = judged.reply {
         // Refused, and audited as such: the server learns why, under its own id.
         send(session, server, &reply).await;
@@ -262,10 +274,10 @@ async fn write_access(session: &ClientSession, server: &str, record: AccessRecor
     }
 }
 
-/// The client's answer to a server's request: judged, and sent to that
-/// server under the id it asked with. An answer to no request in flight is
-/// dropped, audited.
-pub async fn answered(session: &ClientSession, answer: Parsed) {
+/// The client's answer to a server's request, sent by `caller`: judged, and
+/// sent to that server under the id it asked with. An answer to no request
+/// in flight is dropped, audited.
+pub async fn answered(session: &ClientSession, answer: Parsed, caller: &Identity) {
     let asked = answer
         .message()
         .id
@@ -291,7 +303,12 @@ pub async fn answered(session: &ClientSession, answer: Parsed) {
         return;
     };
     let c2s = Direction::ClientToServer;
-    let judged = judge(relay, c2s, answer, Asking::Connection, Some(asked.pair)).await;
+    let arrival = Arrival {
+        caller: Some(caller.clone()),
+        asking: Asking::Connection,
+        pair: Some(asked.pair),
+    };
+    let judged = judge(relay, c2s, answer, arrival).await;
     let text = match judged.forward {
         Some(Pass::AsItCame(answer)) => answer.with_id(&asked.upstream_id),
         Some(Pass::Changed(text)) => match Parsed::parse(text) {

@@ -7,7 +7,7 @@
 use crate::contract::{Direction, MessageKind};
 use crate::protocol::jsonrpc::{INTERNAL_ERROR, INVALID_REQUEST, Unreadable, error_response};
 use crate::protocol::parsed::{NotParsed, Parsed};
-use crate::relay::{Asking, Delivery, Read, Relay, Step};
+use crate::relay::{Arrival, Delivery, Read, Relay, Step};
 use crate::upstream::Answer;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -33,37 +33,19 @@ pub enum Pass<T> {
 /// A message as serve read it, in a form the judging thread can own.
 pub trait Judgeable: Send + 'static {
     /// The relay's judgement of it.
-    fn judged_by<'t>(
-        &'t self,
-        relay: &Relay,
-        direction: Direction,
-        asking: Asking,
-        pair: Option<u64>,
-    ) -> Step<'t>;
+    fn judged_by<'t>(&'t self, relay: &Relay, direction: Direction, arrival: &Arrival) -> Step<'t>;
 }
 
 impl Judgeable for Parsed {
-    fn judged_by<'t>(
-        &'t self,
-        relay: &Relay,
-        direction: Direction,
-        asking: Asking,
-        pair: Option<u64>,
-    ) -> Step<'t> {
+    fn judged_by<'t>(&'t self, relay: &Relay, direction: Direction, arrival: &Arrival) -> Step<'t> {
         let read = Read::View(self.message());
-        relay.judge_read(direction, self.text(), read, asking, pair)
+        relay.judge_read(direction, self.text(), read, arrival)
     }
 }
 
 impl Judgeable for Arc<Parsed> {
-    fn judged_by<'t>(
-        &'t self,
-        relay: &Relay,
-        direction: Direction,
-        asking: Asking,
-        pair: Option<u64>,
-    ) -> Step<'t> {
-        (**self).judged_by(relay, direction, asking, pair)
+    fn judged_by<'t>(&'t self, relay: &Relay, direction: Direction, arrival: &Arrival) -> Step<'t> {
+        (**self).judged_by(relay, direction, arrival)
     }
 }
 
@@ -130,21 +112,15 @@ impl Returning {
 }
 
 impl Judgeable for Returning {
-    fn judged_by<'t>(
-        &'t self,
-        relay: &Relay,
-        direction: Direction,
-        asking: Asking,
-        pair: Option<u64>,
-    ) -> Step<'t> {
+    fn judged_by<'t>(&'t self, relay: &Relay, direction: Direction, arrival: &Arrival) -> Step<'t> {
         match self {
             Returning::Read { text, answer, id } => {
                 let view = answer.view_with_id(id);
-                relay.judge_read(direction, text, Read::View(&view), asking, pair)
+                relay.judge_read(direction, text, Read::View(&view), arrival)
             }
             Returning::Unread { answer, id } => {
                 let read = Read::Unreadable(&answer.why, Some(id));
-                relay.judge_read(direction, &answer.text, read, asking, pair)
+                relay.judge_read(direction, &answer.text, read, arrival)
             }
         }
     }
@@ -158,16 +134,16 @@ fn answers(message: &Parsed) -> bool {
     )
 }
 
-/// Judges `message` travelling `direction` with `relay`, off the async
-/// workers; a held call waits here for its decision, which then replaces
-/// the judgement. Should the client go away meanwhile (its HTTP request is
-/// dropped), the call is cancelled, never run.
+/// Judges `message` travelling `direction` with `relay`, as it came
+/// (`arrival`), off the async workers; a held call waits here for its
+/// decision, which then replaces the judgement. Should the client go away
+/// meanwhile (its HTTP request is dropped), the call is cancelled, never
+/// run.
 pub async fn judge<T: Judgeable>(
     relay: Arc<Relay>,
     direction: Direction,
     message: T,
-    asking: Asking,
-    pair: Option<u64>,
+    arrival: Arrival,
 ) -> Judged<T> {
     let judging = relay.clone();
     let judged = tokio::task::spawn_blocking(move || {
@@ -175,7 +151,7 @@ pub async fn judge<T: Judgeable>(
             forward,
             reply,
             held,
-        } = message.judged_by(&judging, direction, asking, pair);
+        } = message.judged_by(&judging, direction, &arrival);
         let changed = forward.map(|forward| match forward {
             Cow::Borrowed(_) => None,
             Cow::Owned(changed) => Some(changed),
@@ -221,9 +197,7 @@ pub async fn judge<T: Judgeable>(
         });
     });
     let (settled, decision) = oneshot::channel();
-    relay.on_decision(held, move |delivery| {
-        let _ = settled.send(delivery);
-    });
+    relay.on_decision(held, move |delivery| settled.send(delivery).is_ok());
     let delivery: Delivery = decision.await.unwrap_or_default();
     abandoned.disarm();
     let text = |bytes: Option<Vec<u8>>| bytes.and_then(|b| String::from_utf8(b).ok());

@@ -12,11 +12,12 @@
 //! unsubscribed from when the last such stream closes.
 
 use crate::contract::Direction;
-use crate::gateway::Gateway;
 use crate::gateway::judging::{Pass, judge};
 use crate::gateway::sessions::{ClientSession, Scope};
+use crate::gateway::{Asked, Gateway};
+use crate::identity::Identity;
 use crate::protocol::parsed::Parsed;
-use crate::relay::Asking;
+use crate::relay::{Arrival, Asking};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -98,7 +99,7 @@ impl Opened {
     /// Holds resource `uri` for the stream: the session subscribes to it
     /// with the server that serves it, unless one of its streams holds it
     /// already. Whether it is held.
-    async fn hold(&mut self, uri: &str) -> bool {
+    async fn hold(&mut self, uri: &str, caller: &Identity) -> bool {
         let Some(server) = server_of(&self.session, uri) else {
             return false;
         };
@@ -114,7 +115,8 @@ impl Opened {
         // Counted from here, so that it is let go of whatever happens next.
         self.resources.push(key);
         let (gateway, session) = (&self.gateway, &self.session);
-        if first && !subscription(gateway, session, &server, uri, true).await {
+        let asked = Asked::by(caller, Asking::Connection);
+        if first && !subscription(gateway, session, &server, uri, asked).await {
             if let Some(key) = self.resources.pop() {
                 release(&mut listens(&self.session), &key);
             }
@@ -154,7 +156,11 @@ impl Drop for Opened {
                         .held
                         .contains_key(&(server.clone(), uri.clone()));
                     if !held {
-                        subscription(&gateway, &session, &server, &uri, false).await;
+                        let asked = Asked {
+                            caller: None,
+                            asking: Asking::Connection,
+                        };
+                        subscription(&gateway, &session, &server, &uri, asked).await;
                     }
                 }
             };
@@ -183,14 +189,16 @@ fn listens(session: &ClientSession) -> std::sync::MutexGuard<'_, Listens> {
         .unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Opens the stream `session`'s agent asked for with `params` (request
-/// `id`): subscribes to the resources it names, and returns the stream's
-/// events, the acknowledgement first. It ends when the client stops reading
-/// or the session ends, and then lets go of its resources. Refused, with
-/// why, if the session has [`MOST_STREAMS`] open.
+/// Opens the stream `session`'s agent (`caller`) asked for with `params`
+/// (request `id`): subscribes to the resources it names, and returns the
+/// stream's events, the acknowledgement first. It carries only what the
+/// servers its caller may still use send. It ends when the client stops
+/// reading or the session ends, and then lets go of its resources. Refused,
+/// with why, if the session has [`MOST_STREAMS`] open.
 pub async fn listen(
     gateway: &Arc<Gateway>,
     session: Arc<ClientSession>,
+    caller: &Identity,
     id: &RawValue,
     params: &Value,
 ) -> Result<mpsc::Receiver<String>, String> {
@@ -201,7 +209,11 @@ pub async fn listen(
     let mut honoured = Honoured::default();
     for (key, capability, method) in LISTS {
         let offered = async {
-            for upstream in session.upstreams.values() {
+            let granted = session
+                .upstreams
+                .iter()
+                .filter(|(server, _)| caller.may_use(server));
+            for (_, upstream) in granted {
                 if let Ok(init) = upstream.initialized(gateway.timeout()).await
                     && init["capabilities"].get(*capability).is_some()
                 {
@@ -220,7 +232,7 @@ pub async fn listen(
         if tokio::time::Instant::now() >= deadline {
             break;
         }
-        if opened.hold(&uri).await {
+        if opened.hold(&uri, caller).await {
             honoured.resources.push(uri);
         }
     }
@@ -234,7 +246,11 @@ pub async fn listen(
         }
     });
     let _ = sender.try_send(acknowledged.to_string());
-    for (server, upstream) in &session.upstreams {
+    let granted = session
+        .upstreams
+        .iter()
+        .filter(|(server, _)| caller.may_use(server));
+    for (server, upstream) in granted {
         let notices = upstream.notices();
         let (session, server, sender) = (session.clone(), server.clone(), sender.clone());
         let (honoured, id) = (honoured.clone(), id.to_owned());
@@ -283,17 +299,17 @@ fn server_of(session: &ClientSession, uri: &str) -> Option<String> {
     }
 }
 
-/// Subscribes `session` to resource `uri` with `server` (or unsubscribes
-/// it): a request of the agent's, judged and audited. Whether the server
-/// accepted.
+/// Subscribes `session` to resource `uri` with `server` (a request of its
+/// caller's), or unsubscribes it (Portcullis' own, letting go): judged and
+/// audited. Whether the server accepted.
 async fn subscription(
     gateway: &Gateway,
     session: &ClientSession,
     server: &str,
     uri: &str,
-    subscribe: bool,
+    asked: Asked<'_>,
 ) -> bool {
-    let method = if subscribe {
+    let method = if asked.caller.is_some() {
         "resources/subscribe"
     } else {
         "resources/unsubscribe"
@@ -305,9 +321,7 @@ async fn subscription(
     let Ok(request) = Parsed::parse(request.to_string()) else {
         return false;
     };
-    let answer = gateway
-        .forward(session, server, request, Asking::Connection, None)
-        .await;
+    let answer = gateway.forward(session, server, request, asked, None).await;
     answer
         .and_then(|answer| serde_json::from_str::<Value>(&answer).ok())
         .is_some_and(|answer| answer.get("result").is_some())
@@ -328,7 +342,8 @@ fn acknowledgement(filter: &Value, honoured: &Honoured) -> Value {
 }
 
 /// Relays what `server` sends all its clients that the stream carries,
-/// judged, until the stream closes or the session ends.
+/// judged, while the session's caller may still use the server, until the
+/// stream closes or the session ends.
 async fn relay(
     session: Arc<ClientSession>,
     server: String,
@@ -353,8 +368,11 @@ async fn relay(
         let Some(relay) = session.relays.get(&server).cloned() else {
             return;
         };
+        if !session.grants(&server, &relay.current()) {
+            continue;
+        }
         let s2c = Direction::ServerToClient;
-        let judged = judge(relay, s2c, notice, Asking::Connection, None).await;
+        let judged = judge(relay, s2c, notice, Arrival::default()).await;
         let text = match judged.forward {
             Some(Pass::AsItCame(notice)) => notice.text().to_string(),
             Some(Pass::Changed(text)) => text,

@@ -11,6 +11,7 @@
 //! session opens and stopped when it ends.
 
 pub mod calls;
+pub mod door;
 pub mod http;
 pub mod inbound;
 pub mod instances;
@@ -42,7 +43,7 @@ use crate::protocol::jsonrpc::{self, INTERNAL_ERROR, INVALID_REQUEST, Message, e
 use crate::protocol::parsed::Parsed;
 use crate::relay::generation::Current;
 use crate::relay::session::Session;
-use crate::relay::{Asking, Relay};
+use crate::relay::{Arrival, Asking, Relay};
 use crate::upstream::{Answer, Health, Introduction, Plan, Upstream};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
@@ -593,17 +594,25 @@ impl Gateway {
     }
 
     /// The session `identity`'s stateless requests on `scope` share; a new
-    /// one when the agent comes with other rights or attributes (another
-    /// token, a reloaded config). Its own server connections, if any, are
-    /// introduced with the client capabilities of the request that opened
-    /// it.
+    /// one when it does not reach every server the agent may use now. Its
+    /// own server connections, if any, are introduced with the client
+    /// capabilities of the request that opened it.
     pub fn standing(
         &self,
         identity: &Identity,
         scope: &Scope,
         capabilities: &Value,
     ) -> Result<Arc<ClientSession>, Refused> {
-        self.sessions.standing(identity, scope, || {
+        // Rights narrowed, or a token refreshed, keep it: each request is
+        // authorized on its own. Rights widened on the merged endpoint need
+        // a session that reaches the new servers.
+        let reachable = match scope {
+            Scope::All => self.reachable(identity),
+            Scope::Server(_) => Vec::new(),
+        };
+        let fits =
+            |session: &ClientSession| reachable.iter().all(|s| session.relays.contains_key(s));
+        self.sessions.standing(identity, scope, fits, || {
             let protocol = stateless::VERSION.to_string();
             let params = json!({ "capabilities": capabilities });
             let introduction = Introduction::on_behalf(&params, PROTOCOL_VERSIONS[0]);
@@ -718,15 +727,18 @@ impl Gateway {
             .collect()
     }
 
-    /// Handles one message of `session` (not `initialize`); returns the
-    /// answer to send back, if the message was a request. Its client can be
-    /// asked about a held call as `asking` says; what servers send about the
-    /// call meanwhile goes to `outlet` (without one, their requests are
-    /// refused).
+    /// Handles one message of `session` (not `initialize`), sent by
+    /// `caller` (as its own credentials show under the config in force: it
+    /// reaches only the servers that grants, and policies judge it as
+    /// `caller`'s); returns the answer to send back, if the message was a
+    /// request. Its client can be asked about a held call as `asking` says;
+    /// what servers send about the call meanwhile goes to `outlet` (without
+    /// one, their requests are refused).
     pub async fn handle(
         &self,
         session: &ClientSession,
         request: Parsed,
+        caller: &Identity,
         asking: Asking,
         outlet: Option<&Outlet>,
     ) -> Option<String> {
@@ -737,7 +749,7 @@ impl Gateway {
         }
         match (&session.scope, message.id) {
             (_, _) if message.method.is_none() => {
-                inbound::answered(session, request).await;
+                inbound::answered(session, request, caller).await;
                 None
             }
             (_, Some(id)) if method == "ping" => Some(format!(
@@ -746,42 +758,49 @@ impl Gateway {
             )),
             (_, None) if method == "notifications/initialized" => None,
             (Scope::Server(server), _) => {
-                self.forward(session, server, request, asking, outlet).await
+                let asked = Asked::by(caller, asking);
+                self.forward(session, server, request, asked, outlet).await
             }
             (Scope::All, None) => {
-                self.notify_own(session, request).await;
+                self.notify_own(session, request, caller).await;
                 None
             }
-            (Scope::All, Some(_)) => Some(self.aggregate(session, request, asking, outlet).await),
+            (Scope::All, Some(_)) => {
+                let asked = Asked::by(caller, asking);
+                Some(self.aggregate(session, request, asked, outlet).await)
+            }
         }
     }
 
     /// A client's notification on the aggregated endpoint (e.g. its roots
-    /// changed): to each server of the session's own, judged by its relay.
-    /// A shared server knows one client, Portcullis, which sends it none.
-    async fn notify_own(&self, session: &ClientSession, notification: Parsed) {
+    /// changed): to each server of the session's own that `caller` may use,
+    /// judged by its relay. A shared server knows one client, Portcullis,
+    /// which sends it none.
+    async fn notify_own(&self, session: &ClientSession, notification: Parsed, caller: &Identity) {
         for server in session.relays.keys() {
-            if !self.servers.get(server).is_some_and(Served::own) {
+            if !self.servers.get(server).is_some_and(Served::own) || !caller.may_use(server) {
                 continue;
             }
             if let Ok(copy) = Parsed::parse(notification.text().to_string()) {
-                self.forward(session, server, copy, Asking::Connection, None)
-                    .await;
+                let asked = Asked::by(caller, Asking::Connection);
+                self.forward(session, server, copy, asked, None).await;
             }
         }
     }
 
-    /// A request on the aggregated endpoint.
+    /// A request on the aggregated endpoint. A request routed to a server
+    /// its caller may no longer use is refused, and audited, by that
+    /// server's relay.
     async fn aggregate(
         &self,
         session: &ClientSession,
         request: Parsed,
-        asking: Asking,
+        asked: Asked<'_>,
         outlet: Option<&Outlet>,
     ) -> String {
         let message = request.message();
         if let Some(listing) = routing::listing(message.method.as_deref().unwrap_or_default()) {
-            return self.merge(session, message, listing).await;
+            return self.merge(session, message, listing, asked.caller).await;
         }
         let id = message.id.map(ToOwned::to_owned);
         let resource = |uri: &str| {
@@ -805,18 +824,20 @@ impl Gateway {
             },
             Err((code, why)) => return error_response(id.as_deref(), code, &why, None),
         };
-        self.forward(session, &server, request, asking, outlet)
+        self.forward(session, &server, request, asked, outlet)
             .await
             .unwrap_or_else(|| error_response(id.as_deref(), INTERNAL_ERROR, "no answer", None))
     }
 
-    /// A list request sent to every server of the session that offers it; the
-    /// answers are merged. A server that fails is left out and logged.
+    /// A list request sent to every server of the session that offers it
+    /// and `caller` may use; the answers are merged. A server that fails is
+    /// left out and logged.
     async fn merge(
         &self,
         session: &ClientSession,
         message: &Message<'_>,
         listing: &Listing,
+        caller: Option<&Identity>,
     ) -> String {
         let id = message.id.map_or("null", |id| id.get());
         let request = format!(
@@ -824,7 +845,11 @@ impl Gateway {
             message.method.as_deref().unwrap_or_default()
         );
         let mut items = Vec::new();
-        for (server, upstream) in &session.upstreams {
+        let granted = session
+            .upstreams
+            .iter()
+            .filter(|(server, _)| caller.is_none_or(|caller| caller.may_use(server)));
+        for (server, upstream) in granted {
             let offers = match upstream.initialized(MERGE_WAIT).await {
                 Ok(init) => init["capabilities"].get(listing.capability).is_some(),
                 Err(e) => {
@@ -838,10 +863,11 @@ impl Gateway {
             let Ok(request) = Parsed::parse(request.clone()) else {
                 continue;
             };
-            let Some(answer) = self
-                .forward(session, server, request, Asking::Connection, None)
-                .await
-            else {
+            let asked = Asked {
+                caller,
+                asking: Asking::Connection,
+            };
+            let Some(answer) = self.forward(session, server, request, asked, None).await else {
                 continue;
             };
             let listed = match routing::listed_items(&self.naming, server, listing, &answer) {
@@ -863,15 +889,16 @@ impl Gateway {
         format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
     }
 
-    /// Judges `request` on its way to `server`, sends it, and judges the
-    /// answer on its way back; what the server sends about it meanwhile
-    /// goes to `outlet`. Returns what the client gets, if anything.
+    /// Judges `request` on its way to `server`, as `asked` says, sends it,
+    /// and judges the answer on its way back; what the server sends about
+    /// it meanwhile goes to `outlet`. Returns what the client gets, if
+    /// anything.
     async fn forward(
         &self,
         session: &ClientSession,
         server: &str,
         request: Parsed,
-        asking: Asking,
+        asked: Asked<'_>,
         outlet: Option<&Outlet>,
     ) -> Option<String> {
         let relay = session.relays.get(server)?.clone();
@@ -883,7 +910,12 @@ impl Gateway {
         let id = request.message().id.map(ToOwned::to_owned);
         let subscription = Subscription::of(server, request.message());
         let c2s = Direction::ClientToServer;
-        let outbound = judge(relay.clone(), c2s, request, asking, Some(pair)).await;
+        let arrival = Arrival {
+            caller: asked.caller.cloned(),
+            asking: asked.asking,
+            pair: Some(pair),
+        };
+        let outbound = judge(relay.clone(), c2s, request, arrival).await;
         if let Some(reply) = outbound.reply {
             return Some(reply);
         }
@@ -927,7 +959,7 @@ impl Gateway {
         let s2c = Direction::ServerToClient;
         // From here the answer is judged whatever becomes of the client.
         unanswered.disarm();
-        let judged = judge(relay, s2c, returning, Asking::Connection, Some(pair)).await;
+        let judged = judge(relay, s2c, returning, Arrival::paired(Some(pair))).await;
         // A request is always answered: an answer the relay dropped (it
         // could not be matched to this request) becomes an error.
         let answer = match judged.forward {
@@ -1015,6 +1047,28 @@ impl Gateway {
             inbound::deliver(session, server, message, outlet, self.timeout).await;
         }
         answer
+    }
+}
+
+/// Who a request forwarded is from, and how its client can be asked about
+/// it.
+#[derive(Clone, Copy)]
+pub struct Asked<'c> {
+    /// The request's sender, as its credentials show now; `None` for
+    /// Portcullis' own requests on the session's behalf (letting go of a
+    /// subscription), which no grant stops.
+    pub caller: Option<&'c Identity>,
+    /// How its client can be asked about it, should it be held.
+    pub asking: Asking,
+}
+
+impl<'c> Asked<'c> {
+    /// A request of `caller`'s.
+    pub fn by(caller: &'c Identity, asking: Asking) -> Self {
+        Self {
+            caller: Some(caller),
+            asking,
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 use crate::gateway::calls::{Aborting, Call, Next};
 use crate::gateway::inbound;
 use crate::gateway::sessions::ClientSession;
+use crate::identity::Identity;
 use crate::protocol::jsonrpc::{self, INVALID_PARAMS};
 use crate::protocol::parsed::Parsed;
 use serde_json::value::RawValue;
@@ -100,11 +101,13 @@ pub async fn drive(
     }
 }
 
-/// The request `id` of `session`, which is `what`, sent again with the
-/// agent's `inputResponses` and the `requestState` of a parked call: the
-/// answers go to the server, and the call goes on as [`drive`] says.
+/// The request `id` of `session`, which is `what`, sent again by `caller`
+/// with the agent's `inputResponses` and the `requestState` of a parked
+/// call: the answers go to the server (as `caller`'s), and the call goes on
+/// as [`drive`] says.
 pub async fn resume(
     session: &Arc<ClientSession>,
+    caller: &Identity,
     params: &Value,
     id: &RawValue,
     what: (String, Option<String>),
@@ -136,7 +139,7 @@ pub async fn resume(
     {
         let answer = json!({ "jsonrpc": "2.0", "id": key, "result": response }).to_string();
         if let Ok(answer) = Parsed::parse(answer) {
-            inbound::answered(session, answer).await;
+            inbound::answered(session, answer, caller).await;
         }
     }
     drive(session, parked.call, id, parked.what, wait).await

@@ -7,6 +7,12 @@
 //! `serve.max_sessions_per_agent` open at once; a session has at most one
 //! event stream open. A session owns the server connections dedicated to
 //! it (`isolation = "per-session"`): they stop when it is dropped.
+//!
+//! A session belongs to an agent, but caches none of its rights: each
+//! request is authorized by its own credentials under the config in force
+//! (see `gateway/mod.rs`), and what a session is sent between requests
+//! (notices, server requests) goes only where its latest caller, read again
+//! under the config in force, may still go ([`ClientSession::grants`]).
 
 use crate::identity::Identity;
 use crate::relay::Relay;
@@ -148,8 +154,10 @@ impl Questions {
 pub struct ClientSession {
     /// Its `Mcp-Session-Id`.
     pub id: String,
-    /// Who opened it.
+    /// Who opened it: the agent it belongs to.
     pub identity: Identity,
+    /// Who sent its latest request, as that request's credentials showed.
+    caller: Mutex<Identity>,
     /// What it reaches.
     pub scope: Scope,
     /// The protocol revision it speaks.
@@ -196,6 +204,7 @@ impl ClientSession {
     ) -> Self {
         Self {
             id,
+            caller: Mutex::new(identity.clone()),
             identity,
             scope,
             protocol,
@@ -223,6 +232,27 @@ impl ClientSession {
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         opened.then(|| Stream(self.clone()))
+    }
+
+    /// Takes `identity` as the sender of its latest request.
+    pub fn called_by(&self, identity: &Identity) {
+        *self.caller.lock().unwrap_or_else(PoisonError::into_inner) = identity.clone();
+    }
+
+    /// Who sent its latest request.
+    pub fn caller(&self) -> Identity {
+        self.caller
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether its latest caller may still use `server` under `g`, the
+    /// generation in charge: its credential must still be valid and grant
+    /// the server now. What servers send between requests goes nowhere
+    /// else.
+    pub fn grants(&self, server: &str, g: &crate::relay::generation::Generation) -> bool {
+        g.grants(&self.caller(), server)
     }
 
     fn touch(&self) {
@@ -426,18 +456,21 @@ impl Sessions {
     }
 
     /// The standing session of `identity` on `scope`, opened with `open`
-    /// when there is none or the agent came with other rights; it counts as
-    /// used now.
+    /// when there is none or it does not reach every server the agent may
+    /// use now (`fits` says whether it does); it counts as used now. A
+    /// token refreshed, or rights narrowed, keep it: each request is
+    /// authorized on its own.
     pub fn standing<E>(
         &self,
         identity: &Identity,
         scope: &Scope,
+        fits: impl Fn(&ClientSession) -> bool,
         open: impl FnOnce() -> Result<Arc<ClientSession>, E>,
     ) -> Result<Arc<ClientSession>, E> {
         let key = (identity.agent.id.clone(), scope.clone());
         let mut standing = self.standing.lock().unwrap_or_else(PoisonError::into_inner);
         let session = match standing.get(&key) {
-            Some(session) if session.identity.same_as(identity) => session.clone(),
+            Some(session) if fits(session) => session.clone(),
             _ => {
                 // The one it replaces ends first: its own connections count
                 // against the limits no longer.
@@ -453,15 +486,12 @@ impl Sessions {
         Ok(session)
     }
 
-    /// The standing session of `identity` on `scope`, if there is one and
-    /// the agent comes with the same rights.
+    /// The standing session of `identity`'s agent on `scope`, if there is
+    /// one.
     pub fn standing_of(&self, identity: &Identity, scope: &Scope) -> Option<Arc<ClientSession>> {
         let key = (identity.agent.id.clone(), scope.clone());
         let standing = self.standing.lock().unwrap_or_else(PoisonError::into_inner);
-        standing
-            .get(&key)
-            .filter(|session| session.identity.same_as(identity))
-            .cloned()
+        standing.get(&key).cloned()
     }
 
     /// Ends every session (Portcullis is stopping).
@@ -591,9 +621,12 @@ mod tests {
         sessions.insert(session("idle", "bot"), 0).unwrap();
         sessions.insert(session("busy", "bot"), 0).unwrap();
         let identity = Identity::for_tests("stateless");
-        let opened = sessions.standing(&identity, &Scope::All, || {
-            Ok::<_, ()>(session("st", "stateless"))
-        });
+        let opened = sessions.standing(
+            &identity,
+            &Scope::All,
+            |_| true,
+            || Ok::<_, ()>(session("st", "stateless")),
+        );
         assert!(opened.is_ok());
         drop(opened);
         assert!(

@@ -6,6 +6,7 @@
 //! more and lets the requests under way finish, for so long.
 
 use super::response::Body;
+use super::seats::{Seat, Seats};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -47,6 +48,9 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 pub struct Guard {
     /// Connections served at once; more wait in the kernel's queue.
     pub max_connections: usize,
+    /// Connections one peer address may hold before a request on them
+    /// authenticates (0: no limit); more are closed as they come.
+    pub max_connections_per_peer: usize,
     /// How long a client may take to send a request's headers (and how
     /// long a kept-alive connection may idle).
     pub header_timeout: Duration,
@@ -62,6 +66,7 @@ impl Guard {
     pub fn of(serve: &crate::config::ServeConfig) -> Self {
         Self {
             max_connections: serve.max_connections,
+            max_connections_per_peer: serve.peer_share(),
             header_timeout: Duration::from_secs(serve.header_timeout_secs),
             body_timeout: Duration::from_secs(serve.body_timeout_secs),
             drain: Duration::from_secs(serve.drain_secs),
@@ -84,6 +89,17 @@ pub async fn drained() {
     let _ = draining.wait_for(|draining| *draining).await;
 }
 
+/// Where a request came from: the peer's address, and the seat its
+/// connection holds ([`Seat::claim`] it for the agent a request
+/// authenticates as).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// Its connection's seat.
+    pub seat: Arc<Seat>,
+}
+
 /// The first pause after a failed `accept`; it doubles up to
 /// [`ACCEPT_BACKOFF_MAX`] while accepting keeps failing.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -102,7 +118,7 @@ pub async fn serve<R, F>(
     respond: R,
 ) -> Result<()>
 where
-    R: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    R: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
@@ -130,11 +146,12 @@ async fn accept<R, F>(
     connections: &hyper_util::server::graceful::GracefulShutdown,
 ) -> Result<()>
 where
-    R: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    R: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     tokio::pin!(shutdown);
     let slots = Arc::new(tokio::sync::Semaphore::new(guard.max_connections));
+    let seats = Seats::new(guard.max_connections_per_peer);
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         // A free slot first: past the cap, connections wait in the kernel's
@@ -163,8 +180,22 @@ where
             () = &mut shutdown => return Ok(()),
         };
         backoff = ACCEPT_BACKOFF_MIN;
+        // One address may not hold every slot with connections that never
+        // authenticate: past its share, they are closed as they come.
+        let seat = match seats.take(peer.ip()) {
+            Ok(seat) => Arc::new(seat),
+            Err(over) => {
+                crate::util::metrics::global().listener("over-share");
+                tracing::debug!(%peer, "connection closed: {over}");
+                continue;
+            }
+        };
         let respond = respond.clone();
         let service = hyper::service::service_fn(move |request| {
+            let peer = Peer {
+                addr: peer,
+                seat: seat.clone(),
+            };
             let answer = respond(request, peer);
             async move { Ok::<_, Infallible>(answer.await) }
         });

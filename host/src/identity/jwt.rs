@@ -235,7 +235,9 @@ impl Verifier {
         Ok(claims)
     }
 
-    fn check(&self, claims: &Claims, now: u64) -> Result<()> {
+    /// Whether verified `claims` are still valid at `now`: not expired, and
+    /// from the issuer and for the audience this checker requires.
+    pub fn check(&self, claims: &Claims, now: u64) -> Result<()> {
         let (now, leeway) = (now as f64, self.leeway as f64);
         let exp = claims
             .get("exp")

@@ -1,6 +1,10 @@
 //! Who is calling `portcullis serve`: an agent of the config, known by its
 //! own API key (only the key's sha256 is configured) or by a JWT from the
-//! configured issuer, and limited to the servers it was granted.
+//! configured issuer, and limited to the servers it was granted. An
+//! identity remembers the credential it was read from, so what it may do
+//! can be asked again under a later config ([`Identity::now`]): a stream or
+//! a held call outlives the request that authenticated it, and a reload or
+//! an expiry must reach it too.
 
 pub mod jwt;
 
@@ -19,35 +23,74 @@ pub struct Identity {
     /// The agent as policies and audit records see it.
     pub agent: Agent,
     servers: Vec<WildMatch>,
+    credential: Credential,
+}
+
+/// What an identity was read from.
+#[derive(Debug, Clone)]
+enum Credential {
+    /// An API key, by its sha256.
+    Key(String),
+    /// A verified JWT's claims.
+    Token(std::sync::Arc<Claims>),
 }
 
 impl Identity {
-    fn new(id: String, attributes: BTreeMap<String, String>, servers: &[String]) -> Self {
+    fn new(
+        id: String,
+        attributes: BTreeMap<String, String>,
+        servers: &[String],
+        credential: Credential,
+    ) -> Self {
         Self {
             agent: Agent {
                 id,
                 attributes: attributes.into_iter().collect(),
             },
             servers: servers.iter().map(|g| WildMatch::new(g)).collect(),
+            credential,
         }
+    }
+
+    /// An agent `id` granted `servers`, known by a key, for tests.
+    #[cfg(test)]
+    pub fn for_tests_with(id: &str, servers: &[&str]) -> Self {
+        let servers: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+        Self::new(
+            id.into(),
+            BTreeMap::new(),
+            &servers,
+            Credential::Key(key_hash(id)),
+        )
     }
 
     /// An agent `id` granted every server, for tests.
     #[cfg(test)]
     pub fn for_tests(id: &str) -> Self {
-        Self::new(id.into(), BTreeMap::new(), &["*".into()])
-    }
-
-    /// Whether `other` is the same agent with the same attributes and rights.
-    pub fn same_as(&self, other: &Identity) -> bool {
-        self.agent.id == other.agent.id
-            && self.agent.attributes == other.agent.attributes
-            && self.servers == other.servers
+        Self::for_tests_with(id, &["*"])
     }
 
     /// Whether the agent may see and call `server`.
     pub fn may_use(&self, server: &str) -> bool {
         self.servers.iter().any(|glob| glob.matches(server))
+    }
+
+    /// This identity as its credential reads under `config` (and its `jwt`
+    /// checker) at `now`: the key must still name the same agent, the
+    /// token must still be valid (not expired, from the issuer and for the
+    /// audience configured) and name the same agent; the servers and
+    /// attributes are the ones `config` gives now. `None` when the
+    /// credential no longer authenticates this agent.
+    pub fn now(&self, config: &Config, jwt: Option<&Verifier>, now: u64) -> Option<Identity> {
+        let again = match &self.credential {
+            Credential::Key(hash) => by_key_hash(&config.agents, hash)?,
+            Credential::Token(claims) => {
+                let (verifier, settings) = (jwt?, config.jwt.as_ref()?);
+                verifier.check(claims, now).ok()?;
+                by_claims(&config.agents, settings, claims)?
+            }
+        };
+        (again.agent.id == self.agent.id).then_some(again)
     }
 }
 
@@ -92,7 +135,7 @@ pub async fn authenticate(
     now: u64,
 ) -> Result<Identity, Refusal> {
     let token = bearer(authorization).ok_or(Refusal::Missing)?;
-    if let Some(identity) = by_key(&config.agents, token) {
+    if let Some(identity) = by_key_hash(&config.agents, &key_hash(token)) {
         return Ok(identity);
     }
     let (Some(verifier), Some(settings)) = (jwt, &config.jwt) else {
@@ -102,7 +145,7 @@ pub async fn authenticate(
         tracing::info!("bearer token refused: {e:#}");
         Refusal::Invalid
     })?;
-    by_claims(&config.agents, settings, &claims).ok_or_else(|| {
+    by_claims(&config.agents, settings, &std::sync::Arc::new(claims)).ok_or_else(|| {
         let claim = &settings.agent_claim;
         tracing::info!("bearer token refused: no string '{claim}' claim names the agent");
         Refusal::Invalid
@@ -136,8 +179,8 @@ fn bearer(authorization: Option<&str>) -> Option<&str> {
         .filter(|token| !token.is_empty())
 }
 
-fn by_key(agents: &BTreeMap<String, AgentEntry>, key: &str) -> Option<Identity> {
-    let hash = key_hash(key);
+/// The agent whose key hashes to `hash`.
+fn by_key_hash(agents: &BTreeMap<String, AgentEntry>, hash: &str) -> Option<Identity> {
     // Every entry is compared in full, so the time taken does not tell how
     // much of a guess matched.
     let mut found = None;
@@ -153,6 +196,7 @@ fn by_key(agents: &BTreeMap<String, AgentEntry>, key: &str) -> Option<Identity> 
         id.clone(),
         entry.attributes.clone(),
         &entry.servers,
+        Credential::Key(hash.to_string()),
     ))
 }
 
@@ -161,7 +205,7 @@ fn by_key(agents: &BTreeMap<String, AgentEntry>, key: &str) -> Option<Identity> 
 fn by_claims(
     agents: &BTreeMap<String, AgentEntry>,
     settings: &JwtConfig,
-    claims: &Claims,
+    claims: &std::sync::Arc<Claims>,
 ) -> Option<Identity> {
     let id = claims.get(&settings.agent_claim)?.as_str()?.to_string();
     let entry = agents.get(&id);
@@ -175,10 +219,11 @@ fn by_claims(
         servers.extend(settings.groups.get(group).cloned().unwrap_or_default());
     }
     let mut attributes = entry.map(|e| e.attributes.clone()).unwrap_or_default();
-    for (name, value) in claims {
+    for (name, value) in claims.iter() {
         attributes.insert(format!("jwt.{name}"), claim_text(value));
     }
-    Some(Identity::new(id, attributes, &servers))
+    let credential = Credential::Token(claims.clone());
+    Some(Identity::new(id, attributes, &servers, credential))
 }
 
 /// A claim as an attribute value: strings as they are, lists of strings
@@ -210,7 +255,11 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     fn config() -> Config {
-        let text = format!(
+        Config::parse(&config_text(), Path::new("/etc/portcullis.toml")).unwrap()
+    }
+
+    fn config_text() -> String {
+        format!(
             r#"
             [agents.reader]
             api_key_sha256 = "{reader}"
@@ -229,8 +278,7 @@ mod tests {
             "#,
             reader = key_hash("reader-key"),
             admin = key_hash("admin-key"),
-        );
-        Config::parse(&text, Path::new("/etc/portcullis.toml")).unwrap()
+        )
     }
 
     fn login(header: Option<&str>) -> Result<Identity, Refusal> {
@@ -289,5 +337,32 @@ mod tests {
         assert_eq!(login(Some(&expired)).unwrap_err(), Refusal::Invalid);
         let nameless = token(json!({"email": "ci@example.com"}));
         assert_eq!(login(Some(&nameless)).unwrap_err(), Refusal::Invalid);
+    }
+
+    #[test]
+    fn an_identity_asked_again_reads_its_credential_under_the_config_in_force() {
+        let reader = login(Some("Bearer reader-key")).unwrap();
+        let ci = login(Some(&token(json!({"sub": "ci", "groups": ["ops"]})))).unwrap();
+        let config = config();
+        let verifier = Verifier::new(config.jwt.as_ref().unwrap(), Path::new("/etc")).unwrap();
+        let again = reader.now(&config, Some(&verifier), NOW).unwrap();
+        assert!(again.may_use("files"));
+        // The operator narrows the grants: the reader loses its server, ops
+        // loses logs.
+        let narrowed = config_text()
+            .replace(r#"servers = ["files"]"#, "servers = []")
+            .replace(r#"ops = ["metrics", "logs"]"#, r#"ops = ["metrics"]"#);
+        let narrowed = Config::parse(&narrowed, Path::new("/etc/portcullis.toml")).unwrap();
+        let reader_now = reader.now(&narrowed, Some(&verifier), NOW).unwrap();
+        assert!(!reader_now.may_use("files"));
+        let ci_now = ci.now(&narrowed, Some(&verifier), NOW).unwrap();
+        assert!(ci_now.may_use("metrics") && !ci_now.may_use("logs"));
+        // A key taken away, a token past its expiry, or no [jwt] any more:
+        // the credential no longer authenticates anyone.
+        let rotated = config_text().replace(&key_hash("reader-key"), &key_hash("new-key"));
+        let rotated = Config::parse(&rotated, Path::new("/etc/portcullis.toml")).unwrap();
+        assert!(reader.now(&rotated, Some(&verifier), NOW).is_none());
+        assert!(ci.now(&config, Some(&verifier), NOW + 3600).is_none());
+        assert!(ci.now(&config, None, NOW).is_none());
     }
 }

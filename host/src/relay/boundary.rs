@@ -29,13 +29,16 @@ pub const PINNING: &str = "portcullis:pinning";
 pub const RATE_LIMIT: &str = "portcullis:rate-limit";
 /// Who refused arguments that do not fit their schema.
 pub const VALIDATION: &str = "portcullis:validation";
+/// Who refused a message to a server its sender's grant does not include.
+pub const GRANT: &str = "portcullis:grant";
 
 /// A message the boundary refused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stop {
     /// The JSON-RPC error code.
     pub code: i32,
-    /// Which check refused ([`PINNING`], [`RATE_LIMIT`], [`VALIDATION`]).
+    /// Which check refused ([`PINNING`], [`RATE_LIMIT`], [`VALIDATION`],
+    /// [`GRANT`]).
     pub by: &'static str,
     /// Why, for the agent and the audit trail.
     pub reason: String,
@@ -75,6 +78,19 @@ fn rate_stop(limited: &Limited) -> Stop {
         reason,
         data,
         tag: "rate-limited",
+    }
+}
+
+/// The refusal of a message from `agent` to `server`, which its grant does
+/// not include (any more: a reload narrowed it, or the message came with
+/// other credentials than the session's first).
+pub fn grant_stop(agent: &str, server: &str) -> Stop {
+    Stop {
+        code: DENIED,
+        by: GRANT,
+        reason: format!("agent '{agent}' may not use server '{server}' (not in its grant)"),
+        data: Map::from_iter([("server".into(), json!(server))]),
+        tag: "grant:refused",
     }
 }
 

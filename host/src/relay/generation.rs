@@ -8,6 +8,7 @@
 use crate::approval::hold::Holding;
 use crate::audit::{ApprovalRecord, Audit, ModuleRecord};
 use crate::config::Config;
+use crate::identity::Identity;
 use crate::identity::jwt::Verifier;
 use crate::policy::chain::Guard;
 use crate::policy::engine::PolicyEngine;
@@ -46,6 +47,16 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// Whether `caller`'s credential, read again under this generation now,
+    /// grants `server`: for what outlives the request that authenticated
+    /// it (a held call, an event stream).
+    pub fn grants(&self, caller: &Identity, server: &str) -> bool {
+        let now = crate::util::clock::unix_now();
+        caller
+            .now(&self.config, self.jwt.as_ref(), now)
+            .is_some_and(|caller| caller.may_use(server))
+    }
+
     /// Reads the config at `path` and builds everything it names. Any error —
     /// in the config, a module, its settings or its fixtures — fails the whole
     /// generation.

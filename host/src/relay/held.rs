@@ -213,13 +213,52 @@ impl Relay {
 
     /// Calls `then` with what `held` settles to once a person decides on
     /// it, its approval expires or it is cancelled. No thread waits
-    /// meanwhile: `then` runs on the approvals watcher's thread.
-    pub fn on_decision(self: &Arc<Self>, held: Held, then: impl FnOnce(Delivery) + Send + 'static) {
+    /// meanwhile: `then` runs on the approvals watcher's thread, and says
+    /// whether its transport took the delivery: an approved call it could
+    /// no longer send (its client went away as it was decided) is recorded
+    /// as withheld.
+    pub fn on_decision(
+        self: &Arc<Self>,
+        held: Held,
+        then: impl FnOnce(Delivery) -> bool + Send + 'static,
+    ) {
         let relay = self.clone();
         let (approval, expires_ms) = (held.approval.clone(), held.expires_ms);
-        let settle: Then = Box::new(move |ended| then(relay.settle(held, ended)));
+        let held_for = approval.clone();
+        let settle: Then = Box::new(move |ended| {
+            let (approval, key) = (held_for, held.key.clone());
+            let settled = relay.settle(held, ended);
+            let relaying = settled.forward.is_some();
+            if !then(settled) && relaying {
+                relay.withheld(&approval, &key, "its client went away as it was approved");
+            }
+        });
         if let Err((e, settle)) = self.current.holding.on_end(&approval, expires_ms, settle) {
             settle(Err(e));
+        }
+    }
+
+    /// The approved call held under `key` for `approval` was not relayed,
+    /// for `why`: recorded, and no longer awaited as in flight.
+    fn withheld(&self, approval: &str, key: &str, why: &str) {
+        self.session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(Direction::ClientToServer, key);
+        let recorded = self
+            .current
+            .holding
+            .store()
+            .and_then(|store| {
+                anyhow::Context::context(store.get(approval)?, "the approval is gone")
+            })
+            .and_then(|approval| {
+                let mut record = ApprovalRecord::new(&approval, None, true);
+                record.withheld = Some(why.to_string());
+                self.current().audit.write(&record)
+            });
+        if let Err(e) = recorded {
+            tracing::error!(approval, "cannot record an approved call withheld: {e:#}");
         }
     }
 
@@ -251,7 +290,18 @@ impl Relay {
         };
         let bound = approval.call.arguments_sha256 == held.arguments_sha256;
         let jsonrpc_id = id.as_ref().map(|id| id.get().to_string());
-        let record = ApprovalRecord::new(&approval, jsonrpc_id, bound);
+        let mut record = ApprovalRecord::new(&approval, jsonrpc_id, bound);
+        // Approved, it runs only if its caller may still use the server:
+        // a grant taken away while it waited is taken away from it too.
+        let revoked = held
+            .caller
+            .as_ref()
+            .filter(|_| approval.state == State::Approved && bound)
+            .filter(|caller| !g.grants(caller, &held.exchange.server));
+        if let Some(caller) = revoked {
+            let stop = boundary::grant_stop(&caller.agent.id, &held.exchange.server);
+            record.withheld = Some(stop.reason);
+        }
         metrics::global().approval(record.state);
         let written = g.audit.write(&record);
         let data = json!({
@@ -267,6 +317,10 @@ impl Relay {
             let why =
                 "Portcullis could not write the audit record, so the held call was not relayed";
             return refused(AUDIT_FAILED, why, data);
+        }
+        if let Some(why) = &record.withheld {
+            let why = format!("Approved, but not relayed: {why}");
+            return refused(DENIED, &why, data);
         }
         match (approval.state, bound) {
             (State::Approved, true) => {
@@ -357,7 +411,11 @@ impl Relay {
             .store()
             .and_then(|store| store.settle(&approval, State::Cancelled, "client", Some(why)))
             .and_then(|ended| {
-                let record = ApprovalRecord::new(&ended, jsonrpc_id, true);
+                let mut record = ApprovalRecord::new(&ended, jsonrpc_id, true);
+                if ended.state == State::Approved {
+                    // Approved as it was abandoned: it never runs.
+                    record.withheld = Some(why.to_string());
+                }
                 metrics::global().approval(record.state);
                 self.current().audit.write(&record)
             });

@@ -22,6 +22,7 @@ use crate::approval::store::{self, Approval, State, TooManyPending};
 use crate::approval::waiting::Then;
 use crate::audit::{ApprovalRecord, AuditRecord, canonical_digest, value_digest};
 use crate::contract::{Direction, Exchange, MessageKind};
+use crate::identity::Identity;
 use crate::policy::chain::{Decided, Decision, Refusal};
 use crate::protocol::framing::Frame;
 use crate::protocol::jsonrpc::{
@@ -97,6 +98,34 @@ pub enum Asking {
     InputRequired,
 }
 
+/// How a message arrived, besides its text (serve): who sent it, how its
+/// client can be asked about a held call, and the request/answer pair its
+/// transport matched it to.
+#[derive(Debug, Clone, Default)]
+pub struct Arrival {
+    /// Who sent a client's message, as that message's own credentials
+    /// show under the config in force: policies and the trail see this
+    /// agent, and the message may reach only a server it grants. `None`:
+    /// the connection's agent (stdio), or a server's message.
+    pub caller: Option<Identity>,
+    /// How its client can be asked, should it be held.
+    pub asking: Asking,
+    /// The pair it belongs to: an answer is judged as the answer to that
+    /// request whatever its JSON-RPC id, so clients sharing a session may
+    /// reuse ids.
+    pub pair: Option<u64>,
+}
+
+impl Arrival {
+    /// A server's message, or one of a pair `pair`.
+    pub fn paired(pair: Option<u64>) -> Self {
+        Self {
+            pair,
+            ..Self::default()
+        }
+    }
+}
+
 /// A client's request held for a person's approval.
 pub struct Held {
     /// The approval it waits on.
@@ -113,6 +142,10 @@ pub struct Held {
     /// When its approval expires, in ms since the epoch.
     expires_ms: u64,
     exchange: Exchange,
+    /// Who sent it, when a transport authorizes each request (serve): it
+    /// is relayed once approved only if that caller may still use its
+    /// server then.
+    caller: Option<Identity>,
 }
 
 impl std::fmt::Debug for Held {
@@ -213,25 +246,22 @@ impl Relay {
     }
 
     /// Judges one message its transport has read already (serve): `read`
-    /// is the view of `text`, or why it cannot be read. A message of a
-    /// request/answer pair its transport matches itself (one HTTP exchange)
-    /// is named `pair`, both of them: the answer is judged as the answer to
-    /// that request whatever its JSON-RPC id, so clients sharing a session
-    /// may reuse ids. Its client can be asked about a held call as `asking`
-    /// says. Failures inside Portcullis are refused as [`Relay::handle`]
-    /// refuses them.
+    /// is the view of `text`, or why it cannot be read, and `arrival` how
+    /// it came (a message of a request/answer pair its transport matches
+    /// itself, one HTTP exchange, names the pair). Failures inside
+    /// Portcullis are refused as [`Relay::handle`] refuses them.
     pub fn judge_read<'a>(
         &self,
         direction: Direction,
         text: &'a str,
         read: Read<'_>,
-        asking: Asking,
-        pair: Option<u64>,
+        arrival: &Arrival,
     ) -> Step<'a> {
+        let pair = arrival.pair;
         let judged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let g = self.current();
             match read {
-                Read::View(message) => self.judged(&g, direction, text, message, asking, pair),
+                Read::View(message) => self.judged(&g, direction, text, message, arrival),
                 Read::Unreadable(why, id) => {
                     let id = id.map(ToOwned::to_owned);
                     self.unreadable(&g, direction, text, why, id, pair)
@@ -341,7 +371,7 @@ impl Relay {
     /// Reads one message (a line, or a member of a batch) and judges it.
     fn message<'a>(&self, g: &Generation, direction: Direction, text: &'a str) -> Step<'a> {
         match Message::parse(text) {
-            Ok(message) => self.judged(g, direction, text, &message, Asking::Connection, None),
+            Ok(message) => self.judged(g, direction, text, &message, &Arrival::default()),
             Err(why) => self.unreadable(g, direction, text, &why, None, None),
         }
     }
@@ -374,10 +404,10 @@ impl Relay {
         direction: Direction,
         text: &'a str,
         message: &Message<'_>,
-        asking: Asking,
-        pair: Option<u64>,
+        arrival: &Arrival,
     ) -> Step<'a> {
-        let key = paired(pair).or_else(|| message.id.map(jsonrpc::id_key));
+        let (asking, caller) = (arrival.asking, arrival.caller.as_ref());
+        let key = paired(arrival.pair).or_else(|| message.id.map(jsonrpc::id_key));
         let Some(kind) = message.kind() else {
             let why = "Invalid Request: not a JSON-RPC 2.0 request, notification or response";
             let unjudged = Unjudged::new(INVALID_REQUEST, why.into())
@@ -425,8 +455,15 @@ impl Relay {
             message.params
         };
         let (mut exchange, drift) =
-            self.exchange(g, direction, kind, (message, key.as_deref()), tool);
-        let crossing = self.cross(g, direction, kind, &exchange, call_arguments, &drift);
+            self.exchange(g, direction, kind, (message, key.as_deref()), tool, caller);
+        let crossing = self.cross(
+            g,
+            (direction, kind),
+            &exchange,
+            call_arguments,
+            &drift,
+            caller,
+        );
         if direction == Direction::ClientToServer {
             match exchange.method.as_str() {
                 "notifications/cancelled" => self.cancelled_by_client(exchange.params.as_deref()),
@@ -608,6 +645,7 @@ impl Relay {
                         arguments_sha256: bound,
                         expires_ms,
                         exchange,
+                        caller: caller.cloned(),
                     }),
                     reply: question,
                     ..Step::default()

@@ -18,6 +18,7 @@ impl Relay {
             method: "tools/list".into(),
             tool: None,
             params: None,
+            agent: session.agent().clone(),
         };
         let schemas = &self.current.boundary.schemas;
         // Drift is judged call by call, against what is learned here.
@@ -80,9 +81,15 @@ impl Relay {
         kind: MessageKind,
         (message, key): (&Message, Option<&str>),
         tool: Option<String>,
+        caller: Option<&Identity>,
     ) -> (Exchange, Vec<ToolDrift>) {
         let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-        let (exchange, listed) = match kind {
+        if let Some(caller) = caller {
+            // What the server sends of its own accord from now on is judged
+            // as concerning this agent.
+            session.acting_for(&caller.agent);
+        }
+        let (mut exchange, listed) = match kind {
             MessageKind::Request | MessageKind::Notification => {
                 if survey_trigger(direction, message.method.as_deref()) {
                     self.survey_due[lane(direction)].store(true, Ordering::Release);
@@ -105,6 +112,9 @@ impl Relay {
                 (exchange, listed)
             }
         };
+        if let Some(caller) = caller {
+            exchange.agent = caller.agent.clone();
+        }
         let drift = match (listed, &exchange.tool) {
             (Some(listed), _) => listed,
             (None, Some(tool)) => boundary::call_drift(g, &session, tool),
@@ -113,19 +123,26 @@ impl Relay {
         (exchange, drift)
     }
 
-    /// The boundary's checks: a request may be refused before the chain
-    /// runs; a `tools/list` result may be rewritten (drifted tools hidden)
-    /// or refused.
+    /// The boundary's checks: a client's message from a `caller` whose
+    /// grant does not include the server is refused; a request may be
+    /// refused before the chain runs; a `tools/list` result may be
+    /// rewritten (drifted tools hidden) or refused.
     pub(super) fn cross(
         &self,
         g: &Generation,
-        direction: Direction,
-        kind: MessageKind,
+        (direction, kind): (Direction, MessageKind),
         exchange: &Exchange,
         arguments: Option<&RawValue>,
         drift: &[ToolDrift],
+        caller: Option<&Identity>,
     ) -> Result<Option<String>, Stop> {
         let boundary = &self.current.boundary;
+        if let Some(caller) = caller
+            && direction == Direction::ClientToServer
+            && !caller.may_use(&exchange.server)
+        {
+            return Err(boundary::grant_stop(&caller.agent.id, &exchange.server));
+        }
         match (direction, kind) {
             (Direction::ClientToServer, MessageKind::Request) => {
                 let session = self.session.lock().unwrap_or_else(PoisonError::into_inner);

@@ -30,6 +30,8 @@ pub struct Pending {
     pub tool: Option<String>,
     /// Its params as forwarded, as JSON text.
     pub params: Option<String>,
+    /// The agent it concerns: its answer is judged as concerning the same.
+    pub agent: Agent,
 }
 
 impl Pending {
@@ -74,9 +76,16 @@ impl Session {
         &self.server
     }
 
-    /// The agent's identity.
+    /// The agent its latest client message came from (the connection's
+    /// own, where one agent holds it): what the server sends of its own
+    /// accord is judged as concerning this agent.
     pub fn agent(&self) -> &Agent {
         &self.agent
+    }
+
+    /// Takes `agent` as the sender of the latest client message.
+    pub fn acting_for(&mut self, agent: &Agent) {
+        self.agent = agent.clone();
     }
 
     /// The exchange for a request or notification travelling `direction`;
@@ -107,14 +116,18 @@ impl Session {
         answered: Option<&Pending>,
         payload: Option<&RawValue>,
     ) -> Exchange {
-        self.build(
+        let mut exchange = self.build(
             direction,
             kind,
             answered.map(|p| p.method.clone()).unwrap_or_default(),
             answered.and_then(|p| p.tool.clone()),
             answered.and_then(|p| p.params.clone()),
             payload.map(|r| r.get().to_string()),
-        )
+        );
+        if let Some(asked) = answered {
+            exchange.agent = asked.agent.clone();
+        }
+        exchange
     }
 
     fn build(
@@ -150,6 +163,7 @@ impl Session {
             method: exchange.method.clone(),
             tool: exchange.tool.clone(),
             params: exchange.params.clone(),
+            agent: exchange.agent.clone(),
         };
         self.pending_bytes += size;
         let replaced = self

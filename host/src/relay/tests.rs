@@ -216,13 +216,8 @@ fn requests_and_answers_paired_by_their_transport_may_share_an_id() {
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
     let judge = |direction, text: &str, pair| {
         let message = Message::parse(text).unwrap();
-        let step = relay.judge_read(
-            direction,
-            text,
-            Read::View(&message),
-            Asking::Connection,
-            Some(pair),
-        );
+        let arrival = Arrival::paired(Some(pair));
+        let step = relay.judge_read(direction, text, Read::View(&message), &arrival);
         step.forward.is_some()
     };
     let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
@@ -246,18 +241,67 @@ fn an_unreadable_answer_is_refused_under_the_id_its_transport_gives() {
     let request = r#"{"jsonrpc":"2.0","id":"client-1","method":"ping"}"#;
     let message = Message::parse(request).unwrap();
     let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
-    let asking = Asking::Connection;
-    let sent = relay.judge_read(c2s, request, Read::View(&message), asking, Some(4));
+    let arrival = Arrival::paired(Some(4));
+    let sent = relay.judge_read(c2s, request, Read::View(&message), &arrival);
     assert!(sent.forward.is_some());
     // The server answered under the id of its own connection, ambiguously.
     let answer = r#"{"jsonrpc":"2.0","id":17,"result":{"a":1,"a":2}}"#;
     let why = Message::parse(answer).unwrap_err();
     let client = RawValue::from_string(r#""client-1""#.into()).unwrap();
     let read = Read::Unreadable(&why, Some(&client));
-    let refused = relay.judge_read(s2c, answer, read, asking, Some(4));
+    let refused = relay.judge_read(s2c, answer, read, &arrival);
     let error: Value = serde_json::from_str(&refused.forward.unwrap()).unwrap();
     assert_eq!(error["id"], "client-1");
     assert_eq!(error["error"]["code"], INTERNAL_ERROR);
     let why = error["error"]["message"].as_str().unwrap();
     assert!(why.contains("unusable answer"), "{why}");
+}
+
+#[test]
+fn a_client_message_is_judged_as_its_callers_and_reaches_only_a_granted_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path(), "");
+    let call =
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let judge = |direction, text: &str, caller: Option<Identity>, pair| {
+        let message = Message::parse(text).unwrap();
+        let arrival = Arrival {
+            caller,
+            pair: Some(pair),
+            ..Arrival::default()
+        };
+        let step = relay.judge_read(direction, text, Read::View(&message), &arrival);
+        (step.forward.map(Cow::into_owned), step.reply)
+    };
+    let (c2s, s2c) = (Direction::ClientToServer, Direction::ServerToClient);
+    // Granted: relayed, and judged as the caller's (not the session's first
+    // agent), its answer too.
+    let granted = Identity::for_tests_with("ops-bot", &["fs"]);
+    let (sent, _) = judge(c2s, call, Some(granted), 1);
+    assert!(sent.is_some());
+    let (answered, _) = judge(s2c, r#"{"jsonrpc":"2.0","id":3,"result":{}}"#, None, 1);
+    assert!(answered.is_some());
+    // Its grant no longer includes the server: refused, never relayed.
+    let narrowed = Identity::for_tests_with("ops-bot", &["other"]);
+    let (sent, refused) = judge(c2s, call, Some(narrowed), 2);
+    assert!(
+        sent.is_none(),
+        "a server outside the grant is never reached"
+    );
+    let refused: Value = serde_json::from_str(&refused.unwrap()).unwrap();
+    assert_eq!(refused["error"]["code"], DENIED);
+    let why = refused["error"]["message"].as_str().unwrap();
+    assert!(why.contains("may not use server 'fs'"), "{why}");
+    let records = trail(dir.path());
+    let agents: Vec<&Value> = records.iter().map(|r| &r["agent"]).collect();
+    assert_eq!(agents, ["ops-bot", "ops-bot", "ops-bot"]);
+    let denied = &records[2];
+    assert_eq!(denied["outcome"], "deny");
+    assert_eq!(denied["decided_by"], boundary::GRANT);
+    assert!(
+        denied["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&"grant:refused".into())
+    );
 }

@@ -107,10 +107,7 @@ pub(super) async fn start(config_path: &Path, tool: &str) -> Result<Started> {
     let socket = bind().await?;
     let gateway_url = format!("http://{}/servers/fast/mcp", socket.local_addr()?);
     let guard = http::Guard::of(&generation.config.serve);
-    let listener = Arc::new(Listener {
-        gateway: gateway.clone(),
-        current: current.clone(),
-    });
+    let listener = Arc::new(Listener::new(gateway.clone(), current.clone()));
     tokio::spawn(crate::gateway::http::run(
         listener,
         socket,

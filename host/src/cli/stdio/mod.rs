@@ -263,9 +263,7 @@ fn pump(
                 if let Some(reply) = settled.reply {
                     back.send(reply);
                 }
-                if let Some(forward) = settled.forward {
-                    onward.send(forward);
-                }
+                settled.forward.is_none_or(|forward| onward.send(forward))
             });
         }
         if let Some(reply) = delivery.reply {
