@@ -276,8 +276,10 @@ async def read_answer(reader: asyncio.StreamReader) -> str:
 
 def test_six_hundred_held_calls_do_not_starve_another_agent_or_the_approvers(tmp_path: Path, sandbox: Path):
     port = free_port()
+    # No share per agent or address: what is tested is that 600 held calls
+    # cost no thread (test_door.py tests the shares).
     gateway = Gateway(tmp_path, sandbox, admin_config(port, "\n[approvals]\nmax_pending_per_agent = 0\n"),
-                      serve="max_connections = 2000")
+                      serve="max_connections = 2000\nmax_connections_per_agent = 0\nmax_connections_per_peer = 0")
     admin = Admin(port)
     wait_ready(admin.url)
     try:
@@ -490,7 +492,10 @@ def test_a_session_has_one_event_stream(tmp_path: Path):
 
 
 def test_slow_and_idle_connections_time_out_and_the_listener_keeps_serving(tmp_path: Path):
-    serve = Serve(tmp_path, "max_connections = 20\nheader_timeout_secs = 1\nbody_timeout_secs = 1")
+    # The slow clients share the real one's address and agent: no shares,
+    # so it is the timeouts that make room (test_door.py tests the shares).
+    serve = Serve(tmp_path, "max_connections = 20\nheader_timeout_secs = 1\nbody_timeout_secs = 1\n"
+                  "max_connections_per_peer = 0\nmax_connections_per_agent = 0")
     try:
         # 100 clients that never finish their headers, 20 that never send
         # the body they announced.

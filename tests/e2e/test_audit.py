@@ -692,3 +692,71 @@ def test_records_go_to_stdout_where_it_is_free_and_stdio_mode_refuses_that(tmp_p
                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert stdio.returncode != 0 and stdio.stdout == ""
     assert "its stdout carries the MCP messages" in stdio.stderr
+
+
+def test_a_head_a_siem_holds_catches_the_newest_records_rewritten_or_dropped(tmp_path: Path, sandbox: Path):
+    receiver = Receiver("hook-secret-42")
+    trail = tmp_path / "trail.jsonl"
+    sinks = (f'\n[audit]\nhead_every = 1\n'
+             f'\n[[audit.sinks]]\ntype = "file"\npath = "{trail}"\nchain = true\n'
+             f'\n[[audit.sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\nsecret = "hook-secret-42"\n'
+             'batch_records = 8\nbatch_ms = 50\n')
+    config = write_config(tmp_path, [], sinks)
+
+    async def scenario():
+        async with proxied_filesystem(config, tmp_path / "extra.jsonl", sandbox) as session:
+            for _ in range(5):
+                await session.call_tool("read_text_file", {"path": str(sandbox / "hello.txt")})
+
+    asyncio.run(scenario())
+    lines = trail.read_text().splitlines(keepends=True)
+    newest = json.loads(lines[-1])["chain"]["seq"]
+
+    def heads() -> list[dict]:
+        return [r for batch in receiver.batches for r in batch if r.get("event") == "chain-head"]
+
+    deadline = time.monotonic() + 30
+    while not any(h["head_seq"] == newest for h in heads()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    receiver.server.shutdown()
+    held = next(h for h in heads() if h["head_seq"] == newest)
+    anchor = f"{held['head_seq']}:{held['head']}"
+    assert held["file"] == str(trail)
+    # The head `audit head` prints is the one the SIEM holds.
+    printed = audit("head", str(trail))
+    assert printed.returncode == 0 and printed.stdout.strip() == anchor
+    verified = audit("verify", str(trail), "--head", anchor)
+    assert verified.returncode == 0 and "holds the head kept elsewhere" in verified.stdout
+
+    def line_hash(line: str) -> str:
+        return hashlib.sha256(line.rstrip("\n").encode()).hexdigest()
+
+    # The newest record rewritten, and chained anew as the file sink would.
+    forged = json.loads(lines[-1])
+    forged["outcome"] = "deny"
+    del forged["chain"]
+    body = json.dumps(forged, separators=(",", ":"))
+    chained = body[:-1] + f',"chain":{{"seq":{newest},"prev":"{line_hash(lines[-2])}"}}}}\n'
+    trail.write_text("".join(lines[:-1]) + chained)
+    assert audit("verify", str(trail)).returncode == 0, "the chain alone cannot tell"
+    caught = audit("verify", str(trail), "--head", anchor)
+    assert caught.returncode == 1
+    assert f"{trail.name}:{len(lines)} (record {newest}): is not the record the head held elsewhere names" in caught.stdout
+    # The newest two dropped.
+    trail.write_text("".join(lines[:-2]))
+    dropped = audit("verify", str(trail), "--head", anchor)
+    assert dropped.returncode == 1
+    assert f"records {newest - 1} to {newest} were removed" in dropped.stdout
+    # A byte that is not UTF-8, and an edit further on: both named, the walk goes on.
+    damaged = lines.copy()
+    damaged[1] = damaged[1].replace('"time":"', '"time":"\udcff', 1)
+    damaged[3] = damaged[3].replace('"time":"2', '"time":"1', 1)
+    trail.write_bytes("".join(damaged).encode("utf-8", "surrogateescape"))
+    broken = audit("verify", str(trail))
+    assert broken.returncode == 1
+    assert f"{trail.name}:2 (record 2): " in broken.stdout or f"{trail.name}:2: not UTF-8" in broken.stdout
+    assert f"{trail.name}:4 (record 4): was altered" in broken.stdout
+    assert f"{len(lines)} records checked" in broken.stdout or "break(s)" in broken.stdout
+    queried = audit("query", str(trail), "--json")
+    assert queried.returncode == 0 and f"{trail.name}:2: skipped: not UTF-8" in queried.stderr
+    assert len(queried.stdout.splitlines()) == len(lines) - 1

@@ -108,3 +108,37 @@ def test_every_refusal_at_the_door_is_in_the_trail_and_a_flood_of_them_is_summed
     assert "number out of range" in bad["reason"] and bad["code"] == -32700 and bad["message_sha256"]
     requests = [r["reason"] for r in refused if r["event"] == "request-refused"]
     assert requests == ["HTTP 404: no MCP endpoint here", "HTTP 400: Mcp-Session-Id header is required (initialize first)"]
+
+
+def test_one_address_holding_idle_connections_leaves_room_for_another(tmp_path: Path, sandbox: Path):
+    gateway = Gateway(tmp_path, sandbox, serve="max_connections = 64\nheader_timeout_secs = 300")
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            # Connections that never send a request, from 127.0.0.1.
+            connection = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+            connection.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\n")
+            idle.append(connection)
+        closed = 0
+        for connection in idle:
+            connection.settimeout(0.5)
+            try:
+                closed += connection.recv(1) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed += 1
+        # Another address finds a free connection at once.
+        other = socket.create_connection(("127.0.0.1", gateway.port), timeout=30, source_address=("127.0.0.2", 0))
+        other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := other.recv(65536):
+            answer += chunk
+        other.close()
+    finally:
+        for connection in idle:
+            connection.close()
+        gateway.stop()
+    # An eighth of 64 stay open; the rest were closed as they came.
+    assert closed == 100 - 8
+    assert answer.startswith(b"HTTP/1.1 200") and b'"servers"' in answer

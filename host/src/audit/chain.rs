@@ -7,8 +7,9 @@
 //! somewhere an attacker cannot reach. [`verify`] walks a trail and names
 //! the first record that does not follow.
 
+use super::lines::{self, Line};
 use crate::util::encode::hex;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -109,26 +110,93 @@ pub fn checkpoint(head: &Head, previous_file: Option<&Path>, replica: Option<&st
 
 /// One replica's trail (`None`: a process without a replica name) and
 /// what verifying it found.
-pub type ReplicaTrail = (Option<String>, Result<Verified, Broken>);
+pub type ReplicaTrail = (Option<String>, Verified);
 
 /// The trails of several replicas, told apart by the `replica` of each
 /// file's first record, each verified on its own (a file without one is
-/// the trail of a process without a replica name).
-pub fn verify_replicas(files: &[PathBuf]) -> Result<Vec<ReplicaTrail>> {
+/// the trail of a process without a replica name), against the heads held
+/// elsewhere that `anchors` names for them.
+pub fn verify_replicas(files: &[PathBuf], anchors: &[Anchor]) -> Result<Vec<ReplicaTrail>> {
     let mut trails: std::collections::BTreeMap<Option<String>, Vec<PathBuf>> = Default::default();
     for file in files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let replica = text
-            .lines()
-            .find_map(|line| serde_json::from_str::<Value>(line).ok())
-            .and_then(|record| record["replica"].as_str().map(str::to_string));
+        let replica = first_record(file)?.and_then(|r| r["replica"].as_str().map(str::to_string));
         trails.entry(replica).or_default().push(file.clone());
+    }
+    for anchor in anchors {
+        if !trails.contains_key(&anchor.replica) {
+            let whose = anchor
+                .replica
+                .as_deref()
+                .map_or("no replica".into(), |r| format!("replica {r}"));
+            anyhow::bail!("--head {anchor}: the files hold no trail of {whose}");
+        }
     }
     trails
         .into_iter()
-        .map(|(replica, files)| Ok((replica, verify(&files)?)))
+        .map(|(replica, files)| {
+            let anchor = anchors
+                .iter()
+                .find(|a| a.replica == replica)
+                .map(|a| &a.head);
+            Ok((replica, verify(&files, anchor)?))
+        })
         .collect()
+}
+
+/// The first record of `file` that reads as JSON, if any.
+fn first_record(file: &Path) -> Result<Option<Value>> {
+    for line in lines::of(file)? {
+        if let (_, Line::Text(text)) = line? {
+            if let Ok(record) = serde_json::from_str(&text) {
+                return Ok(Some(record));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A head held elsewhere (printed by `portcullis audit head`, delivered
+/// to a SIEM in `chain-head` records): `[REPLICA=]SEQ:HASH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// The replica whose trail it is the head of, if named.
+    pub replica: Option<String>,
+    /// The head.
+    pub head: Head,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (replica, head) = match text.split_once('=') {
+            Some((replica, head)) => (Some(replica.to_string()), head),
+            None => (None, text),
+        };
+        let (seq, hash) = head
+            .split_once(':')
+            .ok_or("a head is SEQ:HASH, e.g. 1042:9f86d0…")?;
+        let seq = seq
+            .parse()
+            .map_err(|_| format!("'{seq}' is not a record number"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("'{hash}' is not a sha256 (64 hex digits)"));
+        }
+        let head = Head {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        };
+        Ok(Self { replica, head })
+    }
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(replica) = &self.replica {
+            write!(f, "{replica}=")?;
+        }
+        write!(f, "{}:{}", self.head.seq, self.head.hash)
+    }
 }
 
 /// What [`verify`] found.
@@ -140,14 +208,29 @@ pub struct Verified {
     pub records: u64,
     /// The head of the chain at the end.
     pub head: Head,
+    /// Where the trail does not follow its chain, in order
+    /// ([`MOST_BREAKS`] at most; `more_breaks` counts the rest).
+    pub breaks: Vec<Broken>,
+    /// Breaks found past [`MOST_BREAKS`].
+    pub more_breaks: u64,
 }
+
+impl Verified {
+    /// Whether the trail is one unbroken chain.
+    pub fn intact(&self) -> bool {
+        self.breaks.is_empty()
+    }
+}
+
+/// How many breaks [`verify`] names; past it, it counts them.
+pub const MOST_BREAKS: usize = 100;
 
 /// Where a trail stops following its chain.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Broken {
     /// The file.
     pub file: PathBuf,
-    /// The line (1-based).
+    /// The line (1-based); 0 where the break is at the trail's end.
     pub line: usize,
     /// The record's `seq` where it has one.
     pub seq: Option<u64>,
@@ -157,7 +240,10 @@ pub struct Broken {
 
 impl std::fmt::Display for Broken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)?;
+        match self.line {
+            0 => write!(f, "{} (its end)", self.file.display())?,
+            line => write!(f, "{}:{line}", self.file.display())?,
+        }
         if let Some(seq) = self.seq {
             write!(f, " (record {seq})")?;
         }
@@ -166,85 +252,171 @@ impl std::fmt::Display for Broken {
 }
 
 /// Checks that `files` (a trail and its rotated files, in any order) form
-/// one unbroken chain from its first record.
-pub fn verify(files: &[PathBuf]) -> Result<Result<Verified, Broken>> {
+/// one unbroken chain from its first record, reading them line by line;
+/// and, given the `anchor` a second party holds, that the trail still
+/// holds that very record (its newest records were neither rewritten nor
+/// dropped). Every break is named, and the check goes on from the next
+/// record.
+pub fn verify(files: &[PathBuf], anchor: Option<&Head>) -> Result<Verified> {
     let mut trail = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let first = text.lines().find_map(Head::of).map_or(u64::MAX, |h| h.seq);
-        trail.push((first, file.clone(), text));
+        let first = first_record(file)?
+            .and_then(|r| r["chain"]["seq"].as_u64())
+            .unwrap_or(u64::MAX);
+        trail.push((first, file.clone()));
     }
-    trail.sort_by_key(|(first, _, _)| *first);
-    let mut head = Head::genesis();
-    // Where the record `head` names is, to blame it when the next one
-    // says it was altered.
-    let mut at: Option<(PathBuf, usize)> = None;
-    let mut records = 0;
-    for (_, file, text) in &trail {
-        for (index, line) in text.lines().enumerate() {
-            let broken = |seq: Option<u64>, why: String| Broken {
-                file: file.clone(),
-                line: index + 1,
-                seq,
-                why,
-            };
-            let record: Value = match serde_json::from_str(line) {
-                Ok(record) => record,
-                Err(_) => return Ok(Err(broken(None, "not a JSON record (altered)".into()))),
-            };
-            let (Some(seq), Some(prev)) = (
-                record["chain"]["seq"].as_u64(),
-                record["chain"]["prev"].as_str(),
-            ) else {
-                return Ok(Err(broken(
-                    None,
-                    "has no chain (inserted or altered)".into(),
-                )));
-            };
-            let expected = &head;
-            if seq > expected.seq + 1 {
-                let why = match (expected.seq + 1, seq - 1) {
-                    (one, last) if one == last => {
-                        format!("record {one} is missing here (removed or moved)")
-                    }
-                    (first, last) => {
-                        format!("records {first} to {last} are missing here (removed or moved)")
-                    }
-                };
-                return Ok(Err(broken(Some(seq), why)));
-            }
-            if seq <= expected.seq {
-                let why = format!(
-                    "comes after record {} (reordered or repeated)",
-                    expected.seq
-                );
-                return Ok(Err(broken(Some(seq), why)));
-            }
-            if prev != expected.hash {
-                let why =
-                    format!("was altered: its hash is not the one record {seq} (next) recorded");
-                let (file, line) = at.clone().unwrap_or((file.clone(), index + 1));
-                return Ok(Err(Broken {
-                    file,
-                    line,
-                    seq: Some(expected.seq),
-                    why,
-                }));
-            }
-            head = Head {
-                seq,
-                hash: line_hash(line),
-            };
-            at = Some((file.clone(), index + 1));
-            records += 1;
+    trail.sort_by_key(|(first, _)| *first);
+    let mut walk = Walk {
+        anchor: anchor.cloned(),
+        ..Walk::default()
+    };
+    for (_, file) in &trail {
+        for line in lines::of(file)? {
+            let (number, line) = line?;
+            walk.line(file, number, line);
         }
     }
-    Ok(Ok(Verified {
-        files: trail.into_iter().map(|(_, file, _)| file).collect(),
-        records,
-        head,
-    }))
+    let last = trail
+        .last()
+        .map(|(_, file)| file.clone())
+        .unwrap_or_default();
+    walk.end(&last);
+    Ok(Verified {
+        files: trail.into_iter().map(|(_, file)| file).collect(),
+        records: walk.records,
+        head: walk.head,
+        breaks: walk.breaks,
+        more_breaks: walk.more_breaks,
+    })
+}
+
+/// A walk along a trail's chain.
+#[derive(Default)]
+struct Walk {
+    head: Head,
+    /// Where the record `head` names is, to blame it when the next one
+    /// says it was altered.
+    at: Option<(PathBuf, usize)>,
+    records: u64,
+    breaks: Vec<Broken>,
+    more_breaks: u64,
+    /// A head held elsewhere, the trail is to hold.
+    anchor: Option<Head>,
+    /// The record it names, once walked by: its hash, file and line.
+    anchored: Option<(String, PathBuf, usize)>,
+}
+
+impl Default for Head {
+    fn default() -> Self {
+        Self::genesis()
+    }
+}
+
+impl Walk {
+    fn broke(&mut self, broken: Broken) {
+        if self.breaks.len() < MOST_BREAKS {
+            self.breaks.push(broken);
+        } else {
+            self.more_breaks += 1;
+        }
+    }
+
+    fn line(&mut self, file: &Path, number: usize, line: Line) {
+        let broken = |seq: Option<u64>, why: String| Broken {
+            file: file.to_path_buf(),
+            line: number,
+            seq,
+            why,
+        };
+        let text = match line {
+            Line::Text(text) => text,
+            Line::Unreadable(why) => return self.broke(broken(None, format!("{why} (altered)"))),
+        };
+        let record: Value = match serde_json::from_str(&text) {
+            Ok(record) => record,
+            Err(_) => return self.broke(broken(None, "not a JSON record (altered)".into())),
+        };
+        let (Some(seq), Some(prev)) = (
+            record["chain"]["seq"].as_u64(),
+            record["chain"]["prev"].as_str(),
+        ) else {
+            return self.broke(broken(None, "has no chain (inserted or altered)".into()));
+        };
+        // Past a break, the walk goes on from this record.
+        let hash = line_hash(&text);
+        if seq > self.head.seq + 1 {
+            let why = match (self.head.seq + 1, seq - 1) {
+                (one, last) if one == last => {
+                    format!("record {one} is missing here (removed or moved)")
+                }
+                (first, last) => {
+                    format!("records {first} to {last} are missing here (removed or moved)")
+                }
+            };
+            self.broke(broken(Some(seq), why));
+        } else if seq <= self.head.seq {
+            let why = format!(
+                "comes after record {} (reordered or repeated)",
+                self.head.seq
+            );
+            self.broke(broken(Some(seq), why));
+            // The walk goes on from the record before it.
+            self.records += 1;
+            return;
+        } else if prev != self.head.hash {
+            let why = format!("was altered: its hash is not the one record {seq} (next) recorded");
+            let (file, line) = self.at.clone().unwrap_or((file.to_path_buf(), number));
+            let seq = Some(self.head.seq);
+            self.broke(Broken {
+                file,
+                line,
+                seq,
+                why,
+            });
+        }
+        self.head = Head { seq, hash };
+        self.at = Some((file.to_path_buf(), number));
+        self.records += 1;
+        if self.anchor.as_ref().is_some_and(|a| a.seq == seq) && self.anchored.is_none() {
+            self.anchored = Some((self.head.hash.clone(), file.to_path_buf(), number));
+        }
+    }
+
+    /// Ends the walk at the end of `last`, the trail's newest file: a head
+    /// held elsewhere must be a record the trail reaches, unchanged.
+    fn end(&mut self, last: &Path) {
+        let Some(anchor) = self.anchor.clone() else {
+            return;
+        };
+        let seq = Some(anchor.seq);
+        let broken = match self.anchored.take() {
+            Some((hash, _, _)) if hash == anchor.hash => return,
+            Some((_, file, line)) => Broken {
+                file,
+                line,
+                seq,
+                why: "is not the record the head held elsewhere names (rewritten)".into(),
+            },
+            None if self.head.seq < anchor.seq => Broken {
+                file: last.to_path_buf(),
+                line: 0,
+                seq,
+                why: format!(
+                    "the trail ends at record {}, before the head held elsewhere: records {} to {} were removed",
+                    self.head.seq,
+                    self.head.seq + 1,
+                    anchor.seq
+                ),
+            },
+            None => Broken {
+                file: last.to_path_buf(),
+                line: 0,
+                seq,
+                why: "the record the head held elsewhere names is not in the trail".into(),
+            },
+        };
+        self.broke(broken);
+    }
 }
 
 #[cfg(test)]
@@ -281,7 +453,8 @@ mod tests {
     fn an_intact_trail_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let (path, lines) = trail(dir.path(), 5);
-        let verified = verify(&[path]).unwrap().unwrap();
+        let verified = verify(&[path], None).unwrap();
+        assert!(verified.intact());
         assert_eq!(verified.records, 5);
         assert_eq!(verified.head, Head::of(&lines[4]).unwrap());
         assert!(lines[0].contains(GENESIS));
@@ -293,7 +466,16 @@ mod tests {
         let (path, lines) = trail(dir.path(), 5);
         let broken = |lines: Vec<String>| {
             std::fs::write(&path, lines.concat()).unwrap();
-            verify(std::slice::from_ref(&path)).unwrap().unwrap_err()
+            let verified = verify(std::slice::from_ref(&path), None).unwrap();
+            let [first, ..] = &verified.breaks[..] else {
+                panic!("intact");
+            };
+            Broken {
+                file: first.file.clone(),
+                line: first.line,
+                seq: first.seq,
+                why: first.why.clone(),
+            }
         };
         let mut edited = lines.clone();
         edited[2] = edited[2].replace("\"n\":2", "\"n\":7");
@@ -318,5 +500,62 @@ mod tests {
             (1, Some(2)),
             "the first record removed"
         );
+    }
+
+    #[test]
+    fn every_bad_line_is_named_and_the_walk_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, lines) = trail(dir.path(), 6);
+        let mut bytes = lines[0].as_bytes().to_vec();
+        bytes.extend_from_slice(b"\xff\xfe not a record\n");
+        bytes.extend_from_slice(lines[1].as_bytes());
+        bytes.extend_from_slice(lines[2].replace("\"n\":2", "\"n\":9").as_bytes());
+        for line in &lines[3..] {
+            bytes.extend_from_slice(line.as_bytes());
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let verified = verify(std::slice::from_ref(&path), None).unwrap();
+        let found: Vec<(usize, Option<u64>)> =
+            verified.breaks.iter().map(|b| (b.line, b.seq)).collect();
+        assert_eq!(found, [(2, None), (4, Some(3))], "{:?}", verified.breaks);
+        assert!(verified.breaks[0].why.contains("not UTF-8"));
+        assert_eq!(verified.records, 6);
+    }
+
+    #[test]
+    fn a_head_held_elsewhere_catches_newest_records_rewritten_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, lines) = trail(dir.path(), 5);
+        let held = verify(std::slice::from_ref(&path), None).unwrap().head;
+        let anchor: Anchor = format!("{}:{}", held.seq, held.hash).parse().unwrap();
+        assert!(
+            verify(std::slice::from_ref(&path), Some(&anchor.head))
+                .unwrap()
+                .intact()
+        );
+        // The newest record rewritten and chained anew: the chain alone holds.
+        let mut rewritten = lines[..4].to_vec();
+        let head = Head::of(&rewritten[3]).unwrap();
+        rewritten.push(link("{\"n\":\"forged\"}\n", &head).unwrap().0);
+        std::fs::write(&path, rewritten.concat()).unwrap();
+        assert!(verify(std::slice::from_ref(&path), None).unwrap().intact());
+        let caught = verify(std::slice::from_ref(&path), Some(&anchor.head)).unwrap();
+        let [broken] = &caught.breaks[..] else {
+            panic!("{:?}", caught.breaks)
+        };
+        assert_eq!((broken.line, broken.seq), (5, Some(5)));
+        assert!(broken.why.contains("rewritten"));
+        // The newest two dropped.
+        std::fs::write(&path, lines[..3].concat()).unwrap();
+        let caught = verify(std::slice::from_ref(&path), Some(&anchor.head)).unwrap();
+        assert!(
+            caught.breaks[0].why.contains("records 4 to 5 were removed"),
+            "{:?}",
+            caught.breaks
+        );
+        assert!("12:abc".parse::<Anchor>().is_err());
+        let named: Anchor = format!("a=3:{}", "F".repeat(64)).parse().unwrap();
+        assert_eq!(named.replica.as_deref(), Some("a"));
+        assert_eq!(named.head.hash, "f".repeat(64));
     }
 }

@@ -128,6 +128,10 @@ impl Sink for DeliveringSink {
         )
     }
 
+    fn delivers(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} {}",

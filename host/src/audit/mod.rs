@@ -6,6 +6,7 @@
 pub mod chain;
 mod component;
 mod delivery;
+pub mod lines;
 mod otlp;
 mod select;
 mod sinks;
@@ -33,6 +34,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
@@ -668,6 +670,62 @@ pub struct Audit {
     include_results: bool,
     /// The replica named in every record, when `[state] replica` is set.
     replica: Option<String>,
+    /// When the chained files' heads go to the delivering sinks.
+    heads: Option<Heads>,
+}
+
+/// How often the chained files' heads reach the delivering sinks: after
+/// `every` records or `secs`, whichever comes first.
+struct Heads {
+    every: u64,
+    secs: std::time::Duration,
+    /// Records since the heads last went, and when they did.
+    since: Mutex<(u64, std::time::Instant)>,
+}
+
+impl Heads {
+    /// `[audit]`'s schedule, when there are both chained files and sinks
+    /// that deliver: nothing to hand over otherwise.
+    fn of(config: &crate::config::AuditConfig, sinks: &[Box<dyn Sink>]) -> Option<Self> {
+        let chained = config
+            .sinks
+            .iter()
+            .any(|s| matches!(s, SinkConfig::File { chain: true, .. }));
+        let delivering = sinks.iter().any(|s| s.delivers());
+        (chained && delivering && config.head_every > 0).then(|| Self {
+            every: config.head_every,
+            secs: std::time::Duration::from_secs(config.head_secs),
+            since: Mutex::new((0, std::time::Instant::now())),
+        })
+    }
+
+    /// Counts one record; whether the heads are due now.
+    fn due(&self) -> bool {
+        let mut since = self
+            .since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        since.0 += 1;
+        let due = since.0 >= self.every || since.1.elapsed() >= self.secs;
+        if due {
+            *since = (0, std::time::Instant::now());
+        }
+        due
+    }
+}
+
+/// The head of a chained file, as handed to the delivering sinks.
+#[derive(Serialize)]
+struct ChainHead {
+    time: String,
+    id: String,
+    event: &'static str,
+    /// The chained file.
+    file: String,
+    /// The head's record number.
+    head_seq: u64,
+    /// sha256 of that record's line.
+    head: String,
 }
 
 impl Audit {
@@ -753,6 +811,7 @@ impl Audit {
             });
         }
         Ok(Self {
+            heads: Heads::of(config, &sinks),
             sinks,
             include_arguments: config.include_arguments,
             include_policy_logs: config.include_policy_logs,
@@ -770,6 +829,7 @@ impl Audit {
             include_policy_logs: false,
             include_results: false,
             replica: None,
+            heads: None,
         }
     }
 
@@ -792,11 +852,7 @@ impl Audit {
     /// Writes `record` (one JSON object) to every sink (each taking the
     /// records it selects, as it redacts them); fails if any sink failed.
     pub fn write(&self, record: &impl Serialize) -> Result<()> {
-        let mut line = serde_json::to_string(record)?;
-        line.push('\n');
-        if let Some(replica) = &self.replica {
-            line = chain::with_member(&line, "replica", replica)?;
-        }
+        let line = self.line(record)?;
         let failures: Vec<String> = self
             .sinks
             .iter()
@@ -806,10 +862,47 @@ impl Audit {
                     .map(|e| format!("{}: {e:#}", s.describe()))
             })
             .collect();
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(anyhow!("audit sink failed: {}", failures.join("; ")))
+        if !failures.is_empty() {
+            return Err(anyhow!("audit sink failed: {}", failures.join("; ")));
+        }
+        if self.heads.as_ref().is_some_and(Heads::due) {
+            self.hand_over_heads();
+        }
+        Ok(())
+    }
+
+    /// `record` as a line of the trail.
+    fn line(&self, record: &impl Serialize) -> Result<String> {
+        let mut line = serde_json::to_string(record)?;
+        line.push('\n');
+        if let Some(replica) = &self.replica {
+            line = chain::with_member(&line, "replica", replica)?;
+        }
+        Ok(line)
+    }
+
+    /// Hands the head of each chained file to the sinks that deliver
+    /// elsewhere (`chain-head` records), so a second party holds what
+    /// `portcullis audit verify --head` checks the file against. A sink
+    /// that cannot take it is logged: the message was recorded already.
+    fn hand_over_heads(&self) {
+        for (file, head) in self.sinks.iter().filter_map(|s| s.head()) {
+            let record = ChainHead {
+                time: rfc3339_now(),
+                id: decision_id(),
+                event: "chain-head",
+                file: file.display().to_string(),
+                head_seq: head.seq,
+                head: head.hash,
+            };
+            let Ok(line) = self.line(&record) else {
+                continue;
+            };
+            for sink in self.sinks.iter().filter(|s| s.delivers()) {
+                if let Err(e) = sink.write(&line) {
+                    tracing::warn!(sink = %sink.describe(), "cannot hand over the chain's head: {e:#}");
+                }
+            }
         }
     }
 }

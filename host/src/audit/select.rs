@@ -108,6 +108,14 @@ impl Sink for Selected {
         self.sink.write(&redacted)
     }
 
+    fn head(&self) -> Option<(std::path::PathBuf, super::chain::Head)> {
+        self.sink.head()
+    }
+
+    fn delivers(&self) -> bool {
+        self.sink.delivers()
+    }
+
     fn describe(&self) -> String {
         format!("{} (selected)", self.sink.describe())
     }

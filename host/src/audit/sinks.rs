@@ -19,6 +19,17 @@ pub trait Sink: Send + Sync {
     fn write(&self, line: &str) -> Result<()>;
     /// A short description for reports and errors, e.g. `file /var/log/a.jsonl`.
     fn describe(&self) -> String;
+    /// For a chained file: the file and the head of its chain as this
+    /// process last wrote it.
+    fn head(&self) -> Option<(PathBuf, Head)> {
+        None
+    }
+    /// Whether it delivers records elsewhere (a webhook, OTLP, a sink
+    /// component): the heads of the chained files go to it, so a second
+    /// party holds them.
+    fn delivers(&self) -> bool {
+        false
+    }
 }
 
 /// How a file sink keeps its file.
@@ -293,6 +304,12 @@ impl Sink for FileSink {
         Ok(())
     }
 
+    fn head(&self) -> Option<(PathBuf, Head)> {
+        let open = lock(&self.state).ok()?;
+        let (_, head) = open.known.as_ref().filter(|_| self.options.chain)?;
+        Some((self.path.clone(), head.clone()))
+    }
+
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
     }
@@ -471,7 +488,7 @@ mod tests {
             .count();
         assert_eq!(records, 200);
         files.reverse();
-        assert!(chain::verify(&files).unwrap().is_ok());
+        assert!(chain::verify(&files, None).unwrap().intact());
     }
 
     #[test]
@@ -495,7 +512,8 @@ mod tests {
         assert!(files.len() > 2, "rotated: {files:?}");
         files.push(path.clone());
         files.reverse();
-        let verified = chain::verify(&files).unwrap().unwrap();
+        let verified = chain::verify(&files, None).unwrap();
+        assert!(verified.intact(), "{:?}", verified.breaks);
         let checkpoints = files.len() as u64 - 1;
         assert_eq!(verified.records, 120 + checkpoints);
         let text = std::fs::read_to_string(&path).unwrap();

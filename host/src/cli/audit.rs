@@ -1,7 +1,9 @@
 //! `portcullis audit`: reading the trail a JSON Lines file sink wrote —
-//! `verify` its chain across rotated files, `tail` it (and follow it), and
-//! `query` it by time, agent, server, tool, outcome or event — as readable
-//! tables or as JSON Lines.
+//! `verify` its chain across rotated files (against a `head` kept
+//! elsewhere, too), `tail` it (and follow it), and `query` it by time,
+//! agent, server, tool, outcome or event — as readable tables or as JSON
+//! Lines. Files are read line by line, never whole; a bad line is named
+//! and the rest read.
 
 use crate::audit::{self, chain};
 use crate::config::{Config, SinkConfig};
@@ -20,6 +22,19 @@ pub enum Action {
     Verify {
         /// The trail's files, rotated ones included, in any order (several
         /// replicas' trails are told apart by the replica their records name).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A head of the chain kept elsewhere (`portcullis audit head`, or a
+        /// `chain-head` record a SIEM received), `SEQ:HASH` or
+        /// `REPLICA=SEQ:HASH`: the trail must still hold that very record,
+        /// so its newest records were neither rewritten nor dropped.
+        #[arg(long = "head", value_name = "[REPLICA=]SEQ:HASH")]
+        heads: Vec<chain::Anchor>,
+    },
+    /// Print the head of a chained trail (`SEQ:HASH`, one line per
+    /// replica), to keep where whoever could alter the trail cannot reach.
+    Head {
+        /// The trail's files, rotated ones included.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -88,7 +103,8 @@ pub struct Filter {
 /// Runs `action`; returns the exit status.
 pub fn run(action: &Action) -> Result<i32> {
     match action {
-        Action::Verify { files } => verify(files),
+        Action::Verify { files, heads } => verify(files, heads),
+        Action::Head { files } => head(files),
         Action::Tail {
             trail,
             lines,
@@ -97,10 +113,20 @@ pub fn run(action: &Action) -> Result<i32> {
         } => {
             let files = trail.files()?;
             let matcher = Matcher::new(filter, SystemTime::now())?;
-            let records = read(&files)?;
-            let matching: Vec<&Value> = records.iter().filter(|r| matcher.matches(r)).collect();
-            let skip = matching.len().saturating_sub(*lines);
-            print(&matching[skip..], trail.json);
+            let mut last = std::collections::VecDeque::with_capacity(*lines);
+            read(&files, |record| {
+                if matcher.matches(&record) {
+                    if last.len() == *lines {
+                        last.pop_front();
+                    }
+                    if *lines > 0 {
+                        last.push_back(record);
+                    }
+                }
+            })?;
+            for record in &last {
+                print(record, trail.json);
+            }
             if *follow {
                 follow_trail(&files, &matcher, trail.json)?;
             }
@@ -108,9 +134,11 @@ pub fn run(action: &Action) -> Result<i32> {
         }
         Action::Query { trail, filter } => {
             let matcher = Matcher::new(filter, SystemTime::now())?;
-            let records = read(&trail.files()?)?;
-            let matching: Vec<&Value> = records.iter().filter(|r| matcher.matches(r)).collect();
-            print(&matching, trail.json);
+            read(&trail.files()?, |record| {
+                if matcher.matches(&record) {
+                    print(&record, trail.json);
+                }
+            })?;
             Ok(0)
         }
     }
@@ -118,20 +146,65 @@ pub fn run(action: &Action) -> Result<i32> {
 
 /// Verifies the trail in `files`, or each replica's trail among them
 /// (told apart by the replica its records name); 1 if any is broken.
-fn verify(files: &[PathBuf]) -> Result<i32> {
+/// A trail verified against a head held elsewhere names the replica it
+/// is the head of when the files hold several replicas' trails.
+fn verify(files: &[PathBuf], heads: &[chain::Anchor]) -> Result<i32> {
+    let trails = chain::verify_replicas(files, heads)?;
+    if heads.iter().any(|h| h.replica.is_none()) && trails.len() > 1 {
+        bail!(
+            "these files hold {} replicas' trails: name the replica a head is of (--head REPLICA=SEQ:HASH)",
+            trails.len()
+        );
+    }
     let mut code = 0;
-    for (replica, outcome) in chain::verify_replicas(files)? {
+    for (replica, verified) in trails {
         let whose = replica.map_or_else(String::new, |r| format!("replica {r}: "));
-        match outcome {
-            Ok(verified) => println!(
-                "{whose}ok: {} records in {} file(s), unbroken; head is record {} ({})",
+        if verified.intact() {
+            let anchored = if heads.is_empty() {
+                ""
+            } else {
+                ", and holds the head kept elsewhere"
+            };
+            println!(
+                "{whose}ok: {} records in {} file(s), unbroken{anchored}; head is record {} ({})",
                 verified.records,
                 verified.files.len(),
                 verified.head.seq,
                 verified.head.hash
-            ),
-            Err(broken) => {
-                println!("{whose}BROKEN at {broken}");
+            );
+            continue;
+        }
+        code = 1;
+        for broken in &verified.breaks {
+            println!("{whose}BROKEN at {broken}");
+        }
+        if verified.more_breaks > 0 {
+            println!("{whose}… and {} more breaks", verified.more_breaks);
+        }
+        println!(
+            "{whose}{} records checked in {} file(s); {} break(s)",
+            verified.records,
+            verified.files.len(),
+            verified.breaks.len() as u64 + verified.more_breaks
+        );
+    }
+    Ok(code)
+}
+
+/// Prints the head of each trail in `files`; 1 if one is broken (its head
+/// vouches for nothing).
+fn head(files: &[PathBuf]) -> Result<i32> {
+    let mut code = 0;
+    for (replica, verified) in chain::verify_replicas(files, &[])? {
+        let whose = replica
+            .as_ref()
+            .map_or_else(String::new, |r| format!("{r}="));
+        match verified.breaks.first() {
+            None => println!("{whose}{}:{}", verified.head.seq, verified.head.hash),
+            Some(broken) => {
+                eprintln!(
+                    "the trail is broken, so it has no head to keep: {broken} (see portcullis audit verify)"
+                );
                 code = 1;
             }
         }
@@ -163,15 +236,25 @@ impl Trail {
     }
 }
 
-/// Every record of `files`, in order; unreadable lines are skipped.
-fn read(files: &[PathBuf]) -> Result<Vec<Value>> {
-    let mut records = Vec::new();
+/// Hands `each` every record of `files`, in order, line by line; a line
+/// that is no record is named on stderr and skipped.
+fn read(files: &[PathBuf], mut each: impl FnMut(Value)) -> Result<()> {
     for file in files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        records.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        for line in audit::lines::of(file)? {
+            let (number, line) = line?;
+            let record = match line {
+                audit::lines::Line::Text(text) => {
+                    serde_json::from_str(&text).map_err(|e| format!("not a JSON record ({e})"))
+                }
+                audit::lines::Line::Unreadable(why) => Err(why),
+            };
+            match record {
+                Ok(record) => each(record),
+                Err(why) => eprintln!("{}:{number}: skipped: {why}", file.display()),
+            }
+        }
     }
-    Ok(records)
+    Ok(())
 }
 
 /// Prints records that are written to the last of `files` from now on.
@@ -194,7 +277,7 @@ fn follow_trail(files: &[PathBuf], matcher: &Matcher, json: bool) -> Result<()> 
         if let Ok(record) = serde_json::from_str::<Value>(&line)
             && matcher.matches(&record)
         {
-            print(&[&record], json);
+            print(&record, json);
         }
     }
 }
@@ -266,14 +349,11 @@ fn instant(text: &str, now: SystemTime) -> Result<String> {
     Ok(humantime::format_rfc3339_micros(at).to_string())
 }
 
-fn print(records: &[&Value], json: bool) {
+/// Prints one record: as JSON, or as a table row.
+fn print(record: &Value, json: bool) {
     if json {
-        for record in records {
-            println!("{record}");
-        }
-        return;
-    }
-    for record in records {
+        println!("{record}");
+    } else {
         println!("{}", row(record));
     }
 }

@@ -20,6 +20,23 @@ pub struct AuditConfig {
     /// Where records go; `--audit-file` adds a file sink.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+    /// The head of each chained file goes to the delivering sinks (a
+    /// `chain-head` record) after this many records at most, so a second
+    /// party holds it (`portcullis audit verify --head`). 0: never.
+    #[serde(default = "default_head_every")]
+    pub head_every: u64,
+    /// …or once this many seconds passed since the last, whichever comes
+    /// first.
+    #[serde(default = "default_head_secs")]
+    pub head_secs: u64,
+}
+
+fn default_head_every() -> u64 {
+    100
+}
+
+fn default_head_secs() -> u64 {
+    10
 }
 
 impl AuditConfig {
@@ -39,6 +56,8 @@ impl Default for AuditConfig {
             include_policy_logs: false,
             include_results: false,
             sinks: Vec::new(),
+            head_every: default_head_every(),
+            head_secs: default_head_secs(),
         }
     }
 }
