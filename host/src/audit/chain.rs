@@ -146,10 +146,10 @@ pub fn verify_replicas(files: &[PathBuf], anchors: &[Anchor]) -> Result<Vec<Repl
 /// The first record of `file` that reads as JSON, if any.
 fn first_record(file: &Path) -> Result<Option<Value>> {
     for line in lines::of(file)? {
-        if let (_, Line::Text(text)) = line? {
-            if let Ok(record) = serde_json::from_str(&text) {
-                return Ok(Some(record));
-            }
+        if let (_, Line::Text(text)) = line?
+            && let Ok(record) = serde_json::from_str(&text)
+        {
+            return Ok(Some(record));
         }
     }
     Ok(None)
