@@ -331,6 +331,11 @@ pub struct RegistryConfig {
     /// registries always get plain HTTP.
     #[serde(default)]
     pub insecure: bool,
+    /// Token services elsewhere than the registry itself (the realms its
+    /// challenge names, e.g. `https://auth.example.com/token`) that its
+    /// credentials may be sent to; any other realm gets none.
+    #[serde(default)]
+    pub token_realms: Vec<String>,
 }
 
 /// `[policy_sources]`: the module cache and followed tags.

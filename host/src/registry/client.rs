@@ -1,12 +1,15 @@
-//! Talking to OCI registries (the distribution protocol is `oci-client`'s):
-//! one client per registry host and scheme, HTTPS with the platform's roots
-//! (a registry on this machine is tried over HTTPS, then plain HTTP, as
-//! Docker does; one marked `insecure` gets plain HTTP), credentials from the
-//! config's `[registries."HOST"]` or else the Docker config file, and every
-//! download capped in size. Calls block the calling thread on a runtime of
-//! the registry's own, so reload and the CLI can use them as they are.
+//! Talking to OCI registries: HTTPS with the platform's roots (a registry
+//! on this machine is tried over HTTPS, then plain HTTP, as Docker does;
+//! one marked `insecure` gets plain HTTP), credentials from the config's
+//! `[registries."HOST"]` or else the Docker config file, sent only where
+//! `token.rs` allows. Pulls are Portcullis' own (`pull.rs`, every answer
+//! bounded); pushes (the CLI's) go through `oci-client`, with the
+//! authorization Portcullis got. Calls block the calling thread on a
+//! runtime of the registry's own, so reload and the CLI can use them as
+//! they are.
 
 use crate::config::{Config, OciReference, RegistryConfig};
+use crate::registry::{pull, token};
 use anyhow::{Context, Result, anyhow, bail};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -14,9 +17,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 /// How long connecting to a registry may take.
@@ -25,6 +26,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one call (a manifest, a blob, an upload) may take in all.
 const CALL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The most of a manifest read.
+const MAX_MANIFEST: usize = crate::registry::artifact::MAX_MANIFEST_BYTES as usize;
 
 /// Manifests Portcullis reads: OCI image manifests.
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -36,6 +40,27 @@ pub struct Access {
     auth: Option<RegistryAuth>,
     /// Plain HTTP allowed though not on loopback.
     insecure: bool,
+    /// Token realms elsewhere its credentials may go to.
+    token_realms: Vec<String>,
+}
+
+/// What a call does at the registry: the scope its token must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Reads.
+    Pull,
+    /// Writes (and reads).
+    Push,
+}
+
+/// One call's way into the registry.
+pub struct Link<'a> {
+    /// Its repository, for pulls.
+    pub repository: pull::Repository<'a>,
+    /// `oci-client`, for pushes.
+    pub oci: Arc<Client>,
+    /// The reference, as `oci-client` names it.
+    pub target: Reference,
 }
 
 /// Why a registry call failed, as far as what to do next depends on it.
@@ -89,6 +114,17 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The same failure, with `what` was being done.
+    fn context(self, what: &str) -> Self {
+        match self {
+            Failure::Unreachable(e) => Failure::Unreachable(e.context(what.to_string())),
+            Failure::NotFound(e) => Failure::NotFound(e.context(what.to_string())),
+            Failure::Other(e) => Failure::Other(e.context(what.to_string())),
+        }
+    }
+}
+
 impl From<Failure> for anyhow::Error {
     fn from(failure: Failure) -> Self {
         failure.into_error()
@@ -98,6 +134,10 @@ impl From<Failure> for anyhow::Error {
 /// Registries, reached as the config says.
 pub struct Registries {
     runtime: tokio::runtime::Runtime,
+    /// The HTTP client pulls and token requests go through.
+    http: crate::util::outbound::HttpClient,
+    /// The tokens registries gave, until they expire.
+    tokens: token::Tokens,
     access: BTreeMap<String, Access>,
     /// By host and whether plain HTTP.
     clients: Mutex<HashMap<(String, bool), Arc<Client>>>,
@@ -135,8 +175,16 @@ impl Registries {
         // reqwest is built without a TLS provider of its own: it takes the
         // process' (ring, which the rest of Portcullis' TLS uses too).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let runtime = crate::util::outbound::runtime()?;
+        // The client's connection pool lives on the runtime that uses it.
+        let http = {
+            let _inside = runtime.enter();
+            crate::util::outbound::client()?
+        };
         Ok(Self {
-            runtime: crate::util::outbound::runtime()?,
+            runtime,
+            http,
+            tokens: token::Tokens::default(),
             access,
             clients: Mutex::new(HashMap::new()),
             plain: Mutex::default(),
@@ -144,12 +192,13 @@ impl Registries {
         })
     }
 
-    /// Runs `work` against the registry of `reference`: over HTTPS, or
-    /// plain HTTP where allowed and HTTPS cannot be reached.
+    /// Runs `work` against the registry of `reference`, for `operation`:
+    /// over HTTPS, or plain HTTP where allowed and HTTPS cannot be reached.
     pub fn call<T>(
         &self,
         reference: &OciReference,
-        work: impl AsyncFn(&Client, &Reference, &RegistryAuth) -> Result<T, Failure>,
+        operation: Operation,
+        work: impl AsyncFn(&Link) -> Result<T, Failure>,
     ) -> Result<T, Failure> {
         let host = &reference.registry;
         let access = self.access.get(host).cloned().unwrap_or_default();
@@ -157,24 +206,49 @@ impl Registries {
             Some(auth) => auth.clone(),
             None => self.docker_auth(host).map_err(Failure::Other)?,
         };
-        let target = oci_reference(reference);
+        let scope = match operation {
+            Operation::Pull => format!("repository:{}:pull", reference.repository),
+            Operation::Push => format!("repository:{}:pull,push", reference.repository),
+        };
         let known_plain = self
             .plain
             .lock()
             .expect("plain hosts poisoned")
             .contains(host);
         let attempt = |plain: bool| {
-            let client = self.client(host, plain);
+            let base = format!("{}://{host}", if plain { "http" } else { "https" });
             let bounded = async {
-                // The timer needs the runtime: made inside it.
-                tokio::time::timeout(CALL_DEADLINE, work(&client, &target, &auth)).await
+                let registry = token::Registry {
+                    base: &base,
+                    credentials: &auth,
+                    realms: &access.token_realms,
+                };
+                let authorization = self.tokens.authorize(&self.http, &registry, &scope).await?;
+                let link = Link {
+                    repository: pull::Repository {
+                        http: &self.http,
+                        base: base.clone(),
+                        name: &reference.repository,
+                        authorization,
+                    },
+                    oci: self.client(host, plain),
+                    target: oci_reference(reference),
+                };
+                let answer = work(&link).await;
+                if answer.is_err() {
+                    // A token the registry no longer takes is fetched anew.
+                    self.tokens.forget(&base);
+                }
+                answer
             };
-            self.runtime.block_on(bounded).unwrap_or_else(|_| {
-                Err(Failure::Unreachable(anyhow!(
-                    "{host} did not answer within {} s",
-                    CALL_DEADLINE.as_secs()
-                )))
-            })
+            self.runtime
+                .block_on(async { tokio::time::timeout(CALL_DEADLINE, bounded).await })
+                .unwrap_or_else(|_| {
+                    Err(Failure::Unreachable(anyhow!(
+                        "{host} did not answer within {} s",
+                        CALL_DEADLINE.as_secs()
+                    )))
+                })
         };
         if access.insecure || known_plain {
             return attempt(true);
@@ -240,27 +314,27 @@ impl Registries {
         client
     }
 
-    /// The manifest `reference` names, as the registry sent it, and its
-    /// digest (checked against the reference's digest when it has one).
+    /// The manifest `reference` names, as the registry sent it (at most
+    /// [`MAX_MANIFEST`] bytes), and its digest (checked against the
+    /// reference's digest when it has one).
     pub fn manifest(&self, reference: &OciReference) -> Result<(Vec<u8>, String), Failure> {
-        self.call(reference, async |client, target, auth| {
-            let (bytes, digest) = client
-                .pull_manifest_raw(target, auth, &[MANIFEST_MEDIA_TYPE])
+        let named = reference_name(reference);
+        self.call(reference, Operation::Pull, async |link| {
+            link.repository
+                .manifest(&named, MAX_MANIFEST)
                 .await
-                .map_err(|e| {
-                    Failure::from_oci(&format!("cannot get the manifest of {reference}"), e)
-                })?;
-            Ok((bytes.to_vec(), digest))
+                .map_err(|f| f.context(&format!("cannot get the manifest of {reference}")))
         })
     }
 
     /// The digest the registry has for `reference`'s tag now.
     pub fn digest_of(&self, reference: &OciReference) -> Result<String, Failure> {
-        self.call(reference, async |client, target, auth| {
-            client
-                .fetch_manifest_digest(target, auth)
+        let named = reference_name(reference);
+        self.call(reference, Operation::Pull, async |link| {
+            link.repository
+                .digest(&named, MAX_MANIFEST)
                 .await
-                .map_err(|e| Failure::from_oci(&format!("cannot resolve {reference}"), e))
+                .map_err(|f| f.context(&format!("cannot resolve {reference}")))
         })
     }
 
@@ -272,19 +346,12 @@ impl Registries {
         digest: &str,
         limit: u64,
     ) -> Result<Vec<u8>, Failure> {
-        self.call(reference, async |client, target, auth| {
-            // Pulling a manifest authenticates; a bare blob pull must too.
-            client
-                .store_auth_if_needed(target.resolve_registry(), auth)
-                .await;
-            let mut out = Capped::new(limit);
-            client
-                .pull_blob(target, digest, &mut out)
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.call(reference, Operation::Pull, async |link| {
+            link.repository
+                .blob(digest, limit)
                 .await
-                .map_err(|e| {
-                    Failure::from_oci(&format!("cannot get blob {digest} of {reference}"), e)
-                })?;
-            Ok(out.bytes)
+                .map_err(|f| f.context(&format!("cannot get blob {digest} of {reference}")))
         })
     }
 
@@ -295,7 +362,9 @@ impl Registries {
         data: &[u8],
         digest: &str,
     ) -> Result<(), Failure> {
-        self.call(reference, async |client, target, auth| {
+        self.call(reference, Operation::Push, async |link| {
+            let (client, target) = (&link.oci, &link.target);
+            let auth = &link.repository.authorization.for_oci();
             let what = || format!("cannot push blob {digest} to {reference}");
             client
                 .auth(target, auth, oci_client::RegistryOperation::Push)
@@ -318,7 +387,9 @@ impl Registries {
 
     /// Stores `manifest` under `reference` (its tag, or its digest).
     pub fn push_manifest(&self, reference: &OciReference, manifest: &[u8]) -> Result<(), Failure> {
-        self.call(reference, async |client, target, auth| {
+        self.call(reference, Operation::Push, async |link| {
+            let (client, target) = (&link.oci, &link.target);
+            let auth = &link.repository.authorization.for_oci();
             let what = || format!("cannot push the manifest of {reference}");
             client
                 .auth(target, auth, oci_client::RegistryOperation::Push)
@@ -350,6 +421,7 @@ fn access(settings: &RegistryConfig, base: &Path) -> Result<Access> {
     Ok(Access {
         auth,
         insecure: settings.insecure,
+        token_realms: settings.token_realms.clone(),
     })
 }
 
@@ -373,6 +445,15 @@ fn docker_config_auth(host: &str) -> Result<RegistryAuth> {
     }
 }
 
+/// What `reference` names in its repository: its digest, else its tag.
+fn reference_name(reference: &OciReference) -> String {
+    match (&reference.digest, &reference.tag) {
+        (Some(digest), _) => digest.clone(),
+        (None, Some(tag)) => tag.clone(),
+        (None, None) => "latest".into(),
+    }
+}
+
 /// `reference` as `oci-client` names it.
 fn oci_reference(reference: &OciReference) -> Reference {
     let (registry, repository) = (reference.registry.clone(), reference.repository.clone());
@@ -383,46 +464,5 @@ fn oci_reference(reference: &OciReference) -> Reference {
         (None, Some(digest)) => Reference::with_digest(registry, repository, digest.clone()),
         (Some(tag), None) => Reference::with_tag(registry, repository, tag.clone()),
         (None, None) => Reference::with_tag(registry, repository, "latest".into()),
-    }
-}
-
-/// A download buffer that refuses to grow past its limit.
-struct Capped {
-    bytes: Vec<u8>,
-    limit: u64,
-}
-
-impl Capped {
-    fn new(limit: u64) -> Self {
-        Self {
-            bytes: Vec::new(),
-            limit,
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Capped {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if (this.bytes.len() + buf.len()) as u64 > this.limit {
-            return Poll::Ready(Err(std::io::Error::other(format!(
-                "the blob is larger than {} bytes",
-                this.limit
-            ))));
-        }
-        this.bytes.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }

@@ -83,6 +83,47 @@ pub async fn send(
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<Answer> {
+    exchange(
+        client,
+        (method, url, headers, body),
+        MAX_ANSWER,
+        Over::Cut,
+        timeout,
+    )
+    .await
+}
+
+/// Sends a `method` request without a body to `url` with `headers`, and
+/// reads the answer, whatever its status, within `timeout`; fails if its
+/// body is longer than `max` bytes (it is not read past that).
+pub async fn fetch(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(String, String)],
+    max: usize,
+    timeout: Duration,
+) -> Result<Answer> {
+    let request = (method, url, headers, Vec::new());
+    exchange(client, request, max, Over::Refuse, timeout).await
+}
+
+/// What to do with a body longer than its bound.
+#[derive(PartialEq)]
+enum Over {
+    /// Keep what fits.
+    Cut,
+    /// Fail.
+    Refuse,
+}
+
+async fn exchange(
+    client: &HttpClient,
+    (method, url, headers, body): (Method, &str, &[(String, String)], Vec<u8>),
+    max: usize,
+    over: Over,
+    timeout: Duration,
+) -> Result<Answer> {
     let mut request = Request::builder()
         .method(method)
         .uri(url)
@@ -95,14 +136,20 @@ pub async fn send(
         let response = client.request(request).await?;
         let (parts, mut body) = response.into_parts();
         let (mut kept, mut trailers) = (Vec::new(), hyper::HeaderMap::new());
-        while kept.len() < MAX_ANSWER {
+        loop {
             let Some(frame) = body.frame().await else {
                 break;
             };
             match frame?.into_data() {
+                Ok(data) if kept.len() + data.len() > max && over == Over::Refuse => {
+                    bail!("the answer is longer than {max} bytes")
+                }
                 Ok(data) => {
-                    let room = MAX_ANSWER - kept.len();
+                    let room = max - kept.len();
                     kept.extend_from_slice(&data[..data.len().min(room)]);
+                    if kept.len() == max && over == Over::Cut {
+                        break;
+                    }
                 }
                 Err(frame) => trailers.extend(frame.into_trailers().unwrap_or_default()),
             }
