@@ -113,6 +113,36 @@ def test_arguments_another_parser_reads_differently_are_refused(tmp_path: Path, 
     assert records[4]["tool"] == "write_file" and records[4]["decided_by"] == "argument-guard"
 
 
+def test_an_integer_javascript_reads_rounded_is_refused_rather_than_judged_exactly(tmp_path: Path):
+    # Policies read 9007199254740993 exactly (Rust, Python); the Node server
+    # reads 9007199254740992. A deny-list of one account would be judged
+    # against one number and the server would act on the other.
+    from test_serve import EVERYTHING
+    config = write_config(tmp_path, [policy("methods", "method_filter.wasm")])
+    audit = tmp_path / "audit.jsonl"
+    proxy = started(RawProxy(config, audit, ["node", str(EVERYTHING)]))
+
+    def summed(id: int, a: str) -> dict:
+        proxy.send(f'{{"jsonrpc":"2.0","id":{id},"method":"tools/call",'
+                   f'"params":{{"name":"get-sum","arguments":{{"a":{a},"b":0}}}}}}')
+        while "id" not in (answer := proxy.receive()) or "method" in answer:
+            pass  # the server's notices and requests (logging, roots) on the way
+        return answer
+    try:
+        exact = summed(1, "9007199254740992")
+        assert "9007199254740992" in json.dumps(exact["result"]), exact
+        rounded = summed(2, "9007199254740993")
+        assert rounded["id"] == 2 and rounded["error"]["code"] == -32600, rounded
+        message = rounded["error"]["message"]
+        assert "'params.arguments.a'" in message and "JavaScript peers read 9007199254740992" in message, message
+        assert "result" in summed(3, "2"), "the proxy still serves"
+    finally:
+        proxy.process.stdin.close()
+        proxy.process.wait(timeout=30)
+    refused = [r for r in read_audit(audit) if r.get("jsonrpc_id") == 2]
+    assert [(r["outcome"], r["code"]) for r in refused] == [("deny", -32600)]
+
+
 def test_serve_refuses_an_ambiguous_call_on_a_servers_own_path(tmp_path: Path, sandbox: Path):
     gateway = Gateway(tmp_path, sandbox, admin_config(free_port()))
     target = sandbox / "gated.txt"

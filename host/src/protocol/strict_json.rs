@@ -4,9 +4,11 @@
 //! twice (JavaScript and Python keep the last, a strict reader refuses),
 //! a `\u` escape of half a surrogate pair (JavaScript keeps it, Rust cannot
 //! hold it), a number beyond what a double holds (`1e400` is Infinity to
-//! JavaScript, an error to Rust) or of 2^63 and more (such a literal may be
-//! an integer that Python holds exactly and a double rounds). [`check`] walks a whole text once and
-//! refuses all of these, so that the policies, the audit trail and the
+//! JavaScript, an error to Rust), or an integer a double does not hold
+//! exactly (past 2^53: Rust and Python read `9007199254740993` exactly,
+//! JavaScript reads `9007199254740992`, so a policy would judge one number
+//! and a JavaScript server act on another). [`check`] walks a whole text
+//! once and refuses all of these, so that the policies, the audit trail and the
 //! server all see one message. It builds nothing: strings without escapes are
 //! borrowed, and only the member names of one object at a time are kept.
 
@@ -18,6 +20,9 @@ use std::fmt;
 
 /// The smallest magnitude a 64-bit integer cannot hold (2^63).
 const BEYOND_64_BITS: f64 = 9_223_372_036_854_775_808.0;
+
+/// Every integer up to this magnitude (2^53) is a double exactly.
+const EXACT_IN_A_DOUBLE: u64 = 1 << 53;
 
 /// Objects with more members than this find duplicates with a hash set;
 /// smaller ones by comparing names (faster, and what messages hold).
@@ -43,9 +48,9 @@ impl std::error::Error for Refusal {}
 
 /// Checks that `text` is one JSON value that every conforming parser reads
 /// alike: no member name twice in an object (compared after unescaping), no
-/// unpaired surrogate escape, no number out of a double's range or of
-/// magnitude 2^63 and more (beyond `u64::MAX` for integers written as
-/// such), nesting within serde_json's limit (128).
+/// unpaired surrogate escape, no number out of a double's range, no
+/// integer a double does not hold exactly, nesting within serde_json's
+/// limit (128).
 pub fn check(text: &str) -> Result<(), Refusal> {
     let path = RefCell::new(Vec::new());
     let mut deserializer = serde_json::Deserializer::from_str(text);
@@ -54,13 +59,14 @@ pub fn check(text: &str) -> Result<(), Refusal> {
         .and_then(|()| deserializer.end());
     checked.map_err(|e| {
         let reason = e.to_string();
-        let syntax = !reason.starts_with(DUPLICATE);
+        let syntax = !reason.starts_with(AMBIGUOUS);
         Refusal { syntax, reason }
     })
 }
 
-/// The start of a duplicate member's error message.
-const DUPLICATE: &str = "ambiguous JSON: member";
+/// The start of the message of a refusal of JSON that parses, but that
+/// peers read differently.
+const AMBIGUOUS: &str = "ambiguous JSON:";
 
 /// Where in the text the walk is: member names and array indices.
 type Path<'de> = RefCell<Vec<Step<'de>>>;
@@ -71,6 +77,11 @@ enum Step<'de> {
 }
 
 fn describe(path: &[Step], name: &str) -> String {
+    let within = within(path);
+    format!("{AMBIGUOUS} member '{name}' appears more than once in {within}")
+}
+
+fn within(path: &[Step]) -> String {
     let mut at = String::new();
     for step in path {
         match step {
@@ -83,17 +94,36 @@ fn describe(path: &[Step], name: &str) -> String {
             Step::Index(i) => at.push_str(&format!("[{i}]")),
         }
     }
-    let within = if at.is_empty() {
+    if at.is_empty() {
         "the message".to_string()
     } else {
         format!("'{at}'")
-    };
-    format!("{DUPLICATE} '{name}' appears more than once in {within}")
+    }
 }
 
 /// One value, checked.
 struct Value<'p, 'de> {
     path: &'p Path<'de>,
+}
+
+impl Value<'_, '_> {
+    /// Refuses an integer `written` of `magnitude` that a double does not
+    /// hold exactly.
+    fn exact<E: de::Error>(&self, magnitude: u64, written: &dyn fmt::Display) -> Result<(), E> {
+        let double = magnitude as f64;
+        if magnitude <= EXACT_IN_A_DOUBLE || double as u128 == u128::from(magnitude) {
+            return Ok(());
+        }
+        Err(E::custom(format!(
+            "{AMBIGUOUS} the integer {written} in {} is beyond what a double holds exactly (2^53): JavaScript peers read {}{double:.0} (send it as a string)",
+            within(&self.path.borrow()),
+            if written.to_string().starts_with('-') {
+                "-"
+            } else {
+                ""
+            },
+        )))
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Value<'_, 'de> {
@@ -115,12 +145,12 @@ impl<'de> Visitor<'de> for Value<'_, 'de> {
         Ok(())
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.exact(v.unsigned_abs(), &v)
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.exact(v, &v)
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
@@ -228,7 +258,10 @@ mod tests {
             r#""\ud83d\ude00 paired surrogates are one character""#,
             r#"{"a":{"x":1},"b":{"x":2}}"#,
             "1.5e-300",
-            "18446744073709551615",
+            "9007199254740993.5",
+            "9007199254740992",
+            "-9007199254740992",
+            "18446744073709549568",
             "-9223372036854775808",
             "0.1",
         ] {
@@ -279,6 +312,32 @@ mod tests {
         ] {
             assert!(refused(text).syntax, "{text}");
         }
+    }
+
+    #[test]
+    fn an_integer_a_double_rounds_is_refused_where_it_is() {
+        let call = refused(r#"{"params":{"arguments":{"account":9007199254740993}}}"#);
+        assert!(!call.syntax, "valid JSON, read differently: {call}");
+        assert!(
+            call.reason
+                .contains("9007199254740993 in 'params.arguments.account'")
+                && call
+                    .reason
+                    .contains("JavaScript peers read 9007199254740992"),
+            "{call}"
+        );
+        for text in [
+            "18446744073709551615",
+            "-9007199254740993",
+            r#"[1,{"n":9223372036854775807}]"#,
+        ] {
+            assert!(!refused(text).syntax, "{text}");
+        }
+        assert!(
+            refused("-9007199254740993")
+                .reason
+                .contains("read -9007199254740992")
+        );
     }
 
     #[test]
