@@ -334,7 +334,17 @@ def test_a_replica_told_to_stop_finishes_its_calls_while_the_other_serves(deploy
         assert time.monotonic() < deadline, "the slow call never reached the server"
         time.sleep(0.05)
     leaving.process.send_signal(signal.SIGTERM)
-    # While it drains, the balancer sends every call to the other replica.
+    # Once it has closed its listener (a call sent before that is its to
+    # finish), the balancer sends every call to the other replica.
+    port = int(leaving.url.rsplit(":", 1)[1])
+    closing = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            break
+        assert time.monotonic() < closing, "the leaving replica kept listening"
+        time.sleep(0.02)
     meanwhile = [stateless_call(deployment.url, "note", {"n": f"m{i}"}, server="echo") for i in range(10)]
     under_way.join(timeout=60)
     reading.join(timeout=60)
