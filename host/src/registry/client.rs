@@ -112,9 +112,23 @@ impl Failure {
             Failure::NotFound(e) | Failure::Other(e) => e,
         }
     }
-}
 
-impl Failure {
+    /// A request to `what` that failed with `error`: unreachable if it
+    /// could not connect or timed out, another failure otherwise.
+    pub fn of_request(error: anyhow::Error, what: String) -> Self {
+        let connect = error
+            .chain()
+            .filter_map(|c| c.downcast_ref::<hyper_util::client::legacy::Error>())
+            .any(|e| e.is_connect());
+        let timed_out = format!("{error:#}").contains("timed out");
+        let error = error.context(what);
+        if connect || timed_out {
+            Failure::Unreachable(error)
+        } else {
+            Failure::Other(error)
+        }
+    }
+
     /// The same failure, with `what` was being done.
     fn context(self, what: &str) -> Self {
         match self {
@@ -447,11 +461,9 @@ fn docker_config_auth(host: &str) -> Result<RegistryAuth> {
 
 /// What `reference` names in its repository: its digest, else its tag.
 fn reference_name(reference: &OciReference) -> String {
-    match (&reference.digest, &reference.tag) {
-        (Some(digest), _) => digest.clone(),
-        (None, Some(tag)) => tag.clone(),
-        (None, None) => "latest".into(),
-    }
+    let target = oci_reference(reference);
+    let name = target.digest().or(target.tag());
+    name.expect("a reference has a digest or a tag").to_string()
 }
 
 /// `reference` as `oci-client` names it.

@@ -117,19 +117,7 @@ impl Repository<'_> {
         let bound = max.max(MAX_ERROR);
         outbound::fetch(self.http, method.clone(), url, &headers, bound, TIMEOUT)
             .await
-            .map_err(|e| {
-                let connect = e
-                    .chain()
-                    .filter_map(|c| c.downcast_ref::<hyper_util::client::legacy::Error>())
-                    .any(|e| e.is_connect());
-                let timed_out = format!("{e:#}").contains("timed out");
-                let e = e.context(format!("{method} {url}"));
-                if connect || timed_out {
-                    Failure::Unreachable(e)
-                } else {
-                    Failure::Other(e)
-                }
-            })
+            .map_err(|e| Failure::of_request(e, format!("{method} {url}")))
     }
 
     /// `answer`, unless its status says the call failed.

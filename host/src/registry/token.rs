@@ -131,7 +131,7 @@ impl Tokens {
         let url = format!("{}/v2/", registry.base);
         let answer = outbound::fetch(http, Method::GET, &url, &[], MAX_ANSWER, TIMEOUT)
             .await
-            .map_err(|e| unreachable_or(e, &url))?;
+            .map_err(|e| Failure::of_request(e, format!("GET {url}")))?;
         let forever = MOST_LIFETIME;
         if answer.status.is_success() {
             return Ok((Authorization::Anonymous, forever));
@@ -153,20 +153,6 @@ impl Tokens {
             }
             (Some(Challenge::Basic) | None, _) => Ok((Authorization::Anonymous, DEFAULT_LIFETIME)),
         }
-    }
-}
-
-/// A failure to reach `url`, or a failure of another kind.
-fn unreachable_or(e: anyhow::Error, url: &str) -> Failure {
-    let reached = e
-        .chain()
-        .filter_map(|c| c.downcast_ref::<hyper_util::client::legacy::Error>())
-        .all(|e| !e.is_connect());
-    let e = e.context(format!("GET {url}"));
-    if reached && !format!("{e:#}").contains("timed out") {
-        Failure::Other(e)
-    } else {
-        Failure::Unreachable(e)
     }
 }
 
@@ -318,7 +304,7 @@ async fn fetch_token(
     }
     let answer = outbound::fetch(http, Method::GET, &url, &headers, MAX_ANSWER, TIMEOUT)
         .await
-        .map_err(|e| unreachable_or(e, realm))?;
+        .map_err(|e| Failure::of_request(e, format!("GET {realm}")))?;
     if answer.status == hyper::StatusCode::UNAUTHORIZED
         || answer.status == hyper::StatusCode::FORBIDDEN
     {
