@@ -107,21 +107,17 @@ struct Value<'p, 'de> {
 }
 
 impl Value<'_, '_> {
-    /// Refuses an integer `written` of `magnitude` that a double does not
-    /// hold exactly.
-    fn exact<E: de::Error>(&self, magnitude: u64, written: &dyn fmt::Display) -> Result<(), E> {
+    /// Refuses an integer of `magnitude` (negative or not) that a double
+    /// does not hold exactly.
+    fn exact<E: de::Error>(&self, magnitude: u64, negative: bool) -> Result<(), E> {
         let double = magnitude as f64;
         if magnitude <= EXACT_IN_A_DOUBLE || double as u128 == u128::from(magnitude) {
             return Ok(());
         }
+        let sign = if negative { "-" } else { "" };
         Err(E::custom(format!(
-            "{AMBIGUOUS} the integer {written} in {} is beyond what a double holds exactly (2^53): JavaScript peers read {}{double:.0} (send it as a string)",
+            "{AMBIGUOUS} the integer {sign}{magnitude} in {} is beyond what a double holds exactly (2^53): JavaScript peers read {sign}{double:.0} (send it as a string)",
             within(&self.path.borrow()),
-            if written.to_string().starts_with('-') {
-                "-"
-            } else {
-                ""
-            },
         )))
     }
 }
@@ -146,11 +142,11 @@ impl<'de> Visitor<'de> for Value<'_, 'de> {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.exact(v.unsigned_abs(), &v)
+        self.exact(v.unsigned_abs(), v < 0)
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.exact(v, &v)
+        self.exact(v, false)
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
